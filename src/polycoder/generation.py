@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from polycoder.errors import PolycoderError
-from polycoder.inference import decode_kernels
+from polycoder.inference import decode_kernels, prepare_decode
 from polycoder.model import GPTNeoX, KVCache
 from polycoder.tokenizer import Tokenizer
 
@@ -293,7 +293,7 @@ class Engine:
     """Continuous batching over one preallocated KV cache of `max_rows` rows."""
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = prepare_decode(model), tokenizer
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = model.new_cache(max_rows, max_len)
         self.rows: list[Sequence] = []
@@ -461,6 +461,7 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[int], params
 def beam_search(model: GPTNeoX, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
     """Beam search as in transformers (scores: summed log-probs / length ** length_penalty)."""
     nb, eod = params.num_beams, tokenizer.eod_id
+    prepare_decode(model)
     T = len(prompt_ids)
     max_len = min(model.config.block_size, T + params.max_new_tokens + 1)
     cache = model.new_cache(nb, max_len)
@@ -580,12 +581,11 @@ def cli_generate(
                             truncate=truncate, stop_at_eod=stop_at_eod)
     from polycoder.checkpoint import load_model
 
-    from polycoder.inference import decode_layout, set_threads
+    from polycoder.inference import set_threads
 
     if device == "cpu":
         set_threads(threads or None)
     net, tok = load_model(model, dtype=dtype, device=device, random_init=random_init, tokenizer=tokenizer, quantize=quantize)
-    decode_layout(net)
     out = sys.stdout
     if json_output:
         completions = generate(net, tok, [text], params, compile=compile)[0]

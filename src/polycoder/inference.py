@@ -38,7 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polycoder import kernels
 from polycoder.errors import PolycoderError
+from polycoder.model import Block, RotaryEmbedding
 
 QUANTIZE_MODES = ("int8", "int4")
 
@@ -51,6 +53,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype, device=device))
+        self.register_buffer("scale32", torch.ones(out_features, dtype=torch.float32, device=device), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
@@ -62,11 +65,14 @@ class Int8Linear(nn.Module):
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, w.device)
         m.weight.copy_(q)
         m.weight_scale.copy_(scale)
+        m.scale32.copy_(scale)
         if linear.bias is not None:
             m.bias.copy_(linear.bias)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x, self.weight):  # few rows: our weight-streaming kernel
+            return kernels.linear(x, self.weight, self.bias, self.scale32)
         shape = x.shape
         if x.device.type == "cpu":
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel's fast input type
@@ -129,6 +135,86 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
         new = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
         setattr(parent, attr, new)
     model.quantization = mode
+    return model
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose few-row products without gradients go to `polycoder.kernels`.
+
+    Same parameters, names and values; everything else (training, prefill, other devices)
+    runs PyTorch's F.linear as before.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x, self.weight):
+            return kernels.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _fused_activation(act: nn.Module) -> str | None:
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return None
+
+
+def _kernel_linear(layer: nn.Module) -> tuple | None:
+    """(weight, fp32 scale or None, bias or None) of a layer the native kernel can run."""
+    if isinstance(layer, Int8Linear):
+        return layer.weight, layer.scale32, layer.bias
+    if isinstance(layer, nn.Linear):
+        return layer.weight, None, layer.bias
+    return None
+
+
+class FastBlock(Block):
+    """A Block whose one-token cached steps run as one native call (`kernels.block`)."""
+
+    def forward(self, x, cos, sin, pos=None, cache=None, layer: int = 0, kv_len: int = 0, mask=None):
+        B, T, C = x.shape
+        attn, mlp = self.attention, self.mlp
+        activation = _fused_activation(mlp.act)
+        rope = self.__dict__.get("_rope")
+        if cache is None or T != 1 or activation is None or rope is None or not kernels.usable(x, attn.query_key_value.weight):
+            return super().forward(x, cos, sin, pos, cache, layer, kv_len, mask)
+        linears = [_kernel_linear(m) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)]
+        k_cache, v_cache = cache.k[layer][:B], cache.v[layer][:B]
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if (any(t is None or not kernels.usable(x, t[0]) for t in linears) or k_cache.dtype != x.dtype
+                or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+                or attn.head_size > 512 or k_cache.shape[2] > 32768
+                or any(n.weight.dtype != x.dtype for n in norms)):
+            return super().forward(x, cos, sin, pos, cache, layer, kv_len, mask)
+        ln = [norms[0].weight, norms[0].bias, norms[1].weight, norms[1].bias]
+        y = kernels.block(x.view(B, C), ln, norms[0].eps, linears, activation, self.parallel_residual,
+                          k_cache, v_cache, rope.cos, rope.sin, pos[:, 0], attn.n_head, mlp.dense_h_to_4h.out_features)
+        return y.view(B, 1, C)
+
+
+def prepare_decode(model: nn.Module) -> nn.Module:
+    """Make a model's decode steps fast on this machine (in place; idempotent).
+
+    With the native kernels available (CPU with AVX-512 and a C compiler), every plain
+    nn.Linear becomes a FastLinear and every Block a FastBlock: class changes, nothing is
+    copied or renamed, and each falls back to the parent's forward wherever the kernels do
+    not apply (training, prefill, GPU, more than `kernels.MAX_ROWS` rows, an activation
+    other than GELU). Without the kernels, fp32 weights take `decode_layout`,
+    PyTorch's faster gemv layout.
+    """
+    if getattr(model, "_decode_prepared", False):
+        return model
+    if kernels.available():
+        # fp32 cos/sin tables built afresh: a bf16 model's own tables were rounded to bf16
+        # by .to(dtype), and the kernel reads fp32.
+        rope = RotaryEmbedding(model.config)
+        for m in model.modules():
+            if type(m) is nn.Linear:
+                m.__class__ = FastLinear
+            elif type(m) is Block:
+                m.__class__ = FastBlock
+                m.__dict__["_rope"] = rope  # a plain reference, not a submodule
+    else:
+        decode_layout(model)
+    model._decode_prepared = True
     return model
 
 

@@ -1,0 +1,209 @@
+"""Native CPU kernels for decoding, compiled on first use with the host's C compiler.
+
+`linear(x, weight, bias, scale)` is a weight-streaming product for a few activation rows
+(a decode step): fp32, bf16 or int8 weights (int8 with one scale an output row), fp32 or
+bf16 activations and output, GELU optionally fused; `block(...)` is a whole GPT-NeoX block
+of a decode step (LayerNorms, products, rotary, cache write, attention, MLP, residuals) in
+one call, which removes PyTorch's per-operation overhead (linear.c says how).
+`polycoder.inference.prepare_decode` routes a model's decode steps here. PyTorch's own
+kernels serve everything else: more rows than `MAX_ROWS`, gradients, other devices and dtypes, and machines where
+the kernels cannot be built.
+
+Build: `cc -O3 -march=native -fopenmp -shared` of linear.c into
+`$POLYCODER_CACHE/kernels/<hash>/` (default ~/.cache/polycoder), keyed by the source, the
+compiler and the CPU's flags, written to a temporary name and renamed (a half-written
+library is never loaded); about a second, once a machine. `-march=native` is right here
+because the library is built where it runs. The OpenMP runtime it links is the
+`libgomp.so.1` PyTorch has already loaded, so both share one pool of threads.
+
+`POLYCODER_KERNELS=0` turns the kernels off (PyTorch's products everywhere: the benchmark
+uses it to compare). Without a compiler or without AVX-512 the kernels are unavailable and
+`status()` says why; nothing else changes.
+
+Limits: AVX-512 only (no AVX2 or ARM path yet); at most `MAX_ROWS` rows a call, beyond which
+PyTorch's blocked matrix products are the better tool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8
+SOURCE = Path(__file__).with_name("linear.c")
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+_lock = threading.Lock()
+_lib = None  # ctypes function, False once a build has failed
+_why = "not built yet"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("POLYCODER_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "polycoder")
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise OSError("no C compiler (cc/gcc/clang) on PATH; install one (e.g. apt-get install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    libs = ["-lm"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
+    target = cache_dir() / key / "libpolycoder_kernels.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *libs], capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load():
+    global _lib, _why
+    if _lib is not None:
+        return _lib or None
+    with _lock:
+        if _lib is not None:
+            return _lib or None
+        if os.environ.get("POLYCODER_KERNELS", "1") == "0":
+            _lib, _why = False, "turned off by POLYCODER_KERNELS=0"
+            return None
+        try:
+            torch.set_num_threads(torch.get_num_threads())  # make sure PyTorch's libgomp is loaded first
+            dll = ctypes.CDLL(str(_build()))
+            if not dll.pc_available():
+                _lib, _why = False, "this CPU has no AVX-512 (the kernels' only path so far)"
+                return None
+            P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+            dll.pc_linear.restype = dll.pc_block.restype = I
+            dll.pc_linear.argtypes = [P, I, P, I, P, P, I, P, I, I, L, L, L, I]
+            dll.pc_block.argtypes = [P, I, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
+            _lib, _why = dll, "available"
+        except (OSError, subprocess.SubprocessError) as e:
+            _lib, _why = False, f"could not build or load them: {e}"
+            log.info("polycoder native kernels off (%s); using PyTorch's products", _why)
+        return _lib or None
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def status() -> str:
+    """Whether the kernels are in use, or why not."""
+    _load()
+    return _why
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes this call (else use PyTorch)."""
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype in _KINDS
+        and weight.dim() == 2 and weight.shape[0] >= 4
+        and x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and weight.is_contiguous()
+        and available()
+    )
+
+
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """activation(x @ weight.T * scale + bias) for a few rows; only where `usable(x, weight)`.
+
+    weight [N, K] contiguous fp32/bf16/int8; scale [N] fp32 (int8 weights need it); bias [N]
+    fp32 or bf16; activation None, "gelu" (erf) or "gelu_tanh", applied before the result
+    is rounded to `out_dtype` (default x's dtype); the result has x's leading shape.
+    """
+    fn = _load().pc_linear
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out_dtype = out_dtype or x.dtype
+    if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):
+        bias = bias.float()
+    if scale is not None and scale.dtype != torch.float32:
+        raise ValueError("scale must be fp32")
+    y = torch.empty(M, N, dtype=out_dtype)
+    rc = fn(x2.data_ptr(), int(x2.dtype == torch.bfloat16), weight.data_ptr(), _KINDS[weight.dtype],
+            scale.data_ptr() if scale is not None else None,
+            bias.data_ptr() if bias is not None else None, int(bias is not None and bias.dtype == torch.bfloat16),
+            y.data_ptr(), int(out_dtype == torch.bfloat16), ACTIVATIONS[activation], M, N, K, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"polycoder kernel pc_linear failed with code {rc}")
+    return y.view(*x.shape[:-1], N)
+
+
+def block(x: torch.Tensor, ln: list[torch.Tensor], eps: float, linears: list[tuple], activation: str | None,
+          parallel_residual: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+          sin: torch.Tensor, pos: torch.Tensor, n_head: int, intermediate: int) -> torch.Tensor:
+    """One GPT-NeoX block for a decode step (one new token a row) in one native call.
+
+    x [B, C] (fp32 or bf16, the residual stream); ln: ln1 weight, ln1 bias, ln2 weight, ln2
+    bias (x's dtype); linears: (weight, scale or None, bias or None) for query_key_value,
+    dense, dense_h_to_4h, dense_4h_to_h; caches [B, H, max_len, hs] in x's dtype; cos/sin
+    fp32 [>= max_len, rotary dims]; pos [B] int64. Writes k and v at pos; returns the new
+    stream [B, C]. Every tensor must be contiguous and on the CPU.
+    """
+    lib = _load()
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("block needs contiguous fp32 cos/sin tables")
+    B, C = x.shape
+    _, H, max_len, hs = k_cache.shape
+    y = x.contiguous().clone()
+    pos = pos.to(torch.int64).contiguous()
+    ptrs, kinds = [], []
+    for weight, scale, bias in linears:
+        ptrs += [weight.data_ptr(), scale.data_ptr() if scale is not None else None, bias.data_ptr() if bias is not None else None]
+        kinds.append(_KINDS[weight.dtype])
+    lin = (ctypes.c_void_p * 12)(*ptrs)
+    lns = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in ln])
+    kind_arr = (ctypes.c_int * 4)(*kinds)
+    rc = lib.pc_block(y.data_ptr(), int(x.dtype == torch.bfloat16), B, C, intermediate, lns, eps, lin, kind_arr,
+                      ACTIVATIONS[activation], int(parallel_residual), k_cache.data_ptr(), v_cache.data_ptr(),
+                      cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), H, hs, cos.shape[-1], max_len,
+                      torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"polycoder kernel pc_block failed with code {rc} (a position outside the cache?)")
+    return y

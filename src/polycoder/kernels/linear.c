@@ -1,0 +1,445 @@
+/* Weight-streaming products for decoding: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]).
+ *
+ * A decode step multiplies a few activation rows (M = 1..8) by every weight matrix of the
+ * model once: the time goes into reading the weights, so the kernel's one job is to stream
+ * W from memory at full bandwidth and do the arithmetic while it arrives. W is read row by
+ * row in its natural [out, in] layout, four rows at a time, by every thread on its own
+ * contiguous range of output rows; the activation rows stay in L1.
+ *
+ * Weight kinds: fp32; bf16 (widened to fp32 by a 16-bit shift: exact); int8 with one fp32
+ * scale per output row (weight-only quantization: y = scale[n] * sum_k x * q). Activations
+ * arrive as fp32 or bf16 and are widened to fp32 once per call, products and sums are
+ * fp32; except for int8 weights on CPUs with AVX512_VNNI, where each activation row is
+ * scaled to int16 (+-32767, one scale a row: 15 significant bits, finer than bf16's 8)
+ * and multiplied exactly in integers, twice as fast as widening the weights to fp32.
+ * The output is written as fp32 or bf16 (round to nearest even). Weights are prefetched
+ * PF_BYTES ahead: without it one core's stream of misses ran at half the bandwidth.
+ *
+ * Threads come from the OpenMP runtime that PyTorch itself loads (libgomp.so.1), so our
+ * parallel regions reuse PyTorch's worker threads instead of competing with them.
+ *
+ * Built by polycoder/kernels/__init__.py with the host's compiler and -march=native; the
+ * AVX-512 path is compiled only where the CPU has it (pc_available() says whether).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store(void *y, int y_bf16, long i, float v) {
+    if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((float *)y)[i] = v;
+}
+
+/* The activation fused into a product's output: 0 none, 1 GELU (erf), 2 GELU (tanh form). */
+static inline float activate(float v, int act) {
+    if (act == 1) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    if (act == 2) return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    return v;
+}
+
+static inline float bias_at(const void *bias, int bias_bf16, long n) {
+    if (!bias) return 0.0f;
+    return bias_bf16 ? bf16_to_f32(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+int pc_available(void) { return 1; }
+
+/* Weights are prefetched about this many bytes ahead of the rows being read (measured:
+ * 12-16 KB keeps a core's stream of misses full; 3 KB was half as fast for int8). */
+#define PF_BYTES 16384
+static inline long pf_rows(long K, long elsize) {
+    long r = PF_BYTES / (K * elsize);
+    return r < 4 ? 4 : r;
+}
+
+/* ---- fp32 weights: 16 a load, FMA against fp32 activations ---------------------------- */
+
+static inline __attribute__((always_inline)) void block4_f32(
+    const float *x, const float *w, long n, long m0, int MB, long K, float out[4][4]) {
+    const long pf = pf_rows(K, 4);
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[4];
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
+            wv[r] = _mm512_loadu_ps(w + (n + r) * K + k);
+        }
+        for (int m = 0; m < MB; m++) {
+            __m512 xv = _mm512_loadu_ps(x + (m0 + m) * K + k);
+            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    if (k < K) {
+        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 wv[4];
+        for (int r = 0; r < 4; r++) wv[r] = _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k);
+        for (int m = 0; m < MB; m++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
+            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+/* ---- bf16 weights: widened to fp32 by a 16-bit shift (exact), FMA against fp32
+ * activations. (AVX512_BF16's pairwise dot product measured 1.5x slower here: AMD EPYC.) */
+
+static inline __attribute__((always_inline)) void block4_bf16(
+    const float *x, const uint16_t *w, long n, long m0, int MB, long K, float out[4][4]) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
+    const long pf = pf_rows(K, 2);
+    for (long k = 0; k < K; k += 16) {
+        __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512 wv[4];
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
+            wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w + (n + r) * K + k)), 16));
+        }
+        for (int m = 0; m < MB; m++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
+            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+/* ---- int8 weights: 32 a load, widened to int16, multiplied with int16 activations
+ * (each row scaled to +-32767 once a call) by VNNI's pairwise dot product into int32;
+ * every 256 columns the int32 sums move into fp32 so they can never overflow
+ * (256 * 32767 * 127 < 2^31). Without VNNI: widened to fp32 and FMA. ---- */
+
+#if defined(__AVX512VNNI__)
+#define I8_VNNI 1
+#define I8_CHUNK 256
+static inline __attribute__((always_inline)) void block4_i8(
+    const int16_t *x, const int8_t *w, long n, long m0, int MB, long K, float out[4][4]) {
+    const long pf = pf_rows(K, 1);
+    __m512 facc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < 4; m++) facc[r][m] = _mm512_setzero_ps();
+    for (long c = 0; c < K; c += I8_CHUNK) {
+        long end = c + I8_CHUNK < K ? c + I8_CHUNK : K;
+        __m512i acc[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_si512();
+        long k = c;
+        for (; k + 32 <= end; k += 32) {
+            __m512i wv[4];
+            for (int r = 0; r < 4; r++) {
+                _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
+                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (n + r) * K + k)));
+            }
+            for (int m = 0; m < MB; m++) {
+                __m512i xv = _mm512_loadu_si512(x + (m0 + m) * K + k);
+                for (int r = 0; r < 4; r++) acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], wv[r], xv);
+            }
+        }
+        if (k < end) {
+            __mmask32 mask = (__mmask32)((1u << (end - k)) - 1u);
+            __m512i wv[4];
+            for (int r = 0; r < 4; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n + r) * K + k));
+            for (int m = 0; m < MB; m++) {
+                __m512i xv = _mm512_maskz_loadu_epi16(mask, x + (m0 + m) * K + k);
+                for (int r = 0; r < 4; r++) acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], wv[r], xv);
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            for (int m = 0; m < MB; m++) facc[r][m] = _mm512_add_ps(facc[r][m], _mm512_cvtepi32_ps(acc[r][m]));
+    }
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(facc[r][m]);
+}
+#else
+#define I8_VNNI 0
+static inline __attribute__((always_inline)) void block4_i8(
+    const float *x, const int8_t *w, long n, long m0, int MB, long K, float out[4][4]) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
+    const long pf = pf_rows(K, 1);
+    for (long k = 0; k < K; k += 16) {
+        __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512 wv[4];
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
+            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n + r) * K + k)));
+        }
+        for (int m = 0; m < MB; m++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
+            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#endif
+
+/* Rows [lo, hi) of the output for every activation row, four weight rows at a time.
+ * The N % 4 last rows are read as part of a block that starts earlier (they overlap the
+ * previous block's rows, which are simply computed twice): no scalar tail. */
+#define DEFINE_RANGE(NAME, BLOCK, XT, WT)                                                          \
+    static void NAME(const XT *x, const WT *w, const float *scale, const float *xscale,           \
+                     const void *bias, int bias_bf16, void *y, int y_bf16, int act,               \
+                     long M, long N, long K, long lo, long hi) {                                  \
+        float out[4][4];                                                                           \
+        for (long n = lo; n < hi; n += 4) {                                                        \
+            long nb = n + 4 <= N ? n : N - 4;                                                      \
+            for (long m0 = 0; m0 < M; m0 += 4) {                                                   \
+                int MB = (int)(M - m0 < 4 ? M - m0 : 4);                                           \
+                switch (MB) {                                                                      \
+                case 1: BLOCK(x, w, nb, m0, 1, K, out); break;                                     \
+                case 2: BLOCK(x, w, nb, m0, 2, K, out); break;                                     \
+                case 3: BLOCK(x, w, nb, m0, 3, K, out); break;                                     \
+                default: BLOCK(x, w, nb, m0, 4, K, out); break;                                    \
+                }                                                                                  \
+                for (int r = 0; r < 4; r++) {                                                      \
+                    float s = scale ? scale[nb + r] : 1.0f, b = bias_at(bias, bias_bf16, nb + r);  \
+                    for (int m = 0; m < MB; m++)                                                   \
+                        store(y, y_bf16, (m0 + m) * N + nb + r, activate(out[r][m] * s * (xscale ? xscale[m0 + m] : 1.0f) + b, act)); \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+DEFINE_RANGE(range_f32, block4_f32, float, float)
+DEFINE_RANGE(range_bf16, block4_bf16, float, uint16_t)
+#if I8_VNNI
+DEFINE_RANGE(range_i8, block4_i8, int16_t, int8_t)
+#else
+DEFINE_RANGE(range_i8, block4_i8, float, int8_t)
+#endif
+
+static inline float x_at(const void *x, int x_bf16, long i) {
+    return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* y = act(x W^T * scale + bias). x: [M, K] fp32 or bf16; W: [N, K] of `kind` (N >= 4); scale:
+ * [N] fp32 or NULL; bias: [N] fp32/bf16 or NULL; y: [M, N] fp32 or bf16; all contiguous.
+ * Returns 0, or -1 for a bad argument, -2 when out of memory. */
+static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const float *scale,
+                       const void *bias, int bias_bf16, void *y, int y_bf16, int act,
+                       long M, long N, long K, int threads) {
+    if (act < 0 || act > 2) return -1;
+    if (kind < W_F32 || kind > W_I8 || N < 4 || M < 1 || K < 1) return -1;
+    /* The activations in the form the weight kind's inner loop wants, converted once. */
+    void *buf = NULL;
+    const void *xa = x;
+    float xscale[64];
+    const float *xs = NULL;
+    if (M > 64) return -1;
+    if (kind == W_I8 && I8_VNNI) {
+        int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K));
+        if (!q) return -2;
+        for (long m = 0; m < M; m++) {
+            float amax = 0.0f;
+            for (long k = 0; k < K; k++) {
+                float v = x_at(x, x_bf16, m * K + k);
+                amax = v > amax ? v : (-v > amax ? -v : amax);
+            }
+            float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+            for (long k = 0; k < K; k++) {
+                float v = x_at(x, x_bf16, m * K + k) * inv;
+                q[m * K + k] = (int16_t)(v >= 0.0f ? v + 0.5f : v - 0.5f);
+            }
+            xscale[m] = s;
+        }
+        buf = q, xa = q, xs = xscale;
+    } else if (x_bf16) {
+        float *f = (float *)malloc(sizeof(float) * (size_t)(M * K));
+        if (!f) return -2;
+        for (long i = 0; i < M * K; i++) f[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        buf = f, xa = f;
+    }
+    if (threads < 1) threads = 1;
+    long blocks = (N + 3) / 4; /* threads split whole 4-row blocks */
+    if (blocks < threads) threads = (int)blocks;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long lo = 4 * (blocks * t / nt), hi = 4 * (blocks * (t + 1) / nt);
+        if (hi > N) hi = N;
+        if (kind == W_F32) range_f32(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
+        else if (kind == W_BF16) range_bf16(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
+        else range_i8(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
+    }
+    free(buf);
+    return 0;
+}
+
+/* ---- one decode step of attention ---------------------------------------------------
+ *
+ * For every row b and head h, at the row's position p = pos[b]: rotate q and k (GPT-NeoX's
+ * "rotate half" over the first `rot` dims, cos/sin fp32 tables [*, rot]), write k and v
+ * into the cache at p, attend over cache positions 0..p (softmax(q.k / sqrt(hs)) . v) and
+ * write the head's output into y[b, h*hs:(h+1)*hs]. qkv [B, 3C] (fp32) is the fused
+ * projection, interleaved per head (q, k, v of head 0, then head 1, ...); the cache
+ * [B, H, max_len, hs] is in the model's dtype (fp32 or bf16); arithmetic is fp32. */
+
+static inline __m512 load16(const void *p, int bf16, long i, __mmask16 mask) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i)), 16));
+    return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
+}
+
+static inline float elem(const void *p, int bf16, long i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static int attend_impl(const float *qkv, void *kc, void *vc, int bf16, const float *cos_t,
+                       const float *sin_t, const long *pos, float *y, long B, long H, long hs,
+                       long rot, long max_len, int threads) {
+    if (hs > 512 || rot > hs || rot % 2 || max_len > 32768) return -1;
+    for (long b = 0; b < B; b++)
+        if (pos[b] < 0 || pos[b] >= max_len) return -1;
+    const long C = H * hs;
+    const float scale = 1.0f / sqrtf((float)hs);
+    if (threads < 1) threads = 1;
+    if (B * H < threads) threads = (int)(B * H);
+#pragma omp parallel num_threads(threads)
+    {
+        float q[512], k[512], acc[512], scores[32768];
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            long b = bh / H, h = bh % H, p = pos[b];
+            const float *src = qkv + b * 3 * C + h * 3 * hs;
+            for (long i = 0; i < hs; i++) q[i] = src[i], k[i] = src[hs + i];
+            const float *c = cos_t + p * rot, *sn = sin_t + p * rot;
+            long half = rot / 2;
+            for (long i = 0; i < half; i++) {
+                float q1 = q[i], q2 = q[i + half], k1 = k[i], k2 = k[i + half];
+                q[i] = q1 * c[i] - q2 * sn[i];
+                q[i + half] = q2 * c[i + half] + q1 * sn[i + half];
+                k[i] = k1 * c[i] - k2 * sn[i];
+                k[i + half] = k2 * c[i + half] + k1 * sn[i + half];
+            }
+            long row = (b * H + h) * max_len;
+            for (long i = 0; i < hs; i++) {
+                store(kc, bf16, (row + p) * hs + i, k[i]);
+                store(vc, bf16, (row + p) * hs + i, src[2 * hs + i]);
+            }
+            float mx = -INFINITY;
+            for (long s = 0; s <= p; s++) {
+                __m512 d = _mm512_setzero_ps();
+                for (long i = 0; i < hs; i += 16) {
+                    __mmask16 mask = hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
+                    d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), load16(kc, bf16, (row + s) * hs + i, mask), d);
+                }
+                scores[s] = _mm512_reduce_add_ps(d) * scale;
+                mx = scores[s] > mx ? scores[s] : mx;
+            }
+            float sum = 0.0f;
+            for (long s = 0; s <= p; s++) {
+                scores[s] = expf(scores[s] - mx);
+                sum += scores[s];
+            }
+            for (long i = 0; i < hs; i++) acc[i] = 0.0f;
+            for (long s = 0; s <= p; s++) {
+                __m512 w = _mm512_set1_ps(scores[s] / sum);
+                for (long i = 0; i < hs; i += 16) {
+                    __mmask16 mask = hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
+                    __m512 a = _mm512_maskz_loadu_ps(mask, acc + i);
+                    _mm512_mask_storeu_ps(acc + i, mask, _mm512_fmadd_ps(w, load16(vc, bf16, (row + s) * hs + i, mask), a));
+                }
+            }
+            for (long i = 0; i < hs; i++) y[b * C + h * hs + i] = acc[i];
+        }
+    }
+    return 0;
+}
+
+/* LayerNorm of rows x [M, C] (fp32) into y (fp32), weight and bias in the model's dtype. */
+static void layer_norm(const float *x, float *y, const void *w, const void *b, int bf16, float eps, long M, long C) {
+    for (long m = 0; m < M; m++) {
+        const float *r = x + m * C;
+        float mean = 0.0f, var = 0.0f;
+        for (long i = 0; i < C; i++) mean += r[i];
+        mean /= (float)C;
+        for (long i = 0; i < C; i++) var += (r[i] - mean) * (r[i] - mean);
+        float rstd = 1.0f / sqrtf(var / (float)C + eps);
+        for (long i = 0; i < C; i++) y[m * C + i] = (r[i] - mean) * rstd * elem(w, bf16, i) + elem(b, bf16, i);
+    }
+}
+
+/* ---- one GPT-NeoX block for a decode step, in one call ----------------------------------
+ *
+ * x [B, C] (the residual stream, model dtype) is updated in place:
+ *   sequential (PolyCoder): x += attn(ln1(x)); x += mlp(ln2(x))
+ *   parallel (GPT-J, Pythia): x += attn(ln1(x)) + mlp(ln2(x))
+ * with the cache write and attention of `attend_impl` and the MLP's activation fused into
+ * its first product. Intermediates are fp32; the stream is rounded to the model's dtype
+ * once, at the end. `lin` holds, for qkv, dense, h_to_4h, 4h_to_h in that order:
+ * weight, scale (int8; else NULL), bias (model dtype, or NULL) pointers; `kinds` their
+ * weight kinds; `ln` the two LayerNorms' weight and bias pointers. */
+int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *ln, float eps,
+             const void *const *lin, const int *kinds, int act, int parallel_residual,
+             void *kc, void *vc, const float *cos_t, const float *sin_t, const long *pos,
+             long H, long hs, long rot, long max_len, int threads) {
+    if (B < 1 || B > 64 || H * hs != C) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(B * (3 * C + 3 * C + inter)));
+    if (!buf) return -2;
+    float *xs = buf, *h = xs + B * C, *qkv = h + B * C, *att = qkv + 3 * B * C, *up = att + B * C;
+    int rc = 0;
+    for (long i = 0; i < B * C; i++) xs[i] = elem(x, bf16, i);
+    layer_norm(xs, h, ln[0], ln[1], bf16, eps, B, C);
+    if ((rc = linear_impl(h, 0, lin[0], kinds[0], lin[1], lin[2], bf16, qkv, 0, 0, B, 3 * C, C, threads))) goto done;
+    if ((rc = attend_impl(qkv, kc, vc, bf16, cos_t, sin_t, pos, att, B, H, hs, rot, max_len, threads))) goto done;
+    /* the attention output's projection goes to qkv's buffer, free again */
+    if ((rc = linear_impl(att, 0, lin[3], kinds[1], lin[4], lin[5], bf16, qkv, 0, 0, B, C, C, threads))) goto done;
+    if (!parallel_residual)
+        for (long i = 0; i < B * C; i++) xs[i] += qkv[i];
+    layer_norm(xs, h, ln[2], ln[3], bf16, eps, B, C);
+    if ((rc = linear_impl(h, 0, lin[6], kinds[2], lin[7], lin[8], bf16, up, 0, act, B, inter, C, threads))) goto done;
+    if ((rc = linear_impl(up, 0, lin[9], kinds[3], lin[10], lin[11], bf16, h, 0, 0, B, C, inter, threads))) goto done;
+    for (long i = 0; i < B * C; i++) store(x, bf16, i, xs[i] + h[i] + (parallel_residual ? qkv[i] : 0.0f));
+done:
+    free(buf);
+    return rc;
+}
+
+/* y = act(x W^T * scale + bias): see linear_impl. */
+int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
+              const void *bias, int bias_bf16, void *y, int y_bf16, int act,
+              long M, long N, long K, int threads) {
+    return linear_impl(x, x_bf16, w, kind, scale, bias, bias_bf16, y, y_bf16, act, M, N, K, threads);
+}
+
+#else /* no AVX-512: the Python side keeps PyTorch's products */
+
+int pc_available(void) { return 0; }
+
+int pc_linear(void) { return -3; }
+
+int pc_block(void) { return -3; }
+
+#endif
