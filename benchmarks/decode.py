@@ -54,7 +54,8 @@ sys.path.insert(0, str(REPO / "src"))
 from polycoder.checkpoint import build_model, default_tokenizer, load_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig  # noqa: E402
 from polycoder.generation import Engine, SamplingParams, Sequence, sample_generator  # noqa: E402
-from polycoder.inference import decode_layout, physical_cores, quantize  # noqa: E402
+from polycoder import kernels  # noqa: E402
+from polycoder.inference import physical_cores, quantize  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 ENGINES = ["ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "hf-fp32", "hf-bf16", "llama-f32", "llama-f16", "llama-q8_0"]
@@ -144,9 +145,7 @@ class Shape:
             if kind == "ours":
                 dtype = "bfloat16" if prec == "bf16" else "float32"
                 quant = prec if prec in ("int8", "int4") else None
-                model, tok = load_model(self.folder, dtype=dtype, quantize=quant)
-                if prec == "fp32":
-                    decode_layout(model)
+                model, tok = load_model(self.folder, dtype=dtype, quantize=quant)  # Engine calls prepare_decode
                 self.loaded[engine] = (model, tok)
             elif kind == "hf":
                 from transformers import GPTNeoXForCausalLM
@@ -272,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"threads {threads}; measuring memory bandwidth ...", flush=True)
     bw = memory_bandwidth()
     print(f"read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    results: dict = {"threads": threads, "bandwidth_gbps": bw / 1e9, "torch": torch.__version__, "new_tokens": args.new_tokens,
+    results: dict = {"threads": threads, "bandwidth_gbps": bw / 1e9, "torch": torch.__version__, "native_kernels": kernels.status(), "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "compile": args.compile, "rows": [], "notes": notes}
     work = Path(tempfile.mkdtemp(prefix="decode-bench-"))  # random-weight checkpoints and GGUF files
     try:
@@ -368,7 +367,8 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def markdown(results: dict) -> str:
     lines = [f"# Decode speed ({results['threads']} threads, read bandwidth {results['bandwidth_gbps']:.1f} GB/s, "
-             f"{results['new_tokens']} new tokens, best of {results['repeats']} passes, torch {results['torch']})", "",
+             f"{results['new_tokens']} new tokens, best of {results['repeats']} passes, torch {results['torch']}, "
+             f"native kernels: {results.get('native_kernels', '?')})", "",
              "| model | batch | prompt | engine | decode tok/s (best) | median | % of floor | vs hf-fp32 | vs hf-bf16 | vs llama.cpp (fp32: f32, bf16: f16, int8/int4: q8_0) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     same = {"ours-fp32": "llama-f32", "ours-bf16": "llama-f16", "ours-int8": "llama-q8_0", "ours-int4": "llama-q8_0"}

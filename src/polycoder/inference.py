@@ -166,28 +166,54 @@ def _kernel_linear(layer: nn.Module) -> tuple | None:
     return None
 
 
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    # Straight from the module's dicts: nn.Module.__getattr__ is slow on a per-token path.
+    t = module._parameters.get(name)
+    return t if t is not None else module._buffers.get(name)
+
+
 class FastBlock(Block):
-    """A Block whose one-token cached steps run as one native call (`kernels.block`)."""
+    """A Block whose one-token cached steps run as one native call (`kernels.BlockPlan`).
+
+    The plan (pointers to this block's weights) is built on the first step and rebuilt
+    whenever a weight tensor is replaced (`.to()`, `quantize`, loading new parameters).
+    """
+
+    def _plan(self, dtype: torch.dtype):
+        mods = self._modules
+        attn, mlp = mods["attention"]._modules, mods["mlp"]._modules
+        linears = (attn["query_key_value"], attn["dense"], mlp["dense_h_to_4h"], mlp["dense_4h_to_h"])
+        norms = (mods["input_layernorm"], mods["post_attention_layernorm"])
+        tensors = [_tensor(m, n) for m in linears for n in ("weight", "bias", "scale32")]
+        tensors += [_tensor(n, p) for n in norms for p in ("weight", "bias")]
+        key = tuple(map(id, tensors))
+        cached = self.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = None
+        activation = _fused_activation(mlp["act"])
+        specs = [_kernel_linear(m) for m in linears]
+        rope = self.__dict__.get("_rope")
+        if (activation is not None and rope is not None and all(s is not None and s[0].is_contiguous() and s[0].dim() == 2
+                                                                and s[0].shape[0] >= 4 and s[0].device.type == "cpu" for s in specs)
+                and all(_tensor(n, "weight").dtype == dtype and _tensor(n, "bias") is not None for n in norms)
+                and self.attention.head_size <= 512):
+            plan = kernels.BlockPlan([_tensor(n, p) for n in norms for p in ("weight", "bias")], norms[0].eps, specs,
+                                     activation, self.parallel_residual, rope.cos, rope.sin,
+                                     self.attention.n_head, linears[2].out_features)
+        self.__dict__["_plan_cache"] = (key, plan, tensors)  # tensors: keeps the ids in the key unique
+        return plan
 
     def forward(self, x, cos, sin, pos=None, cache=None, layer: int = 0, kv_len: int = 0, mask=None):
         B, T, C = x.shape
-        attn, mlp = self.attention, self.mlp
-        activation = _fused_activation(mlp.act)
-        rope = self.__dict__.get("_rope")
-        if cache is None or T != 1 or activation is None or rope is None or not kernels.usable(x, attn.query_key_value.weight):
-            return super().forward(x, cos, sin, pos, cache, layer, kv_len, mask)
-        linears = [_kernel_linear(m) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)]
-        k_cache, v_cache = cache.k[layer][:B], cache.v[layer][:B]
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        if (any(t is None or not kernels.usable(x, t[0]) for t in linears) or k_cache.dtype != x.dtype
-                or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-                or attn.head_size > 512 or k_cache.shape[2] > 32768
-                or any(n.weight.dtype != x.dtype for n in norms)):
-            return super().forward(x, cos, sin, pos, cache, layer, kv_len, mask)
-        ln = [norms[0].weight, norms[0].bias, norms[1].weight, norms[1].bias]
-        y = kernels.block(x.view(B, C), ln, norms[0].eps, linears, activation, self.parallel_residual,
-                          k_cache, v_cache, rope.cos, rope.sin, pos[:, 0], attn.n_head, mlp.dense_h_to_4h.out_features)
-        return y.view(B, 1, C)
+        if (cache is not None and T == 1 and B <= kernels.MAX_ROWS and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and kernels.available()):
+            plan = self._plan(x.dtype)
+            k_cache, v_cache = cache.k[layer][:B], cache.v[layer][:B]
+            if (plan is not None and plan.dtype == x.dtype and k_cache.dtype == x.dtype and k_cache.shape[2] <= 32768
+                    and k_cache.is_contiguous() and v_cache.is_contiguous()):
+                return plan.run(x.view(B, C), k_cache, v_cache, pos[:, 0]).view(B, 1, C)
+        return super().forward(x, cos, sin, pos, cache, layer, kv_len, mask)
 
 
 def prepare_decode(model: nn.Module) -> nn.Module:

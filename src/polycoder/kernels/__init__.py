@@ -2,7 +2,7 @@
 
 `linear(x, weight, bias, scale)` is a weight-streaming product for a few activation rows
 (a decode step): fp32, bf16 or int8 weights (int8 with one scale an output row), fp32 or
-bf16 activations and output, GELU optionally fused; `block(...)` is a whole GPT-NeoX block
+bf16 activations and output, GELU optionally fused; `BlockPlan(...).run` is a whole GPT-NeoX block
 of a decode step (LayerNorms, products, rotary, cache write, attention, MLP, residuals) in
 one call, which removes PyTorch's per-operation overhead (linear.c says how).
 `polycoder.inference.prepare_decode` routes a model's decode steps here. PyTorch's own
@@ -175,35 +175,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], N)
 
 
-def block(x: torch.Tensor, ln: list[torch.Tensor], eps: float, linears: list[tuple], activation: str | None,
-          parallel_residual: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
-          sin: torch.Tensor, pos: torch.Tensor, n_head: int, intermediate: int) -> torch.Tensor:
-    """One GPT-NeoX block for a decode step (one new token a row) in one native call.
+class BlockPlan:
+    """The constant arguments of one GPT-NeoX block's native decode step, prepared once.
 
-    x [B, C] (fp32 or bf16, the residual stream); ln: ln1 weight, ln1 bias, ln2 weight, ln2
-    bias (x's dtype); linears: (weight, scale or None, bias or None) for query_key_value,
-    dense, dense_h_to_4h, dense_4h_to_h; caches [B, H, max_len, hs] in x's dtype; cos/sin
-    fp32 [>= max_len, rotary dims]; pos [B] int64. Writes k and v at pos; returns the new
-    stream [B, C]. Every tensor must be contiguous and on the CPU.
+    ln: ln1 weight, ln1 bias, ln2 weight, ln2 bias (the stream's dtype); linears: (weight,
+    fp32 scale or None, bias or None) for query_key_value, dense, dense_h_to_4h,
+    dense_4h_to_h; cos/sin fp32 tables [context, rotary dims]. The plan holds references
+    to these tensors (their pointers are baked in): build a new plan when they change.
     """
-    lib = _load()
-    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError("block needs contiguous fp32 cos/sin tables")
-    B, C = x.shape
-    _, H, max_len, hs = k_cache.shape
-    y = x.contiguous().clone()
-    pos = pos.to(torch.int64).contiguous()
-    ptrs, kinds = [], []
-    for weight, scale, bias in linears:
-        ptrs += [weight.data_ptr(), scale.data_ptr() if scale is not None else None, bias.data_ptr() if bias is not None else None]
-        kinds.append(_KINDS[weight.dtype])
-    lin = (ctypes.c_void_p * 12)(*ptrs)
-    lns = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in ln])
-    kind_arr = (ctypes.c_int * 4)(*kinds)
-    rc = lib.pc_block(y.data_ptr(), int(x.dtype == torch.bfloat16), B, C, intermediate, lns, eps, lin, kind_arr,
-                      ACTIVATIONS[activation], int(parallel_residual), k_cache.data_ptr(), v_cache.data_ptr(),
-                      cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), H, hs, cos.shape[-1], max_len,
-                      torch.get_num_threads())
-    if rc:
-        raise RuntimeError(f"polycoder kernel pc_block failed with code {rc} (a position outside the cache?)")
-    return y
+
+    def __init__(self, ln: list[torch.Tensor], eps: float, linears: list[tuple], activation: str | None,
+                 parallel_residual: bool, cos: torch.Tensor, sin: torch.Tensor, n_head: int, intermediate: int):
+        if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError("a block plan needs contiguous fp32 cos/sin tables")
+        ptrs, kinds = [], []
+        for weight, scale, bias in linears:
+            if scale is not None and scale.dtype != torch.float32:
+                raise ValueError("int8 scales must be fp32")
+            ptrs += [weight.data_ptr(), scale.data_ptr() if scale is not None else None,
+                     bias.data_ptr() if bias is not None else None]
+            kinds.append(_KINDS[weight.dtype])
+        self.tensors = [*ln, cos, sin, *(t for lin in linears for t in lin if t is not None)]  # kept alive
+        self.lin = (ctypes.c_void_p * 12)(*ptrs)
+        self.lns = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in ln])
+        self.kinds = (ctypes.c_int * 4)(*kinds)
+        self.eps, self.act, self.parallel = float(eps), ACTIVATIONS[activation], int(parallel_residual)
+        self.cos, self.sin, self.rot = cos.data_ptr(), sin.data_ptr(), cos.shape[-1]
+        self.n_head, self.intermediate, self.dtype = n_head, intermediate, ln[0].dtype
+
+    def run(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [B, C] (the plan's dtype) -> the block's output [B, C]; writes k, v at pos [B].
+
+        Caches [B, H, max_len, hs] contiguous in the plan's dtype; every row's position must
+        lie inside the cache and the cos/sin tables.
+        """
+        B, C = x.shape
+        _, H, max_len, hs = k_cache.shape
+        y = x.contiguous().clone()
+        pos = pos.to(torch.int64).contiguous()
+        rc = _load().pc_block(y.data_ptr(), int(x.dtype == torch.bfloat16), B, C, self.intermediate, self.lns, self.eps,
+                              self.lin, self.kinds, self.act, self.parallel, k_cache.data_ptr(), v_cache.data_ptr(),
+                              self.cos, self.sin, pos.data_ptr(), H, hs, self.rot, max_len, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"polycoder kernel pc_block failed with code {rc} (a position outside the cache?)")
+        return y
