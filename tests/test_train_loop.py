@@ -118,6 +118,58 @@ def test_lm_loss_matches_manual_cross_entropy():
     assert lm_loss(logits, y).item() == pytest.approx(want.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_fused_linear_cross_entropy_equals_cross_entropy_on_full_logits(precision, chunk):
+    """Loss and gradients of `linear_cross_entropy` against F.cross_entropy on the full
+    logits (the same matrix product, under the same autocast), with ignored rows and a loss
+    scale (the backward's grad_output is not 1). Tolerances: fp32 1e-6 on the loss and 1e-6
+    of the largest gradient; bf16 the same loss (both round the same bf16 logits) and 1 %
+    of the largest gradient (the gradient of the logits is rounded to bf16 before the two
+    products in both, but the reference sums it in a different order)."""
+    import torch.nn.functional as F
+
+    from polycoder.train.fused_loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 150, 32, 1000
+    h0, w0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g) * 0.3
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::7] = -100
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def run(fn):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with ac:
+            loss = fn(h, w)
+        (loss * 0.25).backward()
+        return loss.detach(), h.grad, w.grad
+
+    want = run(lambda h, w: F.cross_entropy((h @ w.t()).float(), t, ignore_index=-100))
+    got = run(lambda h, w: linear_cross_entropy(h, w, t, chunk=chunk))
+    tol = 1e-6 if precision == "fp32" else 1e-2
+    assert got[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+    with torch.no_grad(), ac:  # the evaluation path computes no gradients and the same loss
+        assert linear_cross_entropy(h0, w0, t, chunk=chunk).item() == got[0].item()
+
+
+def test_model_loss_from_targets_equals_loss_of_logits():
+    """`model(x, targets=y)` (the fused head) equals lm_loss(model(x), y) with gradients, fp32."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 384, (2, 16), generator=g), torch.randint(0, 384, (2, 16), generator=g)
+    y[1, :3] = -100
+    a, b = tiny_model(), tiny_model()
+    la, lb = lm_loss(a(x), y), b(x, targets=y)
+    la.backward()
+    lb.backward()
+    assert lb.item() == pytest.approx(la.item(), abs=1e-6)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_tiny_model_loss_falls(tmp_path):
     data = corpus()
     t = Trainer(tiny_model(), settings(**{"run.max_steps": 40}), Dist(), [data], [corpus(3000, seed=0)],

@@ -83,8 +83,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, pos: torch.Tensor | None, T: int, dtype: torch.dtype):
-        if pos is None:  # training path: positions 0..T-1 for every row
-            return self.cos[:T].to(dtype)[None, None], self.sin[:T].to(dtype)[None, None]  # [1, 1, T, dim]
+        if pos is None:  # training path: positions 0..T-1 for every row, q and k as [B, T, H, 2, hs]
+            return self.cos[:T].to(dtype)[:, None, None], self.sin[:T].to(dtype)[:, None, None]  # [T, 1, 1, dim]
         return self.cos[pos].to(dtype)[:, None], self.sin[pos].to(dtype)[:, None]  # [B, 1, T, dim]
 
 
@@ -119,22 +119,36 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, layer: int = 0, kv_len: int = 0, mask=None):
         B, T, C = x.shape
         qkv = self.query_key_value(x)  # [B, T, 3C]
+        if cache is None:  # training, or a forward over whole sequences
+            return self.dense(self._causal(qkv, cos, sin))
         # Fused weight is interleaved per head: [q_h0 k_h0 v_h0 q_h1 ...].
         qkv = qkv.view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)  # [B, H, T, 3hs]
         q, k, v = qkv.split(self.head_size, dim=-1)  # each [B, H, T, hs]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            index = pos[:, None, :, None].expand(B, self.n_head, T, self.head_size)  # [B, H, T, hs]
-            cache.k[layer][:B].scatter_(2, index, k)
-            cache.v[layer][:B].scatter_(2, index, v)
-            keys, values = cache.k[layer][:B, :, :kv_len], cache.v[layer][:B, :, :kv_len]  # [B, H, S, hs]
-            if mask is None:
-                mask = causal_mask(pos, kv_len, q.dtype)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        index = pos[:, None, :, None].expand(B, self.n_head, T, self.head_size)  # [B, H, T, hs]
+        cache.k[layer][:B].scatter_(2, index, k)
+        cache.v[layer][:B].scatter_(2, index, v)
+        keys, values = cache.k[layer][:B, :, :kv_len], cache.v[layer][:B, :, :kv_len]  # [B, H, S, hs]
+        if mask is None:
+            mask = causal_mask(pos, kv_len, q.dtype)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, H, T, hs] -> [B, T, C]
         return self.dense(y)
+
+    def _causal(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The training path: causal attention over positions 0..T-1 of each row.
+
+        q and k rotate together in one set of element-wise operations, read in place from
+        the fused projection; cos/sin are [T, 1, 1, rotary_dims] (fp32 under autocast, as in
+        transformers, so q and k rotate in fp32 and SDPA runs in autocast's dtype).
+        """
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, self.n_head, 3, self.head_size)  # the interleaved weight: q, k, v per head
+        qk, v = qkv.split((2, 1), dim=3)  # [B, T, H, 2, hs], [B, T, H, 1, hs]
+        qk = apply_rotary(qk, cos, sin)  # [B, T, H, 2, hs]
+        q, k, v = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2), v[:, :, :, 0].transpose(1, 2)  # [B, H, T, hs]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # [B, H, T, hs] -> [B, T, C]
 
 
 class MLP(nn.Module):
@@ -200,13 +214,18 @@ class GPTNeoX(nn.Module):
         cache: KVCache | None = None,
         kv_len: int | None = None,
         select: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for `input_ids` [B, T].
+        """Logits for `input_ids` [B, T], or with `targets` the training loss.
 
         Without `cache`: the causal training path, positions 0..T-1, logits [B, T, V].
         With `cache`: `pos` [B, T] gives each token's position in its row; keys and values
         are written there and attention reads positions 0..kv_len-1 (default: max(pos)+1).
         `select` [B] picks one position a row, so only those logits are computed ([B, 1, V]).
+        `targets` [B, T] (next tokens, -100 ignored; without a cache): returns the mean
+        cross-entropy, a scalar, with the output head and the loss fused
+        (`polycoder.train.fused_loss`: one [B*T, V] buffer instead of fp32 logits, their
+        log-softmax and gradients).
         """
         B, T = input_ids.shape
         if cache is not None:
@@ -225,7 +244,14 @@ class GPTNeoX(nn.Module):
         if select is not None:
             x = x[torch.arange(B, device=x.device), select][:, None]  # [B, 1, C]
         x = self.gpt_neox.final_layer_norm(x)
-        return self.embed_out(x)
+        if targets is not None and cache is None and type(self.embed_out) is nn.Linear:
+            from polycoder.train.fused_loss import linear_cross_entropy
+
+            return linear_cross_entropy(x.flatten(0, 1), self.embed_out.weight, targets.flatten())
+        logits = self.embed_out(x)
+        if targets is not None:  # a wrapped head (e.g. a LoRA adapter on it): the plain way
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
