@@ -156,6 +156,28 @@ def test_fused_linear_cross_entropy_equals_cross_entropy_on_full_logits(precisio
         assert linear_cross_entropy(h0, w0, t, chunk=chunk).item() == got[0].item()
 
 
+def test_onednn_linear_equals_f_linear_with_gradients():
+    """The fp32 training linear through oneDNN against F.linear (MKL): output and the three
+    gradients within 1e-5 relative to their largest value (fp32, other summation order)."""
+    from polycoder.train import onednn
+
+    if not onednn.available():
+        pytest.skip("torch here has no oneDNN linear op; training uses F.linear")
+    g = torch.Generator().manual_seed(2)
+    x0, w0, b0 = torch.randn(3, 50, 96, generator=g), torch.randn(72, 96, generator=g), torch.randn(72, generator=g)
+    gy = torch.randn(3, 50, 72, generator=g)
+    outs = []
+    for fn in (onednn.linear, torch.nn.functional.linear):
+        x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
+        y = fn(x, w, b)
+        y.backward(gy)
+        outs.append((y.detach(), x.grad, w.grad, b.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+    with torch.no_grad():  # outside training: the plain F.linear
+        assert not onednn.applies(x0, w0)
+
+
 def test_model_loss_from_targets_equals_loss_of_logits():
     """`model(x, targets=y)` (the fused head) equals lm_loss(model(x), y) with gradients, fp32."""
     g = torch.Generator().manual_seed(1)

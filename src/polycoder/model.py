@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from polycoder.config import ModelConfig
+from polycoder.train import onednn
 
 
 def activation(name: str):
@@ -88,6 +89,15 @@ class RotaryEmbedding(nn.Module):
         return self.cos[pos].to(dtype)[:, None], self.sin[pos].to(dtype)[:, None]  # [B, 1, T, dim]
 
 
+def train_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); for a plain nn.Linear in fp32 CPU training, through oneDNN's fp32 product,
+    twice MKL's rate on the AMD CPUs measured (`polycoder.train.onednn`). Anything else
+    (inference, autocast, GPU, LoRA or quantized layers) calls the layer itself."""
+    if type(layer) is nn.Linear and onednn.applies(x, layer.weight):
+        return onednn.linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 def causal_mask(pos: torch.Tensor, kv_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[B, 1, T, S] additive mask: the query at position p sees cache positions 0..p of its row.
 
@@ -118,9 +128,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, layer: int = 0, kv_len: int = 0, mask=None):
         B, T, C = x.shape
-        qkv = self.query_key_value(x)  # [B, T, 3C]
         if cache is None:  # training, or a forward over whole sequences
-            return self.dense(self._causal(qkv, cos, sin))
+            return train_linear(self.dense, self._causal(train_linear(self.query_key_value, x), cos, sin))
+        qkv = self.query_key_value(x)  # [B, T, 3C]
         # Fused weight is interleaved per head: [q_h0 k_h0 v_h0 q_h1 ...].
         qkv = qkv.view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)  # [B, H, T, 3hs]
         q, k, v = qkv.split(self.head_size, dim=-1)  # each [B, H, T, hs]
@@ -159,7 +169,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.n_embd)
 
     def forward(self, x):
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+        return train_linear(self.dense_4h_to_h, self.act(train_linear(self.dense_h_to_4h, x)))
 
 
 class Block(nn.Module):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from polycoder.train.onednn import matmul_nt
+
 IGNORE_INDEX = -100
 
 
@@ -50,7 +52,7 @@ def _loss_and_grad(h, w, targets, chunk: int, need_grad: bool):
     # into the exponent (log 0 = -inf gives exp(-inf) = 0 for ignored rows).
     log_w = torch.where(valid, -torch.log(n), float("-inf"))
     safe_t = targets.clamp(min=0)
-    logits = torch.mm(h, w.t())  # [N, V] compute dtype
+    logits = matmul_nt(h, w)  # [N, V] compute dtype
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
@@ -72,8 +74,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk, dtype):
         hc, wc = h.to(dtype), weight.to(dtype)
         total, n, grad_logits = _loss_and_grad(hc, wc, targets, chunk, True)  # grad_logits [N, V]
-        dh = torch.mm(grad_logits, wc)  # [N, C]
-        dw = torch.mm(grad_logits.t(), hc) if ctx.needs_input_grad[1] else None  # [V, C]
+        dh = matmul_nt(grad_logits, wc.t())  # [N, C]
+        # [V, C], as the transpose of h.T @ grad_logits: the faster order for oneDNN (fp32)
+        dw = matmul_nt(hc.t(), grad_logits.t()).t() if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total / n
