@@ -3,13 +3,21 @@
 For each precision (fp32; bf16 autocast with fp32 master weights) the script times
 optimizer steps of
 - ours: `polycoder.train.loop.Trainer.train_step` on `polycoder.model.GPTNeoX` (SDPA
-  causal attention, fp32 cross-entropy on the logits, fused AdamW, gradient clipping);
+  causal attention, the output head fused with the cross-entropy, fp32 products through
+  oneDNN, fused AdamW, gradient clipping);
 - transformers: `GPTNeoXForCausalLM(input_ids, labels=...)` with its own loss, backward,
   clipping and `torch.optim.AdamW` (defaults), the usual way to train it;
 alternating the two step by step in the same process, so machine load hits both alike.
+Both start from the same weights (ours, loaded into transformers), see the same batch at
+each step (the loader's) and use the same learning rate, so their loss curves must agree:
+the table reports the largest loss difference per precision, and that of our bf16 run
+from our fp32 run.
+Process settings are shared: the Trainer makes glibc keep freed memory
+(`loop.keep_freed_memory`), which speeds transformers' steps as much as ours.
 Reported: tokens/s, model FLOPs utilisation (6N + 12 L C T FLOPs a token, PaLM's
 definition, `train_flops_per_token`) against the matrix-product rate measured in the
-same run (a square GEMM at that precision), and the ratios. Speed is never asserted.
+same run (a square GEMM at that precision; for fp32 the faster of MKL, torch's default,
+and oneDNN), and the ratios. Speed is never asserted.
 
     .venv/bin/python benchmarks/train_throughput.py [--preset polycoder-160m] [--batch 4]
         [--seq-len 512] [--steps 3] [--threads 2] [--precisions fp32 bf16] [--json out.json]
@@ -30,14 +38,18 @@ import numpy as np
 import torch
 
 
-def gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n x n x n matrix product at `dtype` (the peak we compare against)."""
+def gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5, onednn: bool = False) -> float:
+    """FLOP/s of an n x n x n matrix product at `dtype` (the peak we compare against);
+    `onednn`: through oneDNN's linear op instead of torch.mm (MKL for fp32)."""
+    from polycoder.train.onednn import matmul_nt
+
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
+    mm = (lambda: matmul_nt(a, b)) if onednn else (lambda: a @ b)
+    mm()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        a @ b
+        mm()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -89,7 +101,12 @@ def main() -> None:
     flops_tok = train_flops_per_token(cfg, T)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 50257, size=200_000).astype(np.uint16)
-    peak = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    from polycoder.train.onednn import available as onednn_available
+
+    peaks = {"fp32 mkl": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    if onednn_available():
+        peaks["fp32 onednn"] = gemm_rate(torch.float32, onednn=True)
+    peak = {"fp32": max(v for k, v in peaks.items() if k.startswith("fp32")), "bf16": peaks["bf16"]}
     rows = []
     for prec in args.precisions:
         settings = load_settings(None, None, {
@@ -99,16 +116,25 @@ def main() -> None:
         run_dir = tempfile.mkdtemp()
         trainer = Trainer(ours, settings, Dist(), [data], [], run_dir, lambda m, f: None, T)
         theirs = hf_model(cfg)
-        opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, weight_decay=0.0)
-        x, _ = trainer.loader.global_batch(0)
+        keys = set(theirs.state_dict())  # transformers 5 calls the head lm_head in memory
+        theirs.load_state_dict({("lm_head.weight" if k == "embed_out.weight" and k not in keys else k): v
+                                for k, v in ours.state_dict().items()})
+        o = settings.optim
+        opt = torch.optim.AdamW(theirs.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
+        hf_steps = 0
 
         def hf_step():
+            nonlocal hf_steps
+            x, y = (t.contiguous() for t in trainer.loader.global_batch(hf_steps))  # our batch of this step
+            for g in opt.param_groups:
+                g["lr"] = trainer.schedule.lr(hf_steps)
             with autocast(prec, torch.device("cpu")) if prec != "fp32" else contextlib.nullcontext():
-                loss = theirs(x, labels=x).loss
+                loss = theirs(x, labels=y, shift_labels=y).loss  # y: the next tokens, already shifted
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), o.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            hf_steps += 1
             return loss.item()
 
         times = {"ours": [], "transformers": []}
@@ -128,7 +154,8 @@ def main() -> None:
             rows.append({"precision": prec, "impl": name, "step_s": dt, "tokens_per_s": tps,
                          "tflops": tps * flops_tok / 1e12,
                          "mfu_vs_measured_peak": tps * flops_tok / peak[prec],
-                         "first_loss": losses[name][0]})
+                         "first_loss": losses[name][0], "losses": losses[name],
+                         "max_loss_diff_vs_transformers": max(abs(a - b) for a, b in zip(losses[name], losses["transformers"]))})
         del ours, theirs, opt, trainer
     base = {r["precision"]: r["tokens_per_s"] for r in rows if r["impl"] == "transformers"}
     for r in rows:
@@ -137,8 +164,15 @@ def main() -> None:
 
     print(f"\n{args.preset}, batch {B} x {T}, {args.threads} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}")
-    print(f"measured GEMM peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
-          f"{flops_tok / 1e6:.0f} MFLOP a token")
+    print("measured GEMM peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+          + f"; {flops_tok / 1e6:.0f} MFLOP a token")
+    ours_loss = {r["precision"]: r["losses"] for r in rows if r["impl"] == "ours"}
+    for prec in ours_loss:
+        diff = next(r["max_loss_diff_vs_transformers"] for r in rows if r["impl"] == "ours" and r["precision"] == prec)
+        print(f"loss curves, {prec}: ours vs transformers, largest difference over {len(ours_loss[prec])} steps {diff:.2e}")
+    if "fp32" in ours_loss and "bf16" in ours_loss:
+        d = max(abs(a - b) for a, b in zip(ours_loss["bf16"], ours_loss["fp32"]))
+        print(f"loss curves: ours bf16 vs ours fp32, largest difference {d:.2e}")
     head = f"| {'precision':9} | {'impl':12} | {'step s':>7} | {'tokens/s':>8} | {'GFLOP/s':>7} | {'MFU':>5} | {'x tf same':>9} | {'x tf fp32':>9} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -150,7 +184,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"preset": args.preset, "batch": B, "seq_len": T, "threads": args.threads,
                                "steps": args.steps, "torch": torch.__version__,
-                               "gemm_peak_flops": peak, "flops_per_token": flops_tok, "rows": rows}, indent=2))
+                               "gemm_peak_flops": peak, "gemm_rates": peaks, "flops_per_token": flops_tok, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
