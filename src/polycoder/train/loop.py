@@ -6,6 +6,11 @@ the gradients (DDP or FSDP averages them over ranks on the last accumulation ste
 (fp16), clip the global norm, set the learning rate of the step (cosine with linear
 warm-up, a pure function of the step), and take an AdamW step.
 
+Speed on the CPU (benchmarks/train_throughput.py): our GPTNeoX computes its loss from
+`targets` with the output head fused into the cross-entropy (`fused_loss`), its fp32
+products go through oneDNN (`onednn`), and the Trainer makes glibc keep freed memory
+(`keep_freed_memory`) so that the large tensors of a step are not page-faulted afresh.
+
 Determinism: with the same settings, threads and hardware, the loss of every step is a
 function of (settings, step) only: the batch depends on (seed, step), the schedule on the
 step, and a checkpoint holds the exact fp32 weights, optimizer moments and RNG states. So a
