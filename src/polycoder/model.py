@@ -156,7 +156,8 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, self.n_head, 3, self.head_size)  # the interleaved weight: q, k, v per head
         qk, v = qkv.split((2, 1), dim=3)  # [B, T, H, 2, hs], [B, T, H, 1, hs]
         qk = apply_rotary(qk, cos, sin)  # [B, T, H, 2, hs]
-        q, k, v = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2), v[:, :, :, 0].transpose(1, 2)  # [B, H, T, hs]
+        q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)  # [B, H, T, hs]
+        v = v[:, :, :, 0].transpose(1, 2)  # [B, H, T, hs]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # [B, H, T, hs] -> [B, T, C]
 
