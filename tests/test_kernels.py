@@ -95,6 +95,19 @@ def test_decode_steps_equal_pytorch_path(preset, arch):
         assert (_decode_logits(fast, x, 6) - ref(x)).abs().max().item() < 1e-4
 
 
+def test_plan_follows_replaced_storage_and_copies():
+    """A block that has run keeps pointers; .half() swaps .data under the same parameters."""
+    ref = build_model(ModelConfig.from_preset("test-tiny"), seed=4)
+    fast = prepare_decode(copy.deepcopy(ref))
+    x = torch.randint(0, 500, (2, 12))
+    _decode_logits(fast, x, 4)  # builds the plans
+    copied = copy.deepcopy(fast)  # was: ctypes pointers cannot be pickled
+    assert (_decode_logits(copied, x, 4) - _decode_logits(ref, x, 4)).abs().max().item() < 1e-4
+    rounded = copied.half().float()  # same parameter objects, new storage
+    want = _decode_logits(copy.deepcopy(ref).half().float(), x, 4)
+    assert (_decode_logits(rounded, x, 4) - want).abs().max().item() < 1e-4
+
+
 def test_rows_at_different_positions():
     model = build_model(ModelConfig.from_preset("test-tiny"), seed=6)
     fast = prepare_decode(copy.deepcopy(model))

@@ -176,8 +176,15 @@ class FastBlock(Block):
     """A Block whose one-token cached steps run as one native call (`kernels.BlockPlan`).
 
     The plan (pointers to this block's weights) is built on the first step and rebuilt
-    whenever a weight tensor is replaced (`.to()`, `quantize`, loading new parameters).
+    whenever a weight tensor or its storage changes (`.to()`, `.half()`, which swaps a
+    parameter's `.data` under the same object, `quantize`, loading new parameters). The plan
+    is never copied: a deep copy or a pickle of the block builds its own on its first step.
     """
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)  # raw pointers into this block's tensors: not transferable
+        return state
 
     def _plan(self, dtype: torch.dtype):
         mods = self._modules
@@ -186,7 +193,7 @@ class FastBlock(Block):
         norms = (mods["input_layernorm"], mods["post_attention_layernorm"])
         tensors = [_tensor(m, n) for m in linears for n in ("weight", "bias", "scale32")]
         tensors += [_tensor(n, p) for n in norms for p in ("weight", "bias")]
-        key = tuple(map(id, tensors))
+        key = tuple((id(t), t.data_ptr(), t.dtype) if t is not None else None for t in tensors)
         cached = self.__dict__.get("_plan_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
