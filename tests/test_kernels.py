@@ -19,7 +19,8 @@ from polycoder.inference import FastBlock, FastLinear, prepare_decode, quantize
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.status()}")
 
-SHAPES = [(1, 8, 16), (1, 5, 3), (3, 7, 40), (4, 12, 770), (8, 33, 64), (2, 2304, 768), (5, 40, 3072)]
+SHAPES = [(1, 8, 16), (1, 5, 3), (3, 7, 40), (4, 12, 770), (8, 33, 64), (2, 2304, 768), (5, 40, 3072),
+          (6, 9, 300), (7, 13, 1000), (8, 5, 20), (8, 768, 3072), (12, 11, 48), (8, 5, 3072), (6, 7, 2000)]
 
 
 def _int8(w: torch.Tensor):
@@ -52,9 +53,23 @@ def test_linear_fp32_bf16_int8_equal_pytorch(M, N, K):
 
 @pytest.mark.parametrize("activation,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
 def test_fused_gelu(activation, approximate):
-    x, w, b = torch.randn(2, 48), torch.randn(20, 48), torch.randn(20)
-    ref = F.gelu(F.linear(x, w, b), approximate=approximate)
-    assert (kernels.linear(x, w, b, activation=activation) - ref).abs().max().item() < 1e-4
+    for M, K in [(2, 48), (8, 3000)]:  # 3000 columns: summed in chunks, activation after the last
+        x, w, b = torch.randn(M, K), torch.randn(20, K) / K ** 0.5 * 4, torch.randn(20)
+        ref = F.gelu(F.linear(x, w, b), approximate=approximate)
+        assert (kernels.linear(x, w, b, activation=activation) - ref).abs().max().item() < 1e-4
+        got = kernels.linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), activation=activation)  # scalar path
+        ref = F.gelu(F.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float()), approximate=approximate)
+        assert ((got.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4).all()
+
+
+@pytest.mark.parametrize("activation,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
+def test_vector_gelu_over_its_range(activation, approximate):
+    # x [8, 1] times w [N, 1]: outputs from -18 to 18 in fine steps, the exp clamp included.
+    x = torch.linspace(-12, 12, 8)[:, None]
+    w = torch.linspace(-1.5, 1.5, 2001)[:, None]
+    got = kernels.linear(x, w, activation=activation).double()
+    ref = F.gelu((x.double() @ w.double().T), approximate=approximate)
+    assert ((got - ref).abs() <= 2e-6 * ref.abs().clamp_min(1)).all()
 
 
 def test_not_used_for_gradients_or_many_rows():

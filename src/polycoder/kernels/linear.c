@@ -74,63 +74,139 @@ static inline long pf_rows(long K, long elsize) {
     return r < 4 ? 4 : r;
 }
 
+/* ---- activations, 16 at a time ------------------------------------------------------
+ * exp: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6 polynomial for
+ * e^r, and 2^n applied by scalef (relative error about 2e-7). erf: Abramowitz and
+ * Stegun 7.1.26 (absolute error under 1.5e-7); tanh(u) = 1 - 2 / (e^{2u} + 1). */
+
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 erf16(__m512 x) {
+    __m512 a = _mm512_abs_ps(x);
+    __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    __m512 e = _mm512_fnmadd_ps(p, exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)), _mm512_set1_ps(1.0f));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e),
+        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));  /* erf(-x) = -erf(x) */
+}
+
+static inline __m512 act16(__m512 v, int act) {
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    if (act == 1) return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)))));
+    if (act == 2) {
+        __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));
+        __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
+        return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, th));
+    }
+    return v;
+}
+
+static void activate_all(float *v, long n, int act) {
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 mask = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(v + i, mask, act16(_mm512_maskz_loadu_ps(mask, v + i), act));
+    }
+}
+
+/* ---- reductions ------------------------------------------------------------------------
+ * Every output is the sum of one accumulator's 16 lanes. Where a block has exactly 16
+ * accumulators, they are reduced together by a transpose-and-add tree (about 45
+ * instructions for 16 sums, against 8 each for one at a time). */
+
+static inline __m512 reduce16(const __m512 *v) {
+    __m512 u[8], w[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: that lane's sums of vectors 4i .. 4i+3 */
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))));
+    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+/* out[r * MB + m] = the lane sum of acc[r * MB + m], for R * MB accumulators. */
+static inline __attribute__((always_inline)) void reduce_out(const __m512 *acc, int n, float *out) {
+    if (n == 16) _mm512_storeu_ps(out, reduce16(acc));
+    else
+        for (int i = 0; i < n; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* A block is R weight rows (n .. n+R-1) against MB activation rows (m0 .. m0+MB-1): R * MB
+ * accumulators in registers, each weight vector loaded (and widened) once for all MB
+ * rows. R = 4 up to 4 rows; R = 2 from 5 to 8 rows, so that 8 rows take one pass over
+ * the weights (4 x 8 accumulators would not fit in the 32 registers). */
+
 /* ---- fp32 weights: 16 a load, FMA against fp32 activations ---------------------------- */
 
-static inline __attribute__((always_inline)) void block4_f32(
-    const float *x, const float *w, long n, long m0, int MB, long K, float out[4][4]) {
+static inline __attribute__((always_inline)) void block_f32(
+    const float *x, const float *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
     const long pf = pf_rows(K, 4);
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
-    long k = 0;
-    for (; k + 16 <= K; k += 16) {
+    __m512 acc[16];
+    for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();
+    long k = k0;
+    for (; k + 16 <= k1; k += 16) {
         __m512 wv[4];
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
             wv[r] = _mm512_loadu_ps(w + (n + r) * K + k);
         }
         for (int m = 0; m < MB; m++) {
             __m512 xv = _mm512_loadu_ps(x + (m0 + m) * K + k);
-            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
         }
     }
-    if (k < K) {
-        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1u);
+    if (k < k1) {
+        __mmask16 mask = (__mmask16)((1u << (k1 - k)) - 1u);
         __m512 wv[4];
-        for (int r = 0; r < 4; r++) wv[r] = _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k);
+        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k);
         for (int m = 0; m < MB; m++) {
             __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
-            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
         }
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+    reduce_out(acc, R * MB, out);
 }
 
 /* ---- bf16 weights: widened to fp32 by a 16-bit shift (exact), FMA against fp32
  * activations. (AVX512_BF16's pairwise dot product measured 1.5x slower here: AMD EPYC.) */
 
-static inline __attribute__((always_inline)) void block4_bf16(
-    const float *x, const uint16_t *w, long n, long m0, int MB, long K, float out[4][4]) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
+static inline __attribute__((always_inline)) void block_bf16(
+    const float *x, const uint16_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
+    __m512 acc[16];
+    for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();
     const long pf = pf_rows(K, 2);
-    for (long k = 0; k < K; k += 16) {
-        __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    for (long k = k0; k < k1; k += 16) {
+        __mmask16 mask = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1u);
         __m512 wv[4];
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
             wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w + (n + r) * K + k)), 16));
         }
         for (int m = 0; m < MB; m++) {
             __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
-            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
         }
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+    reduce_out(acc, R * MB, out);
 }
 
 /* ---- int8 weights: 32 a load, widened to int16, multiplied with int16 activations
@@ -141,102 +217,122 @@ static inline __attribute__((always_inline)) void block4_bf16(
 #if defined(__AVX512VNNI__)
 #define I8_VNNI 1
 #define I8_CHUNK 256
-static inline __attribute__((always_inline)) void block4_i8(
-    const int16_t *x, const int8_t *w, long n, long m0, int MB, long K, float out[4][4]) {
+static inline __attribute__((always_inline)) void block_i8(
+    const int16_t *x, const int8_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
     const long pf = pf_rows(K, 1);
-    __m512 facc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < 4; m++) facc[r][m] = _mm512_setzero_ps();
-    for (long c = 0; c < K; c += I8_CHUNK) {
-        long end = c + I8_CHUNK < K ? c + I8_CHUNK : K;
-        __m512i acc[4][4];
-        for (int r = 0; r < 4; r++)
-            for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_si512();
-        long k = c;
-        for (; k + 32 <= end; k += 32) {
+    __m512 facc[16];
+    for (int i = 0; i < R * MB; i++) facc[i] = _mm512_setzero_ps();
+    for (long c = k0; c < k1; c += I8_CHUNK) {
+        long end = c + I8_CHUNK < k1 ? c + I8_CHUNK : k1;
+        __m512i acc[16];
+        for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_si512();
+        for (long k = c; k < end; k += 32) {
+            __mmask32 mask = end - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (end - k)) - 1u);
             __m512i wv[4];
-            for (int r = 0; r < 4; r++) {
+            for (int r = 0; r < R; r++) {
                 _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
-                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (n + r) * K + k)));
+                wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n + r) * K + k));
             }
-            for (int m = 0; m < MB; m++) {
-                __m512i xv = _mm512_loadu_si512(x + (m0 + m) * K + k);
-                for (int r = 0; r < 4; r++) acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], wv[r], xv);
-            }
-        }
-        if (k < end) {
-            __mmask32 mask = (__mmask32)((1u << (end - k)) - 1u);
-            __m512i wv[4];
-            for (int r = 0; r < 4; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n + r) * K + k));
             for (int m = 0; m < MB; m++) {
                 __m512i xv = _mm512_maskz_loadu_epi16(mask, x + (m0 + m) * K + k);
-                for (int r = 0; r < 4; r++) acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], wv[r], xv);
+                for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_dpwssd_epi32(acc[r * MB + m], wv[r], xv);
             }
         }
-        for (int r = 0; r < 4; r++)
-            for (int m = 0; m < MB; m++) facc[r][m] = _mm512_add_ps(facc[r][m], _mm512_cvtepi32_ps(acc[r][m]));
+        for (int i = 0; i < R * MB; i++) facc[i] = _mm512_add_ps(facc[i], _mm512_cvtepi32_ps(acc[i]));
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(facc[r][m]);
+    reduce_out(facc, R * MB, out);
 }
 #else
 #define I8_VNNI 0
-static inline __attribute__((always_inline)) void block4_i8(
-    const float *x, const int8_t *w, long n, long m0, int MB, long K, float out[4][4]) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
+static inline __attribute__((always_inline)) void block_i8(
+    const float *x, const int8_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
+    __m512 acc[16];
+    for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();
     const long pf = pf_rows(K, 1);
-    for (long k = 0; k < K; k += 16) {
-        __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    for (long k = k0; k < k1; k += 16) {
+        __mmask16 mask = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1u);
         __m512 wv[4];
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
             wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n + r) * K + k)));
         }
         for (int m = 0; m < MB; m++) {
             __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
-            for (int r = 0; r < 4; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
         }
     }
-    for (int r = 0; r < 4; r++)
-        for (int m = 0; m < MB; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+    reduce_out(acc, R * MB, out);
 }
 #endif
 
-/* Rows [lo, hi) of the output for every activation row, four weight rows at a time.
- * The N % 4 last rows are read as part of a block that starts earlier (they overlap the
- * previous block's rows, which are simply computed twice): no scalar tail. */
-#define DEFINE_RANGE(NAME, BLOCK, XT, WT)                                                          \
-    static void NAME(const XT *x, const WT *w, const float *scale, const float *xscale,           \
-                     const void *bias, int bias_bf16, void *y, int y_bf16, int act,               \
-                     long M, long N, long K, long lo, long hi) {                                  \
-        float out[4][4];                                                                           \
-        for (long n = lo; n < hi; n += 4) {                                                        \
-            long nb = n + 4 <= N ? n : N - 4;                                                      \
-            for (long m0 = 0; m0 < M; m0 += 4) {                                                   \
-                int MB = (int)(M - m0 < 4 ? M - m0 : 4);                                           \
-                switch (MB) {                                                                      \
-                case 1: BLOCK(x, w, nb, m0, 1, K, out); break;                                     \
-                case 2: BLOCK(x, w, nb, m0, 2, K, out); break;                                     \
-                case 3: BLOCK(x, w, nb, m0, 3, K, out); break;                                     \
-                default: BLOCK(x, w, nb, m0, 4, K, out); break;                                    \
-                }                                                                                  \
-                for (int r = 0; r < 4; r++) {                                                      \
-                    float s = scale ? scale[nb + r] : 1.0f, b = bias_at(bias, bias_bf16, nb + r);  \
-                    for (int m = 0; m < MB; m++)                                                   \
-                        store(y, y_bf16, (m0 + m) * N + nb + r, activate(out[r][m] * s * (xscale ? xscale[m0 + m] : 1.0f) + b, act)); \
+/* The activation applied to n fp32 values in place, 16 at a time (see act_vec). */
+static void activate_all(float *v, long n, int act);
+
+/* Rows [lo, hi) of the output for every activation row, R weight rows at a time (R = 4
+ * for up to 4 activation rows, else 2, see above; MB activation rows a block, at most 8).
+ * Where R does not divide the range, the last block starts earlier and overlaps the
+ * previous one (those rows are computed twice, to the same values): no scalar tail.
+ * The columns are taken in chunks that keep the MB activation rows in L1 (24 KB): with
+ * 8 fp32 rows of 3072 columns (96 KB) every weight load would otherwise wait on L2 for
+ * the activations; partial sums of a chunk collect in `part`. A fused activation runs
+ * vectorized over a thread's finished fp32 outputs (scalar into bf16 outputs). */
+#define BLOCK_CASE(BLOCK, R, MB) BLOCK(x, w, nb, m0, R, MB, K, k0, k1, out); break
+#define DEFINE_RANGE(NAME, BLOCK, XT, WT, KALIGN)                                                  \
+    static int NAME(const XT *x, const WT *w, const float *scale, const float *xscale,            \
+                    const void *bias, int bias_bf16, void *y, int y_bf16, int act,                \
+                    long M, long N, long K, long lo, long hi) {                                   \
+        float out[16], *part = NULL;                                                               \
+        const int act_now = y_bf16 ? act : 0;                                                      \
+        /* part's rows start at base: a range under 4 rows is the clamped last one (hi == N) */    \
+        const long base = hi - lo >= 4 ? lo : (lo < N - 4 ? lo : N - 4);                           \
+        for (long m0 = 0; m0 < M; m0 += 8) {                                                       \
+            const int MB = (int)(M - m0 < 8 ? M - m0 : 8), R = MB <= 4 ? 4 : 2;                    \
+            long KC = (24576 / ((long)sizeof(XT) * MB)) / KALIGN * KALIGN;                         \
+            if (KC < KALIGN) KC = KALIGN;                                                          \
+            if (KC < K && !part && !(part = (float *)malloc(sizeof(float) * 8 * (size_t)(hi - lo + 4)))) \
+                return -2;                                                                         \
+            for (long k0 = 0; k0 < K; k0 += KC) {                                                  \
+                const long k1 = k0 + KC < K ? k0 + KC : K;                                         \
+                const int first = k0 == 0, last = k1 == K;                                         \
+                for (long n = lo; n < hi; n += R) {                                                \
+                    long nb = n + R <= hi ? n : (hi - R >= lo ? hi - R : N - R);                   \
+                    switch (MB) {                                                                  \
+                    case 1: BLOCK_CASE(BLOCK, 4, 1);                                               \
+                    case 2: BLOCK_CASE(BLOCK, 4, 2);                                               \
+                    case 3: BLOCK_CASE(BLOCK, 4, 3);                                               \
+                    case 4: BLOCK_CASE(BLOCK, 4, 4);                                               \
+                    case 5: BLOCK_CASE(BLOCK, 2, 5);                                               \
+                    case 6: BLOCK_CASE(BLOCK, 2, 6);                                               \
+                    case 7: BLOCK_CASE(BLOCK, 2, 7);                                               \
+                    default: BLOCK_CASE(BLOCK, 2, 8);                                              \
+                    }                                                                              \
+                    for (int r = 0; r < R; r++)                                                    \
+                        for (int m = 0; m < MB; m++) {                                             \
+                            float v = out[r * MB + m];                                             \
+                            if (!(first && last)) {                                                \
+                                float *p = part + (nb - base + r) * 8 + m;                         \
+                                if (!first) v += *p;                                               \
+                                if (!last) { *p = v; continue; }                                   \
+                            }                                                                      \
+                            float s = scale ? scale[nb + r] : 1.0f, b = bias_at(bias, bias_bf16, nb + r); \
+                            store(y, y_bf16, (m0 + m) * N + nb + r,                                \
+                                  activate(v * s * (xscale ? xscale[m0 + m] : 1.0f) + b, act_now)); \
+                        }                                                                          \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
+        free(part);                                                                                \
+        if (act && !y_bf16)                                                                        \
+            for (long m = 0; m < M; m++) activate_all((float *)y + m * N + lo, hi - lo, act);      \
+        return 0;                                                                                  \
     }
 
-DEFINE_RANGE(range_f32, block4_f32, float, float)
-DEFINE_RANGE(range_bf16, block4_bf16, float, uint16_t)
+DEFINE_RANGE(range_f32, block_f32, float, float, 16)
+DEFINE_RANGE(range_bf16, block_bf16, float, uint16_t, 16)
 #if I8_VNNI
-DEFINE_RANGE(range_i8, block4_i8, int16_t, int8_t)
+DEFINE_RANGE(range_i8, block_i8, int16_t, int8_t, I8_CHUNK)
 #else
-DEFINE_RANGE(range_i8, block4_i8, float, int8_t)
+DEFINE_RANGE(range_i8, block_i8, float, int8_t, 16)
 #endif
 
 static inline float x_at(const void *x, int x_bf16, long i) {
@@ -283,17 +379,18 @@ static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const
     if (threads < 1) threads = 1;
     long blocks = (N + 3) / 4; /* threads split whole 4-row blocks */
     if (blocks < threads) threads = (int)blocks;
-#pragma omp parallel num_threads(threads)
+    int rc = 0;
+#pragma omp parallel num_threads(threads) reduction(min : rc)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         long lo = 4 * (blocks * t / nt), hi = 4 * (blocks * (t + 1) / nt);
         if (hi > N) hi = N;
-        if (kind == W_F32) range_f32(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
-        else if (kind == W_BF16) range_bf16(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
-        else range_i8(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
+        if (kind == W_F32) rc = range_f32(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
+        else if (kind == W_BF16) rc = range_bf16(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
+        else rc = range_i8(xa, w, scale, xs, bias, bias_bf16, y, y_bf16, act, M, N, K, lo, hi);
     }
     free(buf);
-    return 0;
+    return rc;
 }
 
 /* ---- one decode step of attention ---------------------------------------------------
