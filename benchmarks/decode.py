@@ -26,7 +26,8 @@ the driver runs one sequence).
 `--quality-model FOLDER` also measures what int8/int4/bf16 cost in held-out perplexity:
 per-token perplexity of the files under `--quality-files` (default: this Python's own
 standard library, real code the model has not been trained on), each file scored on its
-own with <|endoftext|> prepended, in disjoint windows of the model's context.
+own with <|endoftext|> prepended, in disjoint windows of the model's context, one cached
+decode step a token (the path generation takes, native kernels included).
 
     python benchmarks/decode.py --json decode.json
     python benchmarks/decode.py --models polycoder-160m --batches 1 --prompts 64 --engines ours-fp32,hf-fp32
@@ -55,7 +56,7 @@ from polycoder.checkpoint import build_model, default_tokenizer, load_model, sav
 from polycoder.config import ModelConfig  # noqa: E402
 from polycoder.generation import Engine, SamplingParams, Sequence, sample_generator  # noqa: E402
 from polycoder import kernels  # noqa: E402
-from polycoder.inference import physical_cores, quantize  # noqa: E402
+from polycoder.inference import physical_cores, prepare_decode, quantize  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 ENGINES = ["ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "hf-fp32", "hf-bf16", "llama-f32", "llama-f16", "llama-q8_0"]
@@ -194,19 +195,30 @@ class _Skip(Exception):
 
 
 def heldout_perplexity(model, tok: Tokenizer, files: list[Path], max_tokens: int) -> dict:
-    """Per-model-token perplexity: each file on its own, EOD first, disjoint windows."""
+    """Per-model-token perplexity through the decode path, as generation runs the model.
+
+    Each file on its own, EOD first, in disjoint windows of the model's context; every
+    token's logits come from a one-token cached step (`prepare_decode`: the native kernels
+    where they apply), so what is measured is the arithmetic that generates text.
+    """
+    prepare_decode(model)
     block = model.config.block_size
     nll, count = 0.0, 0
     with torch.inference_mode():
         for f in files:
             ids = [tok.eod_id] + tok.encode(f.read_bytes().decode("utf-8", errors="replace"))
             for s in range(0, len(ids) - 1, block):
-                x = torch.tensor([ids[s : s + block + 1]])
-                if x.size(1) < 2:
+                window = ids[s : s + block + 1]
+                if len(window) < 2:
                     continue
-                logits = model(x[:, :-1]).float()
-                nll += torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
-                count += x.size(1) - 1
+                cache = model.new_cache(1, block)
+                x = torch.tensor([window])
+                for t in range(len(window) - 1):
+                    logits = model(x[:, t : t + 1], pos=torch.tensor([[t]]), cache=cache)[0, -1].float()
+                    nll += float(torch.logsumexp(logits, -1) - logits[window[t + 1]])
+                count += len(window) - 1
+                if count >= max_tokens:
+                    break
             if count >= max_tokens:
                 break
     return {"perplexity": float(torch.tensor(nll / count).exp()), "tokens": count, "files": len(files)}
@@ -214,23 +226,31 @@ def heldout_perplexity(model, tok: Tokenizer, files: list[Path], max_tokens: int
 
 def quality(folder: Path, files_root: Path, max_tokens: int) -> dict:
     files = sorted(p for p in files_root.rglob("*.py") if "test" not in p.name and 2_000 < p.stat().st_size < 200_000)[:200]
+    variants = [("fp32", {}), ("bf16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"}), ("int4", {"quantize": "int4"})]
     out = {}
-    for name, kw in [("fp32", {}), ("bf16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"}), ("int4", {"quantize": "int4"})]:
+    for name, kw in variants:
         model, tok = load_model(folder, **kw)
         out[name] = heldout_perplexity(model, tok, files, max_tokens)
         print(f"  quality {name}: perplexity {out[name]['perplexity']:.4f} on {out[name]['tokens']} tokens", flush=True)
     base = out["fp32"]["perplexity"]
     for name in out:
         out[name]["delta_pct"] = 100 * (out[name]["perplexity"] / base - 1)
-    # And the logits themselves, on one window of real code.
-    ids = torch.tensor([[0] + load_model(folder)[1].encode(files[0].read_text(errors="replace"))[:255]])
-    ref = load_model(folder)[0]
-    with torch.inference_mode():
-        r = ref(ids).float()
-        for name, kw in [("bf16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"}), ("int4", {"quantize": "int4"})]:
-            q = load_model(folder, **kw)[0](ids).float()
-            out[name]["logits_rel_err"] = float((q - r).norm() / r.norm())
-            out[name]["top1_agreement"] = float((q.argmax(-1) == r.argmax(-1)).float().mean())
+    # And the logits themselves, on one window of real code, one cached step at a time.
+    tok = load_model(folder)[1]
+    ids = [0] + tok.encode(files[0].read_text(errors="replace"))[:255]
+
+    def stepwise(model):
+        prepare_decode(model)
+        cache = model.new_cache(1, len(ids))
+        with torch.inference_mode():
+            return torch.cat([model(torch.tensor([[t]]), pos=torch.tensor([[i]]), cache=cache)[0].float()
+                              for i, t in enumerate(ids)])
+
+    r = stepwise(load_model(folder)[0])
+    for name, kw in variants[1:]:
+        q = stepwise(load_model(folder, **kw)[0])
+        out[name]["logits_rel_err"] = float((q - r).norm() / r.norm())
+        out[name]["top1_agreement"] = float((q.argmax(-1) == r.argmax(-1)).float().mean())
     return out
 
 
