@@ -4,10 +4,11 @@ For each precision (fp32; bf16 autocast with fp32 master weights) the script tim
 optimizer steps of
 - ours: `polycoder.train.loop.Trainer.train_step` on `polycoder.model.GPTNeoX` (SDPA
   causal attention, the output head fused with the cross-entropy, fp32 products through
-  oneDNN, fused AdamW, gradient clipping);
+  oneDNN on non-Intel CPUs (`polycoder.train.onednn`), fused AdamW, gradient clipping);
 - transformers: `GPTNeoXForCausalLM(input_ids, labels=...)` with its own loss, backward,
   clipping and `torch.optim.AdamW` (defaults), the usual way to train it;
-alternating the two step by step in the same process, so machine load hits both alike.
+all of them (both implementations at every precision) taking their steps in turn in the
+same process, so machine load hits them alike, across precisions too.
 Both start from the same weights (ours, loaded into transformers), see the same batch at
 each step (the loader's) and use the same learning rate, so their loss curves must agree:
 the table reports the largest loss difference per precision, and that of our bf16 run
@@ -41,10 +42,10 @@ import torch
 def gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5, onednn: bool = False) -> float:
     """FLOP/s of an n x n x n matrix product at `dtype` (the peak we compare against);
     `onednn`: through oneDNN's linear op instead of torch.mm (MKL for fp32)."""
-    from polycoder.train.onednn import matmul_nt
+    from polycoder.train.onednn import onednn_matmul_nt
 
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    mm = (lambda: matmul_nt(a, b)) if onednn else (lambda: a @ b)
+    mm = (lambda: onednn_matmul_nt(a, b)) if onednn else (lambda: a @ b)
     mm()
     best = float("inf")
     for _ in range(reps):
@@ -77,6 +78,31 @@ def hf_model(cfg):
     return GPTNeoXForCausalLM(hf_cfg).train()
 
 
+def hf_stepper(theirs, trainer, o, prec: str):
+    """One transformers training step a call: our batch and learning rate of that step, its
+    own loss, backward, clipping and torch.optim.AdamW."""
+    from polycoder.train.loop import autocast
+
+    opt = torch.optim.AdamW(theirs.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
+    steps = 0
+
+    def step() -> float:
+        nonlocal steps
+        x, y = (t.contiguous() for t in trainer.loader.global_batch(steps))  # our batch of this step
+        for g in opt.param_groups:
+            g["lr"] = trainer.schedule.lr(steps)
+        with autocast(prec, torch.device("cpu")) if prec != "fp32" else contextlib.nullcontext():
+            loss = theirs(x, labels=y, shift_labels=y).loss  # y: the next tokens, already shifted
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), o.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+        return loss.item()
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="polycoder-160m")
@@ -91,7 +117,7 @@ def main() -> None:
     from polycoder.checkpoint import build_model
     from polycoder.config import ModelConfig
     from polycoder.train.distributed import Dist
-    from polycoder.train.loop import Trainer, autocast
+    from polycoder.train.loop import Trainer
     from polycoder.train.settings import load_settings
 
     torch.set_num_threads(args.threads)
@@ -107,56 +133,44 @@ def main() -> None:
     if onednn_available():
         peaks["fp32 onednn"] = gemm_rate(torch.float32, onednn=True)
     peak = {"fp32": max(v for k, v in peaks.items() if k.startswith("fp32")), "bf16": peaks["bf16"]}
-    rows = []
+    # Every (precision, implementation) pair is built first and they take their steps in
+    # turn, so that the ratios across precisions (ours bf16 against transformers fp32) come
+    # from the same minutes of a shared machine as the ratios within one.
+    runs = []  # (precision, name, step function)
+    trainers = {}
     for prec in args.precisions:
         settings = load_settings(None, None, {
             "data.seq_len": T, "data.batch_size": B, "run.precision": prec, "run.max_steps": 1000,
             "run.tensorboard": False, "optim.lr": 1e-4, "optim.warmup": 0})
         ours = build_model(cfg, seed=0).requires_grad_(True).train()
-        run_dir = tempfile.mkdtemp()
-        trainer = Trainer(ours, settings, Dist(), [data], [], run_dir, lambda m, f: None, T)
+        trainer = Trainer(ours, settings, Dist(), [data], [], tempfile.mkdtemp(), lambda m, f: None, T)
+        trainers[prec] = trainer
         theirs = hf_model(cfg)
         keys = set(theirs.state_dict())  # transformers 5 calls the head lm_head in memory
         theirs.load_state_dict({("lm_head.weight" if k == "embed_out.weight" and k not in keys else k): v
                                 for k, v in ours.state_dict().items()})
-        o = settings.optim
-        opt = torch.optim.AdamW(theirs.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
-        hf_steps = 0
-
-        def hf_step():
-            nonlocal hf_steps
-            x, y = (t.contiguous() for t in trainer.loader.global_batch(hf_steps))  # our batch of this step
-            for g in opt.param_groups:
-                g["lr"] = trainer.schedule.lr(hf_steps)
-            with autocast(prec, torch.device("cpu")) if prec != "fp32" else contextlib.nullcontext():
-                loss = theirs(x, labels=y, shift_labels=y).loss  # y: the next tokens, already shifted
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(theirs.parameters(), o.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            hf_steps += 1
-            return loss.item()
-
-        times = {"ours": [], "transformers": []}
-        losses = {"ours": [], "transformers": []}
-        for i in range(args.steps + 1):
-            for name, step in (("ours", trainer.train_step), ("transformers", hf_step)):
-                t = time.perf_counter()
-                loss = step()
-                dt = time.perf_counter() - t
-                if i:  # step 0 warms up allocators and kernels
-                    times[name].append(dt)
-                losses[name].append(loss)
-                print(f"{prec} {name:>12} step {i}: {dt:6.2f} s  loss {loss:.4f}", flush=True)
-        for name in ("ours", "transformers"):
-            dt = statistics.median(times[name])
-            tps = tokens / dt
-            rows.append({"precision": prec, "impl": name, "step_s": dt, "tokens_per_s": tps,
-                         "tflops": tps * flops_tok / 1e12,
-                         "mfu_vs_measured_peak": tps * flops_tok / peak[prec],
-                         "first_loss": losses[name][0], "losses": losses[name],
-                         "max_loss_diff_vs_transformers": max(abs(a - b) for a, b in zip(losses[name], losses["transformers"]))})
-        del ours, theirs, opt, trainer
+        runs.append((prec, "ours", trainer.train_step))
+        runs.append((prec, "transformers", hf_stepper(theirs, trainer, settings.optim, prec)))
+    times = {(p, n): [] for p, n, _ in runs}
+    losses = {(p, n): [] for p, n, _ in runs}
+    for i in range(args.steps + 1):
+        for prec, name, step in runs:
+            t = time.perf_counter()
+            loss = step()
+            dt = time.perf_counter() - t
+            if i:  # step 0 warms up allocators and kernels
+                times[prec, name].append(dt)
+            losses[prec, name].append(loss)
+            print(f"{prec} {name:>12} step {i}: {dt:6.2f} s  loss {loss:.4f}", flush=True)
+    rows = []
+    for prec, name, _ in runs:
+        dt = statistics.median(times[prec, name])
+        tps = tokens / dt
+        rows.append({"precision": prec, "impl": name, "step_s": dt, "step_times": times[prec, name], "tokens_per_s": tps,
+                     "tflops": tps * flops_tok / 1e12,
+                     "mfu_vs_measured_peak": tps * flops_tok / peak[prec],
+                     "first_loss": losses[prec, name][0], "losses": losses[prec, name],
+                     "max_loss_diff_vs_transformers": max(abs(a - b) for a, b in zip(losses[prec, name], losses[prec, "transformers"]))})
     base = {r["precision"]: r["tokens_per_s"] for r in rows if r["impl"] == "transformers"}
     for r in rows:
         r["vs_transformers_same_precision"] = r["tokens_per_s"] / base[r["precision"]]

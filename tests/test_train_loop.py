@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import json
 import signal
 import subprocess
@@ -120,16 +121,26 @@ def test_lm_loss_matches_manual_cross_entropy():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("chunk", [7, 64])
-def test_fused_linear_cross_entropy_equals_cross_entropy_on_full_logits(precision, chunk):
+@pytest.mark.parametrize("onednn_route", [False, True])
+def test_fused_linear_cross_entropy_equals_cross_entropy_on_full_logits(precision, chunk, onednn_route, monkeypatch):
     """Loss and gradients of `linear_cross_entropy` against F.cross_entropy on the full
     logits (the same matrix product, under the same autocast), with ignored rows and a loss
     scale (the backward's grad_output is not 1). Tolerances: fp32 1e-6 on the loss and 1e-6
     of the largest gradient; bf16 the same loss (both round the same bf16 logits) and 1 %
     of the largest gradient (the gradient of the logits is rounded to bf16 before the two
-    products in both, but the reference sums it in a different order)."""
+    products in both, but the reference sums it in a different order). `onednn_route`: the
+    fp32 products through oneDNN, as on non-Intel CPUs, whatever this machine is."""
     import torch.nn.functional as F
 
+    from polycoder.train import onednn
     from polycoder.train.fused_loss import linear_cross_entropy
+
+    if onednn_route:
+        if not onednn.available():
+            pytest.skip("torch here has no oneDNN linear op")
+        monkeypatch.setattr(onednn, "preferred", lambda: True)
+    else:
+        monkeypatch.setattr(onednn, "preferred", lambda: False)
 
     g = torch.Generator().manual_seed(0)
     N, C, V = 150, 32, 1000
@@ -156,13 +167,15 @@ def test_fused_linear_cross_entropy_equals_cross_entropy_on_full_logits(precisio
         assert linear_cross_entropy(h0, w0, t, chunk=chunk).item() == got[0].item()
 
 
-def test_onednn_linear_equals_f_linear_with_gradients():
+def test_onednn_linear_equals_f_linear_with_gradients(monkeypatch):
     """The fp32 training linear through oneDNN against F.linear (MKL): output and the three
-    gradients within 1e-5 relative to their largest value (fp32, other summation order)."""
+    gradients within 1e-5 relative to their largest value (fp32, other summation order).
+    The oneDNN route is forced: by default it is taken only on non-Intel CPUs."""
     from polycoder.train import onednn
 
     if not onednn.available():
         pytest.skip("torch here has no oneDNN linear op; training uses F.linear")
+    monkeypatch.setattr(onednn, "preferred", lambda: True)
     g = torch.Generator().manual_seed(2)
     x0, w0, b0 = torch.randn(3, 50, 96, generator=g), torch.randn(72, 96, generator=g), torch.randn(72, generator=g)
     gy = torch.randn(3, 50, 72, generator=g)
@@ -170,6 +183,7 @@ def test_onednn_linear_equals_f_linear_with_gradients():
     for fn in (onednn.linear, torch.nn.functional.linear):
         x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
         y = fn(x, w, b)
+        assert (y.grad_fn.name() == "_LinearBackward") == (fn is onednn.linear)
         y.backward(gy)
         outs.append((y.detach(), x.grad, w.grad, b.grad))
     for a, b in zip(*outs):
