@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from polycoder import kernels
 from polycoder.checkpoint import build_model
 from polycoder.config import ModelConfig
-from polycoder.inference import FastBlock, FastLinear, prepare_decode, quantize
+from polycoder.inference import FastBlock, FastGPTNeoX, FastLinear, prepare_decode, quantize
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.status()}")
 
@@ -102,10 +102,11 @@ def test_decode_steps_equal_pytorch_path(preset, arch):
     config = ModelConfig.from_preset(preset).replace(**arch)
     ref = build_model(config, seed=3)
     fast = prepare_decode(copy.deepcopy(ref))
-    assert isinstance(fast.gpt_neox.layers[0], FastBlock) and isinstance(fast.embed_out, FastLinear)
+    assert isinstance(fast, FastGPTNeoX) and isinstance(fast.gpt_neox.layers[0], FastBlock) and isinstance(fast.embed_out, FastLinear)
     x = torch.randint(0, 500, (3, 20))
     diff = (_decode_logits(fast, x, 6) - _decode_logits(ref, x, 6)).abs().max().item()
     assert diff < 1e-4
+    assert fast._stack(torch.float32) is not None  # the steps ran as one native call for all blocks
     with torch.no_grad():  # and both equal the uncached training path
         assert (_decode_logits(fast, x, 6) - ref(x)).abs().max().item() < 1e-4
 

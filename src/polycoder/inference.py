@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from polycoder import kernels
 from polycoder.errors import PolycoderError
-from polycoder.model import Block, RotaryEmbedding
+from polycoder.model import Block, GPTNeoX, RotaryEmbedding
 
 QUANTIZE_MODES = ("int8", "int4")
 
@@ -223,11 +223,56 @@ class FastBlock(Block):
         return super().forward(x, cos, sin, pos, cache, layer, kv_len, mask)
 
 
+class FastGPTNeoX(GPTNeoX):
+    """A GPTNeoX whose one-token cached steps run all blocks in one native call.
+
+    The blocks' plans (`FastBlock._plan`, checked on every step) are joined into one
+    `kernels.StackPlan`; the embedding, the final LayerNorm and the head stay PyTorch
+    modules (the head a FastLinear). Any other call, or a step the plans cannot take (a
+    block without a plan, a cache in another dtype), runs GPTNeoX.forward, which still
+    routes each block through FastBlock.
+    """
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_stack_cache", None)  # raw pointers: not transferable
+        return state
+
+    def forward(self, input_ids, pos=None, cache=None, kv_len=None, select=None, targets=None):
+        B, T = input_ids.shape
+        if (cache is not None and pos is not None and T == 1 and select is None and targets is None
+                and B <= kernels.MAX_ROWS and input_ids.device.type == "cpu" and not torch.is_grad_enabled()
+                and kernels.available()):
+            trunk = self.gpt_neox
+            x = trunk.embed_in(input_ids)  # [B, 1, C]
+            stack = self._stack(x.dtype)
+            k0 = cache.k[0]
+            if (stack is not None and k0.dtype == x.dtype and k0.shape[2] <= 32768
+                    and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
+                y = stack.run(x.view(B, -1), cache.k, cache.v, pos[:, 0])  # [B, C]
+                return self.embed_out(trunk.final_layer_norm(y.view(B, 1, -1)))  # [B, 1, V]
+        return super().forward(input_ids, pos, cache, kv_len, select, targets)
+
+    def _stack(self, dtype: torch.dtype):
+        layers = self.gpt_neox.layers
+        if not all(type(b) is FastBlock for b in layers):
+            return None
+        plans = [b._plan(dtype) for b in layers]
+        key = tuple(map(id, plans))
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        stack = kernels.StackPlan(plans) if kernels.StackPlan.compatible(plans) and plans[0].dtype == dtype else None
+        self.__dict__["_stack_cache"] = (key, stack, plans)  # plans: keeps the ids in the key unique
+        return stack
+
+
 def prepare_decode(model: nn.Module) -> nn.Module:
     """Make a model's decode steps fast on this machine (in place; idempotent).
 
-    With the native kernels available (CPU with AVX-512 and a C compiler), every plain
-    nn.Linear becomes a FastLinear and every Block a FastBlock: class changes, nothing is
+    With the native kernels available (CPU with AVX-512 and a C compiler), the model
+    becomes a FastGPTNeoX (all blocks of a decode step in one native call), every plain
+    nn.Linear a FastLinear and every Block a FastBlock: class changes, nothing is
     copied or renamed, and each falls back to the parent's forward wherever the kernels do
     not apply (training, prefill, GPU, more than `kernels.MAX_ROWS` rows, an activation
     other than GELU). Without the kernels, fp32 weights take `decode_layout`,
@@ -239,6 +284,8 @@ def prepare_decode(model: nn.Module) -> nn.Module:
         # fp32 cos/sin tables built afresh: a bf16 model's own tables were rounded to bf16
         # by .to(dtype), and the kernel reads fp32.
         rope = RotaryEmbedding(model.config)
+        if type(model) is GPTNeoX:
+            model.__class__ = FastGPTNeoX
         for m in model.modules():
             if type(m) is nn.Linear:
                 m.__class__ = FastLinear

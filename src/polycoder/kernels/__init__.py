@@ -110,6 +110,8 @@ def _load():
             dll.pc_linear.restype = dll.pc_block.restype = I
             dll.pc_linear.argtypes = [P, I, P, I, P, P, I, P, I, I, L, L, L, I]
             dll.pc_block.argtypes = [P, I, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
+            dll.pc_blocks.restype = I
+            dll.pc_blocks.argtypes = [P, I, L, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
             _lib, _why = dll, "available"
         except (OSError, subprocess.SubprocessError) as e:
             _lib, _why = False, f"could not build or load them: {e}"
@@ -218,4 +220,48 @@ class BlockPlan:
                               self.cos, self.sin, pos.data_ptr(), H, hs, self.rot, max_len, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"polycoder kernel pc_block failed with code {rc} (a position outside the cache?)")
+        return y
+
+
+class StackPlan:
+    """Consecutive blocks' decode steps in one native call (`pc_blocks`), from their plans.
+
+    The blocks must agree on everything but their weights (dtype, LayerNorm eps, activation,
+    residual form, rotary tables, heads, MLP width), as a model's blocks do; `compatible`
+    says whether they do. Holds the plans (and so their tensors) alive.
+    """
+
+    def __init__(self, plans: list[BlockPlan]):
+        if not self.compatible(plans):
+            raise ValueError("these block plans differ in more than their weights")
+        first = plans[0]
+        self.plans, self.L = plans, len(plans)
+        self.lns = (ctypes.c_void_p * (4 * self.L))(*[p for plan in plans for p in plan.lns])
+        self.lin = (ctypes.c_void_p * (12 * self.L))(*[p for plan in plans for p in plan.lin])
+        self.kinds = (ctypes.c_int * (4 * self.L))(*[k for plan in plans for k in plan.kinds])
+        self.eps, self.act, self.parallel, self.dtype = first.eps, first.act, first.parallel, first.dtype
+        self.cos, self.sin, self.rot = first.cos, first.sin, first.rot
+        self.n_head, self.intermediate = first.n_head, first.intermediate
+
+    @staticmethod
+    def compatible(plans: list) -> bool:
+        if not plans or any(p is None for p in plans):
+            return False
+        f = plans[0]
+        same = lambda p: (p.eps, p.act, p.parallel, p.dtype, p.cos, p.sin, p.rot, p.n_head, p.intermediate)  # noqa: E731
+        return all(same(p) == same(f) for p in plans)
+
+    def run(self, x: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+        """x [B, C] -> the last block's output [B, C]; caches as in `BlockPlan.run`, one a block."""
+        B, C = x.shape
+        _, H, max_len, hs = k_caches[0].shape
+        y = x.contiguous().clone()
+        pos = pos.to(torch.int64).contiguous()
+        kc = (ctypes.c_void_p * self.L)(*[t.data_ptr() for t in k_caches])
+        vc = (ctypes.c_void_p * self.L)(*[t.data_ptr() for t in v_caches])
+        rc = _load().pc_blocks(y.data_ptr(), int(x.dtype == torch.bfloat16), B, C, self.intermediate, self.L, self.lns,
+                               self.eps, self.lin, self.kinds, self.act, self.parallel, kc, vc, self.cos, self.sin,
+                               pos.data_ptr(), H, hs, self.rot, max_len, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"polycoder kernel pc_blocks failed with code {rc} (a position outside the cache?)")
         return y

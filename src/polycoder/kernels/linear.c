@@ -524,6 +524,20 @@ done:
     return rc;
 }
 
+/* Every block of a decode step, one after another: pc_block for layer l with ln + 4 l,
+ * lin + 12 l, kinds + 4 l, kc[l], vc[l] (the same layout as pc_block's arguments). */
+int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void *const *ln, float eps,
+              const void *const *lin, const int *kinds, int act, int parallel_residual,
+              void *const *kc, void *const *vc, const float *cos_t, const float *sin_t, const long *pos,
+              long H, long hs, long rot, long max_len, int threads) {
+    for (long l = 0; l < L; l++) {
+        int rc = pc_block(x, bf16, B, C, inter, ln + 4 * l, eps, lin + 12 * l, kinds + 4 * l, act,
+                          parallel_residual, kc[l], vc[l], cos_t, sin_t, pos, H, hs, rot, max_len, threads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* y = act(x W^T * scale + bias): see linear_impl. */
 int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
               const void *bias, int bias_bf16, void *y, int y_bf16, int act,
@@ -538,5 +552,7 @@ int pc_available(void) { return 0; }
 int pc_linear(void) { return -3; }
 
 int pc_block(void) { return -3; }
+
+int pc_blocks(void) { return -3; }
 
 #endif
