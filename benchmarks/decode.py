@@ -131,8 +131,9 @@ def run_llama(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, fl
 class Shape:
     """One model (shape or folder) with every engine's copy of its weights loaded lazily."""
 
-    def __init__(self, name: str, folder: Path, engines: list[str], threads: int, notes: list[str], max_ctx: int):
+    def __init__(self, name: str, folder: Path, engines: list[str], threads: int, notes: list[str], max_ctx: int, work: Path):
         self.name, self.folder, self.threads, self.notes = name, folder, threads, notes
+        self.work = work  # GGUF exports go here, never next to a real model folder
         self.config = ModelConfig.from_json_file(folder / "config.json")
         self.loaded: dict[str, object] = {}
         self.engines = []
@@ -168,7 +169,7 @@ class Shape:
             raise _Skip("polycoder.export (GGUF export) is not available") from None
         if not available():
             raise _Skip("llama_cpp (llama-cpp-python) is not installed") from None
-        path = self.folder.parent / f"{self.name}-{outtype}.gguf"
+        path = self.work / f"{self.name}-{outtype}.gguf"
         if not path.is_file():
             try:
                 export_gguf(path, model=str(self.folder), outtype=outtype, check=False)
@@ -317,7 +318,7 @@ def _run_models(args, engines, batches, prompt_lens, threads, tok, bw, work, res
         if folder is None:
             continue
         max_ctx = max(prompt_lens) + args.new_tokens + 8
-        shape = Shape(Path(model_name).name, folder, engines, threads, notes, max_ctx)
+        shape = Shape(Path(model_name).name, folder, engines, threads, notes, max_ctx, work)
         for B in batches:
             for T in prompt_lens:
                 if T + args.new_tokens + 1 > shape.config.block_size:

@@ -413,6 +413,62 @@ static inline float elem(const void *p, int bf16, long i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* softmax(q . k_s * scale) over cache positions s < n of one (row, head), into scores[0 .. n).
+ * 16 positions at a time: their dot products accumulate side by side and are reduced
+ * together (reduce16); the exponentials are vectorized. Positions past n in the last group
+ * are read with an all-zero mask (no memory is touched for them). */
+static inline void attend_scores(const float *q, const void *kc, int bf16, long row, long hs, long n,
+                                 float scale, float *scores) {
+    __m512 mxv = _mm512_set1_ps(-INFINITY);
+    for (long s0 = 0; s0 < n; s0 += 16) {
+        const long cnt = n - s0 < 16 ? n - s0 : 16;
+        const __mmask16 valid = cnt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1u);
+        __m512 d[16];
+        for (int j = 0; j < 16; j++) d[j] = _mm512_setzero_ps();
+        for (long i = 0; i < hs; i += 16) {
+            const __mmask16 mask = hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
+            const __m512 qv = _mm512_maskz_loadu_ps(mask, q + i);
+            for (int j = 0; j < 16; j++)
+                d[j] = _mm512_fmadd_ps(qv, load16(kc, bf16, (row + s0 + j) * hs + i, j < cnt ? mask : 0), d[j]);
+        }
+        const __m512 sc = _mm512_mul_ps(reduce16(d), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(scores + s0, valid, sc);
+        mxv = _mm512_mask_max_ps(mxv, valid, mxv, sc);
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
+    __m512 sum = _mm512_setzero_ps();
+    for (long s0 = 0; s0 < n; s0 += 16) {
+        const __mmask16 valid = n - s0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s0)) - 1u);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + s0), mx));
+        _mm512_mask_storeu_ps(scores + s0, valid, e);
+        sum = _mm512_mask_add_ps(sum, valid, sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (long s0 = 0; s0 < n; s0 += 16) {
+        const __mmask16 valid = n - s0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s0)) - 1u);
+        _mm512_mask_storeu_ps(scores + s0, valid, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, scores + s0), inv));
+    }
+}
+
+/* out[i0 .. i0 + 16 NV) (within hs) = sum over s < n of scores[s] * v_s: NV accumulators of
+ * 16 dims in registers for the whole pass over the positions. */
+static inline __attribute__((always_inline)) void attend_values(const void *vc, int bf16, long row, long hs, long i0,
+                                                                long n, const float *scores, const int NV, float *out) {
+    __m512 a[8];
+    __mmask16 mk[8];
+    for (int c = 0; c < NV; c++) {
+        const long i = i0 + 16 * c;
+        a[c] = _mm512_setzero_ps();
+        mk[c] = i >= hs ? (__mmask16)0 : hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
+    }
+    for (long s = 0; s < n; s++) {
+        const __m512 w = _mm512_set1_ps(scores[s]);
+        for (int c = 0; c < NV; c++)
+            a[c] = _mm512_fmadd_ps(w, load16(vc, bf16, (row + s) * hs + i0 + 16 * c, mk[c]), a[c]);
+    }
+    for (int c = 0; c < NV; c++) _mm512_mask_storeu_ps(out + i0 + 16 * c, mk[c], a[c]);
+}
+
 static int attend_impl(const float *qkv, void *kc, void *vc, int bf16, const float *cos_t,
                        const float *sin_t, const long *pos, float *y, long B, long H, long hs,
                        long rot, long max_len, int threads) {
@@ -425,7 +481,7 @@ static int attend_impl(const float *qkv, void *kc, void *vc, int bf16, const flo
     if (B * H < threads) threads = (int)(B * H);
 #pragma omp parallel num_threads(threads)
     {
-        float q[512], k[512], acc[512], scores[32768];
+        float q[512], k[512], scores[32768];
 #pragma omp for schedule(static)
         for (long bh = 0; bh < B * H; bh++) {
             long b = bh / H, h = bh % H, p = pos[b];
@@ -445,31 +501,13 @@ static int attend_impl(const float *qkv, void *kc, void *vc, int bf16, const flo
                 store(kc, bf16, (row + p) * hs + i, k[i]);
                 store(vc, bf16, (row + p) * hs + i, src[2 * hs + i]);
             }
-            float mx = -INFINITY;
-            for (long s = 0; s <= p; s++) {
-                __m512 d = _mm512_setzero_ps();
-                for (long i = 0; i < hs; i += 16) {
-                    __mmask16 mask = hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
-                    d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), load16(kc, bf16, (row + s) * hs + i, mask), d);
-                }
-                scores[s] = _mm512_reduce_add_ps(d) * scale;
-                mx = scores[s] > mx ? scores[s] : mx;
+            const long n = p + 1;
+            attend_scores(q, kc, bf16, row, hs, n, scale, scores);
+            float *out = y + b * C + h * hs;
+            for (long i0 = 0; i0 < hs; i0 += 128) {
+                if (hs - i0 <= 64) attend_values(vc, bf16, row, hs, i0, n, scores, 4, out);
+                else attend_values(vc, bf16, row, hs, i0, n, scores, 8, out);
             }
-            float sum = 0.0f;
-            for (long s = 0; s <= p; s++) {
-                scores[s] = expf(scores[s] - mx);
-                sum += scores[s];
-            }
-            for (long i = 0; i < hs; i++) acc[i] = 0.0f;
-            for (long s = 0; s <= p; s++) {
-                __m512 w = _mm512_set1_ps(scores[s] / sum);
-                for (long i = 0; i < hs; i += 16) {
-                    __mmask16 mask = hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
-                    __m512 a = _mm512_maskz_loadu_ps(mask, acc + i);
-                    _mm512_mask_storeu_ps(acc + i, mask, _mm512_fmadd_ps(w, load16(vc, bf16, (row + s) * hs + i, mask), a));
-                }
-            }
-            for (long i = 0; i < hs; i++) y[b * C + h * hs + i] = acc[i];
         }
     }
     return 0;
