@@ -185,34 +185,45 @@ static inline __attribute__((always_inline)) void block_f32(
     reduce_out(acc, R * MB, out);
 }
 
-/* ---- bf16 weights: widened to fp32 by a 16-bit shift (exact), FMA against fp32
- * activations. (AVX512_BF16's pairwise dot product measured 1.5x slower here: AMD EPYC.) */
+/* ---- bf16 (and int8 without VNNI) weights: widened to fp32 16 at a time, FMA against
+ * fp32 activations. bf16 widens by a 16-bit shift (exact). (AVX512_BF16's pairwise dot
+ * product measured 1.5x slower here: AMD EPYC.) */
 
-static inline __attribute__((always_inline)) void block_bf16(
-    const float *x, const uint16_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
-    __m512 acc[16];
-    for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();
-    const long pf = pf_rows(K, 2);
-    for (long k = k0; k < k1; k += 16) {
-        __mmask16 mask = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1u);
-        __m512 wv[4];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
-            wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w + (n + r) * K + k)), 16));
-        }
-        for (int m = 0; m < MB; m++) {
-            __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
-            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
-        }
-    }
-    reduce_out(acc, R * MB, out);
+static inline __m512 widen_bf16(const uint16_t *p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
+
+static inline __m512 widen_i8(const int8_t *p, __mmask16 mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+#define DEFINE_WIDENING_BLOCK(NAME, WT, WIDEN)                                                     \
+    static inline __attribute__((always_inline)) void NAME(                                        \
+        const float *x, const WT *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) { \
+        __m512 acc[16];                                                                            \
+        for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();                             \
+        const long pf = pf_rows(K, sizeof(WT));                                                    \
+        for (long k = k0; k < k1; k += 16) {                                                       \
+            __mmask16 mask = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1u); \
+            __m512 wv[4];                                                                          \
+            for (int r = 0; r < R; r++) {                                                          \
+                _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);               \
+                wv[r] = WIDEN(w + (n + r) * K + k, mask);                                          \
+            }                                                                                      \
+            for (int m = 0; m < MB; m++) {                                                         \
+                __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);                     \
+                for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]); \
+            }                                                                                      \
+        }                                                                                          \
+        reduce_out(acc, R * MB, out);                                                              \
+    }
+
+DEFINE_WIDENING_BLOCK(block_bf16, uint16_t, widen_bf16)
 
 /* ---- int8 weights: 32 a load, widened to int16, multiplied with int16 activations
  * (each row scaled to +-32767 once a call) by VNNI's pairwise dot product into int32;
  * every 256 columns the int32 sums move into fp32 so they can never overflow
- * (256 * 32767 * 127 < 2^31). Without VNNI: widened to fp32 and FMA. ---- */
+ * (256 * 32767 * 127 < 2^31). Without VNNI: widened to fp32 and FMA, as bf16. ---- */
 
 #if defined(__AVX512VNNI__)
 #define I8_VNNI 1
@@ -244,25 +255,7 @@ static inline __attribute__((always_inline)) void block_i8(
 }
 #else
 #define I8_VNNI 0
-static inline __attribute__((always_inline)) void block_i8(
-    const float *x, const int8_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
-    __m512 acc[16];
-    for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();
-    const long pf = pf_rows(K, 1);
-    for (long k = k0; k < k1; k += 16) {
-        __mmask16 mask = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1u);
-        __m512 wv[4];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
-            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n + r) * K + k)));
-        }
-        for (int m = 0; m < MB; m++) {
-            __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
-            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
-        }
-    }
-    reduce_out(acc, R * MB, out);
-}
+DEFINE_WIDENING_BLOCK(block_i8, int8_t, widen_i8)
 #endif
 
 /* The activation applied to n fp32 values in place, 16 at a time (see act_vec). */
