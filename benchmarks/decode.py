@@ -23,6 +23,13 @@ SDPA), llama-f32 / llama-f16 / llama-q8_0 (llama.cpp through llama-cpp-python's 
 skipped with a note where llama_cpp or `polycoder.export` is missing, and at batch > 1:
 the driver runs one sequence).
 
+`--device cuda` runs the same comparison on a GPU (our engine replays its decode step as
+CUDA graphs there: `polycoder.generation.StaticDecode`): by default polycoder-2.7b and
+polycoder-160m, bf16, ours against transformers, the bandwidth measured on the GPU (a sum
+over a 4 GiB tensor), llama.cpp skipped. Not yet run: no session so far had a GPU.
+
+    python benchmarks/decode.py --device cuda --json decode-gpu.json
+
 `--quality-model FOLDER` also measures what int8/int4/bf16 cost in held-out perplexity:
 per-token perplexity of the files under `--quality-files` (default: this Python's own
 standard library, real code the model has not been trained on), each file scored on its
@@ -69,18 +76,25 @@ REFERENCE_TOKENIZER = REPO.parent / "shared" / "polycoder-reference"
 # ---- measurements -------------------------------------------------------------------------
 
 
-def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: best of a few threaded sums over a large tensor."""
-    a = torch.ones(mib << 18, dtype=torch.float32)  # mib MiB
+def memory_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Read bandwidth in bytes/s: best of a few (threaded) sums over a large tensor."""
+    a = torch.ones(mib << 18, dtype=torch.float32, device=device)  # mib MiB
     a.sum()
     best = min(_timed(lambda: a.sum()) for _ in range(repeats))
     return a.numel() * 4 / best
 
 
 def _timed(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def bytes_per_step(config: ModelConfig, precision: str, batch: int, context: int, kv_bytes: int) -> float:
@@ -100,19 +114,22 @@ def run_ours(model, tok, prompts: list[list[int]], new_tokens: int, compile: boo
     params = SamplingParams(max_new_tokens=new_tokens, stop_at_eod=False)
     engine = Engine(model, tok, max_rows=len(prompts), max_len=len(prompts[0]) + new_tokens + 1, compile=compile)
     seqs = [Sequence(p, params, tok, sample_generator(0, i, 0)) for i, p in enumerate(prompts)]
+    _sync()
     t0 = time.perf_counter()
     for s in seqs:
         engine.add([s])
+    _sync()
     t1 = time.perf_counter()
     while engine.rows:
         engine.step()
+    _sync()
     t2 = time.perf_counter()
     assert all(len(s.token_ids) == new_tokens for s in seqs)
     return t1 - t0, t2 - t1
 
 
 def run_hf(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf.device)
     kw = dict(do_sample=False, pad_token_id=1, eos_token_id=None)
     with torch.inference_mode():
         first = _timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
@@ -131,8 +148,9 @@ def run_llama(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, fl
 class Shape:
     """One model (shape or folder) with every engine's copy of its weights loaded lazily."""
 
-    def __init__(self, name: str, folder: Path, engines: list[str], threads: int, notes: list[str], max_ctx: int, work: Path):
-        self.name, self.folder, self.threads, self.notes = name, folder, threads, notes
+    def __init__(self, name: str, folder: Path, engines: list[str], threads: int, notes: list[str], max_ctx: int, work: Path,
+                 device: str = "cpu"):
+        self.name, self.folder, self.threads, self.notes, self.device = name, folder, threads, notes, device
         self.work = work  # GGUF exports go here, never next to a real model folder
         self.config = ModelConfig.from_json_file(folder / "config.json")
         self.loaded: dict[str, object] = {}
@@ -147,14 +165,17 @@ class Shape:
             if kind == "ours":
                 dtype = "bfloat16" if prec == "bf16" else "float32"
                 quant = prec if prec in ("int8", "int4") else None
-                model, tok = load_model(self.folder, dtype=dtype, quantize=quant)  # Engine calls prepare_decode
+                model, tok = load_model(self.folder, dtype=dtype, quantize=quant, device=self.device)  # Engine calls prepare_decode
                 self.loaded[engine] = (model, tok)
             elif kind == "hf":
                 from transformers import GPTNeoXForCausalLM
 
                 dt = torch.bfloat16 if prec == "bf16" else torch.float32
-                self.loaded[engine] = GPTNeoXForCausalLM.from_pretrained(self.folder, dtype=dt, attn_implementation="sdpa").eval()
+                hf = GPTNeoXForCausalLM.from_pretrained(self.folder, dtype=dt, attn_implementation="sdpa")
+                self.loaded[engine] = hf.to(self.device).eval()
             elif kind == "llama":
+                if self.device != "cpu":
+                    raise _Skip("the llama.cpp driver here runs on the CPU")
                 self.loaded[engine] = self._load_llama(prec, max_ctx)
         except _Skip as e:
             self.notes.append(f"{self.name} {engine}: skipped ({e})")
@@ -261,12 +282,13 @@ def quality(folder: Path, files_root: Path, max_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=None, help="write results here (and .md beside it)")
-    ap.add_argument("--models", default="polycoder-160m,polycoder-0.4b,bundled",
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (then the defaults change: see the module docstring)")
+    ap.add_argument("--models", default=None,
                     help="presets (random weights), model folders, or 'bundled' (skipped when absent)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompts", default="64,512", help="prompt lengths in tokens")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=None, help=f"default on the CPU: all of {ENGINES}; on a GPU ours-bf16,hf-bf16")
     ap.add_argument("--repeats", type=int, default=3, help="round-robin passes over the engines; the best is compared")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch and llama.cpp threads (0: one a physical core). On a machine busy with other work, "
@@ -279,7 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    gpu = args.device != "cpu"
+    if gpu and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this PyTorch sees no CUDA device")
+    args.models = args.models or ("polycoder-2.7b,polycoder-160m" if gpu else "polycoder-160m,polycoder-0.4b,bundled")
+    engines = [e.strip() for e in (args.engines or ("ours-bf16,hf-bf16" if gpu else ",".join(ENGINES))).split(",") if e.strip()]
     unknown = set(engines) - set(ENGINES)
     if unknown:
         ap.error(f"unknown engine(s) {sorted(unknown)}; choose from {ENGINES}")
@@ -289,10 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
     tok = (Tokenizer.from_files(REFERENCE_TOKENIZER / "code-vocab.json", REFERENCE_TOKENIZER / "code-merges.txt")
            if (REFERENCE_TOKENIZER / "code-vocab.json").is_file()
            else default_tokenizer())
-    print(f"threads {threads}; measuring memory bandwidth ...", flush=True)
-    bw = memory_bandwidth()
+    print(f"threads {threads}, device {args.device}; measuring memory bandwidth ...", flush=True)
+    bw = memory_bandwidth(4096, device=args.device) if gpu else memory_bandwidth()
     print(f"read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    results: dict = {"threads": threads, "bandwidth_gbps": bw / 1e9, "torch": torch.__version__, "native_kernels": kernels.status(), "new_tokens": args.new_tokens,
+    results: dict = {"device": torch.cuda.get_device_name(args.device) if gpu else "cpu", "threads": threads, "bandwidth_gbps": bw / 1e9, "torch": torch.__version__, "native_kernels": kernels.status(), "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "compile": args.compile, "rows": [], "notes": notes}
     work = Path(tempfile.mkdtemp(prefix="decode-bench-"))  # random-weight checkpoints and GGUF files
     try:
@@ -318,7 +344,7 @@ def _run_models(args, engines, batches, prompt_lens, threads, tok, bw, work, res
         if folder is None:
             continue
         max_ctx = max(prompt_lens) + args.new_tokens + 8
-        shape = Shape(Path(model_name).name, folder, engines, threads, notes, max_ctx, work)
+        shape = Shape(Path(model_name).name, folder, engines, threads, notes, max_ctx, work, args.device)
         for B in batches:
             for T in prompt_lens:
                 if T + args.new_tokens + 1 > shape.config.block_size:
@@ -389,7 +415,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Decode speed ({results['threads']} threads, read bandwidth {results['bandwidth_gbps']:.1f} GB/s, "
+    lines = [f"# Decode speed ({results.get('device', 'cpu')}, {results['threads']} threads, read bandwidth {results['bandwidth_gbps']:.1f} GB/s, "
              f"{results['new_tokens']} new tokens, best of {results['repeats']} passes, torch {results['torch']}, "
              f"native kernels: {results.get('native_kernels', '?')})", "",
              "| model | batch | prompt | engine | decode tok/s (best) | median | % of floor | vs hf-fp32 | vs hf-bf16 | vs llama.cpp (fp32: f32, bf16: f16, int8/int4: q8_0) |",

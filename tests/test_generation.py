@@ -147,3 +147,57 @@ def test_sample_tokens_top_k_top_p_and_greedy_rows():
         got = {int(sample_tokens(logits[:1], torch.tensor([temp]), torch.tensor([k]), torch.tensor([p]), x[None])[0])
                for x in u}
         assert got == allowed
+
+
+def test_static_shapes_engine_gives_the_same_tokens(tiny):
+    """The GPU's decode path (rows padded to a power of two, attention over a rounded cache
+    length; CUDA graphs on a GPU) run eagerly: the same tokens as the dynamic engine while
+    rows join and retire (5 rows of 6 pad to 6, 3 to 4)."""
+    model, tok = tiny
+    prompts = PROMPTS + ["class A:\n", "fn main() {"]
+    params = [SamplingParams(max_new_tokens=n, stop_at_eod=False, temperature=t, top_p=0.9)
+              for n, t in zip([12, 30, 7, 21, 16], [0, 0.8, 0, 1.0, 0.5])]
+
+    def run(static):
+        engine = Engine(model, tok, max_rows=6, max_len=64, static_shapes=static)
+        seqs = [Sequence(tok.encode(q), p, tok, sample_generator(3, i, 0)) for i, (q, p) in enumerate(zip(prompts, params))]
+        engine.add(seqs[:3])
+        for _ in range(4):
+            engine.step()
+        for s in seqs[3:]:
+            engine.add([s])
+        widths = set()
+        while engine.rows:
+            widths.add(len(engine.rows))
+            engine.step()
+        return [s.token_ids for s in seqs], widths
+
+    (dynamic, _), (static, widths) = run(False), run(True)
+    assert static == dynamic
+    assert {3, 5} <= widths  # padded buckets were taken
+
+
+def test_static_decode_pads_rows_and_length_without_changing_logits(tiny_folder):
+    """StaticDecode on the plain PyTorch model (the path a GPU takes): padding rows and the
+    rounded attention length leave the real rows' logits as the exact step's."""
+    from polycoder.generation import CacheRows, StaticDecode, decode_one_token, prefill
+
+    model, tok = load_model(tiny_folder)  # not prepared for the CPU kernels
+    prompts = [tok.encode(q) for q in PROMPTS]
+    caches = [model.new_cache(4, 64) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            for r, ids in enumerate(prompts):
+                prefill(model, torch.tensor([ids]), CacheRows(cache, r, r + 1))
+        static = StaticDecode(caches[1], graphs=False, kv_block=16)
+        assert static.bucket(3, 20) == (4, 32) and static.bucket(4, 60) == (4, 64)
+        lengths = [len(ids) for ids in prompts]
+        for step in range(6):
+            x = torch.tensor([[5 + step + r] for r in range(3)])
+            pos = torch.tensor([[n + step] for n in lengths])
+            kv_len = max(lengths) + step + 1
+            exact = decode_one_token(model, x, pos, caches[0], kv_len)
+            padded = static(model, x, pos, caches[1], kv_len)
+            torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(b[:3], a[:3])  # the real rows' cache is untouched by the padding

@@ -22,6 +22,7 @@ Shape of the code (after gpt-fast and nanochat):
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -289,10 +290,87 @@ def compiled_decode():
     return _COMPILED
 
 
+class StaticDecode:
+    """The decode step at static shapes, captured as CUDA graphs on a GPU.
+
+    Rows are padded up to a bucket (1, 2, 4, ... up to the cache's rows) and attention
+    reads a cache length rounded up to `kv_block` positions, so each (rows, length) bucket
+    is one fixed computation: on a GPU it is captured once as a CUDA graph and replayed,
+    one launch a token instead of one per kernel (a 2.7B model's 32 blocks are hundreds of
+    launches a step, milliseconds of host time against about a millisecond of reading the
+    weights on an H100/H200).
+
+    Padding rows carry token 0 at position 0. They write only into cache rows the engine is
+    not using (its active rows are always 0..B-1, and a row that joins is prefilled from
+    position 0), and their logits are dropped. Positions between a row's own and the
+    rounded length are masked by position, as in every step. With `graphs=False` the same
+    padded static step runs eagerly (how it is tested without a GPU).
+    """
+
+    def __init__(self, cache: KVCache, graphs: bool, kv_block: int = 256):
+        self.cache, self.use_graphs, self.kv_block = cache, graphs, kv_block
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.pool = None  # one memory pool shared by every captured graph
+
+    def bucket(self, rows: int, kv_len: int) -> tuple[int, int]:
+        b = 1
+        while b < rows:
+            b *= 2
+        return min(b, self.cache.rows), min(self.cache.max_len, -(-kv_len // self.kv_block) * self.kv_block)
+
+    def __call__(self, model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
+        if cache is not self.cache:
+            raise ValueError("StaticDecode serves the cache it was made for")
+        B = x.size(0)
+        b, s = self.bucket(B, kv_len)
+        if not self.use_graphs:
+            pad = b - B
+            if pad:
+                x, pos = torch.cat([x, x.new_zeros(pad, 1)]), torch.cat([pos, pos.new_zeros(pad, 1)])
+            return decode_one_token(model, x, pos, cache, s)[:B]
+        entry = self.graphs.get((b, s))
+        if entry is None:
+            entry = self.graphs[(b, s)] = self._capture(model, b, s, x, pos)
+        graph, static_x, static_pos, out = entry
+        static_x.zero_()
+        static_pos.zero_()
+        static_x[:B] = x
+        static_pos[:B] = pos
+        graph.replay()
+        return out[:B].clone()
+
+    def _capture(self, model: GPTNeoX, b: int, s: int, x: torch.Tensor, pos: torch.Tensor) -> tuple:
+        """Capture the step for bucket (b, s). The static inputs hold this step's real rows
+        while the warm-up runs execute, so what they write into the cache is what the replay
+        writes again (the same keys and values at the same positions)."""
+        B, device = x.size(0), x.device
+        static_x = torch.zeros(b, 1, dtype=x.dtype, device=device)
+        static_pos = torch.zeros(b, 1, dtype=pos.dtype, device=device)
+        static_x[:B] = x
+        static_pos[:B] = pos
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture (allocations, library handles)
+            for _ in range(2):
+                decode_one_token(model, static_x, static_pos, self.cache, s)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = decode_one_token(model, static_x, static_pos, self.cache, s)
+        self.pool = graph.pool()
+        return graph, static_x, static_pos, out
+
+
+def cuda_graphs_enabled() -> bool:
+    """CUDA graphs for the decode step on GPUs, unless POLYCODER_CUDA_GRAPHS=0."""
+    return os.environ.get("POLYCODER_CUDA_GRAPHS", "1") != "0"
+
+
 class Engine:
     """Continuous batching over one preallocated KV cache of `max_rows` rows."""
 
-    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False):
+    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False,
+                 static_shapes: bool | None = None):
         self.model, self.tokenizer = prepare_decode(model), tokenizer
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = model.new_cache(max_rows, max_len)
@@ -303,6 +381,13 @@ class Engine:
         # 2-core CPU this was measured not to pay (about 160 s to compile, no steady gain),
         # so it is off by default; see benchmarks/decode.py --compile.
         self._decode = compiled_decode() if compile else decode_one_token
+        # On a GPU the decode step is replayed as CUDA graphs over static shapes
+        # (StaticDecode); `static_shapes=True` runs those shapes eagerly anywhere (tests).
+        on_gpu = self.cache.k[0].device.type == "cuda"
+        if static_shapes is None:
+            static_shapes = on_gpu and not compile and cuda_graphs_enabled()
+        if static_shapes:
+            self._decode = StaticDecode(self.cache, graphs=on_gpu)
 
     @property
     def free_rows(self) -> int:
