@@ -330,7 +330,13 @@ class StaticDecode:
             return decode_one_token(model, x, pos, cache, s)[:B]
         entry = self.graphs.get((b, s))
         if entry is None:
-            entry = self.graphs[(b, s)] = self._capture(model, b, s, x, pos)
+            try:
+                entry = self.graphs[(b, s)] = self._capture(model, b, s, x, pos)
+            except RuntimeError as e:  # a step that cannot be captured still decodes, eagerly
+                print(f"polycoder: CUDA graph capture failed ({str(e)[:200]}); decoding without graphs "
+                      "(POLYCODER_CUDA_GRAPHS=0 skips the attempt)", file=sys.stderr)
+                self.use_graphs = False
+                return self(model, x, pos, cache, kv_len)
         graph, static_x, static_pos, out = entry
         static_x.zero_()
         static_pos.zero_()
