@@ -160,3 +160,27 @@ def test_bf16_and_int8_decode_track_pytorch():
         # so on average it is at least about as close to fp32 as PyTorch's bf16 path.
         assert (got - ref32).abs().mean() <= 1.25 * (want - ref32).abs().mean() + 1e-4
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("V", [17, 1000, 50304])
+def test_cross_entropy_bf16_equals_fp32_softmax(V):
+    """The training head's fused cross-entropy kernel against torch in fp32 on the same bf16
+    logits: log-sum-exp and target logit to fp32 rounding, the gradient to bf16 rounding,
+    an ignored row (weight 0) zeroed, a vocabulary that is not a multiple of 16."""
+    g = torch.Generator().manual_seed(V)
+    R = 9
+    z = (torch.randn(R, V, generator=g) * 4).bfloat16()
+    t = torch.randint(0, V, (R,), generator=g)
+    w = torch.full((R,), 1 / (R - 1))
+    w[3] = 0.0
+    ref = z.float()
+    want_grad = (torch.softmax(ref, -1) - F.one_hot(t, V)) * w[:, None]
+    out = z.clone()
+    lse, picked = kernels.cross_entropy_bf16_(out, t, w, grad=True)
+    torch.testing.assert_close(lse, torch.logsumexp(ref, -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(picked, ref.gather(1, t[:, None])[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), want_grad.bfloat16().float(), rtol=1e-2, atol=1e-6)
+    assert (out[3] == 0).all()
+    untouched = z.clone()
+    lse2, _ = kernels.cross_entropy_bf16_(untouched, t, w, grad=False)
+    assert torch.equal(untouched, z) and torch.equal(lse2, lse)

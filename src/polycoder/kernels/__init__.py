@@ -112,6 +112,8 @@ def _load():
             dll.pc_block.argtypes = [P, I, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
             dll.pc_blocks.restype = I
             dll.pc_blocks.argtypes = [P, I, L, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
+            dll.pc_cross_entropy_bf16.restype = I
+            dll.pc_cross_entropy_bf16.argtypes = [P, L, L, P, P, P, P, I, I]
             _lib, _why = dll, "available"
         except (OSError, subprocess.SubprocessError) as e:
             _lib, _why = False, f"could not build or load them: {e}"
@@ -175,6 +177,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rc:
         raise RuntimeError(f"polycoder kernel pc_linear failed with code {rc}")
     return y.view(*x.shape[:-1], N)
+
+
+def cross_entropy_bf16_(logits: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor,
+                        grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp [R], target logit [R]) of bf16 logits [R, V], both fp32; with `grad`,
+    the logits are overwritten by row_weights[r] * (softmax - onehot(target)) in bf16.
+
+    targets [R] int64 in [0, V) (ignored rows: any valid id and weight 0); row_weights [R]
+    fp32. Only on the CPU with the kernels available (`available()`); contiguous logits.
+    """
+    R, V = logits.shape
+    if logits.dtype != torch.bfloat16 or not logits.is_contiguous() or logits.device.type != "cpu":
+        raise ValueError("cross_entropy_bf16_ takes contiguous bf16 CPU logits")
+    targets = targets.to(torch.int64).contiguous()
+    row_weights = row_weights.to(torch.float32).contiguous()
+    lse, picked = torch.empty(R, dtype=torch.float32), torch.empty(R, dtype=torch.float32)
+    rc = _load().pc_cross_entropy_bf16(logits.data_ptr(), R, V, targets.data_ptr(), row_weights.data_ptr(),
+                                       lse.data_ptr(), picked.data_ptr(), int(grad), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"polycoder kernel pc_cross_entropy_bf16 failed with code {rc}")
+    return lse, picked
 
 
 class BlockPlan:

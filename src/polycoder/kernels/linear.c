@@ -569,6 +569,64 @@ int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void 
     return 0;
 }
 
+/* ---- cross-entropy over bf16 logits, in place (training's fused output head) ----------
+ * For each row r of logits [R, V] (bf16), with target t[r] and row weight w[r] (1/n for
+ * a counted row, 0 for an ignored one): lse[r] = log sum_v exp(z[r, v]) and picked[r] =
+ * z[r, t[r]], in fp32; and when grad is set, z is overwritten with the gradient of the
+ * weighted loss sum, w[r] * (softmax(z)[v] - [v == t[r]]), rounded to bf16 (nearest
+ * even). Three passes over a row (max, sum of exponentials, gradient), the row in L2
+ * after the first; rows split across threads. Replaces the fp32 round trip of torch's
+ * chunked softmax (upcast, exp, write-back), which took a quarter of the head's time. */
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __m256i round_bf16x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, const float *w,
+                          float *lse_out, float *picked_out, int grad, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < R; r++) {
+        uint16_t *row = z + r * V;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (long v = 0; v < V; v += 16) {
+            __mmask16 m = V - v >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v)) - 1);
+            mx = _mm512_mask_max_ps(mx, m, mx, load_bf16x16(row + v, m));
+        }
+        float zmax = _mm512_reduce_max_ps(mx);
+        __m512 vmax = _mm512_set1_ps(zmax), sum = _mm512_setzero_ps();
+        for (long v = 0; v < V; v += 16) {
+            __mmask16 m = V - v >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v)) - 1);
+            sum = _mm512_mask_add_ps(sum, m, sum, exp16(_mm512_sub_ps(load_bf16x16(row + v, m), vmax)));
+        }
+        float lse = zmax + logf(_mm512_reduce_add_ps(sum));
+        long t = target[r];
+        lse_out[r] = lse;
+        picked_out[r] = bf16_to_f32(row[t]);
+        if (!grad) continue;
+        /* w * exp(z - lse), with w folded into the exponent where it is positive. */
+        float wr = w[r];
+        if (wr > 0.0f) {
+            __m512 shift = _mm512_set1_ps(lse - logf(wr));
+            for (long v = 0; v < V; v += 16) {
+                __mmask16 m = V - v >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v)) - 1);
+                __m512 g = exp16(_mm512_sub_ps(load_bf16x16(row + v, m), shift));
+                _mm256_mask_storeu_epi16(row + v, m, round_bf16x16(g));
+            }
+            /* the target's entry: w * softmax - w, from the unrounded softmax */
+            row[t] = f32_to_bf16(wr * expf(picked_out[r] - lse) - wr);
+        } else {
+            memset(row, 0, (size_t)V * sizeof(uint16_t));
+        }
+    }
+    return 0;
+}
+
 /* y = act(x W^T * scale + bias): see linear_impl. */
 int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
               const void *bias, int bias_bf16, void *y, int y_bf16, int act,
@@ -585,5 +643,7 @@ int pc_linear(void) { return -3; }
 int pc_block(void) { return -3; }
 
 int pc_blocks(void) { return -3; }
+
+int pc_cross_entropy_bf16(void) { return -3; }
 
 #endif

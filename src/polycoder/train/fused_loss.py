@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from polycoder import kernels
 from polycoder.train import onednn
 from polycoder.train.onednn import matmul_nt
 
@@ -54,6 +55,11 @@ def _loss_and_grad(h, w, targets, chunk: int, need_grad: bool):
     log_w = torch.where(valid, -torch.log(n), float("-inf"))
     safe_t = targets.clamp(min=0)
     logits = matmul_nt(h, w)  # [N, V] compute dtype
+    if logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and kernels.available():
+        # One native pass a row: no fp32 copy of the logits (polycoder.kernels).
+        lse, picked = kernels.cross_entropy_bf16_(logits, safe_t, log_w.exp(), need_grad)
+        total = torch.where(valid, lse - picked, 0.0).sum()
+        return total, n, logits if need_grad else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
