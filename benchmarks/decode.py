@@ -348,9 +348,7 @@ def _run_models(args, engines, batches, prompt_lens, threads, tok, bw, work, res
         for B in batches:
             for T in prompt_lens:
                 if T + args.new_tokens + 1 > shape.config.block_size:
-                    note = f"{model_name}: prompt {T} + {args.new_tokens} exceeds the context; skipped"
-                    if note not in notes:
-                        notes.append(note)
+                    _note(notes, f"{model_name}: prompt {T} + {args.new_tokens} exceeds the context; skipped")
                     continue
                 g = torch.Generator().manual_seed(B * 1000 + T)
                 vocab = min(shape.config.vocab_size, tok.vocab_size)

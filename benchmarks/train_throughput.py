@@ -137,14 +137,12 @@ def main() -> None:
     # turn, so that the ratios across precisions (ours bf16 against transformers fp32) come
     # from the same minutes of a shared machine as the ratios within one.
     runs = []  # (precision, name, step function)
-    trainers = {}
     for prec in args.precisions:
         settings = load_settings(None, None, {
             "data.seq_len": T, "data.batch_size": B, "run.precision": prec, "run.max_steps": 1000,
             "run.tensorboard": False, "optim.lr": 1e-4, "optim.warmup": 0})
         ours = build_model(cfg, seed=0).requires_grad_(True).train()
         trainer = Trainer(ours, settings, Dist(), [data], [], tempfile.mkdtemp(), lambda m, f: None, T)
-        trainers[prec] = trainer
         theirs = hf_model(cfg)
         keys = set(theirs.state_dict())  # transformers 5 calls the head lm_head in memory
         theirs.load_state_dict({("lm_head.weight" if k == "embed_out.weight" and k not in keys else k): v

@@ -338,10 +338,8 @@ class StaticDecode:
                 self.use_graphs = False
                 return self(model, x, pos, cache, kv_len)
         graph, static_x, static_pos, out = entry
-        static_x.zero_()
-        static_pos.zero_()
-        static_x[:B] = x
-        static_pos[:B] = pos
+        static_x[:B], static_pos[:B] = x, pos
+        static_x[B:], static_pos[B:] = 0, 0  # padding rows: token 0 at position 0
         graph.replay()
         return out[:B].clone()
 
@@ -386,7 +384,6 @@ class Engine:
         # Only the decode step is compiled (prefill shapes vary with every prompt). On the
         # 2-core CPU this was measured not to pay (about 160 s to compile, no steady gain),
         # so it is off by default; see benchmarks/decode.py --compile.
-        self._decode = compiled_decode() if compile else decode_one_token
         # On a GPU the decode step is replayed as CUDA graphs over static shapes
         # (StaticDecode); `static_shapes=True` runs those shapes eagerly anywhere (tests).
         on_gpu = self.cache.k[0].device.type == "cuda"
@@ -394,6 +391,8 @@ class Engine:
             static_shapes = on_gpu and not compile and cuda_graphs_enabled()
         if static_shapes:
             self._decode = StaticDecode(self.cache, graphs=on_gpu)
+        else:
+            self._decode = compiled_decode() if compile else decode_one_token
 
     @property
     def free_rows(self) -> int:

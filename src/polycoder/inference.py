@@ -217,8 +217,8 @@ class FastBlock(Block):
                 and not torch.is_grad_enabled() and kernels.available()):
             plan = self._plan(x.dtype)
             k_cache, v_cache = cache.k[layer][:B], cache.v[layer][:B]
-            if (plan is not None and plan.dtype == x.dtype and k_cache.dtype == x.dtype and k_cache.shape[2] <= 32768
-                    and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            if (plan is not None and plan.dtype == x.dtype and k_cache.dtype == x.dtype
+                    and k_cache.shape[2] <= kernels.MAX_CACHE_LEN and k_cache.is_contiguous() and v_cache.is_contiguous()):
                 return plan.run(x.view(B, C), k_cache, v_cache, pos[:, 0]).view(B, 1, C)
         return super().forward(x, cos, sin, pos, cache, layer, kv_len, mask)
 
@@ -247,7 +247,7 @@ class FastGPTNeoX(GPTNeoX):
             x = trunk.embed_in(input_ids)  # [B, 1, C]
             stack = self._stack(x.dtype)
             k0 = cache.k[0]
-            if (stack is not None and k0.dtype == x.dtype and k0.shape[2] <= 32768
+            if (stack is not None and k0.dtype == x.dtype and k0.shape[2] <= kernels.MAX_CACHE_LEN
                     and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
                 y = stack.run(x.view(B, -1), cache.k, cache.v, pos[:, 0])  # [B, C]
                 return self.embed_out(trunk.final_layer_norm(y.view(B, 1, -1)))  # [B, 1, V]

@@ -42,6 +42,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
+MAX_CACHE_LEN = 32768  # cache positions a decode step can attend to (linear.c's scores buffer)
 SOURCE = Path(__file__).with_name("linear.c")
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
@@ -236,7 +237,7 @@ class BlockPlan:
         """
         B, C = x.shape
         _, H, max_len, hs = k_cache.shape
-        y = x.contiguous().clone()
+        y = x.clone(memory_format=torch.contiguous_format)
         pos = pos.to(torch.int64).contiguous()
         rc = _load().pc_block(y.data_ptr(), int(x.dtype == torch.bfloat16), B, C, self.intermediate, self.lns, self.eps,
                               self.lin, self.kinds, self.act, self.parallel, k_cache.data_ptr(), v_cache.data_ptr(),
@@ -278,7 +279,7 @@ class StackPlan:
         """x [B, C] -> the last block's output [B, C]; caches as in `BlockPlan.run`, one a block."""
         B, C = x.shape
         _, H, max_len, hs = k_caches[0].shape
-        y = x.contiguous().clone()
+        y = x.clone(memory_format=torch.contiguous_format)
         pos = pos.to(torch.int64).contiguous()
         kc = (ctypes.c_void_p * self.L)(*[t.data_ptr() for t in k_caches])
         vc = (ctypes.c_void_p * self.L)(*[t.data_ptr() for t in v_caches])

@@ -11,9 +11,9 @@ gradient in the same forward pass (the loss is a scalar, so its gradient needs n
 backward but one scale); then dL/dh and dL/dW are two matrix products with that buffer.
 The idea is Liger-Kernel's FusedLinearCrossEntropy (Hsu et al., 2024, arXiv:2410.10989),
 written with plain torch operations for the CPU; where the native kernels are built
-(`polycoder.kernels`), the softmax pass over bf16 logits is one native call instead. Its row-chunked matrix products are not
-used: on the CPU measured here a 64-row fp32 product of the head ran at under half the rate
-of one over all 2048 rows.
+(`polycoder.kernels`), the softmax pass over bf16 logits is one native call instead. Its
+row-chunked matrix products are not used: on the CPU measured here a 64-row fp32 product
+of the head ran at under half the rate of one over all 2048 rows.
 
 Precision: the matrix products run in the compute dtype (bf16 under CPU autocast, as
 `nn.Linear` would under autocast; fp32 otherwise), the softmax, log-sum-exp and loss in
