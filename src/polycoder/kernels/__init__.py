@@ -115,6 +115,8 @@ def _load():
             dll.pc_blocks.argtypes = [P, I, L, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
             dll.pc_cross_entropy_bf16.restype = I
             dll.pc_cross_entropy_bf16.argtypes = [P, L, L, P, P, P, P, I, I]
+            dll.pc_attention_grad_bf16.restype = I
+            dll.pc_attention_grad_bf16.argtypes = [P] * 8 + [L] * 5 + [P, ctypes.c_float, P, P, I, I]
             _lib, _why = dll, "available"
         except (OSError, subprocess.SubprocessError) as e:
             _lib, _why = False, f"could not build or load them: {e}"
@@ -199,6 +201,51 @@ def cross_entropy_bf16_(logits: torch.Tensor, targets: torch.Tensor, row_weights
     if rc:
         raise RuntimeError(f"polycoder kernel pc_cross_entropy_bf16 failed with code {rc}")
     return lse, picked
+
+
+def attention_grad_bf16_(q: torch.Tensor, dout: torch.Tensor, out: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         lse: torch.Tensor, scale: float, p: torch.Tensor, ds: torch.Tensor,
+                         work: torch.Tensor) -> None:
+    """A causal attention's probabilities p = exp(scale q.k - lse) and score gradients
+    ds = scale p (dO.v - rowsum(dO O)), bf16 [n, T, T], zero above the diagonal; the
+    products accumulate in fp32 inside the kernel (linear.c says how). q, dout [n, Tp, Dp]
+    bf16 (T and D rounded up to 32, zero padded); out, k, v [n, T, D] bf16; lse (of the
+    forward, of scale q.k) [n, T] fp32; work: an fp32 buffer of `attention_work(n, T, D)`
+    elements. Needs `has_attention_grad_bf16()`. The products run on AMX tiles where the CPU
+    has them, else on vdpbf16ps; POLYCODER_AMX=0 forces the latter (tests compare the two)."""
+    n, T, D = k.shape
+    Tp, Dp = _up32(T), _up32(D)
+    tensors = (q, dout, out, k, v, lse, p, ds, work)
+    ok = (all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) and D % 2 == 0
+          and all(t.dtype == torch.bfloat16 for t in (q, dout, out, k, v, p, ds))
+          and lse.dtype == work.dtype == torch.float32 and q.shape == dout.shape == (n, Tp, Dp)
+          and out.shape == v.shape == k.shape and lse.shape == (n, T) and p.shape == ds.shape == (n, T, T)
+          and work.numel() >= attention_work(n, T, D))
+    if not ok:
+        raise ValueError("attention_grad_bf16_ got tensors of the wrong shape, dtype or layout (see its docstring)")
+    pairs = n * Dp // 2 * Tp
+    kp, vp, dsum = work[:pairs], work[pairs:2 * pairs], work[2 * pairs:2 * pairs + n * T]
+    rc = _load().pc_attention_grad_bf16(*(t.data_ptr() for t in (q, dout, out, k, v, kp, vp, dsum)), n, T, Tp, D, Dp,
+                                        lse.data_ptr(), scale, p.data_ptr(), ds.data_ptr(),
+                                        int(os.environ.get("POLYCODER_AMX", "1") != "0"), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"polycoder kernel pc_attention_grad_bf16 failed with code {rc}")
+
+
+def _up32(x: int) -> int:
+    return (x + 31) // 32 * 32
+
+
+def attention_work(n: int, T: int, D: int) -> int:
+    """fp32 elements of the work buffer of `attention_grad_bf16_`: k and v in pairs, and
+    the row sums."""
+    return 2 * n * _up32(D) // 2 * _up32(T) + n * T
+
+
+def has_attention_grad_bf16() -> bool:
+    """Whether `attention_grad_bf16_` runs here (the kernels built, and AVX512-BF16)."""
+    lib = _load()
+    return lib is not None and lib.pc_attention_grad_bf16(*[None] * 8, 0, 0, 0, 0, 0, None, 1.0, None, None, 1, 1) == 0
 
 
 class BlockPlan:

@@ -624,6 +624,184 @@ int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, co
     return 0;
 }
 
+#if defined(__AVX512BF16__)
+/* ---- causal attention backward, bf16: products and probabilities in one pass ---------
+ * For n heads of bf16 q, dO [n, Tp, Dp] (rows and dimensions zero-padded to multiples of
+ * 32 where T or D are not), O, k, v [n, T, D], and the forward's fp32 log-sum-exp lse
+ * [n, T] (of scale * q.k): writes p = exp(scale * q.k - lse) and
+ * ds = scale * p * (dO.v - rowsum(dO * O)) as bf16 [n, T, T], zero above the diagonal.
+ * The products q.k and dO.v accumulate in fp32 and never leave the core, as in flash
+ * attention's backward. First k and v are packed with their dimensions in pairs,
+ * [n, Dp/2, Tp] pairs (kp, vp: the caller's buffers), the layout both product paths read:
+ * - AMX (Sapphire Rapids and later): tiles of 16 query rows x 16 keys, 32 dimensions a
+ *   tile product (the tile unit does 512 products a cycle);
+ * - otherwise vdpbf16ps (pairs of bf16 products into fp32 lanes, 32 a cycle): 4 rows x
+ *   32 keys for both products in 16 registers.
+ * Either way the 16-key strips of s and dp go through `grad_strip` (exp, ds) to the outputs. */
+static inline void grad_strip(const float *s, const float *dp, long r, long c0, long T, float l, float d,
+                              float scale, uint16_t *p_row, uint16_t *ds_row) {
+    if (c0 >= T) return;
+    const long vis = r + 1 - c0, cols = T - c0;
+    const __mmask16 m = vis >= 16 ? 0xFFFF : vis <= 0 ? 0 : (__mmask16)((1u << vis) - 1);
+    const __mmask16 st = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+    const __m512 vs = _mm512_set1_ps(scale);
+    const __m512 pv = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, _mm512_set1_ps(l))));
+    const __m512 g = _mm512_mul_ps(_mm512_mul_ps(pv, vs), _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_set1_ps(d)));
+    _mm256_mask_storeu_epi16(p_row + c0, st, round_bf16x16(pv));
+    _mm256_mask_storeu_epi16(ds_row + c0, st, round_bf16x16(g));
+}
+
+static float row_dot_bf16(const uint16_t *a, const uint16_t *b, long D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (long e = 0; e < D; e += 16) {
+        __mmask16 m = D - e >= 16 ? 0xFFFF : (__mmask16)((1u << (D - e)) - 1);
+        acc = _mm512_fmadd_ps(widen_bf16(a + e, m), widen_bf16(b + e, m), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_PATH 1
+struct tile_config { uint8_t palette; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+
+/* Linux hands out the tile registers to a process that asks (ARCH_REQ_XCOMP_PERM). */
+static int amx_allowed(void) {
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return state;
+}
+
+static void attention_tiles_amx(const uint16_t *q, const uint16_t *dout, const uint32_t *kp, const uint32_t *vp,
+                                long n, long T, long Tp, long Dp, const float *lse, const float *dsum,
+                                float scale, uint16_t *p, uint16_t *ds, int threads) {
+    const long tiles = (T + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        struct tile_config cfg = {0};
+        cfg.palette = 1;
+        for (int t = 0; t < 6; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        _tile_loadconfig(&cfg);
+        float sb[16 * 16] __attribute__((aligned(64))), db[16 * 16] __attribute__((aligned(64)));
+#pragma omp for schedule(dynamic, 4)
+        for (long idx = 0; idx < n * tiles; idx++) {
+            const long h = idx / tiles, r0 = (idx % tiles) * 16, rows = T - r0 < 16 ? T - r0 : 16;
+            const long cend = (r0 + rows + 15) / 16 * 16;
+            for (long c0 = 0; c0 < cend; c0 += 16) {
+                _tile_zero(0);
+                _tile_zero(1);
+                for (long e = 0; e < Dp; e += 32) {
+                    _tile_loadd(2, q + (h * Tp + r0) * Dp + e, Dp * 2);
+                    _tile_loadd(3, dout + (h * Tp + r0) * Dp + e, Dp * 2);
+                    _tile_loadd(4, kp + (h * Dp / 2 + e / 2) * Tp + c0, Tp * 4);
+                    _tile_loadd(5, vp + (h * Dp / 2 + e / 2) * Tp + c0, Tp * 4);
+                    _tile_dpbf16ps(0, 2, 4);
+                    _tile_dpbf16ps(1, 3, 5);
+                }
+                _tile_stored(0, sb, 64);
+                _tile_stored(1, db, 64);
+                for (long j = 0; j < rows; j++) {
+                    const long r = r0 + j, out = (h * T + r) * T;
+                    grad_strip(sb + 16 * j, db + 16 * j, r, c0, T, lse[h * T + r], dsum[h * T + r], scale, p + out, ds + out);
+                }
+            }
+            for (long j = 0; j < rows && cend < T; j++) {
+                const long out = (h * T + r0 + j) * T;
+                memset(p + out + cend, 0, (size_t)(T - cend) * 2);
+                memset(ds + out + cend, 0, (size_t)(T - cend) * 2);
+            }
+        }
+        _tile_release();
+    }
+}
+#else
+#define AMX_PATH 0
+static int amx_allowed(void) { return 0; }
+static void attention_tiles_amx(const uint16_t *q, const uint16_t *dout, const uint32_t *kp, const uint32_t *vp,
+                                long n, long T, long Tp, long Dp, const float *lse, const float *dsum,
+                                float scale, uint16_t *p, uint16_t *ds, int threads) {}
+#endif
+
+static void attention_tiles_dp(const uint16_t *q, const uint16_t *dout, const uint32_t *kp, const uint32_t *vp,
+                               long n, long T, long Tp, long Dp, const float *lse, const float *dsum,
+                               float scale, uint16_t *p, uint16_t *ds, int threads) {
+    const long tiles = (T + 3) / 4, half = Dp / 2;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (long idx = 0; idx < n * tiles; idx++) {
+        const long h = idx / tiles, r0 = (idx % tiles) * 4;
+        const long rows = T - r0 < 4 ? T - r0 : 4, cend = (r0 + rows + 31) / 32 * 32;
+        const uint32_t *kh = kp + h * half * Tp, *vh = vp + h * half * Tp;
+        const uint32_t *qr[4], *dr[4];
+        for (int j = 0; j < 4; j++) {
+            qr[j] = (const uint32_t *)(q + (h * Tp + r0 + j) * Dp);  /* rows padded to Tp */
+            dr[j] = (const uint32_t *)(dout + (h * Tp + r0 + j) * Dp);
+        }
+        float sb[4][32], db[4][32];
+        for (long c = 0; c < cend; c += 32) {
+            __m512 as[4][2], ad[4][2];
+            for (int j = 0; j < 4; j++) as[j][0] = as[j][1] = ad[j][0] = ad[j][1] = _mm512_setzero_ps();
+            for (long i = 0; i < half; i++) {
+                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kh + i * Tp + c);
+                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kh + i * Tp + c + 16);
+                const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vh + i * Tp + c);
+                const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vh + i * Tp + c + 16);
+                for (int j = 0; j < 4; j++) {
+                    const __m512bh a = (__m512bh)_mm512_set1_epi32((int)qr[j][i]);
+                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)dr[j][i]);
+                    as[j][0] = _mm512_dpbf16_ps(as[j][0], a, k0);
+                    as[j][1] = _mm512_dpbf16_ps(as[j][1], a, k1);
+                    ad[j][0] = _mm512_dpbf16_ps(ad[j][0], b, v0);
+                    ad[j][1] = _mm512_dpbf16_ps(ad[j][1], b, v1);
+                }
+            }
+            for (int j = 0; j < rows; j++) {
+                const long r = r0 + j, out = (h * T + r) * T;
+                for (int u = 0; u < 2; u++) {
+                    _mm512_storeu_ps(sb[j] + 16 * u, as[j][u]);
+                    _mm512_storeu_ps(db[j] + 16 * u, ad[j][u]);
+                    grad_strip(sb[j] + 16 * u, db[j] + 16 * u, r, c + 16 * u, T, lse[h * T + r], dsum[h * T + r],
+                               scale, p + out, ds + out);
+                }
+            }
+        }
+        for (int j = 0; j < rows && cend < T; j++) {
+            const long out = (h * T + r0 + j) * T;
+            memset(p + out + cend, 0, (size_t)(T - cend) * 2);
+            memset(ds + out + cend, 0, (size_t)(T - cend) * 2);
+        }
+    }
+}
+
+int pc_attention_grad_bf16(const uint16_t *q, const uint16_t *dout, const uint16_t *o, const uint16_t *k,
+                           const uint16_t *v, uint32_t *kp, uint32_t *vp, float *dsum, long n, long T, long Tp,
+                           long D, long Dp, const float *lse, float scale, uint16_t *p, uint16_t *ds, int use_amx,
+                           int threads) {
+    if (n == 0) return 0;
+    const long half = Dp / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long h = 0; h < n; h++) {
+        for (long i = 0; i < half; i++) {
+            uint32_t *kr = kp + (h * half + i) * Tp, *vr = vp + (h * half + i) * Tp;
+            for (long c = 0; c < Tp; c++) {
+                const int in = c < T && 2 * i < D;
+                kr[c] = in ? ((const uint32_t *)(k + (h * T + c) * D))[i] : 0;
+                vr[c] = in ? ((const uint32_t *)(v + (h * T + c) * D))[i] : 0;
+            }
+        }
+        for (long r = 0; r < T; r++)
+            dsum[h * T + r] = row_dot_bf16(dout + (h * Tp + r) * Dp, o + (h * T + r) * D, D);
+    }
+    if (AMX_PATH && use_amx && amx_allowed())
+        attention_tiles_amx(q, dout, kp, vp, n, T, Tp, Dp, lse, dsum, scale, p, ds, threads);
+    else
+        attention_tiles_dp(q, dout, kp, vp, n, T, Tp, Dp, lse, dsum, scale, p, ds, threads);
+    return 0;
+}
+#else
+int pc_attention_grad_bf16(void) { return -4; }
+#endif
+
 /* y = act(x W^T * scale + bias): see linear_impl. */
 int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
               const void *bias, int bias_bf16, void *y, int y_bf16, int act,
@@ -642,5 +820,7 @@ int pc_block(void) { return -3; }
 int pc_blocks(void) { return -3; }
 
 int pc_cross_entropy_bf16(void) { return -3; }
+
+int pc_attention_grad_bf16(void) { return -3; }
 
 #endif

@@ -1,0 +1,84 @@
+"""The bf16 causal attention of CPU training (polycoder.train.attention) against SDPA and
+an fp64 reference: same forward, gradients at least as close to fp64 as SDPA's own.
+
+Skipped with the reason where its kernel cannot run (no compiler, no AVX512-BF16); SDPA
+then serves training and the rest of the suite covers it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from polycoder import kernels
+from polycoder.train.attention import causal_attention
+
+pytestmark = pytest.mark.skipif(not kernels.has_attention_grad_bf16(),
+                                reason=f"attention kernel unavailable here (kernels: {kernels.status()}, or no AVX512-BF16)")
+
+SHAPES = [(1, 1, 1, 16), (2, 3, 37, 80), (1, 3, 200, 32), (2, 4, 64, 64), (1, 2, 129, 128), (2, 12, 512, 64)]
+
+
+def _inputs(B, H, T, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g) for _ in range(4))
+    return (q * 2).bfloat16(), k.bfloat16(), v.bfloat16(), do.bfloat16()
+
+
+def _grads(fn, q, k, v, do, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _relative(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()  # dq of T = 1 is exactly 0
+
+
+@pytest.mark.parametrize("B,H,T,D", SHAPES)
+def test_gradients_as_close_to_fp64_as_sdpa(B, H, T, D):
+    q, k, v, do = _inputs(B, H, T, D, seed=T + D)
+    out, ours = _grads(causal_attention, q, k, v, do)
+    sdpa_out, theirs = _grads(_sdpa, q, k, v, do)
+    _, exact = _grads(_sdpa, q, k, v, do, torch.float64)
+    assert torch.equal(out, sdpa_out)  # the forward is SDPA's own
+    for name, a, b, ref in zip("qkv", ours, theirs, exact):
+        assert a.dtype == torch.bfloat16 and a.shape == ref.shape
+        # bf16 gradients: the only rounding is p and ds to bf16 and the results to bf16
+        assert _relative(a, ref) <= max(1.1 * _relative(b, ref), 8e-3), name
+
+
+def test_amx_and_vector_paths_agree(monkeypatch):
+    q, k, v, do = _inputs(2, 3, 150, 64, seed=1)
+    _, amx = _grads(causal_attention, q, k, v, do)
+    monkeypatch.setenv("POLYCODER_AMX", "0")
+    _, vec = _grads(causal_attention, q, k, v, do)
+    for a, b in zip(amx, vec):  # the same fp32 sums in another order: bf16 results within a few ulps
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+
+
+def test_autocast_takes_bf16_and_returns_gradients_to_fp32_inputs():
+    q, k, v, do = _inputs(1, 2, 48, 64, seed=2)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_attention(*leaves)
+    assert out.dtype == torch.bfloat16
+    out.backward(do)
+    _, ref = _grads(_sdpa, q, k, v, do, torch.float64)
+    for t, r in zip(leaves, ref):
+        assert t.grad.dtype == torch.float32 and _relative(t.grad, r) < 1e-2
+
+
+def test_without_gradients_or_in_fp32_it_is_sdpa():
+    q, k, v, _ = _inputs(1, 2, 33, 32, seed=3)
+    with torch.no_grad():
+        assert torch.equal(causal_attention(q, k, v), _sdpa(q, k, v))
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    out = causal_attention(qf, kf, vf)
+    assert out.grad_fn.name() != "_CausalAttentionBackward" and torch.equal(out, _sdpa(qf, kf, vf))
