@@ -82,3 +82,43 @@ def test_without_gradients_or_in_fp32_it_is_sdpa():
     qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
     out = causal_attention(qf, kf, vf)
     assert out.grad_fn.name() != "_CausalAttentionBackward" and torch.equal(out, _sdpa(qf, kf, vf))
+
+
+def _torch_rotary(qkv, H, cos, sin):
+    """The model's torch path (polycoder.model.apply_rotary) for the same split."""
+    from polycoder.model import apply_rotary
+
+    B, T, C3 = qkv.shape
+    x = qkv.view(B, T, H, 3, C3 // (3 * H))
+    qk, v = x.split((2, 1), dim=3)
+    qk = apply_rotary(qk, cos[:, None, None], sin[:, None, None])
+    return qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2), v[:, :, :, 0].transpose(1, 2)
+
+
+@pytest.mark.parametrize("hs,rot,autocast", [(64, 64, False), (64, 64, True), (80, 20, False), (24, 8, True)])
+def test_rotary_split_equals_the_torch_path(hs, rot, autocast):
+    from polycoder.config import ModelConfig
+    from polycoder.model import RotaryEmbedding
+    from polycoder.train.attention import rotary_qkv
+
+    B, T, H = 2, 19, 3
+    rope = RotaryEmbedding(ModelConfig(n_embd=H * hs, n_head=H, n_layer=1, intermediate_size=4 * H * hs,
+                                       rotary_pct=rot / hs, block_size=64))
+    cos, sin = rope.cos[:T], rope.sin[:T]
+    assert cos.shape == (T, rot)
+    g = torch.Generator().manual_seed(hs + rot)
+    qkv = torch.randn(B, T, 3 * H * hs, generator=g)
+    grads = [torch.randn(B, H, T, hs, generator=g) for _ in range(3)]
+    results = []
+    for fn in (rotary_qkv, _torch_rotary):
+        x = (qkv.bfloat16() if autocast else qkv).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = fn(x, H, cos, sin)
+            outs = [o.to(torch.bfloat16) for o in outs] if autocast else outs  # as SDPA casts them
+        sum((o.float() * d).sum() for o, d in zip(outs, grads)).backward()
+        results.append(([o.detach().float() for o in outs], x.grad.float()))
+    (ours, dx), (theirs, dx_ref) = results
+    tol = 1e-2 if autocast else 1e-6  # bf16: one rounding either way, at most an ulp apart
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max() <= tol * b.abs().max()
+    assert (dx - dx_ref).abs().max() <= tol * dx_ref.abs().max()

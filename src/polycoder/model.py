@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from polycoder.config import ModelConfig
 from polycoder.train import onednn
-from polycoder.train.attention import causal_attention
+from polycoder.train.attention import causal_attention, rotary_qkv
 
 
 def activation(name: str):
@@ -149,16 +149,22 @@ class Attention(nn.Module):
     def _causal(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The training path: causal attention over positions 0..T-1 of each row.
 
-        q and k rotate together in one set of element-wise operations, read in place from
-        the fused projection; cos/sin are [T, 1, 1, rotary_dims] (fp32 under autocast, as in
-        transformers, so q and k rotate in fp32 and SDPA runs in autocast's dtype).
+        On the CPU the split of the fused projection and the rotation are one native pass
+        (`polycoder.train.attention.rotary_qkv`); elsewhere q and k rotate together in one
+        set of element-wise operations, read in place from the fused projection. Either way
+        cos/sin are [T, 1, 1, rotary_dims] (fp32 under autocast, as in transformers, so q and
+        k rotate in fp32 and attention runs in autocast's dtype).
         """
         B, T, _ = qkv.shape
-        qkv = qkv.view(B, T, self.n_head, 3, self.head_size)  # the interleaved weight: q, k, v per head
-        qk, v = qkv.split((2, 1), dim=3)  # [B, T, H, 2, hs], [B, T, H, 1, hs]
-        qk = apply_rotary(qk, cos, sin)  # [B, T, H, 2, hs]
-        q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)  # [B, H, T, hs]
-        v = v[:, :, :, 0].transpose(1, 2)  # [B, H, T, hs]
+        split = rotary_qkv(qkv, self.n_head, cos.view(T, -1), sin.view(T, -1))  # one native pass where it applies
+        if split is not None:
+            q, k, v = split
+        else:
+            qkv = qkv.view(B, T, self.n_head, 3, self.head_size)  # the interleaved weight: q, k, v per head
+            qk, v = qkv.split((2, 1), dim=3)  # [B, T, H, 2, hs], [B, T, H, 1, hs]
+            qk = apply_rotary(qk, cos, sin)  # [B, T, H, 2, hs]
+            q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)  # [B, H, T, hs]
+            v = v[:, :, :, 0].transpose(1, 2)  # [B, H, T, hs]
         y = causal_attention(q, k, v)  # SDPA, with a faster backward for bf16 on the CPU
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # [B, H, T, hs] -> [B, T, C]
 

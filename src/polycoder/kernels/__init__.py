@@ -115,7 +115,8 @@ def _load():
             dll.pc_blocks.argtypes = [P, I, L, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
             dll.pc_cross_entropy_bf16.restype = I
             dll.pc_cross_entropy_bf16.argtypes = [P, L, L, P, P, P, P, I, I]
-            dll.pc_attention_grad_bf16.restype = I
+            dll.pc_attention_grad_bf16.restype = dll.pc_rotary_qkv.restype = I
+            dll.pc_rotary_qkv.argtypes = [P, I, P, P, P, I, P, P, L, L, L, L, L, I, I]
             dll.pc_attention_grad_bf16.argtypes = [P] * 8 + [L] * 5 + [P, ctypes.c_float, P, P, I, I]
             _lib, _why = dll, "available"
         except (OSError, subprocess.SubprocessError) as e:
@@ -230,6 +231,30 @@ def attention_grad_bf16_(q: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
                                         int(os.environ.get("POLYCODER_AMX", "1") != "0"), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"polycoder kernel pc_attention_grad_bf16 failed with code {rc}")
+
+
+def rotary_qkv_(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, grad: bool) -> None:
+    """x [B, T, H, 3, hs] <-> q, k, v [B, H, T, hs]: forward (grad False) writes q, k, v,
+    q and k rotated over the first rot dims by cos/sin [T, rot] (fp32, "rotate half");
+    grad True writes x from the gradients in q, k, v (the transposed rotation). x and the
+    outputs fp32 or bf16 (each its own); everything contiguous on the CPU."""
+    B, T, H, three, hs = x.shape
+    rot = cos.shape[-1]
+    ok = (three == 3 and q.shape == k.shape == v.shape == (B, H, T, hs) and cos.shape == sin.shape == (T, rot)
+          and rot % 2 == 0 and rot <= hs and cos.dtype == sin.dtype == torch.float32
+          and x.dtype in _FLOATS and q.dtype == k.dtype == v.dtype and q.dtype in _FLOATS
+          and all(t.is_contiguous() and t.device.type == "cpu" for t in (x, q, k, v, cos, sin)))
+    if not ok:
+        raise ValueError("rotary_qkv_ got tensors of the wrong shape, dtype or layout (see its docstring)")
+    rc = _load().pc_rotary_qkv(x.data_ptr(), int(x.dtype == torch.bfloat16), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                               int(q.dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(), B, T, H, hs, rot,
+                               int(grad), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"polycoder kernel pc_rotary_qkv failed with code {rc}")
+
+
+_FLOATS = (torch.float32, torch.bfloat16)
 
 
 def _up32(x: int) -> int:

@@ -79,6 +79,43 @@ class _CausalAttention(torch.autograd.Function):
         return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D)
 
 
+class _RotaryQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, n_head, cos, sin, dtype):
+        B, T, C3 = qkv.shape
+        x = qkv.view(B, T, n_head, 3, C3 // (3 * n_head))
+        q, k, v = (torch.empty(B, n_head, T, x.shape[-1], dtype=dtype) for _ in range(3))
+        kernels.rotary_qkv_(x, q, k, v, cos, sin, grad=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.shape, ctx.dtype = x.shape, qkv.dtype
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        B, T, H, _, hs = ctx.shape
+        like = next(g for g in (dq, dk, dv) if g is not None)
+        dq, dk, dv = ((torch.zeros_like(like) if g is None else g).to(like.dtype).contiguous() for g in (dq, dk, dv))
+        dx = torch.empty(ctx.shape, dtype=ctx.dtype)
+        kernels.rotary_qkv_(dx, dq, dk, dv, cos, sin, grad=True)
+        return dx.view(B, T, H * 3 * hs), None, None, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, n_head: int, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k, v [B, H, T, hs] from the fused projection [B, T, 3C] (interleaved per head),
+    q and k rotated by cos/sin [T, rot] (fp32), in one native pass each way
+    (`polycoder.kernels.rotary_qkv_`); None where that does not apply (then the caller's
+    torch path runs). Under CPU autocast to bf16 the outputs are bf16, as SDPA would cast
+    them; in fp32, fp32."""
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    dtype = torch.bfloat16 if autocast else torch.float32
+    if not (qkv.device.type == "cpu" and qkv.is_contiguous() and cos.dtype == sin.dtype == torch.float32
+            and (autocast or qkv.dtype == torch.float32) and qkv.dtype in (torch.float32, torch.bfloat16)
+            and kernels.available()):
+        return None
+    return _RotaryQKV.apply(qkv, n_head, cos.contiguous(), sin.contiguous(), dtype)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d), causal) v for q, k, v [B, H, T, d]; see the module.
 
