@@ -184,3 +184,10 @@ def test_cross_entropy_bf16_equals_fp32_softmax(V):
     untouched = z.clone()
     lse2, _ = kernels.cross_entropy_bf16_(untouched, t, w, grad=False)
     assert torch.equal(untouched, z) and torch.equal(lse2, lse)
+
+
+@pytest.mark.parametrize("C,V", [(768, 50304), (5, 7), (17, 33), (16, 1), (1, 2), (31, 65)])
+def test_transpose_bf16_to_f32_is_exact(C, V):
+    x = torch.randn(C, V, generator=torch.Generator().manual_seed(C + V)).bfloat16()
+    got = kernels.transpose_bf16_to_f32(x)
+    assert got.is_contiguous() and torch.equal(got, x.t().float())

@@ -117,6 +117,8 @@ def _load():
             dll.pc_cross_entropy_bf16.argtypes = [P, L, L, P, P, P, P, I, I]
             dll.pc_attention_grad_bf16.restype = dll.pc_rotary_qkv.restype = I
             dll.pc_rotary_qkv.argtypes = [P, I, P, P, P, I, P, P, L, L, L, L, L, I, I]
+            dll.pc_transpose_bf16_f32.restype = I
+            dll.pc_transpose_bf16_f32.argtypes = [P, P, L, L, I]
             dll.pc_attention_grad_bf16.argtypes = [P] * 8 + [L] * 5 + [P, ctypes.c_float, P, P, I, I]
             _lib, _why = dll, "available"
         except (OSError, subprocess.SubprocessError) as e:
@@ -255,6 +257,18 @@ def rotary_qkv_(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 _FLOATS = (torch.float32, torch.bfloat16)
+
+
+def transpose_bf16_to_f32(src: torch.Tensor) -> torch.Tensor:
+    """src.t().float().contiguous() for a contiguous bf16 CPU matrix [C, V], in one pass."""
+    if src.dim() != 2 or src.dtype != torch.bfloat16 or not src.is_contiguous() or src.device.type != "cpu":
+        raise ValueError("transpose_bf16_to_f32 takes a contiguous bf16 CPU matrix")
+    C, V = src.shape
+    dst = torch.empty(V, C, dtype=torch.float32)
+    rc = _load().pc_transpose_bf16_f32(src.data_ptr(), dst.data_ptr(), C, V, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"polycoder kernel pc_transpose_bf16_f32 failed with code {rc}")
+    return dst
 
 
 def _up32(x: int) -> int:

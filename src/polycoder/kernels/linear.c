@@ -855,6 +855,34 @@ int pc_rotary_qkv(void *x, int x_bf16, void *q, void *k, void *v, int o_bf16, co
     return 0;
 }
 
+/* ---- dst[V, C] (fp32) = src[C, V] (bf16) transposed ------------------------------------
+ * The output head's weight gradient is fastest as h^T g ([C, V], a plain product) and is
+ * needed as the fp32 [V, C] gradient of the fp32 master weight. Per strip of 64 columns v
+ * (src rows of the strip: C x 128 bytes, in L2): one 32-bit gather over 16 rows c picks
+ * src[c, v] and src[c, v + 1] together; widened, they are 16 floats of dst rows v and v + 1. */
+int pc_transpose_bf16_f32(const uint16_t *src, float *dst, long C, long V, int threads) {
+    const long strips = (V + 63) / 64;
+    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32((int)(V * 2)));
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long st = 0; st < strips; st++) {
+        const long v0 = st * 64, v1 = v0 + 64 < V ? v0 + 64 : V;
+        for (long c0 = 0; c0 < C; c0 += 16) {
+            const __mmask16 m = C - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (C - c0)) - 1);
+            long v = v0;
+            for (; v + 1 < v1; v += 2) {
+                const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, src + c0 * V + v, 1);
+                _mm512_mask_storeu_ps(dst + v * C + c0, m, _mm512_castsi512_ps(_mm512_slli_epi32(g, 16)));
+                _mm512_mask_storeu_ps(dst + (v + 1) * C + c0, m, _mm512_castsi512_ps(_mm512_and_si512(g, hi)));
+            }
+            for (; v < v1; v++)  /* an odd last column: its pair would read past the row */
+                for (long c = c0; c < c0 + 16 && c < C; c++) dst[v * C + c] = bf16_to_f32(src[c * V + v]);
+        }
+    }
+    return 0;
+}
+
 /* y = act(x W^T * scale + bias): see linear_impl. */
 int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
               const void *bias, int bias_bf16, void *y, int y_bf16, int act,
@@ -877,5 +905,7 @@ int pc_cross_entropy_bf16(void) { return -3; }
 int pc_attention_grad_bf16(void) { return -3; }
 
 int pc_rotary_qkv(void) { return -3; }
+
+int pc_transpose_bf16_f32(void) { return -3; }
 
 #endif

@@ -77,16 +77,21 @@ def _loss_and_grad(h, w, targets, chunk: int, need_grad: bool):
     return total, n, logits if need_grad else None
 
 
-def _head_grad(h: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
-    """dL/dW [V, C] = grad_logits.T @ h, contiguous.
+def _head_grad(h: torch.Tensor, grad_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dL/dW [V, C] = grad_logits.T @ h, contiguous, in `dtype` (the weight's).
 
     With MKL (and bf16 everywhere) the product is taken in that order: measured here it is
     faster than the transpose of h.T @ grad_logits, and a transposed [V, C] gradient costs a
-    slow transposing copy later (80 ms for PolyCoder's head). oneDNN's fp32 route (non-Intel
-    CPUs) was measured faster the other way round, and keeps it.
+    slow transposing copy later (80 ms for PolyCoder's head). Two exceptions: oneDNN's fp32
+    route (non-Intel CPUs) was measured faster the other way round; and a bf16 product for
+    an fp32 weight (autocast) runs as h.T @ grad_logits (122 ms against 218 ms for
+    PolyCoder's head on AMX), transposed and widened to fp32 in one native pass
+    (`kernels.transpose_bf16_to_f32`), which the weight's fp32 gradient needs anyway.
     """
     if h.dtype == torch.float32 and h.device.type == "cpu" and onednn.preferred():
         return onednn.matmul_nt(h.t(), grad_logits.t()).t()
+    if h.dtype == torch.bfloat16 and dtype == torch.float32 and h.device.type == "cpu" and kernels.available():
+        return kernels.transpose_bf16_to_f32(torch.mm(h.t().contiguous(), grad_logits))
     return torch.mm(grad_logits.t(), h)
 
 
@@ -96,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hc, wc = h.to(dtype), weight.to(dtype)
         total, n, grad_logits = _loss_and_grad(hc, wc, targets, chunk, True)  # grad_logits [N, V]
         dh = matmul_nt(grad_logits, wc.t())  # [N, C]
-        dw = _head_grad(hc, grad_logits) if ctx.needs_input_grad[1] else None  # [V, C]
+        dw = _head_grad(hc, grad_logits, weight.dtype) if ctx.needs_input_grad[1] else None  # [V, C]
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total / n
