@@ -2,9 +2,11 @@
 
 For each precision (fp32; bf16 autocast with fp32 master weights) the script times
 optimizer steps of
-- ours: `polycoder.train.loop.Trainer.train_step` on `polycoder.model.GPTNeoX` (SDPA
-  causal attention, the output head fused with the cross-entropy, fp32 products through
-  oneDNN on non-Intel CPUs (`polycoder.train.onednn`), fused AdamW, gradient clipping);
+- ours: `polycoder.train.loop.Trainer.train_step` on `polycoder.model.GPTNeoX` (the QKV
+  split and rotary as one native pass, SDPA's causal attention with a native backward in
+  bf16 (`polycoder.train.attention`), the output head fused with the cross-entropy, fp32
+  products through oneDNN on non-Intel CPUs (`polycoder.train.onednn`), fused AdamW,
+  gradient clipping);
 - transformers: `GPTNeoXForCausalLM(input_ids, labels=...)` with its own loss, backward,
   clipping and `torch.optim.AdamW` (defaults), the usual way to train it;
 all of them (both implementations at every precision) taking their steps in turn in the
