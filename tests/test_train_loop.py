@@ -219,6 +219,15 @@ def test_tiny_model_loss_falls(tmp_path):
     assert records[-1]["val_ppl"] == pytest.approx(np.exp(records[-1]["val_loss"]))
 
 
+def test_tiny_model_loss_falls_in_bf16(tmp_path):
+    """bf16 autocast through the whole loop (on CPUs with the kernels: the native rotary
+    pass and attention backward of polycoder.train.attention)."""
+    t = Trainer(tiny_model(), settings(**{"run.max_steps": 40, "run.precision": "bf16"}), Dist(), [corpus()], [],
+                tmp_path, write, 32)
+    r = t.fit()
+    assert r.losses[0] > 5.5 and r.losses[-1] < 0.5 * r.losses[0]
+
+
 def test_resume_in_process_equals_uninterrupted(tmp_path):
     """Same as the SIGTERM test below, without subprocesses: 20 steps vs 8 + resume 12."""
     data = [corpus()]
