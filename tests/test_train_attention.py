@@ -85,14 +85,10 @@ def test_without_gradients_or_in_fp32_it_is_sdpa():
 
 
 def _torch_rotary(qkv, H, cos, sin):
-    """The model's torch path (polycoder.model.apply_rotary) for the same split."""
-    from polycoder.model import apply_rotary
+    """The model's torch path for the same split."""
+    from polycoder.model import split_qkv_rotary
 
-    B, T, C3 = qkv.shape
-    x = qkv.view(B, T, H, 3, C3 // (3 * H))
-    qk, v = x.split((2, 1), dim=3)
-    qk = apply_rotary(qk, cos[:, None, None], sin[:, None, None])
-    return qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2), v[:, :, :, 0].transpose(1, 2)
+    return split_qkv_rotary(qkv, H, cos[:, None, None], sin[:, None, None])
 
 
 @pytest.mark.parametrize("hs,rot,autocast", [(64, 64, False), (64, 64, True), (80, 20, False), (24, 8, True)])

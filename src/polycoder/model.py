@@ -120,6 +120,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((xr * cos + rotated * sin, xp), dim=-1)
 
 
+def split_qkv_rotary(qkv: torch.Tensor, n_head: int, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k, v [B, H, T, hs] (views) from the fused projection [B, T, 3C], q and k rotated
+    together in one set of element-wise operations; cos/sin [T, 1, 1, rotary_dims]. The
+    torch path of training's split (`polycoder.train.attention.rotary_qkv` is the native one)."""
+    B, T, C3 = qkv.shape
+    qkv = qkv.view(B, T, n_head, 3, C3 // (3 * n_head))  # the interleaved weight: q, k, v per head
+    qk, v = qkv.split((2, 1), dim=3)  # [B, T, H, 2, hs], [B, T, H, 1, hs]
+    qk = apply_rotary(qk, cos, sin)  # [B, T, H, 2, hs]
+    q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)  # [B, H, T, hs]
+    return q, k, v[:, :, :, 0].transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -150,21 +162,13 @@ class Attention(nn.Module):
         """The training path: causal attention over positions 0..T-1 of each row.
 
         On the CPU the split of the fused projection and the rotation are one native pass
-        (`polycoder.train.attention.rotary_qkv`); elsewhere q and k rotate together in one
-        set of element-wise operations, read in place from the fused projection. Either way
+        (`polycoder.train.attention.rotary_qkv`); elsewhere `split_qkv_rotary`. Either way
         cos/sin are [T, 1, 1, rotary_dims] (fp32 under autocast, as in transformers, so q and
         k rotate in fp32 and attention runs in autocast's dtype).
         """
         B, T, _ = qkv.shape
         split = rotary_qkv(qkv, self.n_head, cos.view(T, -1), sin.view(T, -1))  # one native pass where it applies
-        if split is not None:
-            q, k, v = split
-        else:
-            qkv = qkv.view(B, T, self.n_head, 3, self.head_size)  # the interleaved weight: q, k, v per head
-            qk, v = qkv.split((2, 1), dim=3)  # [B, T, H, 2, hs], [B, T, H, 1, hs]
-            qk = apply_rotary(qk, cos, sin)  # [B, T, H, 2, hs]
-            q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)  # [B, H, T, hs]
-            v = v[:, :, :, 0].transpose(1, 2)  # [B, H, T, hs]
+        q, k, v = split if split is not None else split_qkv_rotary(qkv, self.n_head, cos, sin)
         y = causal_attention(q, k, v)  # SDPA, with a faster backward for bf16 on the CPU
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # [B, H, T, hs] -> [B, T, C]
 

@@ -115,11 +115,12 @@ def _load():
             dll.pc_blocks.argtypes = [P, I, L, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
             dll.pc_cross_entropy_bf16.restype = I
             dll.pc_cross_entropy_bf16.argtypes = [P, L, L, P, P, P, P, I, I]
-            dll.pc_attention_grad_bf16.restype = dll.pc_rotary_qkv.restype = I
+            dll.pc_attention_grad_bf16.restype = I
+            dll.pc_attention_grad_bf16.argtypes = [P] * 8 + [L] * 5 + [P, ctypes.c_float, P, P, I, I]
+            dll.pc_rotary_qkv.restype = I
             dll.pc_rotary_qkv.argtypes = [P, I, P, P, P, I, P, P, L, L, L, L, L, I, I]
             dll.pc_transpose_bf16_f32.restype = I
             dll.pc_transpose_bf16_f32.argtypes = [P, P, L, L, I]
-            dll.pc_attention_grad_bf16.argtypes = [P] * 8 + [L] * 5 + [P, ctypes.c_float, P, P, I, I]
             _lib, _why = dll, "available"
         except (OSError, subprocess.SubprocessError) as e:
             _lib, _why = False, f"could not build or load them: {e}"
@@ -217,7 +218,7 @@ def attention_grad_bf16_(q: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
     elements. Needs `has_attention_grad_bf16()`. The products run on AMX tiles where the CPU
     has them, else on vdpbf16ps; POLYCODER_AMX=0 forces the latter (tests compare the two)."""
     n, T, D = k.shape
-    Tp, Dp = _up32(T), _up32(D)
+    Tp, Dp = round_up32(T), round_up32(D)
     tensors = (q, dout, out, k, v, lse, p, ds, work)
     ok = (all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) and D % 2 == 0
           and all(t.dtype == torch.bfloat16 for t in (q, dout, out, k, v, p, ds))
@@ -226,7 +227,7 @@ def attention_grad_bf16_(q: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
           and work.numel() >= attention_work(n, T, D))
     if not ok:
         raise ValueError("attention_grad_bf16_ got tensors of the wrong shape, dtype or layout (see its docstring)")
-    pairs = n * Dp // 2 * Tp
+    pairs = n * Dp // 2 * Tp  # 32-bit pairs of bf16 in each of kp and vp
     kp, vp, dsum = work[:pairs], work[pairs:2 * pairs], work[2 * pairs:2 * pairs + n * T]
     rc = _load().pc_attention_grad_bf16(*(t.data_ptr() for t in (q, dout, out, k, v, kp, vp, dsum)), n, T, Tp, D, Dp,
                                         lse.data_ptr(), scale, p.data_ptr(), ds.data_ptr(),
@@ -271,20 +272,29 @@ def transpose_bf16_to_f32(src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def _up32(x: int) -> int:
+def round_up32(x: int) -> int:
+    """x rounded up to a multiple of 32: the padded length and head size of `attention_grad_bf16_`."""
     return (x + 31) // 32 * 32
 
 
 def attention_work(n: int, T: int, D: int) -> int:
     """fp32 elements of the work buffer of `attention_grad_bf16_`: k and v in pairs, and
     the row sums."""
-    return 2 * n * _up32(D) // 2 * _up32(T) + n * T
+    return n * round_up32(D) * round_up32(T) + n * T
+
+
+_attention_grad_runs: bool | None = None
 
 
 def has_attention_grad_bf16() -> bool:
-    """Whether `attention_grad_bf16_` runs here (the kernels built, and AVX512-BF16)."""
-    lib = _load()
-    return lib is not None and lib.pc_attention_grad_bf16(*[None] * 8, 0, 0, 0, 0, 0, None, 1.0, None, None, 1, 1) == 0
+    """Whether `attention_grad_bf16_` runs here (the kernels built, and AVX512-BF16); asked
+    of the library once (an empty call: -4 where the CPU lacks AVX512-BF16)."""
+    global _attention_grad_runs
+    if _attention_grad_runs is None:
+        lib = _load()
+        _attention_grad_runs = lib is not None and lib.pc_attention_grad_bf16(
+            *[None] * 8, 0, 0, 0, 0, 0, None, 1.0, None, None, 1, 1) == 0
+    return _attention_grad_runs
 
 
 class BlockPlan:

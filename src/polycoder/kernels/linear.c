@@ -66,6 +66,11 @@ static inline float bias_at(const void *bias, int bias_bf16, long n) {
 
 int pc_available(void) { return 1; }
 
+/* The first n lanes of 16 (none for n <= 0, all for n >= 16): the mask of a loop's tail. */
+static inline __mmask16 lanes16(long n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
 /* Weights are prefetched about this many bytes ahead of the rows being read (measured:
  * 12-16 KB keeps a core's stream of misses full; 3 KB was half as fast for int8). */
 #define PF_BYTES 16384
@@ -120,7 +125,7 @@ static inline __m512 act16(__m512 v, int act) {
 
 static void activate_all(float *v, long n, int act) {
     for (long i = 0; i < n; i += 16) {
-        __mmask16 mask = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __mmask16 mask = lanes16(n - i);
         _mm512_mask_storeu_ps(v + i, mask, act16(_mm512_maskz_loadu_ps(mask, v + i), act));
     }
 }
@@ -174,7 +179,7 @@ static inline __attribute__((always_inline)) void block_f32(
         }
     }
     if (k < k1) {
-        __mmask16 mask = (__mmask16)((1u << (k1 - k)) - 1u);
+        __mmask16 mask = lanes16(k1 - k);
         __m512 wv[4];
         for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k);
         for (int m = 0; m < MB; m++) {
@@ -204,7 +209,7 @@ static inline __m512 widen_i8(const int8_t *p, __mmask16 mask) {
         for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();                             \
         const long pf = pf_rows(K, sizeof(WT));                                                    \
         for (long k = k0; k < k1; k += 16) {                                                       \
-            __mmask16 mask = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1u); \
+            __mmask16 mask = lanes16(k1 - k);                                                       \
             __m512 wv[4];                                                                          \
             for (int r = 0; r < R; r++) {                                                          \
                 _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);               \
@@ -415,11 +420,11 @@ static inline void attend_scores(const float *q, const void *kc, int bf16, long 
     __m512 mxv = _mm512_set1_ps(-INFINITY);
     for (long s0 = 0; s0 < n; s0 += 16) {
         const long cnt = n - s0 < 16 ? n - s0 : 16;
-        const __mmask16 valid = cnt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1u);
+        const __mmask16 valid = lanes16(cnt);
         __m512 d[16];
         for (int j = 0; j < 16; j++) d[j] = _mm512_setzero_ps();
         for (long i = 0; i < hs; i += 16) {
-            const __mmask16 mask = hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
+            const __mmask16 mask = lanes16(hs - i);
             const __m512 qv = _mm512_maskz_loadu_ps(mask, q + i);
             for (int j = 0; j < 16; j++)
                 d[j] = _mm512_fmadd_ps(qv, load16(kc, bf16, (row + s0 + j) * hs + i, j < cnt ? mask : 0), d[j]);
@@ -431,14 +436,14 @@ static inline void attend_scores(const float *q, const void *kc, int bf16, long 
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
     __m512 sum = _mm512_setzero_ps();
     for (long s0 = 0; s0 < n; s0 += 16) {
-        const __mmask16 valid = n - s0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s0)) - 1u);
+        const __mmask16 valid = lanes16(n - s0);
         const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + s0), mx));
         _mm512_mask_storeu_ps(scores + s0, valid, e);
         sum = _mm512_mask_add_ps(sum, valid, sum, e);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
     for (long s0 = 0; s0 < n; s0 += 16) {
-        const __mmask16 valid = n - s0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s0)) - 1u);
+        const __mmask16 valid = lanes16(n - s0);
         _mm512_mask_storeu_ps(scores + s0, valid, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, scores + s0), inv));
     }
 }
@@ -452,7 +457,7 @@ static inline __attribute__((always_inline)) void attend_values(const void *vc, 
     for (int c = 0; c < NV; c++) {
         const long i = i0 + 16 * c;
         a[c] = _mm512_setzero_ps();
-        mk[c] = i >= hs ? (__mmask16)0 : hs - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hs - i)) - 1u);
+        mk[c] = lanes16(hs - i);
     }
     for (long s = 0; s < n; s++) {
         const __m512 w = _mm512_set1_ps(scores[s]);
@@ -577,7 +582,8 @@ int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void 
  * even). Three passes over a row (max, sum of exponentials, gradient), the row in L2
  * after the first; rows split across threads. Replaces the fp32 round trip of torch's
  * chunked softmax (upcast, exp, write-back): 50 ms against 144-209 ms for 2048 x 50304
- * logits on 2 cores (tests/test_kernels.py checks it against fp32 softmax). */
+ * logits on 2 cores (a timing script of the session that wrote it, not kept; the kernel is
+ * checked against fp32 softmax in tests/test_kernels.py). */
 static inline __m256i round_bf16x16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -592,13 +598,13 @@ int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, co
         uint16_t *row = z + r * V;
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (long v = 0; v < V; v += 16) {
-            __mmask16 m = V - v >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v)) - 1);
+            __mmask16 m = lanes16(V - v);
             mx = _mm512_mask_max_ps(mx, m, mx, widen_bf16(row + v, m));
         }
         float zmax = _mm512_reduce_max_ps(mx);
         __m512 vmax = _mm512_set1_ps(zmax), sum = _mm512_setzero_ps();
         for (long v = 0; v < V; v += 16) {
-            __mmask16 m = V - v >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v)) - 1);
+            __mmask16 m = lanes16(V - v);
             sum = _mm512_mask_add_ps(sum, m, sum, exp16(_mm512_sub_ps(widen_bf16(row + v, m), vmax)));
         }
         float lse = zmax + logf(_mm512_reduce_add_ps(sum));
@@ -611,7 +617,7 @@ int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, co
         if (wr > 0.0f) {
             __m512 shift = _mm512_set1_ps(lse - logf(wr));
             for (long v = 0; v < V; v += 16) {
-                __mmask16 m = V - v >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v)) - 1);
+                __mmask16 m = lanes16(V - v);
                 __m512 g = exp16(_mm512_sub_ps(widen_bf16(row + v, m), shift));
                 _mm256_mask_storeu_epi16(row + v, m, round_bf16x16(g));
             }
@@ -642,8 +648,8 @@ static inline void grad_strip(const float *s, const float *dp, long r, long c0, 
                               float scale, uint16_t *p_row, uint16_t *ds_row) {
     if (c0 >= T) return;
     const long vis = r + 1 - c0, cols = T - c0;
-    const __mmask16 m = vis >= 16 ? 0xFFFF : vis <= 0 ? 0 : (__mmask16)((1u << vis) - 1);
-    const __mmask16 st = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+    const __mmask16 m = lanes16(vis);
+    const __mmask16 st = lanes16(cols);
     const __m512 vs = _mm512_set1_ps(scale);
     const __m512 pv = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, _mm512_set1_ps(l))));
     const __m512 g = _mm512_mul_ps(_mm512_mul_ps(pv, vs), _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_set1_ps(d)));
@@ -651,10 +657,18 @@ static inline void grad_strip(const float *s, const float *dp, long r, long c0, 
     _mm256_mask_storeu_epi16(ds_row + c0, st, round_bf16x16(g));
 }
 
+/* Columns cend..T-1 of `rows` rows of p and ds from element `at`: keys past every row's diagonal. */
+static void zero_beyond(uint16_t *p, uint16_t *ds, long at, long rows, long cend, long T) {
+    for (long j = 0; j < rows && cend < T; j++) {
+        memset(p + at + j * T + cend, 0, (size_t)(T - cend) * 2);
+        memset(ds + at + j * T + cend, 0, (size_t)(T - cend) * 2);
+    }
+}
+
 static float row_dot_bf16(const uint16_t *a, const uint16_t *b, long D) {
     __m512 acc = _mm512_setzero_ps();
     for (long e = 0; e < D; e += 16) {
-        __mmask16 m = D - e >= 16 ? 0xFFFF : (__mmask16)((1u << (D - e)) - 1);
+        __mmask16 m = lanes16(D - e);
         acc = _mm512_fmadd_ps(widen_bf16(a + e, m), widen_bf16(b + e, m), acc);
     }
     return _mm512_reduce_add_ps(acc);
@@ -706,11 +720,7 @@ static void attention_tiles_amx(const uint16_t *q, const uint16_t *dout, const u
                     grad_strip(sb + 16 * j, db + 16 * j, r, c0, T, lse[h * T + r], dsum[h * T + r], scale, p + out, ds + out);
                 }
             }
-            for (long j = 0; j < rows && cend < T; j++) {
-                const long out = (h * T + r0 + j) * T;
-                memset(p + out + cend, 0, (size_t)(T - cend) * 2);
-                memset(ds + out + cend, 0, (size_t)(T - cend) * 2);
-            }
+            zero_beyond(p, ds, (h * T + r0) * T, rows, cend, T);
         }
         _tile_release();
     }
@@ -765,11 +775,7 @@ static void attention_tiles_dp(const uint16_t *q, const uint16_t *dout, const ui
                 }
             }
         }
-        for (int j = 0; j < rows && cend < T; j++) {
-            const long out = (h * T + r0 + j) * T;
-            memset(p + out + cend, 0, (size_t)(T - cend) * 2);
-            memset(ds + out + cend, 0, (size_t)(T - cend) * 2);
-        }
+        zero_beyond(p, ds, (h * T + r0) * T, rows, cend, T);
     }
 }
 
@@ -808,8 +814,8 @@ int pc_attention_grad_bf16(void) { return -4; }
  * layout with cos/sin [T, rot] (fp32; the arithmetic is fp32, one rounding at the end, as
  * transformers' fp32 rotation followed by SDPA's cast). Backward (grad set): dq, dk, dv
  * -> dx, the transposed rotation. x and the outputs are fp32 or bf16 independently.
- * Replaces split + rotate + cat + transposed copies and their backward (about 200 ms of a
- * 160M bf16 step in torch's element-wise operations). */
+ * Replaces split + rotate + cat + transposed copies and their backward (forward + backward
+ * 3.7 ms against 20.3 ms at 160M shapes in bf16: benchmarks/train_kernels.py). */
 static inline void store16(void *p, int bf16, long i, __m512 v, __mmask16 m) {
     if (bf16) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, round_bf16x16(v));
     else _mm512_mask_storeu_ps((float *)p + i, m, v);
@@ -830,7 +836,7 @@ int pc_rotary_qkv(void *x, int x_bf16, void *q, void *k, void *v, int o_bf16, co
             long i0 = 0;
             if (part < 2) {
                 for (long i = 0; i < half; i += 16) {
-                    const __mmask16 m = half - i >= 16 ? 0xFFFF : (__mmask16)((1u << (half - i)) - 1);
+                    const __mmask16 m = lanes16(half - i);
                     const __m512 c1 = _mm512_maskz_loadu_ps(m, c + i), c2 = _mm512_maskz_loadu_ps(m, c + half + i);
                     const __m512 s1 = _mm512_maskz_loadu_ps(m, sn + i), s2 = _mm512_maskz_loadu_ps(m, sn + half + i);
                     if (!grad) {  /* out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2 */
@@ -846,7 +852,7 @@ int pc_rotary_qkv(void *x, int x_bf16, void *q, void *k, void *v, int o_bf16, co
                 i0 = rot;
             }
             for (long i = i0; i < hs; i += 16) {
-                const __mmask16 m = hs - i >= 16 ? 0xFFFF : (__mmask16)((1u << (hs - i)) - 1);
+                const __mmask16 m = lanes16(hs - i);
                 if (!grad) store16(o, o_bf16, oo + i, load16(x, x_bf16, xp + i, m), m);
                 else store16(x, x_bf16, xp + i, load16(o, o_bf16, oo + i, m), m);
             }
@@ -869,7 +875,7 @@ int pc_transpose_bf16_f32(const uint16_t *src, float *dst, long C, long V, int t
     for (long st = 0; st < strips; st++) {
         const long v0 = st * 64, v1 = v0 + 64 < V ? v0 + 64 : V;
         for (long c0 = 0; c0 < C; c0 += 16) {
-            const __mmask16 m = C - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (C - c0)) - 1);
+            const __mmask16 m = lanes16(C - c0);
             long v = v0;
             for (; v + 1 < v1; v += 2) {
                 const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, src + c0 * V + v, 1);

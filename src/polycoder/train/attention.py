@@ -3,13 +3,15 @@
 `rotary_qkv` splits the interleaved query_key_value output into q, k, v and rotates q and
 k in one native pass each way (fp32 or bf16; `polycoder.kernels.rotary_qkv_`), where torch
 took a split, a rotation, a concatenation and transposing copies, and as many again in
-backward (160M, 4 x 512, bf16, steps interleaved in one process: median step 4.27 s with
-neither, 3.41 s with this alone, 3.15 s with the attention below too).
+backward: forward + backward at 160M shapes 3.7 ms against 20.3 ms in bf16, 5.7 against
+25.0 in fp32. With the attention below, a whole 160M bf16 step (4 x 512) measured 3.42 s
+against 4.34 s on the torch paths. Figures: `benchmarks/train_kernels.py --steps 6`, 2
+threads (docs/benchmarks/train-kernels-2026-12-01.json).
 
 `causal_attention` keeps PyTorch's flash forward and gives bf16 a faster backward. On the
-CPU, `F.scaled_dot_product_attention` (flash) runs its bf16 forward in about 9 ms
-for PolyCoder-160M's shapes (4 x 12 heads x 512 x 64, 2 cores) but its backward in about
-60 ms. This backward recomputes the attention probabilities from the forward's
+CPU, `F.scaled_dot_product_attention` (flash) spends most of a bf16 forward + backward in
+the backward (about 9 ms of forward for PolyCoder-160M's shapes, 4 x 12 heads x 512 x 64,
+2 cores; profiled). This backward recomputes the attention probabilities from the forward's
 log-sum-exp, as flash attention's backward does, in one native pass over a group of heads
 (`polycoder.kernels.attention_grad_bf16_`: q.k and dO.v as AMX tile products accumulated
 in fp32, or vdpbf16ps where the CPU has no AMX; p and ds written in bf16, zero above the
@@ -18,9 +20,10 @@ diagonal), then
     dv = p^T dO,   dq = ds k,   dk = ds^T q
 
 as whole bf16 matrix products (oneDNN, on AMX). Products over blocks that skip the zero
-triangle measured slower (their strided operands are copied). The backward measured 21 ms
-against SDPA's 62 (AMX; 37 ms on the vdpbf16ps path), with gradients closer to fp64 than
-SDPA's (tests/test_train_attention.py). p and ds exist for one group of heads at a time
+triangle measured slower (their strided operands are copied). Forward + backward measured
+25.6 ms against SDPA's 56.0 (AMX; 33.6 against 51.8 on the vdpbf16ps path, POLYCODER_AMX=0;
+`benchmarks/train_kernels.py`), with gradients closer to fp64 than SDPA's
+(tests/test_train_attention.py). p and ds exist for one group of heads at a time
 (at most `GROUP_BYTES`, buffers kept between calls). Anything else (fp32, other devices,
 no gradients, a CPU without AVX512-BF16, `POLYCODER_KERNELS=0`) is plain SDPA.
 """
@@ -74,7 +77,7 @@ class _CausalAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         B, H, T, D = q.shape
         n, scale = B * H, 1.0 / math.sqrt(D)
-        Tp, Dp = (T + 31) // 32 * 32, (D + 31) // 32 * 32
+        Tp, Dp = kernels.round_up32(T), kernels.round_up32(D)
         q, k, v, do, out = (t.reshape(n, T, D).contiguous() for t in (q, k, v, grad_out.to(q.dtype), out))
         qp, dop = _padded(q, Tp, Dp), _padded(do, Tp, Dp)
         lse = lse.reshape(n, T).contiguous()
@@ -108,8 +111,8 @@ class _RotaryQKV(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         B, T, H, _, hs = ctx.shape
-        like = next(g for g in (dq, dk, dv) if g is not None)
-        dq, dk, dv = ((torch.zeros_like(like) if g is None else g).to(like.dtype).contiguous() for g in (dq, dk, dv))
+        like = next(g for g in (dq, dk, dv) if g is not None)  # an output nothing used has no gradient
+        dq, dk, dv = ((torch.zeros_like(like) if g is None else g).contiguous() for g in (dq, dk, dv))
         dx = torch.empty(ctx.shape, dtype=ctx.dtype)
         kernels.rotary_qkv_(dx, dq, dk, dv, cos, sin, grad=True)
         return dx.view(B, T, H * 3 * hs), None, None, None, None

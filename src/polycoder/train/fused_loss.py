@@ -84,9 +84,10 @@ def _head_grad(h: torch.Tensor, grad_logits: torch.Tensor, dtype: torch.dtype) -
     faster than the transpose of h.T @ grad_logits, and a transposed [V, C] gradient costs a
     slow transposing copy later (80 ms for PolyCoder's head). Two exceptions: oneDNN's fp32
     route (non-Intel CPUs) was measured faster the other way round; and a bf16 product for
-    an fp32 weight (autocast) runs as h.T @ grad_logits (122 ms against 218 ms for
-    PolyCoder's head on AMX), transposed and widened to fp32 in one native pass
-    (`kernels.transpose_bf16_to_f32`), which the weight's fp32 gradient needs anyway.
+    an fp32 weight (autocast) runs as h.T @ grad_logits, transposed and widened to fp32 in
+    one native pass (`kernels.transpose_bf16_to_f32`), which the weight's fp32 gradient
+    needs anyway: 152 ms against 205 ms for g.T @ h and its cast at PolyCoder's head
+    (`benchmarks/train_kernels.py`, 2 threads, AMX).
     """
     if h.dtype == torch.float32 and h.device.type == "cpu" and onednn.preferred():
         return onednn.matmul_nt(h.t(), grad_logits.t()).t()
