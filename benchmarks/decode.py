@@ -59,11 +59,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from polycoder import kernels  # noqa: E402
 from polycoder.checkpoint import build_model, default_tokenizer, load_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig  # noqa: E402
 from polycoder.generation import Engine, SamplingParams, Sequence, sample_generator  # noqa: E402
-from polycoder import kernels  # noqa: E402
-from polycoder.inference import physical_cores, prepare_decode, quantize  # noqa: E402
+from polycoder.inference import physical_cores, prepare_decode  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 ENGINES = ["ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "hf-fp32", "hf-bf16", "llama-f32", "llama-f16", "llama-q8_0"]

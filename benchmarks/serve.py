@@ -55,7 +55,8 @@ def make_prompts(n: int) -> list[str]:
 
 
 def build_model(folder: Path) -> Path:
-    from polycoder.checkpoint import build_model as build, save_checkpoint
+    from polycoder.checkpoint import build_model as build
+    from polycoder.checkpoint import save_checkpoint
     from polycoder.config import ModelConfig
     from polycoder.tokenizer import Tokenizer
 

@@ -3,7 +3,7 @@
 #
 #   scripts/train_bundled.sh [RAW_DIR] [WORK_DIR]
 #
-# RAW_DIR   the code corpus from scripts/fetch_corpus.py: RAW_DIR/{train,heldout}/{Language}/{source}/...
+# RAW_DIR   the code corpus from `polycoder data fetch`: RAW_DIR/{train,heldout}/{Language}/{source}/...
 #           (default: ../corpus-cache/raw, next to the repository)
 # WORK_DIR  everything this script writes besides the bundled model (default: build/bundled)
 #
@@ -33,7 +33,7 @@ MB_PER_LANGUAGE=${MB_PER_LANGUAGE:-8}
 pc() { "$PY" -m polycoder "$@"; }
 step() { printf '\n=== %s  (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
-[ -d "$RAW/train" ] || { echo "no corpus at $RAW/train: run scripts/fetch_corpus.py first" >&2; exit 2; }
+[ -d "$RAW/train" ] || { echo "no corpus at $RAW/train: run polycoder data fetch --out DIR first (RAW_DIR is DIR/raw)" >&2; exit 2; }
 mkdir -p "$WORK"
 
 step "0. sample ${MB_PER_LANGUAGE} MB a language"
@@ -143,11 +143,9 @@ assert size < 30e6, "the bundled model must stay under 30 MB"
 PYEOF
 
 step "7. held-out loss per language"
-# Files of repositories never seen in training, scored on their own (polycoder.train.heldout);
-# EVAL_PPL=1 also runs `polycoder eval perplexity` (per Pygments token, the paper's measure).
-"$PY" -m polycoder.train.heldout "$ASSET" "$RAW/heldout" "$WORK/eval" "${HELDOUT_FILES:-100}"
-if [ "${EVAL_PPL:-0}" = 1 ]; then
-  [ -f "$WORK/heldout/stats.json" ] || pc data collect "$RAW/heldout" --out "$WORK/heldout" --repo-depth 2 \
-      --workers "$WORKERS" --resume
-  pc eval perplexity --data "$WORK/heldout" --model "$ASSET" --out "$WORK/eval" --batch-size 8
-fi
+# Files of repositories never seen in training, each scored on its own: HELDOUT_FILES (default
+# 100) files a language that the language table claims, the same ones every time (hash order).
+# WORK/eval/perplexity.md has the loss in nats per model token (docs/bundled_model_heldout.md),
+# token perplexity, bits per byte and the paper's perplexity per Pygments token.
+pc eval perplexity --data "$RAW/heldout" --model "$ASSET" --max-files "${HELDOUT_FILES:-100}" \
+    --out "$WORK/eval" --batch-size 8

@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny random models saved as Hugging Face folders, PolyCoder's tokenizer."""
+"""Shared fixtures: tiny random models saved as Hugging Face folders, and tokenizers.
+
+Every fixture here builds what it needs from the repository itself (the bundled model's
+tokenizer, which ships in the package), so the suite runs in a plain clone. Only the
+`polycoder_tokenizer*` fixtures read PolyCoder's released tokenizer files from
+../shared/polycoder-reference, for the tests that are about those files; without them
+those tests skip with a message.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from polycoder.checkpoint import build_model, save_checkpoint
+from polycoder.config import ModelConfig, pad_vocab
+from polycoder.locate import BUNDLED_DIR
+from polycoder.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "polycoder-reference"
@@ -26,18 +38,25 @@ def polycoder_tokenizer_files() -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def polycoder_tokenizer(polycoder_tokenizer_files):
-    from polycoder.tokenizer import Tokenizer
-
+def polycoder_tokenizer(polycoder_tokenizer_files) -> Tokenizer:
     return Tokenizer.from_files(*polycoder_tokenizer_files)
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory, polycoder_tokenizer) -> Path:
-    """A random test-tiny model (PolyCoder's layout and tokenizer) saved by us."""
-    from polycoder.checkpoint import build_model, save_checkpoint
-    from polycoder.config import ModelConfig
+def code_tokenizer() -> Tokenizer:
+    """The bundled model's tokenizer: 8192 code tokens (all 256 bytes, whitespace runs), in the package."""
+    return Tokenizer.from_pretrained(BUNDLED_DIR)
 
+
+@pytest.fixture(scope="session")
+def tiny_config(code_tokenizer) -> ModelConfig:
+    """test-tiny (PolyCoder's layout, tiny widths) with the code tokenizer's vocabulary."""
+    return ModelConfig.from_preset("test-tiny").replace(vocab_size=pad_vocab(code_tokenizer.vocab_size))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_config, code_tokenizer) -> Path:
+    """A random test-tiny model with the code tokenizer, saved by us."""
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_checkpoint(build_model(ModelConfig.from_preset("test-tiny"), seed=1), polycoder_tokenizer, folder)
+    save_checkpoint(build_model(tiny_config, seed=1), code_tokenizer, folder)
     return folder

@@ -46,11 +46,11 @@ def test_json_samples(tiny_folder):
     assert all("\n" not in s["text"] and ";" not in s["text"] for s in samples)
 
 
-def test_tokenize_and_decode(tiny_folder, tmp_path, polycoder_tokenizer):
+def test_tokenize_and_decode(tiny_folder, tmp_path, code_tokenizer):
     f = tmp_path / "x.go"
     f.write_text("func main() {\n\tprintln(\"hi\")\n}\n")
     ids = json.loads(run("tokenize", "--model", str(tiny_folder), "--file", str(f)).stdout)
-    assert ids == polycoder_tokenizer.encode(f.read_text())
+    assert ids == code_tokenizer.encode(f.read_text())
     back = run("tokenize", "--model", str(tiny_folder), "--decode", "--text", json.dumps(ids)).stdout
     assert back == f.read_text()
 

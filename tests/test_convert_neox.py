@@ -17,8 +17,8 @@ import torch
 
 from polycoder.checkpoint import build_model, load_model
 from polycoder.config import ModelConfig
+from polycoder.convert.neox import convert_neox, neox_yaml, write_neox_checkpoint
 from polycoder.errors import PolycoderError
-from polycoder.export.neox import convert_neox, neox_yaml, write_neox_checkpoint
 
 
 def _random_model(preset: str, seed: int = 3):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
-from polycoder.data.bpe import WHITESPACE_TOKENS, train_tokenizer
-from polycoder.data.corpus import write_table
-from polycoder.tokenizer import Tokenizer
-
 from test_data_fixtures import c_like, python_code
+
+from polycoder.corpus import write_table
+from polycoder.tokenizer import Tokenizer
+from polycoder.tokenizer.train import WHITESPACE_TOKENS, train_tokenizer
 
 SAMPLES = [
     "def f(x):\n    return x  +  1\n\n\tif a:\n\t\tpass  # héllo wörld ✓\r\n        \n",
@@ -64,7 +62,7 @@ def test_round_trip_of_any_bytes(trained):
     tok = Tokenizer.from_pretrained(root / "tok")
     for s in SAMPLES:
         assert tok.decode(tok.encode(s)) == s
-    data = bytes(range(256)) * 2 + "é".encode("utf-8")[:1]
+    data = bytes(range(256)) * 2 + "é".encode()[:1]
     assert tok.decode_bytes(tok.encode(data)) == data
 
 
@@ -98,7 +96,7 @@ def test_bytes_per_token_report_against_polycoder(trained, tmp_path, polycoder_t
     ours, ref = report["bytes_per_token"], report["reference_bytes_per_token"]
     assert set(ours) == set(ref) == {"Go", "Python"}
     ref_tok = Tokenizer.from_files(*polycoder_tokenizer_files)
-    from polycoder.data.corpus import iter_documents
+    from polycoder.corpus import iter_documents
 
     texts = [d["text"] for d in iter_documents(root / "split" / "heldout") if d["language"] == "Go"]
     assert ref["Go"]["tokens"] == sum(len(ref_tok.encode(t)) for t in texts)  # recomputed independently

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from polycoder.data.collect import collect
-from polycoder.data.corpus import iter_documents, read_index
-from polycoder.errors import PolycoderError
-
 from test_data_fixtures import build_sources, python_code
+
+from polycoder.corpus import iter_documents, read_index
+from polycoder.data.collect import collect
+from polycoder.errors import PolycoderError
 
 OPTS = dict(max_bytes=20000, tasks=4)
 

@@ -7,8 +7,15 @@ import random
 import numpy as np
 import pytest
 
-from polycoder.data.dedup import (MinHashParams, NearIndex, exact_duplicates, lsh_params, minhash,
-                                  near_duplicate_clusters, shingle_hashes)
+from polycoder.data.dedup import (
+    MinHashParams,
+    NearIndex,
+    exact_duplicates,
+    lsh_params,
+    minhash,
+    near_duplicate_clusters,
+    shingle_hashes,
+)
 from polycoder.errors import PolycoderError
 
 

@@ -6,8 +6,7 @@ import pytest
 from pygments.lexers import get_lexer_by_name
 from pygments.token import Text
 
-from polycoder.data.languages import (POLYCODER_LANGUAGES, language_of, languages, pygments_token_count,
-                                      register_language)
+from polycoder.data.languages import POLYCODER_LANGUAGES, language_of, languages, pygments_token_count, register_language
 from polycoder.errors import PolycoderError
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from polycoder.data.corpus import iter_documents, write_table
-from polycoder.data.shards import (HEADER_BYTES, list_shards, read_shard, tokenize_corpus, write_shard)
-from polycoder.errors import PolycoderError
-from polycoder.tokenizer import Tokenizer
-
 from test_data_fixtures import c_like, python_code
+
+from polycoder.corpus import iter_documents, write_table
+from polycoder.data.tokenize import tokenize_corpus
+from polycoder.errors import PolycoderError
+from polycoder.token_shards import HEADER_BYTES, list_shards, read_shard, write_shard
+from polycoder.tokenizer import Tokenizer
 
 
 def test_header_layout_read_with_struct(tmp_path):
@@ -95,8 +95,8 @@ def _corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def lossless_tokenizer(tmp_path_factory) -> Path:
-    from polycoder.data.bpe import train_tokenizer
-    from polycoder.data.corpus import write_table
+    from polycoder.corpus import write_table
+    from polycoder.tokenizer.train import train_tokenizer
 
     root = tmp_path_factory.mktemp("tok")
     rows = [{"repo": "o/r", "path": f"f{i}.py", "language": "Python", "size": 1, "sha256": str(i),

@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from test_data_fixtures import python_code
 
+from polycoder.corpus import iter_documents
 from polycoder.data.collect import collect
-from polycoder.data.corpus import iter_documents
 from polycoder.data.overlap import overlap
 from polycoder.data.split import assign_repositories, split
-
-from test_data_fixtures import python_code
 
 
 @pytest.fixture(scope="module")

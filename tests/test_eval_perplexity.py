@@ -1,18 +1,27 @@
 """Perplexity: our pooled log-likelihood equals transformers' GPTNeoXForCausalLM on the same
-windows; Pygments token counts equal Pygments' own; the cache makes re-runs free."""
+windows; Pygments token counts equal Pygments' own; the cache makes re-runs free; a held-out
+tree (RAW/heldout/{Language}/{source}/...) is read as the language table claims its files,
+`max_files` picks the same files in the order of their paths' SHA-256, and the loss in nats
+per model token equals an independent cross-entropy sum and log(token perplexity)."""
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("polycoder.checkpoint")
 transformers = pytest.importorskip("transformers")
 
-from polycoder.checkpoint import build_model, default_tokenizer, save_checkpoint  # noqa: E402
+import polycoder  # noqa: E402
+from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig  # noqa: E402
-from polycoder.eval.perplexity import perplexity, windows  # noqa: E402
+from polycoder.errors import PolycoderError  # noqa: E402
+from polycoder.eval.perplexity import perplexity, read_documents, windows  # noqa: E402
+from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 FILES = {
     "Python": {"a.py": "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n" * 6,
@@ -25,7 +34,7 @@ FILES = {
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "model"
     config = ModelConfig.from_preset("test-tiny").replace(block_size=32)
-    save_checkpoint(build_model(config, seed=1), default_tokenizer(), folder)
+    save_checkpoint(build_model(config, seed=1), Tokenizer.byte_level(), folder)
     return folder
 
 
@@ -52,7 +61,7 @@ def test_pooled_loglik_equals_transformers(tiny, data, tmp_path):
 
     res = perplexity(data=data, out=tmp_path, model=[str(tiny)])[str(tiny)]
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(tiny, torch_dtype=torch.float32).eval()
-    tok = default_tokenizer()
+    tok = Tokenizer.byte_level()
     lexers = {"Python": "python", "C": "c"}
     for lang, files in FILES.items():
         ll, n_tok, n_pyg, n_bytes = 0.0, 0, 0, 0
@@ -92,3 +101,105 @@ def test_cache_resumes_and_models_sit_side_by_side(tiny, data, tmp_path):
     assert again[str(tiny)] == first[str(tiny)]
     assert set(again) == {str(tiny), "test-tiny"}
     assert "test-tiny" in (tmp_path / "perplexity.md").read_text()
+
+
+# A held-out tree as scripts/fetch_corpus.py writes it: RAW/heldout/{Language}/{source}/...
+# Claimed files (by the language table) and files it does not claim, side by side.
+TREE = {
+    "Python/requests/src/api.py": b"def get(url, **kw):\n    return request('get', url, **kw)\n",
+    "Python/requests/src/models.py": b"class Response:\n    status_code = 200\n" * 5,
+    "Python/requests/setup.py": b"from setuptools import setup\nsetup(name='requests')\n",
+    "Python/requests/README.md": b"# Requests\nHTTP for humans.\n",
+    "Python/requests/Makefile": b"test:\n\tpytest\n",
+    "Python/flask/app.py": b"from flask import Flask\napp = Flask(__name__)\n",
+    "Python/flask/latin1.py": b"name = 'caf\xe9'\n",  # not UTF-8: read with replacement
+    "Python/flask/cli.py": b"import click\n\n@click.command()\ndef main():\n    pass\n",
+    "Go/cobra/command.go": b"package cobra\n\ntype Command struct {\n\tUse string\n}\n",
+    "Go/cobra/LICENSE": b"Apache License 2.0\n",
+    "Ruby/rake/README.md": b"# Rake\n",  # a language folder with nothing the table claims
+}
+CLAIMED = {"Python": ["requests/src/api.py", "requests/src/models.py", "requests/setup.py", "flask/app.py",
+                      "flask/latin1.py", "flask/cli.py"],
+           "Go": ["cobra/command.go"]}
+
+
+def _write_tree(root: Path, order: list[str]) -> Path:
+    for rel in order:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(TREE[rel])
+    # Skipped as heldout sets always skipped them: a symlink and a file over 1 MB.
+    (root / "Python/flask/link.py").symlink_to(root / "Python/flask/app.py")
+    (root / "Python/flask/huge.py").write_bytes(b"x = 1\n" * (1 << 18))
+    return root
+
+
+def _hash_order(language: str, max_files: int = 0) -> list[str]:
+    """Expected names, computed here: SHA-256 of the path relative to the language folder."""
+    rels = sorted(CLAIMED[language], key=lambda r: hashlib.sha256(r.encode()).hexdigest())
+    return [f"{language}/{r}" for r in rels[: max_files or None]]
+
+
+@pytest.fixture(scope="module")
+def heldout_tree(tmp_path_factory):
+    return _write_tree(tmp_path_factory.mktemp("raw") / "heldout", list(TREE))
+
+
+@pytest.fixture(scope="module")
+def bundled_like(tmp_path_factory):
+    """A random model with the bundled model's tokenizer (8192 tokens), saved by us."""
+    folder = tmp_path_factory.mktemp("bundled_like") / "model"
+    tok = Tokenizer.from_pretrained(Path(polycoder.__file__).parent / "assets" / "polycoder-tiny")
+    model = build_model(ModelConfig.from_preset("test-tiny").replace(vocab_size=8192, block_size=64), seed=1)
+    save_checkpoint(model, tok, folder)
+    return folder
+
+
+def test_heldout_tree_reads_only_claimed_files(heldout_tree):
+    docs = read_documents(heldout_tree)
+    assert [d.name for d in docs] == _hash_order("Go") + _hash_order("Python")
+    assert {d.language for d in docs} == {"Go", "Python"}  # Ruby/ holds only a README
+    latin = next(d for d in docs if d.name.endswith("latin1.py"))
+    assert latin.text == "name = 'caf\ufffd'\n"
+    only_readme = heldout_tree.parent / "readme-only"
+    (only_readme / "Python" / "src").mkdir(parents=True)
+    (only_readme / "Python" / "src" / "README.md").write_text("# nothing to score\n")
+    with pytest.raises(PolycoderError, match="language table claims"):
+        read_documents(only_readme)
+
+
+def test_max_files_picks_the_same_files_in_hash_order(heldout_tree, tmp_path):
+    picked = [d.name for d in read_documents(heldout_tree, max_files=2)]
+    assert picked == _hash_order("Go", 2) + _hash_order("Python", 2)
+    assert [d.name for d in read_documents(heldout_tree, max_files=2)] == picked
+    # The same tree written in the opposite order (another directory order): the same files.
+    again = _write_tree(tmp_path / "heldout", list(reversed(TREE)))
+    assert [d.name for d in read_documents(again, max_files=2)] == picked
+    assert [d.name for d in read_documents(heldout_tree, ["Python"], max_files=4)] == _hash_order("Python", 4)
+    with pytest.raises(PolycoderError, match="max-files"):
+        read_documents(heldout_tree, max_files=-1)
+
+
+def test_loss_in_nats_per_token_is_log_token_perplexity(heldout_tree, bundled_like, tmp_path):
+    res = perplexity(data=heldout_tree, out=tmp_path, model=[str(bundled_like)], max_files=3)[str(bundled_like)]
+    assert set(res) == {"Go", "Python"}
+    assert res["Python"]["files"] == 3 and res["Go"]["files"] == 1
+    # Independent of the scorer: one window at a time, summed cross-entropy (nats).
+    model, tok = load_model(bundled_like)
+    for lang, r in res.items():
+        nll, n = 0.0, 0
+        for doc in read_documents(heldout_tree, [lang], max_files=3):
+            seq = torch.tensor([tok.eod_id] + tok.encode(doc.text))
+            for s in range(0, len(seq) - 1, 64):
+                x, y = seq[s: s + 64], seq[s + 1: s + 65]
+                with torch.no_grad():
+                    nll += F.cross_entropy(model(x[None, : len(y)])[0].float(), y, reduction="sum").item()
+                n += len(y)
+        assert r["model_tokens"] == n
+        assert r["loss"] == pytest.approx(nll / n, rel=1e-5)
+        assert r["loss"] == pytest.approx(math.log(r["token_perplexity"]), rel=1e-12)
+    saved = json.loads((tmp_path / "perplexity.json").read_text())[str(bundled_like)]
+    assert saved["Python"]["loss"] == pytest.approx(res["Python"]["loss"])
+    md = (tmp_path / "perplexity.md").read_text()
+    assert "## Loss in nats per model token" in md and "loss (nats/token)" in md
+    assert f"| {res['Python']['loss']:.3f} |" in md and f"| {res['Go']['loss']:.4f} |" in md

@@ -279,8 +279,8 @@ def test_llama_cpp_added_whitespace_tokens(tmp_path, polycoder_tokenizer_files):
     """Tokenizers from `polycoder tokenizer train` add whitespace-run tokens: llama.cpp must match them too."""
     from tokenizers import AddedToken
 
-    from polycoder.data.bpe import WHITESPACE_TOKENS
     from polycoder.tokenizer import Tokenizer
+    from polycoder.tokenizer.train import WHITESPACE_TOKENS
 
     tok = Tokenizer.from_files(*polycoder_tokenizer_files)
     tok.backend.add_tokens([AddedToken(w, special=False, normalized=False) for w in WHITESPACE_TOKENS])

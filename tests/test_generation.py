@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from polycoder.backend.cuda_graphs import StaticDecode
+from polycoder.backend.decode import decode_one_token
 from polycoder.checkpoint import load_model
 from polycoder.errors import PolycoderError
-from polycoder.generation import Engine, SamplingParams, Sequence, generate, sample_generator, sample_tokens, stream
+from polycoder.generation import (
+    CacheRows,
+    Engine,
+    SamplingParams,
+    Sequence,
+    generate,
+    prefill,
+    sample_generator,
+    sample_tokens,
+    stream,
+)
+
 
 def hf_generate(hf, tok, ids, **kw):
     padding = list(range(tok.vocab_size, hf.config.vocab_size))  # never real tokens
@@ -24,8 +38,6 @@ def tiny(tiny_folder):
 
 @pytest.fixture(scope="module")
 def hf(tiny_folder):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
 
 
@@ -180,16 +192,14 @@ def test_static_shapes_engine_gives_the_same_tokens(tiny):
 def test_static_decode_pads_rows_and_length_without_changing_logits(tiny_folder):
     """StaticDecode on the plain PyTorch model (the path a GPU takes): padding rows and the
     rounded attention length leave the real rows' logits as the exact step's."""
-    from polycoder.generation import CacheRows, StaticDecode, decode_one_token, prefill
-
-    model, tok = load_model(tiny_folder)  # not prepared for the CPU kernels
+    model, tok = load_model(tiny_folder)
     prompts = [tok.encode(q) for q in PROMPTS]
     caches = [model.new_cache(4, 64) for _ in range(2)]
     with torch.inference_mode():
         for cache in caches:
             for r, ids in enumerate(prompts):
                 prefill(model, torch.tensor([ids]), CacheRows(cache, r, r + 1))
-        static = StaticDecode(caches[1], graphs=False, kv_block=16)
+        static = StaticDecode(model, caches[1], graphs=False, kv_block=16)
         assert static.bucket(3, 20) == (4, 32) and static.bucket(4, 60) == (4, 64)
         lengths = [len(ids) for ids in prompts]
         for step in range(6):
@@ -197,7 +207,7 @@ def test_static_decode_pads_rows_and_length_without_changing_logits(tiny_folder)
             pos = torch.tensor([[n + step] for n in lengths])
             kv_len = max(lengths) + step + 1
             exact = decode_one_token(model, x, pos, caches[0], kv_len)
-            padded = static(model, x, pos, caches[1], kv_len)
+            padded = static(x, pos, kv_len)
             torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         torch.testing.assert_close(b[:3], a[:3])  # the real rows' cache is untouched by the padding

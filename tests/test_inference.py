@@ -13,14 +13,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import REPO
+from transformers import AutoModelForCausalLM
 
+from polycoder.backend import physical_cores
+from polycoder.backend.decode import decode_layout, decode_one_token, single_row_bf16_kernels
 from polycoder.checkpoint import build_model, load_model
 from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
 from polycoder.generation import Engine, SamplingParams, Sequence, generate, sample_generator
-from polycoder.inference import Int4Linear, Int8Linear, decode_layout, physical_cores, quantize
-
-from conftest import REPO
+from polycoder.quantize import Int4Linear, Int8Linear
 
 
 def _linear(n_out=96, n_in=128, seed=0):
@@ -86,8 +88,6 @@ def test_unknown_quantization_is_a_clear_error(tiny_folder):
 
 
 def test_decode_layout_keeps_names_shapes_and_values_and_matches_transformers(tiny_folder):
-    from transformers import AutoModelForCausalLM
-
     model, tok = load_model(tiny_folder)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     decode_layout(model)
@@ -116,8 +116,6 @@ def test_tied_embeddings_stay_tied_under_decode_layout():
 def test_bf16_equals_transformers_bf16(tiny_folder):
     """Our bf16 model against transformers in bf16 on the same weights: both round every
     product to bf16, so they agree to bf16 precision (not bit for bit)."""
-    from transformers import AutoModelForCausalLM
-
     ours, _ = load_model(tiny_folder, dtype="bfloat16")
     hf = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.bfloat16).eval()
     fp32, _ = load_model(tiny_folder)
@@ -175,10 +173,7 @@ def test_cli_generate_int8_bf16(tiny_folder):
 
 
 def test_bf16_single_row_kernels_agree_with_the_default_ones(tiny_folder):
-    """decode_kernels switches a 1-row bf16 step to other kernels: same logits to bf16 precision."""
-    from polycoder.generation import decode_one_token
-    from polycoder.inference import decode_kernels
-
+    """single_row_bf16_kernels switches a 1-row bf16 step to other kernels: same logits to bf16 precision."""
     model, _ = load_model(tiny_folder, dtype="bfloat16")
     x = torch.randint(3, 5000, (1, 25))
     out = []
@@ -186,7 +181,7 @@ def test_bf16_single_row_kernels_agree_with_the_default_ones(tiny_folder):
         cache = model.new_cache(1, 32)
         with torch.no_grad():
             model(x[:, :24], pos=torch.arange(24)[None], cache=cache)
-            with decode_kernels(model, 1) if switch else torch.autograd.grad_mode.no_grad():
+            with single_row_bf16_kernels(model, 1) if switch else torch.autograd.grad_mode.no_grad():
                 out.append(decode_one_token(model, x[:, 24:], torch.tensor([[24]]), cache, 25))
     assert torch._C._get_mkldnn_enabled()  # switched back on afterwards
     assert _rel(out[1], out[0]) < 0.02

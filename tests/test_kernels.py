@@ -13,9 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from polycoder import kernels
+from polycoder.backend import Backend
+from polycoder.backend.decode import EagerDecode
+from polycoder.backend.native_decode import NativeDecode
 from polycoder.checkpoint import build_model
 from polycoder.config import ModelConfig
-from polycoder.inference import FastBlock, FastGPTNeoX, FastLinear, prepare_decode, quantize
+from polycoder.generation import CacheRows
+from polycoder.quantize import quantize
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.status()}")
 
@@ -82,14 +86,16 @@ def test_not_used_for_gradients_or_many_rows():
         assert not kernels.usable(torch.randn(1, 16), w[:3])  # fewer than 4 output rows
 
 
-def _decode_logits(model, x, prompt_len: int, rows_pos: list[int] | None = None):
-    """Prefill x[:, :prompt_len] then one token at a time through the cache; all logits."""
+def _decode_logits(model, x, prompt_len: int, native: bool):
+    """Prefill x[:, :prompt_len] then one token at a time through the cache with the native
+    decode step (or PyTorch's); all logits [B, T, V]."""
     B, T = x.shape
     cache = model.new_cache(B, T + 1)
+    step = NativeDecode(model, cache) if native else EagerDecode(model, cache, layout=False)
     with torch.no_grad():
         out = [model(x[:, :prompt_len], pos=torch.arange(prompt_len)[None].expand(B, -1), cache=cache)]
         for t in range(prompt_len, T):
-            out.append(model(x[:, t : t + 1], pos=torch.full((B, 1), t), cache=cache))
+            out.append(step(x[:, t : t + 1], torch.full((B, 1), t), t + 1)[:, None])
     return torch.cat(out, dim=1).float()
 
 
@@ -102,60 +108,62 @@ def _decode_logits(model, x, prompt_len: int, rows_pos: list[int] | None = None)
 ])
 def test_decode_steps_equal_pytorch_path(preset, arch):
     config = ModelConfig.from_preset(preset).replace(**arch)
-    ref = build_model(config, seed=3)
-    fast = prepare_decode(copy.deepcopy(ref))
-    assert isinstance(fast, FastGPTNeoX) and isinstance(fast.gpt_neox.layers[0], FastBlock) and isinstance(fast.embed_out, FastLinear)
+    model = build_model(config, seed=3)
+    cache = model.new_cache(1, 8)
+    step = Backend(native_kernels=True).decode_step(model, cache)
+    assert isinstance(step, NativeDecode) and step._stack_plan(torch.float32) is not None  # one native call for all blocks
     x = torch.randint(0, 500, (3, 53))  # attention over 6 .. 52 positions: groups of 16 and their tails
-    diff = (_decode_logits(fast, x, 6) - _decode_logits(ref, x, 6)).abs().max().item()
+    diff = (_decode_logits(model, x, 6, native=True) - _decode_logits(model, x, 6, native=False)).abs().max().item()
     assert diff < 1e-4
-    assert fast._stack(torch.float32) is not None  # the steps ran as one native call for all blocks
     with torch.no_grad():  # and both equal the uncached training path
-        assert (_decode_logits(fast, x, 6) - ref(x)).abs().max().item() < 1e-4
+        assert (_decode_logits(model, x, 6, native=True) - model(x)).abs().max().item() < 1e-4
 
 
 def test_plan_follows_replaced_storage_and_copies():
-    """A block that has run keeps pointers; .half() swaps .data under the same parameters."""
+    """The step keeps pointers into the weights; .half() swaps .data under the same
+    parameters, and a deep copy of the model has weights of its own."""
     ref = build_model(ModelConfig.from_preset("test-tiny"), seed=4)
-    fast = prepare_decode(copy.deepcopy(ref))
+    model = copy.deepcopy(ref)
     x = torch.randint(0, 500, (2, 12))
-    _decode_logits(fast, x, 4)  # builds the plans
-    copied = copy.deepcopy(fast)  # was: ctypes pointers cannot be pickled
-    assert (_decode_logits(copied, x, 4) - _decode_logits(ref, x, 4)).abs().max().item() < 1e-4
-    rounded = copied.half().float()  # same parameter objects, new storage
-    want = _decode_logits(copy.deepcopy(ref).half().float(), x, 4)
-    assert (_decode_logits(rounded, x, 4) - want).abs().max().item() < 1e-4
+    cache = model.new_cache(2, 13)
+    step = NativeDecode(model, cache)
+    step(x[:, :1], torch.zeros(2, 1, dtype=torch.long), 1)  # builds the plans
+    copied = copy.deepcopy(model)
+    assert (_decode_logits(copied, x, 4, native=True) - _decode_logits(ref, x, 4, native=False)).abs().max().item() < 1e-4
+    model.half().float()  # same parameter objects, new storage
+    want = _decode_logits(copy.deepcopy(ref).half().float(), x, 4, native=False)
+    with torch.no_grad():
+        model(x[:, :4], pos=torch.arange(4)[None].expand(2, -1), cache=cache)
+        got = torch.stack([step(x[:, t : t + 1], torch.full((2, 1), t), t + 1) for t in range(4, 12)], dim=1)
+    assert (got - want[:, 4:]).abs().max().item() < 1e-4
 
 
 def test_rows_at_different_positions():
     model = build_model(ModelConfig.from_preset("test-tiny"), seed=6)
-    fast = prepare_decode(copy.deepcopy(model))
     a, b = torch.randint(0, 500, (1, 11)), torch.randint(0, 500, (1, 5))
-    for net in (model, fast):
-        cache = net.new_cache(2, 16)
+    logits = []
+    for native in (False, True):
+        cache = model.new_cache(2, 16)
+        step = NativeDecode(model, cache) if native else EagerDecode(model, cache, layout=False)
         with torch.no_grad():
-            rows = [type("Rows", (), {"k": [t[i : i + 1] for t in cache.k], "v": [t[i : i + 1] for t in cache.v]})()
-                    for i in range(2)]
-            net(a[:, :10], pos=torch.arange(10)[None], cache=rows[0])
-            net(b[:, :4], pos=torch.arange(4)[None], cache=rows[1])
-            step = net(torch.cat([a[:, 10:], b[:, 4:]]), pos=torch.tensor([[10], [4]]), cache=cache)
-        net.step_logits = step
-    assert (fast.step_logits - model.step_logits).abs().max().item() < 1e-4
+            model(a[:, :10], pos=torch.arange(10)[None], cache=CacheRows(cache, 0, 1))
+            model(b[:, :4], pos=torch.arange(4)[None], cache=CacheRows(cache, 1, 2))
+            logits.append(step(torch.cat([a[:, 10:], b[:, 4:]]), torch.tensor([[10], [4]]), 11))
+    assert (logits[1] - logits[0]).abs().max().item() < 1e-4
     with torch.no_grad():
-        assert (model.step_logits[0, -1] - model(a)[0, -1]).abs().max().item() < 1e-4
-        assert (model.step_logits[1, -1] - model(b)[0, -1]).abs().max().item() < 1e-4
+        assert (logits[0][0] - model(a)[0, -1]).abs().max().item() < 1e-4
+        assert (logits[0][1] - model(b)[0, -1]).abs().max().item() < 1e-4
 
 
 def test_bf16_and_int8_decode_track_pytorch():
     config = ModelConfig.from_preset("test-tiny")
     x = torch.randint(0, 500, (2, 16))
-    ref32 = _decode_logits(build_model(config, seed=7), x, 5)
+    ref32 = _decode_logits(build_model(config, seed=7), x, 5, native=False)
     for dtype in (torch.bfloat16, torch.float32):
-        ref = build_model(config, seed=7).to(dtype)
-        ours = copy.deepcopy(ref)
+        model = build_model(config, seed=7).to(dtype)
         if dtype == torch.float32:  # int8 weights: kernel and PyTorch's int8 path
-            quantize(ref, "int8"), quantize(ours, "int8")
-        prepare_decode(ours)
-        got, want = _decode_logits(ours, x, 5), _decode_logits(ref, x, 5)
+            quantize(model, "int8")
+        got, want = _decode_logits(model, x, 5, native=True), _decode_logits(model, x, 5, native=False)
         # Both sit within rounding of the fp32 model; the kernel keeps fp32 inside a block,
         # so on average it is at least about as close to fp32 as PyTorch's bf16 path.
         assert (got - ref32).abs().mean() <= 1.25 * (want - ref32).abs().mean() + 1e-4

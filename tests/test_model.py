@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import REFERENCE
 
 from polycoder.checkpoint import build_model, load_model, save_checkpoint
 from polycoder.config import PRESETS, ModelConfig
 from polycoder.errors import PolycoderError
-
-from conftest import REFERENCE
 
 ARCHS = [
     pytest.param(dict(parallel_residual=False, rotary_pct=1.0), id="sequential-rotary1.0"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +37,7 @@ def _sandbox_uid_processes(sb: Sandbox) -> list[str]:
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
-        uid = int(next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1])
+        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
         if sb._uid_base <= uid < sb._uid_base + 256:
             found.append(entry)
     return found
@@ -55,7 +54,7 @@ def _machine_state(sb: Sandbox) -> dict:
 @pytest.fixture(scope="module")
 def sb() -> Sandbox:
     box = Sandbox(LIMITS, workers=2)
-    box.isolation  # probe once
+    _ = box.isolation  # probe once
     return box
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import random
 import sysconfig
 from pathlib import Path
 
 import pytest
+from gpt2_reference import ReferenceBPE
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from polycoder.checkpoint import default_tokenizer
 from polycoder.tokenizer import Tokenizer, read_merges
-
-from gpt2_reference import ReferenceBPE
 
 SNIPPETS = {
     "Go": 'package main\n\nimport "fmt"\n\nfunc main() {\n\tfor i := 0; i < 10; i++ {\n\t\tfmt.Println("héllo", i)\n\t}\n}\n',
@@ -84,7 +81,7 @@ def test_invalid_utf8_does_not_crash_and_keeps_valid_parts(polycoder_tokenizer):
 
 
 def test_lossless_vocabulary_round_trips_every_byte():
-    tok = default_tokenizer()
+    tok = Tokenizer.byte_level()
     assert tok.lossless
     rng = random.Random(0)
     for _ in range(50):

@@ -1,4 +1,4 @@
-"""The bf16 causal attention of CPU training (polycoder.train.attention) against SDPA and
+"""The bf16 causal attention of CPU training (polycoder.backend.attention) against SDPA and
 an fp64 reference: same forward, gradients at least as close to fp64 as SDPA's own.
 
 Skipped with the reason where its kernel cannot run (no compiler, no AVX512-BF16); SDPA
@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from polycoder import kernels
-from polycoder.train.attention import causal_attention
+from polycoder.backend import TrainOps
+from polycoder.backend.attention import causal_attention, rotary_qkv
+from polycoder.checkpoint import build_model
+from polycoder.config import ModelConfig
+from polycoder.model import RotaryEmbedding, split_qkv_rotary
 
 pytestmark = pytest.mark.skipif(not kernels.has_attention_grad_bf16(),
                                 reason=f"attention kernel unavailable here (kernels: {kernels.status()}, or no AVX512-BF16)")
@@ -86,17 +90,11 @@ def test_without_gradients_or_in_fp32_it_is_sdpa():
 
 def _torch_rotary(qkv, H, cos, sin):
     """The model's torch path for the same split."""
-    from polycoder.model import split_qkv_rotary
-
     return split_qkv_rotary(qkv, H, cos[:, None, None], sin[:, None, None])
 
 
 @pytest.mark.parametrize("hs,rot,autocast", [(64, 64, False), (64, 64, True), (80, 20, False), (24, 8, True)])
 def test_rotary_split_equals_the_torch_path(hs, rot, autocast):
-    from polycoder.config import ModelConfig
-    from polycoder.model import RotaryEmbedding
-    from polycoder.train.attention import rotary_qkv
-
     B, T, H = 2, 19, 3
     rope = RotaryEmbedding(ModelConfig(n_embd=H * hs, n_head=H, n_layer=1, intermediate_size=4 * H * hs,
                                        rotary_pct=rot / hs, block_size=64))
@@ -121,30 +119,24 @@ def test_rotary_split_equals_the_torch_path(hs, rot, autocast):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_model_gradients_equal_the_torch_paths(precision, monkeypatch):
+def test_model_gradients_equal_the_torch_paths(precision):
     """A whole model's loss and gradients with the native rotary pass and attention against
-    the same model on torch's split/rotate and SDPA (polycoder.model's other branch)."""
-    import polycoder.model as model_module
-    from polycoder.checkpoint import build_model
-    from polycoder.config import ModelConfig
-
+    the same model on torch's split/rotate and SDPA: the same TrainOps with and without
+    `native` (the fused loss in both, oneDNN off in both)."""
     cfg = ModelConfig.from_preset("test-tiny").replace(vocab_size=300)
     model = build_model(cfg, seed=0).requires_grad_(True)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randint(0, 300, (3, 40), generator=g), torch.randint(0, 300, (3, 40), generator=g)
 
-    def loss_and_grads():
+    def loss_and_grads(native: bool):
+        model.ops = TrainOps(native=native)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(x, targets=y)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    ours = loss_and_grads()
-    monkeypatch.setattr(model_module, "rotary_qkv", lambda *a: None)
-    monkeypatch.setattr(model_module, "causal_attention",
-                        lambda q, k, v: _sdpa(*(t.to(torch.bfloat16) for t in (q, k, v))) if precision == "bf16" else _sdpa(q, k, v))
-    theirs = loss_and_grads()
+    ours, theirs = loss_and_grads(native=True), loss_and_grads(native=False)
     assert ours[0] == pytest.approx(theirs[0], rel=1e-6 if precision == "fp32" else 1e-3)
     tol = 1e-5 if precision == "fp32" else 3e-2  # bf16: different roundings inside attention's backward
     for name, grad in theirs[1].items():

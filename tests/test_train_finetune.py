@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from polycoder.checkpoint import build_model, default_tokenizer, load_model, save_checkpoint
+from polycoder.checkpoint import build_model, load_model, save_checkpoint
 from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
+from polycoder.tokenizer import Tokenizer
 from polycoder.train.finetune import finetune, load_adapter, read_texts
 from polycoder.train.metrics import read_metrics
 
@@ -26,7 +27,7 @@ CODE = [
 def base(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("base") / "tiny"
     cfg = ModelConfig.from_preset("test-tiny").replace(vocab_size=384)
-    save_checkpoint(build_model(cfg, seed=0), default_tokenizer(), folder)
+    save_checkpoint(build_model(cfg, seed=0), Tokenizer.byte_level(), folder)
     return folder
 
 

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def make_token_dir(root: Path, n_train: int = 20_000, n_valid: int = 2_000, vocab: int = 300, seed: int = 0) -> Path:
     """A token folder made by the real tokenizing step's shard writer, from a learnable
     synthetic corpus: "documents" that are noisy repetitions of a few token patterns."""
-    from polycoder.checkpoint import default_tokenizer
-    from polycoder.data.shards import write_shard
+    from polycoder.token_shards import write_shard
+    from polycoder.tokenizer import Tokenizer
 
     rng = np.random.default_rng(seed)
     patterns = [rng.integers(3, vocab, size=rng.integers(8, 24)) for _ in range(6)]
@@ -36,7 +36,7 @@ def make_token_dir(root: Path, n_train: int = 20_000, n_valid: int = 2_000, voca
         d.mkdir(parents=True, exist_ok=True)
         write_shard(d / "shard_00000.bin", docs(n), vocab)
     (root / "meta.json").write_text(json.dumps({"vocab_size": vocab}))
-    default_tokenizer().save(root / "tokenizer")  # 259 byte-level tokens, inside the 300
+    Tokenizer.byte_level().save(root / "tokenizer")  # 259 byte-level tokens, inside the 300
     return root
 
 

@@ -1,8 +1,9 @@
-"""Find, load and save models as Hugging Face-format folders.
+"""Load and save models as Hugging Face-format folders.
 
 `load_model(M)` accepts a folder, a preset name (with `random_init=True`, for speed tests),
 a hub id such as `NinedayWang/PolyCoder-160M` (fetched with `huggingface_hub` when online;
-a clear error when offline), or nothing: the bundled default model.
+a clear error when offline), or nothing: the bundled default model (`polycoder.locate`
+finds the folder). `load(options)` does the same from a verb's `ModelOptions`.
 
 Loading is memory-efficient: the model is built on the `meta` device (no memory), then
 each tensor is read from the memory-mapped safetensors / `pytorch_model.bin` file and
@@ -13,80 +14,41 @@ weights. Buffers that old transformers versions saved (`attention.bias`,
 `save_checkpoint` writes config.json, model.safetensors (sharded with an index past
 `max_shard_bytes`), generation_config.json and the tokenizer files (always including
 tokenizer.json: transformers 5 cannot open vocab.json + merges.txt alone). The folder is
-written under a temporary name and renamed into place, so an interrupted save never
-leaves a half-written folder where a good one was.
+written under a temporary name and renamed into place (`polycoder.files.atomic_folder`),
+so an interrupted save never leaves a half-written folder where a good one was.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from polycoder.config import PRESETS, ModelConfig
 from polycoder.errors import PolycoderError
+from polycoder.files import atomic_folder, fsync_tree
+from polycoder.locate import resolve
 from polycoder.model import GPTNeoX, RotaryEmbedding
-from polycoder.tokenizer import SPECIAL_TOKENS, Tokenizer, bytes_to_unicode
+from polycoder.options import ModelOptions
+from polycoder.quantize import quantize as quantize_model
+from polycoder.tokenizer import Tokenizer
 
-BUNDLED_DIR = Path(__file__).parent / "assets" / "polycoder-tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Saved by transformers 4.x as buffers; recomputed here.
 IGNORED_SUFFIXES = (".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq")
 # transformers 5 names the head `lm_head` in memory (it writes `embed_out` to disk).
 RENAMED = {"lm_head.weight": "embed_out.weight"}
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
-                "vocab.json", "merges.txt", "special_tokens_map.json"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise PolycoderError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-# ---- finding a model ---------------------------------------------------------------------
-
-
-def resolve(model: str | Path | None) -> Path:
-    """The local folder behind a model argument (downloading a hub id if needed)."""
-    if model is None or str(model) == "":
-        if (BUNDLED_DIR / "config.json").is_file():
-            return BUNDLED_DIR
-        raise PolycoderError("no bundled default model in this installation; pass --model FOLDER|HUB_ID")
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise PolycoderError(f"{path} has no config.json; a model folder holds config.json and the weights")
-        return path
-    if str(model) in PRESETS:
-        raise PolycoderError(f"{model!r} is a preset (an architecture, no weights): add --random-init to run it with random weights")
-    if path.exists():
-        raise PolycoderError(f"{path} is a file; --model takes a model folder, a preset name or a hub id")
-    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
-        return download(str(model))
-    raise PolycoderError(f"model {model!r} not found: give a folder, a preset ({', '.join(PRESETS)}) or a hub id like NinedayWang/PolyCoder-160M")
-
-
-def download(repo_id: str) -> Path:
-    """Fetch a hub repository's model files with huggingface_hub (cached), or explain why not."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - it is a core dependency
-        raise PolycoderError("huggingface_hub is not installed; pip install huggingface_hub") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated, network: all end the same way for a user
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        raise PolycoderError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub ({why}). On a machine with network, run "
-            f"`huggingface-cli download {repo_id} --local-dir DIR` and pass --model DIR"
-        ) from None
 
 
 # ---- loading -----------------------------------------------------------------------------
@@ -109,8 +71,6 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _iter_tensors(path: Path):
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
@@ -148,6 +108,14 @@ def load_state_into(model: GPTNeoX, folder: Path, dtype: torch.dtype, device: to
         raise PolycoderError(f"{folder}: weights missing for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
 
 
+def load_weights(model: GPTNeoX, folder: str | Path) -> None:
+    """Copy a checkpoint folder's weights into `model` (exactly, in the model's dtype)."""
+    with torch.device("meta"):
+        shell = type(model)(model.config)
+    load_state_into(shell, Path(folder), next(model.parameters()).dtype, "cpu")
+    model.load_state_dict(shell.state_dict())  # rotary tables are not in the state dict
+
+
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int | None = 0) -> GPTNeoX:
     """A randomly initialised model (seeded), for training from scratch and speed tests."""
     with torch.device(device):
@@ -173,17 +141,20 @@ def load_model(
     """
     net, tok = _load_model(model, dtype, device, random_init, tokenizer)
     if quantize:
-        from polycoder.inference import quantize as quantize_model
-
         quantize_model(net, quantize)
     return net, tok
+
+
+def load(options: ModelOptions) -> tuple[GPTNeoX, Tokenizer]:
+    """The model and tokenizer a verb's `ModelOptions` name."""
+    return load_model(**asdict(options))
 
 
 def _load_model(model, dtype, device, random_init, tokenizer) -> tuple[GPTNeoX, Tokenizer]:
     dt = torch_dtype(dtype)
     if random_init and model is not None and str(model) in PRESETS:
         net = build_model(ModelConfig.from_preset(str(model)), dt, device)
-        return net, Tokenizer.from_pretrained(tokenizer) if tokenizer else default_tokenizer()
+        return net, Tokenizer.from_pretrained(tokenizer) if tokenizer else Tokenizer.byte_level()
     folder = resolve(model)
     config = ModelConfig.from_json_file(folder / "config.json")
     tok = Tokenizer.from_pretrained(tokenizer or folder)
@@ -197,24 +168,6 @@ def _load_model(model, dtype, device, random_init, tokenizer) -> tuple[GPTNeoX, 
     return net.eval(), tok
 
 
-def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
-    if model is not None and str(model) in PRESETS:
-        return default_tokenizer()
-    return Tokenizer.from_pretrained(resolve(model))
-
-
-def default_tokenizer() -> Tokenizer:
-    """A plain byte-level tokenizer (3 special tokens + 256 bytes) for randomly initialised presets.
-
-    Deliberately independent of the bundled model, so speed tests and tests give the same
-    ids on every installation.
-    """
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for b, ch in sorted(bytes_to_unicode().items()):
-        vocab[ch] = len(vocab)
-    return Tokenizer.from_vocab_and_merges(vocab, [])
-
-
 # ---- saving ------------------------------------------------------------------------------
 
 
@@ -226,10 +179,7 @@ def save_checkpoint(
     max_shard_bytes: int = 4 << 30,
 ) -> Path:
     """Write a Hugging Face-format folder atomically; returns its path."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(IGNORED_SUFFIXES)}
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight", None)  # safetensors refuses shared tensors
@@ -237,8 +187,7 @@ def save_checkpoint(
         state = {k: v.to(torch_dtype(dtype)) for k, v in state.items()}
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     saved_dtype = dtype or str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(saved_dtype), indent=2) + "\n")
         gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -264,33 +213,13 @@ def save_checkpoint(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _fsync_tree(tmp)
-        # mkdtemp makes the folder private; a checkpoint is as readable as any file we write.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~umask)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for p in tmp.iterdir():  # safetensors writes its files private; a checkpoint is shared like any file we write
+            os.chmod(p, 0o666 & ~_umask())
+        fsync_tree(tmp)
     return folder
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an existing `target` is moved aside first and removed after."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -13,11 +13,17 @@ Conventions for verb functions:
 - `Literal[...]` gives choices; `X | None` is optional.
 - `Annotated[T, POSITIONAL]` makes a positional argument (a list is `nargs="+"`).
 - A parameter without a default is a required option.
+- A dataclass parameter (`ModelOptions`) becomes one option a field, with the help of the
+  field's metadata; `Annotated[..., Fields(...)]` keeps only some fields, and a field named
+  like one of the verb's own parameters is left to that parameter.
+
+Library modules never import this one; the verbs' shared vocabulary is `polycoder.options`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -25,22 +31,24 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
+from polycoder import __version__
 from polycoder.errors import PolycoderError
-
-POSITIONAL = "positional"
+from polycoder.options import POSITIONAL, Fields
 
 # verb (possibly two words) -> "module:function"
 COMMANDS: dict[str, str] = {
-    "generate": "polycoder.generation:cli_generate",
-    "tokenize": "polycoder.tokenizer:cli_tokenize",
+    "generate": "polycoder.generation.cli:cli_generate",
+    "tokenize": "polycoder.tokenizer.cli:cli_tokenize",
+    "data fetch": "polycoder.data.fetch:fetch_corpus",
     "data collect": "polycoder.data.collect:collect",
     "data split": "polycoder.data.split:split",
-    "data tokenize": "polycoder.data.shards:tokenize_corpus",
+    "data tokenize": "polycoder.data.tokenize:tokenize_corpus",
     "data overlap": "polycoder.data.overlap:overlap",
-    "tokenizer train": "polycoder.data.bpe:train_tokenizer",
+    "tokenizer train": "polycoder.tokenizer.train:train_tokenizer",
     "train": "polycoder.train.pretrain:train",
     "finetune": "polycoder.train.finetune:finetune",
     "eval perplexity": "polycoder.eval.perplexity:perplexity",
@@ -48,7 +56,7 @@ COMMANDS: dict[str, str] = {
     "eval contamination": "polycoder.eval.contamination:contamination",
     "serve": "polycoder.serve.app:serve",
     "export gguf": "polycoder.export.gguf:export_gguf",
-    "convert neox": "polycoder.export.neox:convert_neox",
+    "convert neox": "polycoder.convert.neox:convert_neox",
 }
 
 
@@ -105,22 +113,48 @@ def _converter(tp: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None]:
     return str, None
 
 
-def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
-    """Add one argument to `parser` for each parameter of `fn`."""
+def _options_class(tp: Any) -> tuple[type | None, tuple[str, ...] | None]:
+    """(the dataclass, the fields to show or None for all) of a dataclass parameter's annotation."""
+    shown = None
+    if get_origin(tp) is Annotated:
+        shown = next((m.names for m in get_args(tp)[1:] if isinstance(m, Fields)), None)
+        tp = get_args(tp)[0]
+    tp = _unwrap_optional(tp)
+    return (tp, shown) if dataclasses.is_dataclass(tp) and isinstance(tp, type) else (None, None)
+
+
+def _arguments(fn: Callable[..., Any]):
+    """(name, annotation, has_default, default, help) of every option of `fn`, with the fields of
+    its dataclass parameters in their place."""
     hints = typing.get_type_hints(fn, include_extras=True)
     _, helps = _doc_params(fn)
-    for name, param in inspect.signature(fn).parameters.items():
+    params = inspect.signature(fn).parameters
+    out = []
+    for name, param in params.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         tp = hints.get(name, str)
+        cls, shown = _options_class(tp)
+        if cls is not None:
+            field_hints = typing.get_type_hints(cls, include_extras=True)
+            for f in dataclasses.fields(cls):
+                if f.name in params or (shown is not None and f.name not in shown):
+                    continue  # the verb's own parameter of that name wins
+                out.append((f.name, field_hints[f.name], True, f.default, f.metadata.get("help", "")))
+            continue
+        has_default = param.default is not inspect.Parameter.empty
+        out.append((name, tp, has_default, param.default if has_default else None, helps.get(name, "")))
+    return out
+
+
+def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+    """Add one argument to `parser` for each option of `fn` (see the module)."""
+    for name, tp, has_default, default, help_text in _arguments(fn):
         positional = False
         if get_origin(tp) is Annotated:
             positional = POSITIONAL in get_args(tp)[1:]
             tp = get_args(tp)[0]
         tp = _unwrap_optional(tp)
-        has_default = param.default is not inspect.Parameter.empty
-        default = param.default if has_default else None
-        help_text = helps.get(name, "")
         if has_default and default is not None and tp is not bool:
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
@@ -146,9 +180,17 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable[..., An
 
 
 def call_from_args(fn: Callable[..., Any], ns: argparse.Namespace) -> Any:
-    """Call `fn` with the parsed arguments; list options left unset get their defaults."""
+    """Call `fn` with the parsed arguments; list options left unset get their defaults, and
+    a dataclass parameter is built from its fields' options."""
+    hints = typing.get_type_hints(fn, include_extras=True)
     kwargs = {}
     for name, param in inspect.signature(fn).parameters.items():
+        cls, _ = _options_class(hints.get(name, str))
+        if cls is not None:
+            values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+                      if hasattr(ns, f.name) and f.name not in kwargs and f.name not in inspect.signature(fn).parameters}
+            kwargs[name] = cls(**{k: v for k, v in values.items() if v is not None})
+            continue
         if not hasattr(ns, name):
             continue
         value = getattr(ns, name)
@@ -172,8 +214,6 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     if argv[0] == "--version":
-        from polycoder import __version__
-
         print(__version__)
         return
     verb = next((v for v in sorted(COMMANDS, key=len, reverse=True)
@@ -184,7 +224,15 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         print(_usage(), file=sys.stderr)
         sys.exit(2)
-    fn = _load(COMMANDS[verb])
+    try:
+        fn = _load(COMMANDS[verb])
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] == "polycoder":
+            raise
+        print(f"polycoder {verb}: needs the package {e.name!r}, which is not installed: "
+              "pip install 'polycoder[all]' (or the extra of this stage: data, train, eval, serve, export)",
+              file=sys.stderr)
+        sys.exit(2)
     summary, _ = _doc_params(fn)
     parser = argparse.ArgumentParser(prog=f"polycoder {verb}", description=summary.replace("%", "%%"))
     add_function_arguments(parser, fn)

@@ -125,7 +125,7 @@ class ModelConfig:
     # ---- presets ------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str) -> "ModelConfig":
+    def from_preset(cls, name: str) -> ModelConfig:
         if name not in PRESETS:
             raise PolycoderError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return PRESETS[name]
@@ -133,7 +133,7 @@ class ModelConfig:
     # ---- Hugging Face config.json -------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], name: str = "custom") -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any], name: str = "custom") -> ModelConfig:
         """Read a transformers `GPTNeoXConfig` dict, in transformers 4.x or 5 form."""
         model_type = d.get("model_type")
         if model_type != "gpt_neox":
@@ -173,7 +173,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+    def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
@@ -215,7 +215,7 @@ class ModelConfig:
             "polycoder_preset": self.name,
         }
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         names = {f.name for f in fields(self)}
         unknown = set(changes) - names
         if unknown:

@@ -17,16 +17,12 @@ exact layout of the fused QKV weight (interleaved per head: q, k, v of head 0, t
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from polycoder.config import ModelConfig
-from polycoder.train import onednn
-from polycoder.train.attention import causal_attention, rotary_qkv
+from polycoder.ops import Ops
 
 
 def activation(name: str):
@@ -45,8 +41,8 @@ class KVCache(nn.Module):
     `k[layer]` has shape [rows, heads, max_len, head_size]. A forward pass over rows
     0..B-1 writes its keys at the positions it is given and attends to positions
     0..kv_len-1 of the same rows, masked causally by position, so stale entries beyond a
-    row's current position are never read. Rows are rearranged explicitly (`copy_rows`)
-    when a batch changes; `clear()` zeroes everything.
+    row's current position are never read and the cache is never cleared. Rows are
+    rearranged explicitly (`copy_rows`) when a batch changes.
     """
 
     def __init__(self, config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -58,14 +54,13 @@ class KVCache(nn.Module):
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
 
-    def clear(self) -> None:
-        for t in self.k + self.v:
-            t.zero_()
+    def copy_rows(self, src: list[int] | torch.Tensor, dst: list[int] | torch.Tensor, length: int) -> None:
+        """Positions 0..length-1 of row src[i] copied to row dst[i], in every layer.
 
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """cache[dst[i]] = cache[src[i]] for every layer (src and dst are index tensors)."""
+        All sources are read before any destination is written, so rows may be permuted.
+        """
         for t in self.k + self.v:
-            t[dst] = t[src]
+            t[dst, :, :length] = t[src, :, :length]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -88,15 +83,6 @@ class RotaryEmbedding(nn.Module):
         if pos is None:  # training path: positions 0..T-1 for every row, q and k as [B, T, H, 2, hs]
             return self.cos[:T].to(dtype)[:, None, None], self.sin[:T].to(dtype)[:, None, None]  # [T, 1, 1, dim]
         return self.cos[pos].to(dtype)[:, None], self.sin[pos].to(dtype)[:, None]  # [B, 1, T, dim]
-
-
-def train_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); for a plain nn.Linear in fp32 CPU training, through oneDNN's fp32 product,
-    twice MKL's rate on the AMD CPUs measured (`polycoder.train.onednn`). Anything else
-    (inference, autocast, GPU, LoRA or quantized layers) calls the layer itself."""
-    if type(layer) is nn.Linear and onednn.applies(x, layer.weight):
-        return onednn.linear(x, layer.weight, layer.bias)
-    return layer(x)
 
 
 def causal_mask(pos: torch.Tensor, kv_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -122,14 +108,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def split_qkv_rotary(qkv: torch.Tensor, n_head: int, cos: torch.Tensor, sin: torch.Tensor):
     """q, k, v [B, H, T, hs] (views) from the fused projection [B, T, 3C], q and k rotated
-    together in one set of element-wise operations; cos/sin [T, 1, 1, rotary_dims]. The
-    torch path of training's split (`polycoder.train.attention.rotary_qkv` is the native one)."""
+    together in one set of element-wise operations; cos/sin [T, 1, 1, rotary_dims]."""
     B, T, C3 = qkv.shape
     qkv = qkv.view(B, T, n_head, 3, C3 // (3 * n_head))  # the interleaved weight: q, k, v per head
     qk, v = qkv.split((2, 1), dim=3)  # [B, T, H, 2, hs], [B, T, H, 1, hs]
     qk = apply_rotary(qk, cos, sin)  # [B, T, H, 2, hs]
     q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)  # [B, H, T, hs]
     return q, k, v[:, :, :, 0].transpose(1, 2)
+
+
+class TorchOps:
+    """The model's own operations (`polycoder.ops.Ops`), plain PyTorch: what runs unless a
+    backend gives others (`polycoder.backend.choose`)."""
+
+    def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x)
+
+    def qkv_rotary(self, qkv: torch.Tensor, n_head: int, cos: torch.Tensor, sin: torch.Tensor):
+        return split_qkv_rotary(qkv, n_head, cos, sin)
+
+    def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def head_loss(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # fp32 log-softmax: bf16 logits lose about three digits of the loss otherwise.
+        return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100)
+
+
+TORCH_OPS = TorchOps()
 
 
 class Attention(nn.Module):
@@ -139,10 +145,13 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.attention_bias)
         self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.attention_bias)
 
-    def forward(self, x, cos, sin, pos=None, cache: KVCache | None = None, layer: int = 0, kv_len: int = 0, mask=None):
+    def forward(self, x, cos, sin, ops: Ops = TORCH_OPS, pos=None, cache: KVCache | None = None, layer: int = 0,
+                kv_len: int = 0, mask=None):
         B, T, C = x.shape
-        if cache is None:  # training, or a forward over whole sequences
-            return train_linear(self.dense, self._causal(train_linear(self.query_key_value, x), cos, sin))
+        if cache is None:  # training, or a forward over whole sequences: positions 0..T-1, causal
+            q, k, v = ops.qkv_rotary(ops.linear(self.query_key_value, x), self.n_head, cos, sin)  # each [B, H, T, hs]
+            y = ops.causal_attention(q, k, v)  # [B, H, T, hs]
+            return ops.linear(self.dense, y.transpose(1, 2).reshape(B, T, C))
         qkv = self.query_key_value(x)  # [B, T, 3C]
         # Fused weight is interleaved per head: [q_h0 k_h0 v_h0 q_h1 ...].
         qkv = qkv.view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)  # [B, H, T, 3hs]
@@ -158,20 +167,6 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, H, T, hs] -> [B, T, C]
         return self.dense(y)
 
-    def _causal(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The training path: causal attention over positions 0..T-1 of each row.
-
-        On the CPU the split of the fused projection and the rotation are one native pass
-        (`polycoder.train.attention.rotary_qkv`); elsewhere `split_qkv_rotary`. Either way
-        cos/sin are [T, 1, 1, rotary_dims] (fp32 under autocast, as in transformers, so q and
-        k rotate in fp32 and attention runs in autocast's dtype).
-        """
-        B, T, _ = qkv.shape
-        split = rotary_qkv(qkv, self.n_head, cos.view(T, -1), sin.view(T, -1))  # one native pass where it applies
-        q, k, v = split if split is not None else split_qkv_rotary(qkv, self.n_head, cos, sin)
-        y = causal_attention(q, k, v)  # SDPA, with a faster backward for bf16 on the CPU
-        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # [B, H, T, hs] -> [B, T, C]
-
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -180,8 +175,8 @@ class MLP(nn.Module):
         self.act = activation(config.hidden_act)
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.n_embd)
 
-    def forward(self, x):
-        return train_linear(self.dense_4h_to_h, self.act(train_linear(self.dense_h_to_4h, x)))
+    def forward(self, x, ops: Ops = TORCH_OPS):
+        return ops.linear(self.dense_4h_to_h, self.act(ops.linear(self.dense_h_to_4h, x)))
 
 
 class Block(nn.Module):
@@ -193,17 +188,17 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, pos=None, cache=None, layer=0, kv_len=0, mask=None):
-        a = self.attention(self.input_layernorm(x), cos, sin, pos, cache, layer, kv_len, mask)
+    def forward(self, x, cos, sin, ops: Ops = TORCH_OPS, pos=None, cache=None, layer=0, kv_len=0, mask=None):
+        a = self.attention(self.input_layernorm(x), cos, sin, ops, pos, cache, layer, kv_len, mask)
         if self.parallel_residual:
             #  x ──┬── ln1 ── attn ──┐
             #      ├── ln2 ── mlp ───┤
             #      └─────────────────+──> out       (GPT-J, Pythia)
-            return x + a + self.mlp(self.post_attention_layernorm(x))
+            return x + a + self.mlp(self.post_attention_layernorm(x), ops)
         #  x ── ln1 ── attn ──+── ln2 ── mlp ──+──> out   (PolyCoder)
         #  └──────────────────┘└───────────────┘
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ops)
 
 
 class GPTNeoXModel(nn.Module):
@@ -218,11 +213,18 @@ class GPTNeoXModel(nn.Module):
 
 
 class GPTNeoX(nn.Module):
-    """GPT-NeoX causal language model with transformers' parameter names."""
+    """GPT-NeoX causal language model with transformers' parameter names.
+
+    `ops` runs the whole-sequence path's products, attention and loss (`polycoder.ops`):
+    plain PyTorch unless a backend sets faster ones (the trainer does, through
+    `polycoder.backend.choose`). The cached (decode) path is always plain PyTorch here;
+    fast decode steps are objects of their own (`polycoder.backend`) that read this model.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.ops: Ops = TORCH_OPS
         self.gpt_neox = GPTNeoXModel(config)
         self.embed_out = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -245,9 +247,8 @@ class GPTNeoX(nn.Module):
         are written there and attention reads positions 0..kv_len-1 (default: max(pos)+1).
         `select` [B] picks one position a row, so only those logits are computed ([B, 1, V]).
         `targets` [B, T] (next tokens, -100 ignored; without a cache): returns the mean
-        cross-entropy, a scalar, with the output head and the loss fused
-        (`polycoder.train.fused_loss`: one [B*T, V] buffer instead of fp32 logits, their
-        log-softmax and gradients).
+        cross-entropy, a scalar, from `ops.head_loss` (a backend may fuse the output head
+        and the loss so that the [B*T, V] logits are never kept).
         """
         B, T = input_ids.shape
         if cache is not None:
@@ -260,16 +261,14 @@ class GPTNeoX(nn.Module):
         mask = causal_mask(pos, kv_len, x.dtype) if cache is not None else None  # built once, shared by all layers
         for i, block in enumerate(self.gpt_neox.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.ops, use_reentrant=False)
             else:
-                x = block(x, cos, sin, pos, cache, i, kv_len or 0, mask)
+                x = block(x, cos, sin, self.ops, pos, cache, i, kv_len or 0, mask)
         if select is not None:
             x = x[torch.arange(B, device=x.device), select][:, None]  # [B, 1, C]
         x = self.gpt_neox.final_layer_norm(x)
         if targets is not None and cache is None and type(self.embed_out) is nn.Linear:
-            from polycoder.train.fused_loss import linear_cross_entropy
-
-            return linear_cross_entropy(x.flatten(0, 1), self.embed_out.weight, targets.flatten())
+            return self.ops.head_loss(x.flatten(0, 1), self.embed_out.weight, targets.flatten())
         logits = self.embed_out(x)
         if targets is not None:  # a wrapped head (e.g. a LoRA adapter on it): the plain way
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

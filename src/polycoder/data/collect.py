@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -39,14 +38,22 @@ from typing import Annotated
 
 import numpy as np
 
-from polycoder.cli import POSITIONAL
+from polycoder.corpus import COLUMNS, write_index, write_table
 from polycoder.data import engine
-from polycoder.data.corpus import COLUMNS, write_index, write_table
 from polycoder.data.dedup import MinHashParams, exact_duplicates, minhash, near_duplicate_clusters
 from polycoder.data.languages import language_candidates, language_of, languages, pygments_token_count
-from polycoder.data.sources import (DEFAULT_SKIP_DIRS, Unit, assign_tasks, licence_of_unit, plan_units,
-                                    read_archive_unit, read_folder_unit)
+from polycoder.data.sources import (
+    DEFAULT_SKIP_DIRS,
+    Unit,
+    assign_tasks,
+    licence_of_unit,
+    plan_units,
+    read_archive_unit,
+    read_folder_unit,
+)
 from polycoder.errors import PolycoderError
+from polycoder.files import write_text
+from polycoder.options import POSITIONAL
 
 try:
     from datatrove.pipeline.base import PipelineStep
@@ -172,9 +179,8 @@ class ScanStep(PipelineStep):
         write_table(rows, work / "parts" / f"part-{rank:05d}.parquet")
         np.save(work / "parts" / f"minhash-{rank:05d}.npy",
                 np.stack(sigs) if sigs else np.zeros((0, mh.num_perm if mh else 0), dtype=np.uint32))
-        tmp = work / "parts" / f"counts-{rank:05d}.json.tmp"
-        tmp.write_text(json.dumps({"removed": removed, "archive_language_files": archive_counts}))
-        os.replace(tmp, work / "parts" / f"counts-{rank:05d}.json")
+        write_text(work / "parts" / f"counts-{rank:05d}.json",
+                   json.dumps({"removed": removed, "archive_language_files": archive_counts}))
         return iter(())
 
 
@@ -277,9 +283,7 @@ def collect(
         plan = {"config": config, "filters": asdict(cfg), "minhash": asdict(mh), "near_dedup": near_dedup,
                 "units": [asdict(u) for u in units], "tasks": assign_tasks(units, tasks), "failures": failures}
         (work / "parts").mkdir(parents=True, exist_ok=True)
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, plan_file)
+        write_text(plan_file, json.dumps(plan))
     t_plan = time.time() - t0
     n_tasks = len(plan["tasks"])
     engine.run_tasks(ScanStep(str(work)), n_tasks, workers, work / "logs", resume=resume, desc="collect")

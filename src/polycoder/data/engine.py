@@ -145,16 +145,6 @@ def _progress(folder: Path, total: int, desc: str, stop: threading.Event) -> Non
         bar.update(done() - bar.n)
 
 
-def stable_hash(*parts: str | bytes) -> int:
-    """A 64-bit hash that is the same in every process and run (Python's hash() is salted)."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(p.encode("utf-8", "surrogateescape") if isinstance(p, str) else p)
-        h.update(b"\0")
-    return int.from_bytes(h.digest(), "little")
-
-
 def cpu_count() -> int:
+    """CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

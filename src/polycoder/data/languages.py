@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from polycoder.errors import PolycoderError
 
@@ -144,7 +144,7 @@ def language_candidates(path: str) -> tuple[str, ...]:
     return (lang,)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lexer(language: str):
     from pygments.lexers import get_lexer_by_name
 

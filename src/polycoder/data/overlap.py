@@ -21,21 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated
 
 import numpy as np
 
-from polycoder.cli import POSITIONAL
+from polycoder.corpus import iter_documents, read_index
 from polycoder.data.dedup import MinHashParams, NearIndex, minhash
 from polycoder.data.languages import language_of
 from polycoder.errors import PolycoderError
+from polycoder.options import POSITIONAL
 
 
 def _eval_files(paths: list[Path]) -> Iterator[tuple[str, str | None, bytes | str]]:
     """(name, language, bytes or text) of every evaluation file."""
-    from polycoder.data.corpus import iter_documents
-
     for p in paths:
         p = Path(p)
         if p.is_dir() and any(p.glob("*.parquet")):
@@ -85,8 +85,6 @@ def overlap(
         near_threshold: estimated Jaccard similarity from which a pair is reported.
         out: JSON report to write.
     """
-    from polycoder.data.corpus import read_index
-
     index = Path(index)
     by_sha = read_index(index)
     near_index = keys = params = None

@@ -27,9 +27,9 @@ import stat
 import subprocess
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from polycoder.data.languages import language_of
 from polycoder.errors import PolycoderError

@@ -27,10 +27,9 @@ from typing import Annotated
 
 import numpy as np
 
-from polycoder.cli import POSITIONAL
-from polycoder.data.corpus import SPLITS, shard_paths, write_index, write_table
-from polycoder.data.engine import stable_hash
+from polycoder.corpus import SPLITS, shard_paths, stable_hash, write_index, write_table
 from polycoder.errors import PolycoderError
+from polycoder.options import POSITIONAL
 
 
 def assign_repositories(repo_lang_files: dict[str, dict[str, int]], valid_fraction: float, test_fraction: float,

@@ -23,7 +23,13 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from polycoder.corpus import count_documents, index_key, iter_documents, read_index
+from polycoder.data.dedup import MinHashParams, estimated_jaccard, lsh_params, minhash
 from polycoder.errors import PolycoderError
+from polycoder.eval.humaneval import load_problems
+from polycoder.eval.perplexity import LANGUAGES, read_documents
 
 
 def _sha(data: bytes) -> str:
@@ -31,8 +37,6 @@ def _sha(data: bytes) -> str:
 
 
 def humaneval_items(problems_file: Path | None = None) -> list[dict]:
-    from polycoder.eval.humaneval import load_problems
-
     items = []
     for tid, p in load_problems(problems_file).items():
         for part, text in (("prompt", p["prompt"]), ("solution", p["canonical_solution"]),
@@ -44,8 +48,6 @@ def humaneval_items(problems_file: Path | None = None) -> list[dict]:
 
 def data_items(data: Path) -> list[dict]:
     """Items of a perplexity data folder; folder files hashed as stored (their bytes)."""
-    from polycoder.eval.perplexity import LANGUAGES, read_documents
-
     data = Path(data)
     items = []
     folders = [d for d in data.iterdir() if d.is_dir() and d.name in LANGUAGES] if data.is_dir() else []
@@ -63,11 +65,6 @@ def data_items(data: Path) -> list[dict]:
 
 def near_duplicates(items: list[dict], corpus: Path, threshold: float) -> list[dict]:
     """(item, training file, estimated Jaccard) for pairs at or above threshold."""
-    from tqdm import tqdm
-
-    from polycoder.data.corpus import count_documents, index_key, iter_documents
-    from polycoder.data.dedup import MinHashParams, estimated_jaccard, lsh_params, minhash
-
     params = MinHashParams(threshold=threshold)
     perms = params.permutations()
     bands, rows = lsh_params(threshold, params.num_perm)
@@ -114,8 +111,6 @@ def contamination(
         threshold: estimated Jaccard similarity that counts as a near duplicate.
         problems_file: another HumanEval-format problem file.
     """
-    from polycoder.data.corpus import read_index
-
     train = read_index(index)
     items: list[dict] = []
     if humaneval:

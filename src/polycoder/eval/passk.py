@@ -11,7 +11,7 @@ k has no unbiased estimate; `pass_at_k` reports such a k as missing rather than 
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from polycoder.errors import PolycoderError
 

@@ -5,26 +5,36 @@ What it implements, exactly as ../shared/DESIGN.md states it:
 - disjoint windows of the model's full context (block_size): window w takes the token ids
   `ids[w*L : w*L+L]` as input and scores `ids[w*L+1 : w*L+L+1]`, so every token after the
   EOD is scored exactly once and the context restarts at each window boundary;
-- the log-likelihood (natural log) is pooled over all files of a language and divided by
+- the log-likelihood LL (natural log) is pooled over all files of a language and divided by
   the number of Pygments lexer tokens of those files (whitespace tokens included, counted by
   `polycoder.data.languages.pygments_token_count`), so models with different tokenizers
   compare fairly: pygments_perplexity = exp(-LL / pygments_tokens);
-- also per-model-token perplexity exp(-LL / model_tokens) and bits per byte
-  -LL / (ln 2 * utf-8 bytes).
+- also the loss in nats per model token, loss = -LL / model_tokens (what training reports),
+  its perplexity token_perplexity = exp(loss), and bits per byte -LL / (ln 2 * utf-8 bytes).
 
 Inputs: DIR with one sub-folder a language (C, C#, C++, Go, Java, JavaScript, PHP, Python,
-Ruby, Rust, Scala, TypeScript; files found recursively, read as UTF-8 with replacement) or a
-corpus folder of Parquet shards (`polycoder.data.corpus`; a split corpus's `test` split is
-used). Models: local ones (`--model`, several side by side) and/or an OpenAI-compatible
-endpoint scored through echo + logprobs + max_tokens=0 on the same token-id windows.
+Ruby, Rust, Scala, TypeScript), files found recursively below it, so the held-out tree of
+`polycoder data fetch` (RAW/heldout/{Language}/{source}/...) is read as it is; or a corpus
+folder of Parquet shards (`polycoder.corpus`; a split corpus's `test` split is used).
+In a language folder only the files that the language table claims for that language are
+scored (`polycoder.data.languages.language_of(name) == folder`; a README or Makefile in
+Python/ is not Python, and its Pygments count would be meaningless), regular files of at
+most 1 MB, symlinks skipped. A language's files are taken in the order of the SHA-256 of
+their path (relative to the language folder; `repo/path` in a corpus), and `max_files`
+keeps the first N of that order: the same files every time, whatever the file system's order.
+Models: local ones (`--model`, several side by side) and/or an OpenAI-compatible endpoint
+scored through echo + logprobs + max_tokens=0 on the same token-id windows.
 
 Outputs: OUT/perplexity.json, OUT/perplexity.md, OUT/perplexity.png (a grouped bar chart
 like the paper's Figure 6) and OUT/cache/<model>.jsonl, one line a scored file keyed by the
 file's SHA-256, so an interrupted run resumes where it stopped.
 
 Limits: endpoint windows are one token shorter than the context (see EndpointScorer), so
-endpoint and local figures of the same model differ very slightly; a file's text is scored as UTF-8 bytes of the decoded text (invalid bytes replaced);
-the endpoint must tokenize like `--tokenizer` (ids are sent, not text).
+endpoint and local figures of the same model differ very slightly; files that are not valid
+UTF-8 are read with replacement characters (U+FFFD) and scored as the UTF-8 bytes of that
+decoded text, not skipped; `.h` files count as C (the language table's rule), so a C++
+folder's headers are not scored; the endpoint must tokenize like `--tokenizer` (ids are
+sent, not text).
 """
 
 from __future__ import annotations
@@ -37,10 +47,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from polycoder.errors import PolycoderError
+import torch
+from tqdm import tqdm
 
-LANGUAGES = ("C", "C#", "C++", "Go", "Java", "JavaScript", "PHP", "Python", "Ruby", "Rust",
-             "Scala", "TypeScript")
+from polycoder.checkpoint import load_model
+from polycoder.corpus import iter_documents
+from polycoder.data.languages import POLYCODER_LANGUAGES, language_of, pygments_token_count
+from polycoder.errors import PolycoderError
+from polycoder.eval.endpoint import Endpoint
+from polycoder.tokenizer import Tokenizer, load_tokenizer
+
+LANGUAGES = tuple(POLYCODER_LANGUAGES)
+"""The language folders read (the paper's 12 languages)."""
+MAX_FILE_BYTES = 1 << 20
+"""Larger files are not scored (PolyCoder's and the collector's 1 MB limit)."""
 
 
 @dataclass
@@ -59,35 +79,69 @@ class Document:
         return hashlib.sha256(self.text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
-def read_documents(data: Path, languages: list[str] | None = None) -> list[Document]:
-    """Held-out files of DIR: one sub-folder a language, or a corpus (Parquet) folder."""
+def _hash_order(relative_path: str) -> str:
+    return hashlib.sha256(relative_path.encode("utf-8", errors="surrogateescape")).hexdigest()
+
+
+def language_files(folder: Path, language: str) -> list[Path]:
+    """The files of one language folder that are scored, in hash order.
+
+    Regular files (not symlinks) of at most 1 MB that the language table claims for
+    `language`, sorted by the SHA-256 of their path relative to `folder`.
+    """
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
+             and p.stat().st_size <= MAX_FILE_BYTES and language_of(p.name) == language]
+    return sorted(files, key=lambda p: _hash_order(p.relative_to(folder).as_posix()))
+
+
+def _folder_documents(data: Path, wanted: set[str] | None, max_files: int) -> list[Document]:
+    folders = [d for d in sorted(data.iterdir()) if d.is_dir() and d.name in LANGUAGES]
+    if not folders:
+        raise PolycoderError(f"{data} has no language sub-folders ({', '.join(LANGUAGES)}) "
+                             "and no *.parquet corpus shards")
+    docs = []
+    for folder in folders:
+        if wanted and folder.name not in wanted:
+            continue
+        for path in language_files(folder, folder.name)[: max_files or None]:
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            docs.append(Document(folder.name, path.relative_to(data).as_posix(), text))
+    return docs
+
+
+def _corpus_documents(data: Path, split: str | None, wanted: set[str] | None, max_files: int) -> list[Document]:
+    by_language: dict[str, list[Document]] = {}
+    for row in iter_documents(data, split=split, columns=["repo", "path", "language", "text"], languages=wanted):
+        doc = Document(row["language"], f"{row['repo']}/{row['path']}", row["text"])
+        by_language.setdefault(doc.language, []).append(doc)
+    docs = []
+    for language in sorted(by_language):
+        docs += sorted(by_language[language], key=lambda d: _hash_order(d.name))[: max_files or None]
+    return docs
+
+
+def read_documents(data: Path, languages: list[str] | None = None, max_files: int = 0) -> list[Document]:
+    """Held-out files of DIR: one sub-folder a language, or a corpus (Parquet) folder.
+
+    A language's files come in hash order, at most `max_files` of them (0 = all); see the
+    module docstring for which files of a language folder are read.
+    """
     data = Path(data)
     if not data.is_dir():
         raise PolycoderError(f"data folder not found: {data}; give a folder with one sub-folder a "
                              f"language ({', '.join(LANGUAGES)}) or a corpus folder")
+    if max_files < 0:
+        raise PolycoderError(f"--max-files must be 0 (all files) or a positive number, got {max_files}")
     wanted = set(languages) if languages else None
-    docs: list[Document] = []
-    shards = list(data.glob("*.parquet")) or list((data / "test").glob("*.parquet"))
-    if shards:
-        from polycoder.data.corpus import iter_documents
-
-        split = None if list(data.glob("*.parquet")) else "test"
-        for row in iter_documents(data, split=split, columns=["repo", "path", "language", "text"],
-                                  languages=wanted):
-            docs.append(Document(row["language"], f"{row['repo']}/{row['path']}", row["text"]))
+    if list(data.glob("*.parquet")):
+        docs = _corpus_documents(data, None, wanted, max_files)
+    elif list((data / "test").glob("*.parquet")):
+        docs = _corpus_documents(data, "test", wanted, max_files)
     else:
-        folders = [d for d in sorted(data.iterdir()) if d.is_dir() and d.name in LANGUAGES]
-        if not folders:
-            raise PolycoderError(f"{data} has no language sub-folders ({', '.join(LANGUAGES)}) "
-                                 "and no *.parquet corpus shards")
-        for folder in folders:
-            if wanted and folder.name not in wanted:
-                continue
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                text = path.read_bytes().decode("utf-8", errors="replace")
-                docs.append(Document(folder.name, str(path.relative_to(data)), text))
+        docs = _folder_documents(data, wanted, max_files)
     if not docs:
-        raise PolycoderError(f"no files to score in {data}")
+        raise PolycoderError(f"no files to score in {data} (a language folder's files count only if the "
+                             "language table claims them for that language and they are at most 1 MB)")
     return docs
 
 
@@ -105,8 +159,6 @@ class LocalScorer:
     """Log-likelihoods from a model loaded with polycoder.checkpoint.load_model."""
 
     def __init__(self, name: str, dtype: str, device: str, random_init: bool, batch_size: int):
-        from polycoder.checkpoint import load_model
-
         self.name = name
         self.model, self.tokenizer = load_model(name, dtype=dtype, device=device, random_init=random_init)
         self.block_size = self.model.config.block_size
@@ -114,8 +166,6 @@ class LocalScorer:
         self.batch_size = batch_size
 
     def loglik(self, ids: list[int]) -> float:
-        import torch
-
         total = 0.0
         wins = windows(ids, self.block_size)
         # Windows of equal length go through the model together.
@@ -137,12 +187,9 @@ class EndpointScorer:
     """Log-likelihoods from an OpenAI-compatible server (echo + logprobs + max_tokens=0)."""
 
     def __init__(self, url: str, endpoint_model: str | None, tokenizer: str | None, block_size: int):
-        from polycoder.checkpoint import default_tokenizer, load_tokenizer
-        from polycoder.eval.endpoint import Endpoint
-
         self.name = url
         self.client = Endpoint(url, model=endpoint_model)
-        self.tokenizer = load_tokenizer(tokenizer) if tokenizer else default_tokenizer()
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer else Tokenizer.byte_level()
         # A server echoes log-probabilities only of a prompt that fits its context, and a
         # window of L inputs is a prompt of L + 1 tokens: windows are one token shorter here.
         self.block_size = block_size - 1
@@ -160,10 +207,6 @@ def _slug(name: str) -> str:
 
 def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str, dict]:
     """Per-language pooled figures of one model; per-file results cached in cache_path."""
-    from tqdm import tqdm
-
-    from polycoder.data.languages import pygments_token_count
-
     cache: dict[str, dict] = {}
     if cache_path.is_file():
         for line in cache_path.read_text(encoding="utf-8").splitlines():
@@ -198,10 +241,21 @@ def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str,
             agg[field] += row[field]
     for agg in per_language.values():
         ll = agg["loglik"]
+        agg["loss"] = -ll / agg["model_tokens"] if agg["model_tokens"] else None
         agg["pygments_perplexity"] = math.exp(-ll / agg["pygments_tokens"]) if agg["pygments_tokens"] else None
-        agg["token_perplexity"] = math.exp(-ll / agg["model_tokens"]) if agg["model_tokens"] else None
+        agg["token_perplexity"] = math.exp(agg["loss"]) if agg["loss"] is not None else None
         agg["bits_per_byte"] = -ll / (math.log(2) * agg["bytes"]) if agg["bytes"] else None
     return dict(sorted(per_language.items()))
+
+
+def _table(results: dict[str, dict[str, dict]], field: str, langs: list[str]) -> list[str]:
+    """One row a language, one column a model, of one figure."""
+    models = list(results)
+    lines = ["| language | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for lang in langs:
+        values = [(results[m].get(lang) or {}).get(field) for m in models]
+        lines.append(f"| {lang} | " + " | ".join(f"{v:.3f}" if v is not None else "-" for v in values) + " |")
+    return lines
 
 
 def write_report(results: dict[str, dict[str, dict]], out: Path) -> None:
@@ -212,24 +266,25 @@ def write_report(results: dict[str, dict[str, dict]], out: Path) -> None:
     lines = ["# Perplexity per language", "",
              "Pooled log-likelihood of all files of a language divided by Pygments tokens "
              "(the paper's measure; lower is better), `<|endoftext|>` prepended, disjoint "
-             "full-context windows.", "",
-             "| language | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    for lang in langs:
-        cells = []
-        for m in models:
-            r = results[m].get(lang)
-            cells.append(f"{r['pygments_perplexity']:.3f}" if r and r["pygments_perplexity"] else "-")
-        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+             "full-context windows.", ""]
+    lines += _table(results, "pygments_perplexity", langs)
+    lines += ["", "## Loss in nats per model token", "",
+              "The same log-likelihood divided by the model's own tokens (token perplexity = "
+              "exp(loss); compares only models that share a tokenizer).", ""]
+    lines += _table(results, "loss", langs)
     lines += ["", "## Details", "", "| model | language | files | model tokens | Pygments tokens | "
-              "Pygments ppl | token ppl | bits/byte |", "|---|---|---|---|---|---|---|---|"]
+              "loss (nats/token) | Pygments ppl | token ppl | bits/byte |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in models:
         for lang, r in results[m].items():
             def f(x):
                 return f"{x:.4f}" if x is not None else "-"
             lines.append(f"| {m} | {lang} | {r['files']} | {r['model_tokens']} | {r['pygments_tokens']} | "
-                         f"{f(r['pygments_perplexity'])} | {f(r['token_perplexity'])} | {f(r['bits_per_byte'])} |")
+                         f"{f(r['loss'])} | {f(r['pygments_perplexity'])} | {f(r['token_perplexity'])} | "
+                         f"{f(r['bits_per_byte'])} |")
     (out / "perplexity.md").write_text("\n".join(lines) + "\n")
 
+    # matplotlib is an optional extra (eval, train) and slow to import: only the plot needs it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,30 +313,37 @@ def perplexity(
     tokenizer: str | None = None,
     block_size: int = 2048,
     language: list[str] | None = None,
+    max_files: int = 0,
     dtype: str = "float32",
     device: str = "cpu",
     batch_size: int = 4,
     random_init: bool = False,
 ) -> dict:
-    """Perplexity per language (per Pygments token, per model token, bits per byte).
+    """Perplexity per language: per Pygments token (the paper's), loss and perplexity per model token, bits per byte.
 
     Args:
-        data: folder with one sub-folder a language (C, C#, ..., TypeScript) or a corpus folder.
+        data: folder with one sub-folder a language (C, C#, ..., TypeScript; deeper folders
+            such as RAW/heldout/{Language}/{source}/ are read recursively) or a corpus folder.
+            In a language folder only files the language table claims for that language are
+            scored (no README, Makefile), at most 1 MB; files not valid UTF-8 are read with
+            replacement characters.
         out: output folder (perplexity.json, perplexity.md, perplexity.png, cache/).
         model: local models (folders, presets or hub ids), several side by side; none and no
             endpoint means the bundled default model.
         endpoint: an OpenAI-compatible server scored with echo + logprobs + max_tokens=0.
         endpoint_model: the `model` field sent to the endpoint, if it needs one.
-        tokenizer: the endpoint model's tokenizer (folder or model); default PolyCoder's.
+        tokenizer: the endpoint model's tokenizer (folder or model); default the plain byte-level one.
         block_size: the endpoint model's context length (its windows are one token shorter).
         language: only these languages.
+        max_files: at most this many files a language (0 = all), the first in the order of the
+            SHA-256 of their path, so the same files every time.
         dtype: weights' dtype for local models.
         device: device for local models.
         batch_size: windows a forward pass.
         random_init: presets with random weights (tests and smoke runs).
     """
     out = Path(out)
-    docs = read_documents(Path(data), list(language) if language else None)
+    docs = read_documents(Path(data), list(language) if language else None, max_files)
     out.mkdir(parents=True, exist_ok=True)
     names = list(model or [])
     if not names and endpoint is None:

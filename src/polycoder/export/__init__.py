@@ -1,7 +1,9 @@
-"""Moving models out of and into polycoder: GGUF for llama.cpp, the original GPT-NeoX checkpoints.
+"""Moving models out of polycoder.
 
-- `polycoder export gguf` (polycoder.export.gguf): a Hugging Face-format GPT-NeoX folder to a
-  GGUF file that llama.cpp runs (f32, f16, q8_0), with our tokenizer embedded.
-- `polycoder convert neox` (polycoder.export.neox): PolyCoder's original GPT-NeoX/DeepSpeed
-  pipeline checkpoints (`global_stepN/layer_XX-model_YY-model_states.pt`) to our folder.
+- `polycoder export gguf` (`gguf`): a Hugging Face-format GPT-NeoX folder to a GGUF file
+  that llama.cpp runs (f32, f16, q8_0), with our tokenizer embedded;
+- `llamacpp`: a small driver for llama.cpp (through llama-cpp-python) that checks an export
+  and that the decode benchmark compares against.
+
+Imports from other formats are in `polycoder.convert`.
 """

@@ -36,14 +36,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Literal
 
+import gguf
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
+from polycoder.export import llamacpp
+from polycoder.files import atomic_path
+from polycoder.options import Fields, ModelOptions
 
 OutType = Literal["f32", "f16", "q8_0"]
 ARCH = "gptneox"
@@ -100,8 +106,6 @@ def gguf_name(name: str) -> str:
 
 
 def _ggml_type(outtype: OutType, shape: tuple[int, ...]):
-    import gguf
-
     T = gguf.GGMLQuantizationType
     if len(shape) == 1 or outtype == "f32":
         return T.F32
@@ -111,8 +115,6 @@ def _ggml_type(outtype: OutType, shape: tuple[int, ...]):
 
 
 def _encode(t: torch.Tensor, qtype) -> np.ndarray:
-    import gguf
-
     a = t.detach().to(torch.float32).cpu().numpy()
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
@@ -149,8 +151,6 @@ class GGUFVocab:
 
 def gguf_vocab(tokenizer, n_vocab: int) -> GGUFVocab:
     """The tokenizer's vocabulary padded to the model's `n_vocab` rows, with its merges."""
-    import gguf
-
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
@@ -202,9 +202,6 @@ def write_gguf(model, tokenizer, out: str | Path, outtype: OutType = "f16", name
     Tensors are converted and written one at a time, so memory stays at about the model's
     own size plus one tensor.
     """
-    import gguf
-    from tqdm import tqdm
-
     if outtype not in ("f32", "f16", "q8_0"):
         raise PolycoderError(f"unknown --outtype {outtype!r}; choose f32, f16 or q8_0")
     cfg = model.config
@@ -230,58 +227,54 @@ def write_gguf(model, tokenizer, out: str | Path, outtype: OutType = "f16", name
 
     T = gguf.GGMLQuantizationType
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-    tmp = out.with_name(f".{out.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), ARCH)
-    try:
-        w.add_name(name or cfg.name)
-        w.add_file_type(int(file_type))
-        w.add_context_length(cfg.block_size)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.n_head)
-        w.add_rope_dimension_count(cfg.rotary_dims)
-        w.add_rope_freq_base(float(cfg.rope_base))
-        w.add_layer_norm_eps(float(cfg.layer_norm_eps))
-        w.add_parallel_residual(bool(cfg.parallel_residual))
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(PRE_TOKENIZER)
-        w.add_token_list(vocab.tokens)
-        w.add_token_types(vocab.types)
-        w.add_token_merges(vocab.merges)
-        w.add_bos_token_id(vocab.bos_id)
-        w.add_eos_token_id(vocab.eos_id)
-        w.add_pad_token_id(vocab.pad_id)
-        # We never add BOS/EOS implicitly: prompts are passed as they are (our generate does the same).
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            w.add_name(name or cfg.name)
+            w.add_file_type(int(file_type))
+            w.add_context_length(cfg.block_size)
+            w.add_embedding_length(cfg.n_embd)
+            w.add_block_count(cfg.n_layer)
+            w.add_feed_forward_length(cfg.intermediate_size)
+            w.add_head_count(cfg.n_head)
+            w.add_rope_dimension_count(cfg.rotary_dims)
+            w.add_rope_freq_base(float(cfg.rope_base))
+            w.add_layer_norm_eps(float(cfg.layer_norm_eps))
+            w.add_parallel_residual(bool(cfg.parallel_residual))
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(PRE_TOKENIZER)
+            w.add_token_list(vocab.tokens)
+            w.add_token_types(vocab.types)
+            w.add_token_merges(vocab.merges)
+            w.add_bos_token_id(vocab.bos_id)
+            w.add_eos_token_id(vocab.eos_id)
+            w.add_pad_token_id(vocab.pad_id)
+            # We never add BOS/EOS implicitly: prompts are passed as they are (our generate does the same).
+            w.add_add_bos_token(False)
+            w.add_add_eos_token(False)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-        # Pass 1: tensor infos (shapes and types), so the data can then be streamed.
-        qtypes = {}
-        for n in names:
-            shape = tuple(state[n].shape)
-            q = _ggml_type(outtype, shape)
-            qtypes[n] = q
-            block, type_size = gguf.GGML_QUANT_SIZES[q]
-            nbytes = int(np.prod(shape)) // block * type_size
-            if q == T.Q8_0:
-                w.add_tensor_info(gguf_name(n), gguf.quant_shape_to_byte_shape(shape, q), np.dtype(np.uint8), nbytes, raw_dtype=q)
-            else:
-                dtype = np.dtype(np.float32 if q == T.F32 else np.float16)
-                w.add_tensor_info(gguf_name(n), shape, dtype, nbytes, raw_dtype=q)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        # Pass 2: the data, in the same order.
-        for n in tqdm(names, desc=f"GGUF {outtype}", unit="tensor", disable=not progress):
-            w.write_tensor_data(_encode(converted(n), qtypes[n]))
-        w.close()
-        tmp.replace(out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            # Pass 1: tensor infos (shapes and types), so the data can then be streamed.
+            qtypes = {}
+            for n in names:
+                shape = tuple(state[n].shape)
+                q = _ggml_type(outtype, shape)
+                qtypes[n] = q
+                block, type_size = gguf.GGML_QUANT_SIZES[q]
+                nbytes = int(np.prod(shape)) // block * type_size
+                if q == T.Q8_0:
+                    w.add_tensor_info(gguf_name(n), gguf.quant_shape_to_byte_shape(shape, q), np.dtype(np.uint8), nbytes, raw_dtype=q)
+                else:
+                    dtype = np.dtype(np.float32 if q == T.F32 else np.float16)
+                    w.add_tensor_info(gguf_name(n), shape, dtype, nbytes, raw_dtype=q)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            # Pass 2: the data, in the same order.
+            for n in tqdm(names, desc=f"GGUF {outtype}", unit="tensor", disable=not progress):
+                w.write_tensor_data(_encode(converted(n), qtypes[n]))
+        finally:
+            w.close()
     return out
 
 
@@ -290,8 +283,6 @@ def write_gguf(model, tokenizer, out: str | Path, outtype: OutType = "f16", name
 
 def read_back(path_or_reader) -> dict[str, np.ndarray]:
     """The tensors of a GGUF file (a path or a `gguf.GGUFReader`) as float32 arrays in our names and layout (QKV restored)."""
-    import gguf
-
     # Opening parses every metadata item (100k tokens and merges): seconds; reuse a reader where possible.
     reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(str(path_or_reader))
     n_head = int(reader.fields[f"{ARCH}.attention.head_count"].parts[-1][0])
@@ -335,8 +326,6 @@ def check_tensors(path: str | Path, model, outtype: OutType) -> float:
 
 def smoke_test(path: Path, model, tokenizer, outtype: OutType, text: str = SMOKE_TEXT, threads: int | None = None) -> dict:
     """Run the exported file once: through llama.cpp if installed, else read it back."""
-    from polycoder.export import llamacpp
-
     if not llamacpp.available():
         worst = check_tensors(path, model, outtype)
         return {"engine": "gguf reader (llama-cpp-python not installed)", "max_rel_tensor_error": worst}
@@ -369,10 +358,8 @@ def smoke_test(path: Path, model, tokenizer, outtype: OutType, text: str = SMOKE
 
 def export_gguf(
     out: Path,
-    model: str | None = None,
+    model_options: Annotated[ModelOptions | None, Fields("model", "tokenizer", "random_init")] = None,
     outtype: OutType = "f16",
-    tokenizer: str | None = None,
-    random_init: bool = False,
     check: bool = True,
     threads: int | None = None,
 ) -> dict:
@@ -380,18 +367,18 @@ def export_gguf(
 
     Args:
         out: the .gguf file to write.
-        model: checkpoint folder, preset name (with --random-init) or hub id (default: the bundled model).
+        model_options: the model (--model, --tokenizer, --random-init); its precision follows --outtype.
         outtype: precision of the matrices: f32, f16 or q8_0 (vectors stay f32).
-        tokenizer: folder or tokenizer.json to embed instead of the model's own.
-        random_init: export a preset's architecture with random weights (for speed tests).
         check: run the file once afterwards (llama.cpp when installed, else read it back).
         threads: CPU threads for the llama.cpp check (default: all cores).
     """
-    from polycoder.checkpoint import load_model
-
     t0 = time.perf_counter()
+    options = model_options or ModelOptions()
+    if options.quantize:
+        raise PolycoderError("export gguf quantizes with --outtype (f32, f16, q8_0); leave out --quantize")
     dtype = "float16" if outtype == "f16" else "float32"
-    net, tok = load_model(model, dtype=dtype, random_init=random_init, tokenizer=tokenizer)
+    net, tok = load(replace(options, dtype=dtype, device="cpu"))
+    model = options.model
     path = write_gguf(net, tok, out, outtype)
     summary = {"out": str(path), "outtype": outtype, "bytes": path.stat().st_size, "model": str(model or "bundled"),
                "seconds_export": round(time.perf_counter() - t0, 2)}

@@ -134,7 +134,7 @@ class LlamaCpp:
                 o.close()
                 setattr(self, obj, None)
 
-    def __enter__(self) -> "LlamaCpp":
+    def __enter__(self) -> LlamaCpp:
         return self
 
     def __exit__(self, *exc) -> None:

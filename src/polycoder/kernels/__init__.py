@@ -4,15 +4,20 @@
 (a decode step): fp32, bf16 or int8 weights (int8 with one scale an output row), fp32 or
 bf16 activations and output, GELU optionally fused; `BlockPlan(...).run` is a whole GPT-NeoX block
 of a decode step (LayerNorms, products, rotary, cache write, attention, MLP, residuals) in
-one call, which removes PyTorch's per-operation overhead (linear.c says how).
+one call, which removes PyTorch's per-operation overhead (decode.c says how).
 `polycoder.inference.prepare_decode` routes a model's decode steps here. PyTorch's own
 kernels serve everything else: more rows than `MAX_ROWS`, gradients, other devices and dtypes, and machines where
 the kernels cannot be built.
 
-Build: `cc -O3 -march=native -fopenmp -shared` of linear.c into
-`$POLYCODER_CACHE/kernels/<hash>/` (default ~/.cache/polycoder), keyed by the source, the
-compiler and the CPU's flags, written to a temporary name and renamed (a half-written
-library is never loaded); about a second, once a machine. `-march=native` is right here
+Sources: decode.c (the decode kernels), train.c (the training kernels: cross-entropy,
+attention backward, rotary split, transpose), common.h (helpers both use) and kernels.h,
+which declares every exported function; `SIGNATURES` below is its ctypes mirror
+(tests/test_kernels_header.py checks the two agree).
+
+Build: `cc -O3 -march=native -fopenmp -shared -fPIC decode.c train.c -lm` into one library in
+`$POLYCODER_CACHE/kernels/<hash>/` (default ~/.cache/polycoder), keyed by every source and
+header, the compiler and the CPU's flags, written to a temporary name and renamed (a
+half-written library is never loaded); a few seconds, once a machine. `-march=native` is right here
 because the library is built where it runs. The OpenMP runtime it links is the
 `libgomp.so.1` PyTorch has already loaded, so both share one pool of threads.
 
@@ -33,17 +38,34 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from polycoder.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
-MAX_CACHE_LEN = 32768  # cache positions a decode step can attend to (linear.c's scores buffer)
-SOURCE = Path(__file__).with_name("linear.c")
+MAX_CACHE_LEN = 32768  # cache positions a decode step can attend to (decode.c's scores buffer)
+FOLDER = Path(__file__).parent
+SOURCES = (FOLDER / "decode.c", FOLDER / "train.c")  # compiled together into one library
+HEADER = FOLDER / "kernels.h"  # declares every exported function: SIGNATURES mirrors it
+
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+# name -> (restype, argtypes) of every function kernels.h declares, in its order: pointers
+# are c_void_p, int c_int, long c_long, float c_float.
+SIGNATURES = {
+    "pc_available": (_I, []),
+    "pc_linear": (_I, [_P, _I, _P, _I, _P, _P, _I, _P, _I, _I, _L, _L, _L, _I]),
+    "pc_block": (_I, [_P, _I, _L, _L, _L, _P, _F, _P, _P, _I, _I, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I]),
+    "pc_blocks": (_I, [_P, _I, _L, _L, _L, _L, _P, _F, _P, _P, _I, _I, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I]),
+    "pc_cross_entropy_bf16": (_I, [_P, _L, _L, _P, _P, _P, _P, _I, _I]),
+    "pc_attention_grad_bf16": (_I, [_P] * 8 + [_L] * 5 + [_P, _F, _P, _P, _I, _I]),
+    "pc_rotary_qkv": (_I, [_P, _I, _P, _P, _P, _I, _P, _P, _L, _L, _L, _L, _L, _I, _I]),
+    "pc_transpose_bf16_f32": (_I, [_P, _P, _L, _L, _I]),
+}
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 _lock = threading.Lock()
@@ -52,7 +74,8 @@ _why = "not built yet"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("POLYCODER_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "polycoder")
+    root = (os.environ.get("POLYCODER_CACHE")
+            or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "polycoder"))
     return Path(root) / "kernels"
 
 
@@ -73,21 +96,17 @@ def _build() -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     libs = ["-lm"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
+    files = sorted([*FOLDER.glob("*.c"), *FOLDER.glob("*.h")])  # every source and header, by name
+    texts = [f"{f.name}\n{f.read_text()}" for f in files]
+    key = hashlib.sha256("\0".join([*texts, version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir() / key / "libpolycoder_kernels.so"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *libs], capture_output=True, text=True, timeout=300)
+    with atomic_path(target) as tmp:
+        r = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp), *libs], capture_output=True, text=True,
+                           timeout=300)
         if r.returncode:
             raise OSError(f"{cc} failed: {r.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -104,23 +123,12 @@ def _load():
         try:
             torch.set_num_threads(torch.get_num_threads())  # make sure PyTorch's libgomp is loaded first
             dll = ctypes.CDLL(str(_build()))
+            for name, (restype, argtypes) in SIGNATURES.items():
+                fn = getattr(dll, name)
+                fn.restype, fn.argtypes = restype, argtypes
             if not dll.pc_available():
                 _lib, _why = False, "this CPU has no AVX-512 (the kernels' only path so far)"
                 return None
-            P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-            dll.pc_linear.restype = dll.pc_block.restype = I
-            dll.pc_linear.argtypes = [P, I, P, I, P, P, I, P, I, I, L, L, L, I]
-            dll.pc_block.argtypes = [P, I, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
-            dll.pc_blocks.restype = I
-            dll.pc_blocks.argtypes = [P, I, L, L, L, L, P, ctypes.c_float, P, P, I, I, P, P, P, P, P, L, L, L, L, I]
-            dll.pc_cross_entropy_bf16.restype = I
-            dll.pc_cross_entropy_bf16.argtypes = [P, L, L, P, P, P, P, I, I]
-            dll.pc_attention_grad_bf16.restype = I
-            dll.pc_attention_grad_bf16.argtypes = [P] * 8 + [L] * 5 + [P, ctypes.c_float, P, P, I, I]
-            dll.pc_rotary_qkv.restype = I
-            dll.pc_rotary_qkv.argtypes = [P, I, P, P, P, I, P, P, L, L, L, L, L, I, I]
-            dll.pc_transpose_bf16_f32.restype = I
-            dll.pc_transpose_bf16_f32.argtypes = [P, P, L, L, I]
             _lib, _why = dll, "available"
         except (OSError, subprocess.SubprocessError) as e:
             _lib, _why = False, f"could not build or load them: {e}"
@@ -212,7 +220,7 @@ def attention_grad_bf16_(q: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
                          work: torch.Tensor) -> None:
     """A causal attention's probabilities p = exp(scale q.k - lse) and score gradients
     ds = scale p (dO.v - rowsum(dO O)), bf16 [n, T, T], zero above the diagonal; the
-    products accumulate in fp32 inside the kernel (linear.c says how). q, dout [n, Tp, Dp]
+    products accumulate in fp32 inside the kernel (train.c says how). q, dout [n, Tp, Dp]
     bf16 (T and D rounded up to 32, zero padded); out, k, v [n, T, D] bf16; lse (of the
     forward, of scale q.k) [n, T] fp32; work: an fp32 buffer of `attention_work(n, T, D)`
     elements. Needs `has_attention_grad_bf16()`. The products run on AMX tiles where the CPU

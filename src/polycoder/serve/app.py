@@ -19,7 +19,6 @@ log line of each request names it.
 Scaling out: run more replicas behind any HTTP balancer; each holds its own model.
 """
 
-
 import hmac
 import logging
 import os
@@ -27,10 +26,25 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
-from pathlib import Path
 
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from polycoder.checkpoint import load
+from polycoder.config import PRESETS
 from polycoder.errors import PolycoderError
+from polycoder.locate import resolve
+from polycoder.options import ModelOptions
+from polycoder.serve import ollama_api, openai_api
+from polycoder.serve.common import APIError, ServerSettings, ServerState
+from polycoder.serve.engine_loop import EngineLoop
+from polycoder.serve.metrics import Metrics
 
 log = logging.getLogger("polycoder.serve")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -80,17 +94,6 @@ def _route(path: str) -> str:
 
 def create_app(model, tokenizer, settings=None, model_path: str = ""):
     """The FastAPI app serving `model`; its engine thread runs while the app's lifespan does."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from polycoder.serve import ollama_api, openai_api
-    from polycoder.serve.common import APIError, ServerSettings, ServerState
-    from polycoder.serve.engine_loop import EngineLoop
-    from polycoder.serve.metrics import Metrics
-
     settings = settings or ServerSettings()
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
     metrics = Metrics()
@@ -178,7 +181,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = ""):
 
 
 def serve(
-    model: str | None = None,
+    model_options: ModelOptions | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
@@ -188,16 +191,12 @@ def serve(
     prefill_budget: int = 512,
     model_name: str | None = None,
     cors_origin: list[str] | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    random_init: bool = False,
-    tokenizer: str | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI- and Ollama-compatible completions with continuous batching.
 
     Args:
-        model: a model folder, a hub id, or a preset with --random-init (default: the bundled model).
+        model_options: the model and how to load it (--model, --dtype, --device, ...).
         host: address to bind; the default serves this machine only (use 0.0.0.0 to open it to the network).
         port: TCP port.
         api_key: require 'Authorization: Bearer KEY' on model routes (default: $POLYCODER_API_KEY, else none).
@@ -207,36 +206,25 @@ def serve(
         prefill_budget: prompt tokens prefilled between two decode steps (lower: smoother streams; higher: faster admission).
         model_name: the model id clients use (default: the folder's name, or the preset's).
         cors_origin: allow browser pages from this origin (repeatable; default: no CORS).
-        dtype: weights' precision: float32, bfloat16 or float16.
-        device: cpu, cuda, cuda:1, ...
-        random_init: run a preset with random weights (for tests and speed checks).
-        tokenizer: take the tokenizer from this folder (for weights saved without one).
         log_level: debug, info, warning or error.
     """
-    try:
-        import uvicorn
-    except ImportError:
-        raise PolycoderError("serving needs the serve extra: pip install 'polycoder[serve]'") from None
-    from polycoder.checkpoint import load_model, resolve
-    from polycoder.config import PRESETS
-    from polycoder.serve.common import ServerSettings
-
+    options = model_options or ModelOptions()
     if log_level not in ("debug", "info", "warning", "error"):
         raise PolycoderError(f"unknown log level {log_level!r}; choose debug, info, warning or error")
     if not 0 <= port < 65536:
         raise PolycoderError(f"port must be in 0..65535, got {port}")
     api_key = api_key if api_key is not None else (os.environ.get("POLYCODER_API_KEY") or None)
-    if random_init and model is not None and str(model) in PRESETS:
-        path, name = str(model), str(model)
+    if options.random_init and options.model is not None and str(options.model) in PRESETS:
+        path, name = str(options.model), str(options.model)
     else:
-        folder = resolve(model)
+        folder = resolve(options.model)
         path, name = str(folder), folder.name
+        options = replace(options, model=path)  # a hub id is fetched once, here
     settings = ServerSettings(model_name=model_name or name, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_context=max_context, prefill_budget=prefill_budget, api_key=api_key,
                               cors_origins=tuple(cors_origin or ()))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    net, tok = load_model(path if Path(path).is_dir() else model, dtype=dtype, device=device,
-                          random_init=random_init, tokenizer=tokenizer)
+    net, tok = load(options)
     app = create_app(net, tok, settings, model_path=path)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)

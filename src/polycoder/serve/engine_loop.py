@@ -69,7 +69,7 @@ class TokenScores:
 class Choice:
     """The tag of one sample (engine row): which job and which output choice it is."""
 
-    job: "Job"
+    job: Job
     index: int
     """OpenAI's choice index: prompt_index * n + sample_index."""
     prompt_index: int

@@ -21,16 +21,25 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder import __version__ as polycoder_version
 from polycoder.generation import SamplingParams, resolve_seed
-from polycoder.serve.common import (APIError, ServerState, check_model, get_bool, get_float, get_int, get_stop,
-                                    prompt_ids, read_json)
+from polycoder.serve.common import (
+    APIError,
+    ServerState,
+    check_model,
+    get_bool,
+    get_float,
+    get_int,
+    get_stop,
+    prompt_ids,
+    read_json,
+)
 from polycoder.serve.engine_loop import Job, Outcome
 from polycoder.serve.openai_api import FINISH, job_events, submit, watch_disconnect
 

@@ -23,14 +23,24 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder.generation import SamplingParams, resolve_seed
-from polycoder.serve.common import (APIError, ServerState, check_model, get_bool, get_float, get_int, get_stop,
-                                    prompt_ids, read_json)
+from polycoder.serve.common import (
+    APIError,
+    ServerState,
+    check_model,
+    get_bool,
+    get_float,
+    get_int,
+    get_stop,
+    prompt_ids,
+    read_json,
+)
 from polycoder.serve.engine_loop import Job, NotRunning, Outcome, QueueFull, TokenScores
 
 FINISH = {"eod": "stop", "stop": "stop", "length": "length"}

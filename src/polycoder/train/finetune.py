@@ -37,8 +37,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from polycoder.checkpoint import load_model, load_weights, save_checkpoint
+from polycoder.data.languages import language_of
 from polycoder.errors import PolycoderError
+from polycoder.locate import resolve
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import init_distributed, shutdown
 from polycoder.train.loop import Trainer
@@ -68,8 +72,6 @@ def read_texts(path: str | Path) -> list[str]:
                 texts.append(rec["text"])
         return texts
     if path.is_dir():
-        from polycoder.data.languages import language_of
-
         texts = []
         for p in sorted(q for q in path.rglob("*") if q.is_file()):
             if language_of(p.name) is None or p.stat().st_size > 1 << 20:
@@ -102,7 +104,7 @@ def token_streams(texts: list[str], tokenizer, holdout_every: int = 20) -> tuple
 
 
 def _require_peft():
-    try:
+    try:  # deferred: the train extra's package, with a message where it is missing
         import peft
     except ImportError:
         raise PolycoderError("LoRA needs the `peft` package: pip install 'polycoder[train]'") from None
@@ -138,8 +140,6 @@ def save_adapter(pm, tokenizer, folder: str | Path) -> Path:
 
 def load_adapter_weights(pm, folder: str | Path) -> None:
     peft = _require_peft()
-    from safetensors.torch import load_file
-
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
         raise PolycoderError(f"{folder} holds no adapter_model.safetensors; is it a LoRA checkpoint?")
@@ -168,7 +168,7 @@ def quantize_4bit(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module
     if not torch.cuda.is_available():
         raise PolycoderError("QLoRA needs a CUDA GPU (bitsandbytes' 4-bit kernels); on this machine use --lora "
                              "(full-precision base) instead")
-    try:
+    try:  # deferred: optional, CUDA only
         import bitsandbytes as bnb
     except ImportError:
         raise PolycoderError("QLoRA needs bitsandbytes: pip install bitsandbytes (with a CUDA GPU)") from None
@@ -250,8 +250,6 @@ def finetune(
         seed: Seed of the data order.
         device: cpu, cuda or auto.
     """
-    from polycoder.checkpoint import load_model, resolve, save_checkpoint
-
     targets = targets or list(LORA_TARGETS)
     lora = lora or qlora
     if threads:
@@ -309,8 +307,6 @@ def finetune(
             if lora:
                 load_adapter_weights(trainable, resume_from)
             else:
-                from polycoder.train.pretrain import load_weights
-
                 load_weights(net, resume_from)
         kind = "QLoRA" if qlora else "LoRA" if lora else "full"
         trainer = Trainer(trainable, settings, d, [train_arr], [valid_arr] if len(valid_arr) > seq_len else [],

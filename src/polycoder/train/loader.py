@@ -23,14 +23,15 @@ References: nanoGPT's `get_batch` (uint16 memmap, random windows); llm.c's shard
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from polycoder.errors import PolycoderError
+from polycoder.token_shards import list_shards, read_shard
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,6 @@ def gather_windows(arrays: Sequence[np.ndarray], starts: list[tuple[int, int]], 
 
 def open_split(tokens_dir: str | Path, split: str) -> tuple[list[np.ndarray], int]:
     """Token memmaps of one split of a `polycoder data tokenize` folder, and the vocab size."""
-    from polycoder.data.shards import list_shards, read_shard
-
     tokens_dir = Path(tokens_dir)
     if not tokens_dir.is_dir():
         raise PolycoderError(f"token folder {tokens_dir} not found; make one with `polycoder data tokenize`")

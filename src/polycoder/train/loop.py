@@ -6,10 +6,11 @@ the gradients (DDP or FSDP averages them over ranks on the last accumulation ste
 (fp16), clip the global norm, set the learning rate of the step (cosine with linear
 warm-up, a pure function of the step), and take an AdamW step.
 
-Speed on the CPU (benchmarks/train_throughput.py): our GPTNeoX computes its loss from
-`targets` with the output head fused into the cross-entropy (`fused_loss`), its fp32
-products go through oneDNN (`onednn`), and the Trainer makes glibc keep freed memory
-(`keep_freed_memory`) so that the large tensors of a step are not page-faulted afresh.
+Speed (benchmarks/train_throughput.py): the Trainer gives our GPTNeoX the backend's training
+operations (`polycoder.backend.Backend.train_ops`: the output head fused into the
+cross-entropy, and on the CPU oneDNN fp32 products and the native kernels where they
+apply), and on the CPU makes glibc keep freed memory (`keep_freed_memory`) so that the
+large tensors of a step are not page-faulted afresh.
 
 Determinism: with the same settings, threads and hardware, the loss of every step is a
 function of (settings, step) only: the batch depends on (seed, step), the schedule on the
@@ -28,20 +29,33 @@ Reference for the loss-curve / MFU bookkeeping: nanoGPT's train.py; PaLM's MFU
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import math
+import platform
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from tqdm.auto import tqdm
 
+from polycoder.backend import Backend, choose
 from polycoder.errors import PolycoderError
+from polycoder.model import GPTNeoX
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist, wrap_model
 from polycoder.train.loader import LoaderState, WindowLoader, eval_windows, gather_windows
@@ -66,8 +80,6 @@ def call_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def takes_targets(model: nn.Module) -> bool:
     """Whether `model` (or the network inside a DDP / peft wrapper) is our GPTNeoX, whose
     forward computes the loss itself from `targets` without materialising the logits."""
-    from polycoder.model import GPTNeoX
-
     return any(isinstance(m, GPTNeoX) for m in model.modules())
 
 
@@ -90,10 +102,6 @@ def keep_freed_memory() -> bool:
     jemalloc or tcmalloc. Process-wide and one-way: freed memory stays with the process
     (its resident size stays at the peak of a step). Returns whether it applied (glibc only).
     """
-    import ctypes
-    import ctypes.util
-    import platform
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -220,6 +228,7 @@ class Trainer:
         seq_len: int,
         flops_per_token: float | None = None,
         description: str = "train",
+        backend: Backend | None = None,
     ):
         self.raw = model
         self.s = settings
@@ -241,10 +250,11 @@ class Trainer:
         self.eval_starts = eval_windows(self.valid_arrays, seq_len, n_eval) if self.valid_arrays else []
         # Every rank must run the same number of forward passes (FSDP): trim to a multiple.
         self.eval_starts = self.eval_starts[: len(self.eval_starts) // dist.world_size * dist.world_size]
+        nets = [m for m in model.modules() if isinstance(m, GPTNeoX)]  # also inside a peft wrapper
+        self.backend = backend or choose(dist.device)
+        for m in nets:
+            m.ops = self.backend.train_ops()
         if settings.run.activation_checkpointing:
-            from polycoder.model import GPTNeoX
-
-            nets = [m for m in model.modules() if isinstance(m, GPTNeoX)]  # also inside a peft wrapper
             if not nets:
                 raise PolycoderError("activation checkpointing needs polycoder's GPTNeoX model")
             for m in nets:
@@ -263,19 +273,13 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------
 
     def _full_state_options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) weights of the model on the CPU (collective under FSDP)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         return get_model_state_dict(self.raw, options=self._full_state_options())
 
     def save(self) -> Path:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         # DDP / one process: the full optimizer state, keyed by parameter name. FSDP: each
         # rank keeps its own shard (resuming then needs the same number of processes).
         optim = None if self.fsdp else get_optimizer_state_dict(self.raw, self.optimizer,
@@ -304,8 +308,6 @@ class Trainer:
     def load_state(self, folder: Path) -> None:
         """Optimizer, scheduler position, RNG and data position from a checkpoint (weights
         are loaded by the caller, who knows whether they are a full model or an adapter)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         state, payload, rng = ckpt.read_training_state(folder, self.d.rank)
         saved = LoaderState(**state["loader"])
         now = self.loader.state
@@ -402,8 +404,6 @@ class Trainer:
                                resume_step=self.step if resume_from is not None else None)
         bar = None
         if self.d.is_main:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=run.max_steps, initial=self.step, desc=self.description, unit="step", dynamic_ncols=True)
         losses: list[float] = []
         val = None

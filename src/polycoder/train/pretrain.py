@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
+from polycoder.checkpoint import build_model, load_model, load_weights, save_checkpoint
+from polycoder.config import PRESETS, ModelConfig, pad_vocab
 from polycoder.errors import PolycoderError
+from polycoder.model import GPTNeoX
+from polycoder.tokenizer import Tokenizer
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import init_distributed, shutdown
+from polycoder.train.loader import open_split
 from polycoder.train.loop import FitResult, Trainer
 from polycoder.train.settings import TrainSettings, load_settings
 
@@ -39,26 +45,12 @@ def _settings(preset: str | None, config: str | None, overrides: list[str] | Non
 def _preset_from_yaml(config: str | None) -> str | None:
     if config is None or not Path(config).is_file():
         return None
-    import yaml
-
     doc = yaml.safe_load(Path(config).read_text()) or {}
     return doc.get("preset") if isinstance(doc, dict) else None
 
 
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Copy a checkpoint folder's weights into `model` (exactly, in the model's dtype)."""
-    from polycoder.checkpoint import load_state_into
-
-    with torch.device("meta"):
-        shell = type(model)(model.config)
-    load_state_into(shell, folder, next(model.parameters()).dtype, "cpu")
-    model.load_state_dict(shell.state_dict())  # rotary tables are not in the state dict
-
-
-def model_config(preset: str, changes: dict) -> "ModelConfig":
+def model_config(preset: str, changes: dict) -> ModelConfig:
     """The preset's architecture with the settings' `model:` changes, or a whole new one."""
-    from polycoder.config import PRESETS, ModelConfig
-
     if preset in PRESETS:
         return ModelConfig.from_preset(preset).replace(**changes) if changes else ModelConfig.from_preset(preset)
     need = {"n_layer", "n_embd", "n_head", "intermediate_size"}
@@ -118,12 +110,6 @@ def train(
         set: Further settings as section.key=value, e.g. optim.weight_decay=0.1.
         device: cpu, cuda or auto.
     """
-    from polycoder.checkpoint import build_model, load_model, save_checkpoint
-    from polycoder.config import pad_vocab
-    from polycoder.model import GPTNeoX
-    from polycoder.tokenizer import Tokenizer
-    from polycoder.train.loader import open_split
-
     preset = preset or _preset_from_yaml(config)
     if preset is None and init is None:
         raise PolycoderError("name a model: --preset NAME (from scratch) or --init FOLDER (continue a checkpoint)")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
+import yaml
+
 from polycoder.errors import PolycoderError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -163,7 +165,7 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
+    def from_dict(cls, d: dict[str, Any]) -> TrainSettings:
         unknown = set(d) - {"optim", "data", "run", "model"}
         if unknown:
             raise PolycoderError(f"unknown settings section(s) {sorted(unknown)}; use optim, data, run, model")
@@ -208,8 +210,6 @@ def load_settings(preset: str | None = None, config_file: str | Path | None = No
     """Settings from the preset's recipe, then a YAML file, then `section.key=value` overrides."""
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in recipe_for(preset).items()}
     if config_file is not None:
-        import yaml
-
         path = Path(config_file)
         if not path.is_file():
             raise PolycoderError(f"settings file {path} not found; pass an existing YAML file to --config")
@@ -235,8 +235,6 @@ def load_settings(preset: str | None = None, config_file: str | Path | None = No
 
 
 def _split_override(text: str) -> tuple[str, Any]:
-    import yaml
-
     key, sep, value = text.partition("=")
     if not sep:
         raise PolycoderError(f"override {text!r} must be section.key=value, e.g. optim.lr=3e-4")

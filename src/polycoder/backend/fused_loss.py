@@ -10,8 +10,10 @@ chunks upcast to fp32 while they sit in the cache, and overwrites the logits wit
 gradient in the same forward pass (the loss is a scalar, so its gradient needs nothing from
 backward but one scale); then dL/dh and dL/dW are two matrix products with that buffer.
 The idea is Liger-Kernel's FusedLinearCrossEntropy (Hsu et al., 2024, arXiv:2410.10989),
-written with plain torch operations for the CPU; where the native kernels are built
-(`polycoder.kernels`), the softmax pass over bf16 logits is one native call instead. Its
+written with plain torch operations; with `native=True` (the backend's choice where the
+kernels are built, `polycoder.kernels`), the softmax pass over bf16 CPU logits is one native
+call instead, and with `onednn=True` the fp32 CPU products go through oneDNN
+(`polycoder.backend.onednn`). Its
 row-chunked matrix products are not used: on the CPU measured here a 64-row fp32 product
 of the head ran at under half the rate of one over all 2048 rows.
 
@@ -27,8 +29,7 @@ from __future__ import annotations
 import torch
 
 from polycoder import kernels
-from polycoder.train import onednn
-from polycoder.train.onednn import matmul_nt
+from polycoder.backend import onednn
 
 IGNORE_INDEX = -100
 
@@ -39,7 +40,14 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
-def _loss_and_grad(h, w, targets, chunk: int, need_grad: bool):
+def _matmul_nt(a: torch.Tensor, b: torch.Tensor, use_onednn: bool) -> torch.Tensor:
+    """a @ b.T, through oneDNN for fp32 CPU matrices when asked."""
+    if use_onednn and a.dtype == torch.float32 and a.device.type == "cpu":
+        return onednn.matmul_nt(a, b)
+    return torch.mm(a, b.t())
+
+
+def _loss_and_grad(h, w, targets, chunk: int, need_grad: bool, native: bool, use_onednn: bool):
     """(sum of the per-row losses, number of counted rows, d(mean loss)/d(logits) or None).
 
     `h` [N, C] and `w` [V, C] in the compute dtype. The logits are one matrix product into
@@ -55,8 +63,8 @@ def _loss_and_grad(h, w, targets, chunk: int, need_grad: bool):
     # into the exponent (log 0 = -inf gives exp(-inf) = 0 for ignored rows).
     log_w = torch.where(valid, -torch.log(n), float("-inf"))
     safe_t = targets.clamp(min=0)
-    logits = matmul_nt(h, w)  # [N, V] compute dtype
-    if logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and kernels.available():
+    logits = _matmul_nt(h, w, use_onednn)  # [N, V] compute dtype
+    if native and logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and kernels.available():
         # One native pass a row: no fp32 copy of the logits (polycoder.kernels).
         lse, picked = kernels.cross_entropy_bf16_(logits, safe_t, log_w.exp(), need_grad)
         total = torch.where(valid, lse - picked, 0.0).sum()
@@ -77,7 +85,8 @@ def _loss_and_grad(h, w, targets, chunk: int, need_grad: bool):
     return total, n, logits if need_grad else None
 
 
-def _head_grad(h: torch.Tensor, grad_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _head_grad(h: torch.Tensor, grad_logits: torch.Tensor, dtype: torch.dtype, native: bool,
+               use_onednn: bool) -> torch.Tensor:
     """dL/dW [V, C] = grad_logits.T @ h, contiguous, in `dtype` (the weight's).
 
     With MKL (and bf16 everywhere) the product is taken in that order: measured here it is
@@ -89,20 +98,20 @@ def _head_grad(h: torch.Tensor, grad_logits: torch.Tensor, dtype: torch.dtype) -
     needs anyway: 152 ms against 205 ms for g.T @ h and its cast at PolyCoder's head
     (`benchmarks/train_kernels.py`, 2 threads, AMX).
     """
-    if h.dtype == torch.float32 and h.device.type == "cpu" and onednn.preferred():
+    if use_onednn and h.dtype == torch.float32 and h.device.type == "cpu":
         return onednn.matmul_nt(h.t(), grad_logits.t()).t()
-    if h.dtype == torch.bfloat16 and dtype == torch.float32 and h.device.type == "cpu" and kernels.available():
+    if native and h.dtype == torch.bfloat16 and dtype == torch.float32 and h.device.type == "cpu" and kernels.available():
         return kernels.transpose_bf16_to_f32(torch.mm(h.t().contiguous(), grad_logits))
     return torch.mm(grad_logits.t(), h)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, dtype):
+    def forward(ctx, h, weight, targets, chunk, dtype, native, use_onednn):
         hc, wc = h.to(dtype), weight.to(dtype)
-        total, n, grad_logits = _loss_and_grad(hc, wc, targets, chunk, True)  # grad_logits [N, V]
-        dh = matmul_nt(grad_logits, wc.t())  # [N, C]
-        dw = _head_grad(hc, grad_logits, weight.dtype) if ctx.needs_input_grad[1] else None  # [V, C]
+        total, n, grad_logits = _loss_and_grad(hc, wc, targets, chunk, True, native, use_onednn)  # grad_logits [N, V]
+        dh = _matmul_nt(grad_logits, wc.t(), use_onednn)  # [N, C]
+        dw = _head_grad(hc, grad_logits, weight.dtype, native, use_onednn) if ctx.needs_input_grad[1] else None  # [V, C]
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total / n
@@ -114,22 +123,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = dh.to(ctx.dtypes[0]) if scale is None else (dh.float() * scale).to(ctx.dtypes[0])
         if dw is not None:
             dw = dw.to(ctx.dtypes[1]) if scale is None else (dw.float() * scale).to(ctx.dtypes[1])
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64,
+                         native: bool = False, onednn: bool = False) -> torch.Tensor:
     """Mean cross-entropy of the logits `h @ weight.T` against `targets`, -100 ignored.
 
     h: [N, C] hidden states, weight: [V, C] (the output head), targets: [N] (already
     shifted). `chunk`: rows whose softmax is computed at a time (64 x 50304 fp32 is 13 MB,
-    inside this machine's 32 MB L3 cache). Gradients flow to `h` and `weight` when grad
-    mode is on and they require it; they are computed here, during the forward pass.
+    within a server CPU's L3 cache). Gradients flow to `h` and `weight` when grad mode is
+    on and they require it; they are computed here, during the forward pass. `native`,
+    `onednn`: the backend's fast paths (see the module).
     """
     if h.dim() != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"expected h [N, C] and targets [N], got {tuple(h.shape)} and {tuple(targets.shape)}")
     dtype = _compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):  # the dtypes here are explicit
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
-        total, n, _ = _loss_and_grad(h.to(dtype), weight.to(dtype), targets, chunk, False)
+            return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype, native, onednn)
+        total, n, _ = _loss_and_grad(h.to(dtype), weight.to(dtype), targets, chunk, False, native, onednn)
         return total / n

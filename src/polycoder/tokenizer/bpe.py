@@ -25,12 +25,12 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Iterable, Sequence
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from polycoder.errors import PolycoderError
 
@@ -100,7 +100,7 @@ class Tokenizer:
     # ---- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_files(cls, vocab_file: str | Path, merges_file: str | Path) -> "Tokenizer":
+    def from_files(cls, vocab_file: str | Path, merges_file: str | Path) -> Tokenizer:
         """GPT-2 style `vocab.json` + `merges.txt`, read as at PolyCoder's training time."""
         for f in (vocab_file, merges_file):
             if not Path(f).is_file():
@@ -113,7 +113,7 @@ class Tokenizer:
         return cls.from_vocab_and_merges(vocab, merges)
 
     @classmethod
-    def from_vocab_and_merges(cls, vocab: dict[str, int], merges: list[tuple[str, str]]) -> "Tokenizer":
+    def from_vocab_and_merges(cls, vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
         backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
         backend.decoder = decoders.ByteLevel()
@@ -122,19 +122,34 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
-        """A folder (tokenizer.json, or vocab.json + merges.txt) or a tokenizer.json file."""
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """A folder (tokenizer.json, vocab.json + merges.txt, or PolyCoder's released
+        code-vocab.json + code-merges.txt) or a tokenizer.json file."""
         path = Path(path)
         if path.is_file():
-            return cls(HFTokenizer.from_file(str(path)))
+            try:
+                return cls(HFTokenizer.from_file(str(path)))
+            except Exception:  # a vocab.json, or any other file: one message for all
+                raise PolycoderError(f"{path} is not a tokenizer.json; give the tokenizer's folder (tokenizer.json, "
+                                     "vocab.json + merges.txt, or code-vocab.json + code-merges.txt)") from None
         if (path / "tokenizer.json").is_file():
             return cls(HFTokenizer.from_file(str(path / "tokenizer.json")))
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return cls.from_files(path / "vocab.json", path / "merges.txt")
+        for vocab, merges in (("vocab.json", "merges.txt"), ("code-vocab.json", "code-merges.txt")):
+            if (path / vocab).is_file() and (path / merges).is_file():
+                return cls.from_files(path / vocab, path / merges)
         raise PolycoderError(
             f"no tokenizer in {path}: expected tokenizer.json, or vocab.json and merges.txt "
             "(or point --tokenizer at a folder that has them)"
         )
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """A plain byte-level tokenizer (3 special tokens + 256 bytes, no merges), for
+        randomly initialised presets: the same ids in every installation."""
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        for _, ch in sorted(bytes_to_unicode().items()):
+            vocab[ch] = len(vocab)
+        return cls.from_vocab_and_merges(vocab, [])
 
     # ---- encoding -----------------------------------------------------------------------
 
@@ -188,7 +203,7 @@ class Tokenizer:
         """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
     def token_bytes(self, i: int) -> bytes:
@@ -245,61 +260,3 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
-
-
-def cli_tokenize(
-    model: str | None = None,
-    file: Path | None = None,
-    text: str | None = None,
-    decode: bool = False,
-    vocab_file: Path | None = None,
-    merges_file: Path | None = None,
-) -> None:
-    """Print the token ids of a file or text as a JSON list (or, with --decode, the reverse).
-
-    Args:
-        model: checkpoint folder, preset name or hub id whose tokenizer to use (default: the bundled model).
-        file: read the input from this file (bytes exactly as stored); `-` reads stdin.
-        text: the input text itself.
-        decode: the input is a JSON list of ids; print the text they decode to.
-        vocab_file: a GPT-2 style vocab.json (with --merges-file) instead of a model's tokenizer.
-        merges_file: a merges.txt; without a `#version` header its first line is dropped (PolyCoder's reading).
-    """
-    import sys
-
-    if vocab_file or merges_file:
-        if not (vocab_file and merges_file):
-            raise PolycoderError("--vocab-file and --merges-file go together; give both")
-        tok = Tokenizer.from_files(vocab_file, merges_file)
-    else:
-        from polycoder.checkpoint import load_tokenizer
-
-        tok = load_tokenizer(model)
-    if (file is None) == (text is None):
-        if file is None and not sys.stdin.isatty():
-            file = Path("-")
-        else:
-            raise PolycoderError("give exactly one of --file F or --text TEXT (or pipe the input on stdin)")
-    if file is not None:
-        data = sys.stdin.buffer.read() if str(file) == "-" else _read_bytes(file)
-    else:
-        data = text.encode("utf-8")
-    if decode:
-        try:
-            ids = json.loads(data)
-            assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
-        except (json.JSONDecodeError, AssertionError):
-            raise PolycoderError("--decode expects a JSON list of integers, e.g. [563, 12, 4]") from None
-        sys.stdout.buffer.write(tok.decode_bytes(ids))
-        sys.stdout.flush()
-    else:
-        print(json.dumps(tok.encode(data)))
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PolycoderError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise PolycoderError(f"{path} is a folder; give a file") from None

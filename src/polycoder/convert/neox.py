@@ -53,12 +53,15 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
+from polycoder.checkpoint import save_checkpoint
 from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
+from polycoder.model import GPTNeoX
+from polycoder.tokenizer import Tokenizer
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 FIRST_BLOCK = 2  # layer_00 embedding, layer_01 a parameter-free function
@@ -349,10 +352,6 @@ def convert_neox(
         out: the folder to write (config.json, model.safetensors, tokenizer files).
         dtype: weights' dtype in the folder; auto keeps the checkpoint's (fp16 for PolyCoder).
     """
-    from polycoder.checkpoint import save_checkpoint
-    from polycoder.model import GPTNeoX
-    from polycoder.tokenizer import Tokenizer
-
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_files(vocab_file, merges_file)
     settings = read_neox_config(config)

@@ -34,14 +34,19 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from pathlib import Path
-from typing import Annotated, Iterator
-
-from polycoder.cli import POSITIONAL
-from polycoder.errors import PolycoderError
-
 import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from polycoder.corpus import iter_documents, stable_hash
+from polycoder.errors import PolycoderError
+from polycoder.options import POSITIONAL
+from polycoder.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
 
 # indentation and alignment runs that become one token each (added tokens, see above)
 WHITESPACE_TOKENS = ([" " * k for k in range(2, 33)] + ["\t" * k for k in range(2, 9)]
@@ -64,9 +69,6 @@ def padded_vocab_size(n: int, multiple: int = 64) -> int:
 
 def sample_documents(corpus: Path, fraction: float, seed: int) -> Iterator[str]:
     """Texts of the files whose seeded hash of their SHA-256 falls under `fraction` (order-free, reproducible)."""
-    from polycoder.data.corpus import iter_documents
-    from polycoder.data.engine import stable_hash
-
     limit = fraction * 2.0**64
     for doc in iter_documents(corpus, columns=["sha256", "text"]):
         if fraction >= 1.0 or stable_hash(str(seed), doc["sha256"]) < limit:
@@ -75,8 +77,6 @@ def sample_documents(corpus: Path, fraction: float, seed: int) -> Iterator[str]:
 
 def build_trainer_backend():
     """GPT-2's byte-level set-up, exactly as transformers' GPT2Tokenizer rebuilds it."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
     backend = HFTokenizer(models.BPE(fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -100,8 +100,6 @@ def whitespace_report(tok) -> dict[str, int]:
 
 def bytes_per_token(tok, heldout: Path) -> dict[str, dict[str, float]]:
     """Per language: files, bytes, tokens and bytes/token of the held-out corpus."""
-    from polycoder.data.corpus import iter_documents
-
     by_lang: dict[str, list[str]] = {}
     for d in iter_documents(heldout, columns=["language", "text"]):
         by_lang.setdefault(d["language"], []).append(d["text"])
@@ -141,11 +139,6 @@ def train_tokenizer(
         heldout: corpus of held-out files for the bytes-per-token report (default: heldout/ or test/ of a split corpus).
         compare_with: a second tokenizer for the report (a folder; PolyCoder's code-vocab.json + code-merges.txt work).
     """
-    from tokenizers import AddedToken, pre_tokenizers, trainers
-
-    from polycoder.data.shards import open_tokenizer
-    from polycoder.tokenizer import SPECIAL_TOKENS, Tokenizer
-
     t0 = time.time()
     corpus, out = Path(corpus), Path(out)
     if not 0.0 < sample <= 1.0:
@@ -192,7 +185,7 @@ def train_tokenizer(
         "whitespace_added_tokens": len(WHITESPACE_TOKENS),
         "whitespace_tokens": whitespace_report(reloaded),
     }
-    ref = open_tokenizer(compare_with) if compare_with is not None else None
+    ref = Tokenizer.from_pretrained(compare_with) if compare_with is not None else None
     if ref is not None:
         report["reference"] = str(compare_with)
         report["reference_whitespace_tokens"] = whitespace_report(ref)

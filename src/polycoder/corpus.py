@@ -18,15 +18,22 @@ one line `{language}__{org}__{project}__{path}<TAB>{sha256}` per file.
 
 A split corpus (`polycoder data split`) is a folder with `train/`, `valid/`, `test/` (and
 `heldout/`) corpus folders; `iter_documents` reads either kind (`split=` picks one).
+
+`stable_hash` is the seeded hash behind every deterministic choice over a corpus (which
+repository goes to which split, which files a tokenizer trains on).
+
+The format is shared by the data pipeline (`polycoder.data`, which writes it), tokenizer
+training (`polycoder.tokenizer.train`) and the evaluation (`polycoder.eval`), which read it.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from polycoder.errors import PolycoderError
+from polycoder.files import atomic_path
 
 COLUMNS = ("repo", "path", "language", "size", "sha256", "text", "source", "licence")
 SPLITS = ("train", "valid", "test")
@@ -41,18 +48,15 @@ def schema():
     ])
 
 
-def write_table(rows: list[dict] | "pa.Table", path: Path) -> None:  # noqa: F821
+def write_table(rows: list[dict] | pa.Table, path: Path) -> None:  # noqa: F821
     """Write rows (dicts with COLUMNS) to one Parquet shard, atomically (temp file, then rename)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(
         [{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
 
 
 def shard_paths(corpus_dir: str | Path, split: str | None = None) -> list[Path]:
@@ -110,15 +114,12 @@ def index_key(language: str, repo: str, path: str) -> str:
 
 def write_index(rows: Iterable[dict], path: Path) -> int:
     """Write index.tsv lines for rows with language, repo, path, sha256; returns the count."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
             key = index_key(r["language"], r["repo"], r["path"]).replace("\t", " ").replace("\n", " ")
             f.write(f"{key}\t{r['sha256']}\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
@@ -138,3 +139,12 @@ def read_index(path: str | Path) -> dict[str, str]:
                 raise PolycoderError(f"{path}:{i}: expected `NAME<TAB>sha256`, got {line[:80]!r}")
             out.setdefault(sha.lower(), key)
     return out
+
+
+def stable_hash(*parts: str | bytes) -> int:
+    """A 64-bit hash that is the same in every process and run (Python's hash() is salted)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogateescape") if isinstance(p, str) else p)
+        h.update(b"\0")
+    return int.from_bytes(h.digest(), "little")

@@ -12,14 +12,15 @@ On an Intel Xeon (Sapphire Rapids class, AVX-512 + AMX) the opposite holds: MKL'
 sgemm runs at its full rate (about 250 GFLOP/s with 2 threads, like oneDNN on square
 products), and this module's products, whose backward passes hand oneDNN transposed
 operands, measured 0.5-0.8x MKL's speed for a linear's forward + backward on
-PolyCoder-160M's shapes. So the oneDNN route is taken only on CPUs that are not Intel's
-(`preferred()`: the vendor in /proc/cpuinfo; POLYCODER_FP32_GEMM=onednn or mkl overrides).
+PolyCoder-160M's shapes. So `preferred()` (the vendor in /proc/cpuinfo;
+POLYCODER_FP32_GEMM=onednn or mkl overrides) says yes only on CPUs that are not Intel's,
+and `polycoder.backend.choose` takes the oneDNN route where it does.
 
 `linear(x, weight, bias)` is a differentiable `F.linear` whose three products (y, dL/dx,
 dL/dW) go through `torch.ops.mkldnn._linear_pointwise`, the op torch's own compiler uses
 for CPU linears; `matmul_nt(a, b)` is `a @ b.T` the same way. Limits: the op is private
-to torch (checked once by `available()`, with the plain products as the fallback); CPU,
-fp32, no autocast; speed measured on the two machines above only.
+to torch (checked once by `available()`); CPU, fp32, no autocast; speed measured on the
+two machines above only.
 """
 
 from __future__ import annotations
@@ -63,21 +64,14 @@ def _lp(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> t
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """fp32 CPU tensors, gradients being recorded, no autocast, and oneDNN `preferred()` here."""
+    """Whether `linear` takes this call: fp32 CPU tensors, gradients being recorded, no autocast."""
     return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and preferred())
-
-
-def onednn_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T through oneDNN for fp32 CPU matrices a [M, K], b [N, K] (any strides), no autograd."""
-    return _lp(a, b)
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T (any strides, no autograd): through oneDNN for fp32 CPU matrices where `preferred()`."""
-    if a.dtype == torch.float32 and a.device.type == "cpu" and preferred():
-        return _lp(a, b)
-    return torch.mm(a, b.t())
+    """a @ b.T through oneDNN for fp32 CPU matrices a [M, K], b [N, K] (any strides), no autograd."""
+    return _lp(a, b)
 
 
 class _Linear(torch.autograd.Function):
@@ -103,7 +97,7 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through oneDNN where `applies`."""
+    """F.linear(x, weight, bias), through oneDNN where `applies` (differentiable)."""
     if applies(x, weight):
         return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -18,31 +18,16 @@
  * Threads come from the OpenMP runtime that PyTorch itself loads (libgomp.so.1), so our
  * parallel regions reuse PyTorch's worker threads instead of competing with them.
  *
- * Built by polycoder/kernels/__init__.py with the host's compiler and -march=native; the
- * AVX-512 path is compiled only where the CPU has it (pc_available() says whether).
+ * This file holds the decode kernels (pc_available, pc_linear, pc_block, pc_blocks);
+ * train.c the training kernels; kernels.h declares every exported function, common.h the
+ * helpers both use. Built by polycoder/kernels/__init__.py (decode.c and train.c into one
+ * library) with the host's compiler and -march=native; the AVX-512 path is compiled only
+ * where the CPU has it (pc_available() says whether).
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-#include <omp.h>
+#include "kernels.h"
+#include "common.h"
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline void store(void *y, int y_bf16, long i, float v) {
     if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
@@ -61,15 +46,9 @@ static inline float bias_at(const void *bias, int bias_bf16, long n) {
     return bias_bf16 ? bf16_to_f32(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
+#if PC_AVX512
 
 int pc_available(void) { return 1; }
-
-/* The first n lanes of 16 (none for n <= 0, all for n >= 16): the mask of a loop's tail. */
-static inline __mmask16 lanes16(long n) {
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
 
 /* Weights are prefetched about this many bytes ahead of the rows being read (measured:
  * 12-16 KB keeps a core's stream of misses full; 3 KB was half as fast for int8). */
@@ -80,23 +59,8 @@ static inline long pf_rows(long K, long elsize) {
 }
 
 /* ---- activations, 16 at a time ------------------------------------------------------
- * exp: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6 polynomial for
- * e^r, and 2^n applied by scalef (relative error about 2e-7). erf: Abramowitz and
- * Stegun 7.1.26 (absolute error under 1.5e-7); tanh(u) = 1 - 2 / (e^{2u} + 1). */
-
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
+ * exp: exp16 (common.h). erf: Abramowitz and Stegun 7.1.26 (absolute error under 1.5e-7);
+ * tanh(u) = 1 - 2 / (e^{2u} + 1). */
 
 static inline __m512 erf16(__m512 x) {
     __m512 a = _mm512_abs_ps(x);
@@ -194,10 +158,7 @@ static inline __attribute__((always_inline)) void block_f32(
  * fp32 activations. bf16 widens by a 16-bit shift (exact). (AVX512_BF16's pairwise dot
  * product measured 1.5x slower here: AMD EPYC.) */
 
-static inline __m512 widen_bf16(const uint16_t *p, __mmask16 mask) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
+/* widen_bf16 is in common.h: the training kernels use it too. */
 static inline __m512 widen_i8(const int8_t *p, __mmask16 mask) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
@@ -391,6 +352,13 @@ static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const
     return rc;
 }
 
+/* y = act(x W^T * scale + bias): see linear_impl. */
+int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
+              const void *bias, int bias_bf16, void *y, int y_bf16, int act,
+              long M, long N, long K, int threads) {
+    return linear_impl(x, x_bf16, w, kind, scale, bias, bias_bf16, y, y_bf16, act, M, N, K, threads);
+}
+
 /* ---- one decode step of attention ---------------------------------------------------
  *
  * For every row b and head h, at the row's position p = pos[b]: rotate q and k (GPT-NeoX's
@@ -399,14 +367,6 @@ static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const
  * write the head's output into y[b, h*hs:(h+1)*hs]. qkv [B, 3C] (fp32) is the fused
  * projection, interleaved per head (q, k, v of head 0, then head 1, ...); the cache
  * [B, H, max_len, hs] is in the model's dtype (fp32 or bf16); arithmetic is fp32. */
-
-static inline __m512 load16(const void *p, int bf16, long i, __mmask16 mask) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i)), 16));
-    return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
-}
-
 static inline float elem(const void *p, int bf16, long i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -574,344 +534,22 @@ int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void 
     return 0;
 }
 
-/* ---- cross-entropy over bf16 logits, in place (training's fused output head) ----------
- * For each row r of logits [R, V] (bf16), with target t[r] and row weight w[r] (1/n for
- * a counted row, 0 for an ignored one): lse[r] = log sum_v exp(z[r, v]) and picked[r] =
- * z[r, t[r]], in fp32; and when grad is set, z is overwritten with the gradient of the
- * weighted loss sum, w[r] * (softmax(z)[v] - [v == t[r]]), rounded to bf16 (nearest
- * even). Three passes over a row (max, sum of exponentials, gradient), the row in L2
- * after the first; rows split across threads. Replaces the fp32 round trip of torch's
- * chunked softmax (upcast, exp, write-back): 50 ms against 144-209 ms for 2048 x 50304
- * logits on 2 cores (a timing script of the session that wrote it, not kept; the kernel is
- * checked against fp32 softmax in tests/test_kernels.py). */
-static inline __m256i round_bf16x16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-
-int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, const float *w,
-                          float *lse_out, float *picked_out, int grad, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long r = 0; r < R; r++) {
-        uint16_t *row = z + r * V;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (long v = 0; v < V; v += 16) {
-            __mmask16 m = lanes16(V - v);
-            mx = _mm512_mask_max_ps(mx, m, mx, widen_bf16(row + v, m));
-        }
-        float zmax = _mm512_reduce_max_ps(mx);
-        __m512 vmax = _mm512_set1_ps(zmax), sum = _mm512_setzero_ps();
-        for (long v = 0; v < V; v += 16) {
-            __mmask16 m = lanes16(V - v);
-            sum = _mm512_mask_add_ps(sum, m, sum, exp16(_mm512_sub_ps(widen_bf16(row + v, m), vmax)));
-        }
-        float lse = zmax + logf(_mm512_reduce_add_ps(sum));
-        long t = target[r];
-        lse_out[r] = lse;
-        picked_out[r] = bf16_to_f32(row[t]);
-        if (!grad) continue;
-        /* w * exp(z - lse), with w folded into the exponent where it is positive. */
-        float wr = w[r];
-        if (wr > 0.0f) {
-            __m512 shift = _mm512_set1_ps(lse - logf(wr));
-            for (long v = 0; v < V; v += 16) {
-                __mmask16 m = lanes16(V - v);
-                __m512 g = exp16(_mm512_sub_ps(widen_bf16(row + v, m), shift));
-                _mm256_mask_storeu_epi16(row + v, m, round_bf16x16(g));
-            }
-            /* the target's entry: w * softmax - w, from the unrounded softmax */
-            row[t] = f32_to_bf16(wr * expf(picked_out[r] - lse) - wr);
-        } else {
-            memset(row, 0, (size_t)V * sizeof(uint16_t));
-        }
-    }
-    return 0;
-}
-
-#if defined(__AVX512BF16__)
-/* ---- causal attention backward, bf16: products and probabilities in one pass ---------
- * For n heads of bf16 q, dO [n, Tp, Dp] (rows and dimensions zero-padded to multiples of
- * 32 where T or D are not), O, k, v [n, T, D], and the forward's fp32 log-sum-exp lse
- * [n, T] (of scale * q.k): writes p = exp(scale * q.k - lse) and
- * ds = scale * p * (dO.v - rowsum(dO * O)) as bf16 [n, T, T], zero above the diagonal.
- * The products q.k and dO.v accumulate in fp32 and never leave the core, as in flash
- * attention's backward. First k and v are packed with their dimensions in pairs,
- * [n, Dp/2, Tp] pairs (kp, vp: the caller's buffers), the layout both product paths read:
- * - AMX (Sapphire Rapids and later): tiles of 16 query rows x 16 keys, 32 dimensions a
- *   tile product (the tile unit does 512 products a cycle);
- * - otherwise vdpbf16ps (pairs of bf16 products into fp32 lanes, 32 a cycle): 4 rows x
- *   32 keys for both products in 16 registers.
- * Either way the 16-key strips of s and dp go through `grad_strip` (exp, ds) to the outputs. */
-static inline void grad_strip(const float *s, const float *dp, long r, long c0, long T, float l, float d,
-                              float scale, uint16_t *p_row, uint16_t *ds_row) {
-    if (c0 >= T) return;
-    const long vis = r + 1 - c0, cols = T - c0;
-    const __mmask16 m = lanes16(vis);
-    const __mmask16 st = lanes16(cols);
-    const __m512 vs = _mm512_set1_ps(scale);
-    const __m512 pv = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, _mm512_set1_ps(l))));
-    const __m512 g = _mm512_mul_ps(_mm512_mul_ps(pv, vs), _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_set1_ps(d)));
-    _mm256_mask_storeu_epi16(p_row + c0, st, round_bf16x16(pv));
-    _mm256_mask_storeu_epi16(ds_row + c0, st, round_bf16x16(g));
-}
-
-/* Columns cend..T-1 of `rows` rows of p and ds from element `at`: keys past every row's diagonal. */
-static void zero_beyond(uint16_t *p, uint16_t *ds, long at, long rows, long cend, long T) {
-    for (long j = 0; j < rows && cend < T; j++) {
-        memset(p + at + j * T + cend, 0, (size_t)(T - cend) * 2);
-        memset(ds + at + j * T + cend, 0, (size_t)(T - cend) * 2);
-    }
-}
-
-static float row_dot_bf16(const uint16_t *a, const uint16_t *b, long D) {
-    __m512 acc = _mm512_setzero_ps();
-    for (long e = 0; e < D; e += 16) {
-        __mmask16 m = lanes16(D - e);
-        acc = _mm512_fmadd_ps(widen_bf16(a + e, m), widen_bf16(b + e, m), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AMX_PATH 1
-struct tile_config { uint8_t palette; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
-
-/* Linux hands out the tile registers to a process that asks (ARCH_REQ_XCOMP_PERM). */
-static int amx_allowed(void) {
-    static int state = -1;
-    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    return state;
-}
-
-static void attention_tiles_amx(const uint16_t *q, const uint16_t *dout, const uint32_t *kp, const uint32_t *vp,
-                                long n, long T, long Tp, long Dp, const float *lse, const float *dsum,
-                                float scale, uint16_t *p, uint16_t *ds, int threads) {
-    const long tiles = (T + 15) / 16;
-#pragma omp parallel num_threads(threads)
-    {
-        struct tile_config cfg = {0};
-        cfg.palette = 1;
-        for (int t = 0; t < 6; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-        _tile_loadconfig(&cfg);
-        float sb[16 * 16] __attribute__((aligned(64))), db[16 * 16] __attribute__((aligned(64)));
-#pragma omp for schedule(dynamic, 4)
-        for (long idx = 0; idx < n * tiles; idx++) {
-            const long h = idx / tiles, r0 = (idx % tiles) * 16, rows = T - r0 < 16 ? T - r0 : 16;
-            const long cend = (r0 + rows + 15) / 16 * 16;
-            for (long c0 = 0; c0 < cend; c0 += 16) {
-                _tile_zero(0);
-                _tile_zero(1);
-                for (long e = 0; e < Dp; e += 32) {
-                    _tile_loadd(2, q + (h * Tp + r0) * Dp + e, Dp * 2);
-                    _tile_loadd(3, dout + (h * Tp + r0) * Dp + e, Dp * 2);
-                    _tile_loadd(4, kp + (h * Dp / 2 + e / 2) * Tp + c0, Tp * 4);
-                    _tile_loadd(5, vp + (h * Dp / 2 + e / 2) * Tp + c0, Tp * 4);
-                    _tile_dpbf16ps(0, 2, 4);
-                    _tile_dpbf16ps(1, 3, 5);
-                }
-                _tile_stored(0, sb, 64);
-                _tile_stored(1, db, 64);
-                for (long j = 0; j < rows; j++) {
-                    const long r = r0 + j, out = (h * T + r) * T;
-                    grad_strip(sb + 16 * j, db + 16 * j, r, c0, T, lse[h * T + r], dsum[h * T + r], scale, p + out, ds + out);
-                }
-            }
-            zero_beyond(p, ds, (h * T + r0) * T, rows, cend, T);
-        }
-        _tile_release();
-    }
-}
-#else
-#define AMX_PATH 0
-static int amx_allowed(void) { return 0; }
-static void attention_tiles_amx(const uint16_t *q, const uint16_t *dout, const uint32_t *kp, const uint32_t *vp,
-                                long n, long T, long Tp, long Dp, const float *lse, const float *dsum,
-                                float scale, uint16_t *p, uint16_t *ds, int threads) {}
-#endif
-
-static void attention_tiles_dp(const uint16_t *q, const uint16_t *dout, const uint32_t *kp, const uint32_t *vp,
-                               long n, long T, long Tp, long Dp, const float *lse, const float *dsum,
-                               float scale, uint16_t *p, uint16_t *ds, int threads) {
-    const long tiles = (T + 3) / 4, half = Dp / 2;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
-    for (long idx = 0; idx < n * tiles; idx++) {
-        const long h = idx / tiles, r0 = (idx % tiles) * 4;
-        const long rows = T - r0 < 4 ? T - r0 : 4, cend = (r0 + rows + 31) / 32 * 32;
-        const uint32_t *kh = kp + h * half * Tp, *vh = vp + h * half * Tp;
-        const uint32_t *qr[4], *dr[4];
-        for (int j = 0; j < 4; j++) {
-            qr[j] = (const uint32_t *)(q + (h * Tp + r0 + j) * Dp);  /* rows padded to Tp */
-            dr[j] = (const uint32_t *)(dout + (h * Tp + r0 + j) * Dp);
-        }
-        float sb[4][32], db[4][32];
-        for (long c = 0; c < cend; c += 32) {
-            __m512 as[4][2], ad[4][2];
-            for (int j = 0; j < 4; j++) as[j][0] = as[j][1] = ad[j][0] = ad[j][1] = _mm512_setzero_ps();
-            for (long i = 0; i < half; i++) {
-                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kh + i * Tp + c);
-                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kh + i * Tp + c + 16);
-                const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vh + i * Tp + c);
-                const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vh + i * Tp + c + 16);
-                for (int j = 0; j < 4; j++) {
-                    const __m512bh a = (__m512bh)_mm512_set1_epi32((int)qr[j][i]);
-                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)dr[j][i]);
-                    as[j][0] = _mm512_dpbf16_ps(as[j][0], a, k0);
-                    as[j][1] = _mm512_dpbf16_ps(as[j][1], a, k1);
-                    ad[j][0] = _mm512_dpbf16_ps(ad[j][0], b, v0);
-                    ad[j][1] = _mm512_dpbf16_ps(ad[j][1], b, v1);
-                }
-            }
-            for (int j = 0; j < rows; j++) {
-                const long r = r0 + j, out = (h * T + r) * T;
-                for (int u = 0; u < 2; u++) {
-                    _mm512_storeu_ps(sb[j] + 16 * u, as[j][u]);
-                    _mm512_storeu_ps(db[j] + 16 * u, ad[j][u]);
-                    grad_strip(sb[j] + 16 * u, db[j] + 16 * u, r, c + 16 * u, T, lse[h * T + r], dsum[h * T + r],
-                               scale, p + out, ds + out);
-                }
-            }
-        }
-        zero_beyond(p, ds, (h * T + r0) * T, rows, cend, T);
-    }
-}
-
-int pc_attention_grad_bf16(const uint16_t *q, const uint16_t *dout, const uint16_t *o, const uint16_t *k,
-                           const uint16_t *v, uint32_t *kp, uint32_t *vp, float *dsum, long n, long T, long Tp,
-                           long D, long Dp, const float *lse, float scale, uint16_t *p, uint16_t *ds, int use_amx,
-                           int threads) {
-    if (n == 0) return 0;
-    const long half = Dp / 2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long h = 0; h < n; h++) {
-        for (long i = 0; i < half; i++) {
-            uint32_t *kr = kp + (h * half + i) * Tp, *vr = vp + (h * half + i) * Tp;
-            for (long c = 0; c < Tp; c++) {
-                const int in = c < T && 2 * i < D;
-                kr[c] = in ? ((const uint32_t *)(k + (h * T + c) * D))[i] : 0;
-                vr[c] = in ? ((const uint32_t *)(v + (h * T + c) * D))[i] : 0;
-            }
-        }
-        for (long r = 0; r < T; r++)
-            dsum[h * T + r] = row_dot_bf16(dout + (h * Tp + r) * Dp, o + (h * T + r) * D, D);
-    }
-    if (AMX_PATH && use_amx && amx_allowed())
-        attention_tiles_amx(q, dout, kp, vp, n, T, Tp, Dp, lse, dsum, scale, p, ds, threads);
-    else
-        attention_tiles_dp(q, dout, kp, vp, n, T, Tp, Dp, lse, dsum, scale, p, ds, threads);
-    return 0;
-}
-#else
-int pc_attention_grad_bf16(void) { return -4; }
-#endif
-
-/* ---- training's q, k, v: split of the fused projection and rotary, one pass -----------
- * Forward: x [B, T, H, 3, hs] (the interleaved query_key_value output) -> q, k, v, each
- * [B, H, T, hs], q and k rotated over their first `rot` dims in GPT-NeoX's "rotate half"
- * layout with cos/sin [T, rot] (fp32; the arithmetic is fp32, one rounding at the end, as
- * transformers' fp32 rotation followed by SDPA's cast). Backward (grad set): dq, dk, dv
- * -> dx, the transposed rotation. x and the outputs are fp32 or bf16 independently.
- * Replaces split + rotate + cat + transposed copies and their backward (forward + backward
- * 3.7 ms against 20.3 ms at 160M shapes in bf16: benchmarks/train_kernels.py). */
-static inline void store16(void *p, int bf16, long i, __m512 v, __mmask16 m) {
-    if (bf16) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, round_bf16x16(v));
-    else _mm512_mask_storeu_ps((float *)p + i, m, v);
-}
-
-int pc_rotary_qkv(void *x, int x_bf16, void *q, void *k, void *v, int o_bf16, const float *cos_t, const float *sin_t,
-                  long B, long T, long H, long hs, long rot, int grad, int threads) {
-    const long half = rot / 2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long idx = 0; idx < B * T * H; idx++) {
-        const long b = idx / (T * H), t = (idx / H) % T, h = idx % H;
-        const long xo = idx * 3 * hs, oo = ((b * H + h) * T + t) * hs;
-        const float *c = cos_t + t * rot, *sn = sin_t + t * rot;
-        void *outs[3] = {q, k, v};
-        for (int part = 0; part < 3; part++) {
-            const long xp = xo + part * hs;
-            void *o = outs[part];
-            long i0 = 0;
-            if (part < 2) {
-                for (long i = 0; i < half; i += 16) {
-                    const __mmask16 m = lanes16(half - i);
-                    const __m512 c1 = _mm512_maskz_loadu_ps(m, c + i), c2 = _mm512_maskz_loadu_ps(m, c + half + i);
-                    const __m512 s1 = _mm512_maskz_loadu_ps(m, sn + i), s2 = _mm512_maskz_loadu_ps(m, sn + half + i);
-                    if (!grad) {  /* out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2 */
-                        const __m512 a = load16(x, x_bf16, xp + i, m), d = load16(x, x_bf16, xp + half + i, m);
-                        store16(o, o_bf16, oo + i, _mm512_fmsub_ps(a, c1, _mm512_mul_ps(d, s1)), m);
-                        store16(o, o_bf16, oo + half + i, _mm512_fmadd_ps(d, c2, _mm512_mul_ps(a, s2)), m);
-                    } else {      /* dx1 = d1 cos1 + d2 sin2, dx2 = d2 cos2 - d1 sin1 */
-                        const __m512 a = load16(o, o_bf16, oo + i, m), d = load16(o, o_bf16, oo + half + i, m);
-                        store16(x, x_bf16, xp + i, _mm512_fmadd_ps(a, c1, _mm512_mul_ps(d, s2)), m);
-                        store16(x, x_bf16, xp + half + i, _mm512_fmsub_ps(d, c2, _mm512_mul_ps(a, s1)), m);
-                    }
-                }
-                i0 = rot;
-            }
-            for (long i = i0; i < hs; i += 16) {
-                const __mmask16 m = lanes16(hs - i);
-                if (!grad) store16(o, o_bf16, oo + i, load16(x, x_bf16, xp + i, m), m);
-                else store16(x, x_bf16, xp + i, load16(o, o_bf16, oo + i, m), m);
-            }
-        }
-    }
-    return 0;
-}
-
-/* ---- dst[V, C] (fp32) = src[C, V] (bf16) transposed ------------------------------------
- * The output head's weight gradient is fastest as h^T g ([C, V], a plain product) and is
- * needed as the fp32 [V, C] gradient of the fp32 master weight. Per strip of 64 columns v
- * (src rows of the strip: C x 128 bytes, in L2): one 32-bit gather over 16 rows c picks
- * src[c, v] and src[c, v + 1] together; widened, they are 16 floats of dst rows v and v + 1. */
-int pc_transpose_bf16_f32(const uint16_t *src, float *dst, long C, long V, int threads) {
-    const long strips = (V + 63) / 64;
-    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32((int)(V * 2)));
-    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long st = 0; st < strips; st++) {
-        const long v0 = st * 64, v1 = v0 + 64 < V ? v0 + 64 : V;
-        for (long c0 = 0; c0 < C; c0 += 16) {
-            const __mmask16 m = lanes16(C - c0);
-            long v = v0;
-            for (; v + 1 < v1; v += 2) {
-                const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, src + c0 * V + v, 1);
-                _mm512_mask_storeu_ps(dst + v * C + c0, m, _mm512_castsi512_ps(_mm512_slli_epi32(g, 16)));
-                _mm512_mask_storeu_ps(dst + (v + 1) * C + c0, m, _mm512_castsi512_ps(_mm512_and_si512(g, hi)));
-            }
-            for (; v < v1; v++)  /* an odd last column: its pair would read past the row */
-                for (long c = c0; c < c0 + 16 && c < C; c++) dst[v * C + c] = bf16_to_f32(src[c * V + v]);
-        }
-    }
-    return 0;
-}
-
-/* y = act(x W^T * scale + bias): see linear_impl. */
-int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
-              const void *bias, int bias_bf16, void *y, int y_bf16, int act,
-              long M, long N, long K, int threads) {
-    return linear_impl(x, x_bf16, w, kind, scale, bias, bias_bf16, y, y_bf16, act, M, N, K, threads);
-}
-
 #else /* no AVX-512: the Python side keeps PyTorch's products */
 
 int pc_available(void) { return 0; }
 
-int pc_linear(void) { return -3; }
+int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *scale,
+              const void *bias, int bias_bf16, void *y, int y_bf16, int act,
+              long M, long N, long K, int threads) { return -3; }
 
-int pc_block(void) { return -3; }
+int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *ln, float eps,
+             const void *const *lin, const int *kinds, int act, int parallel_residual,
+             void *kc, void *vc, const float *cos_t, const float *sin_t, const long *pos,
+             long H, long hs, long rot, long max_len, int threads) { return -3; }
 
-int pc_blocks(void) { return -3; }
-
-int pc_cross_entropy_bf16(void) { return -3; }
-
-int pc_attention_grad_bf16(void) { return -3; }
-
-int pc_rotary_qkv(void) { return -3; }
-
-int pc_transpose_bf16_f32(void) { return -3; }
+int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void *const *ln, float eps,
+              const void *const *lin, const int *kinds, int act, int parallel_residual,
+              void *const *kc, void *const *vc, const float *cos_t, const float *sin_t, const long *pos,
+              long H, long hs, long rot, long max_len, int threads) { return -3; }
 
 #endif

@@ -1,0 +1,121 @@
+"""The decode step in PyTorch: one token for each of B cached rows, and its CPU tuning.
+
+A decode step is an object the engine owns (`polycoder.generation.engine.Engine`), made by
+`polycoder.backend.Backend.decode_step` for one model and one KV cache:
+
+    step(x [B, 1], pos [B, 1], kv_len) -> next-token logits [B, V], fp32
+
+for cache rows 0..B-1 (the engine keeps its active rows there). This module holds the
+PyTorch forms: `EagerDecode` (the model's cached forward) and `CompiledDecode` (the same
+under torch.compile, shapes dynamic in rows and cache length). The native CPU step is in
+`polycoder.backend.native_decode`, the CUDA-graph step in `polycoder.backend.cuda_graphs`.
+
+`EagerDecode` on the CPU tunes two things, both measured on PolyCoder-160M shapes
+(docs/benchmarks/):
+- `decode_layout`: fp32 linear weights [out, in] stored as the transpose of a contiguous
+  [in, out] tensor (same shape, names and values), which sends a few-row product down
+  BLAS's gemv path, faster on the 50304-wide head; bf16 weights keep their layout
+  (transposing them measured slower). Done once, in place, when the step is made.
+- `single_row_bf16_kernels`: for one bf16 row, ATen's bf16 product over oneDNN's and SDPA's
+  math backend over its flash kernel (both faster for one row, slower for several).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from polycoder.model import GPTNeoX, KVCache
+
+
+class DecodeStep(Protocol):
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Next-token logits [B, V] (fp32) of tokens x [B, 1] at positions pos [B, 1],
+        written into cache rows 0..B-1, attending to positions 0..kv_len-1."""
+        ...
+
+
+def decode_one_token(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
+    """One token a row: x, pos [B, 1] for cache rows 0..B-1; next-token logits [B, V] (fp32)."""
+    return model(x, pos=pos, cache=cache, kv_len=kv_len)[:, -1].float()
+
+
+class EagerDecode:
+    """The model's own cached forward, with the CPU tuning of the module docstring
+    (`layout=False` leaves the weights' layout alone)."""
+
+    def __init__(self, model: GPTNeoX, cache: KVCache, layout: bool = True):
+        self.model, self.cache = model, cache
+        if layout:
+            decode_layout(model)
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        with single_row_bf16_kernels(self.model, x.size(0)):
+            return decode_one_token(self.model, x, pos, self.cache, kv_len)
+
+
+class CompiledDecode:
+    """`decode_one_token` under torch.compile (shapes dynamic in rows and cache length).
+
+    Only the decode step is compiled (prefill shapes vary with every prompt). On a 2-core
+    CPU it took minutes to compile and did not pay (benchmarks/decode.py --compile)."""
+
+    _compiled = None  # one compiled function for the process: its guards tell models apart
+
+    def __init__(self, model: GPTNeoX, cache: KVCache):
+        self.model, self.cache = model, cache
+        if CompiledDecode._compiled is None:
+            CompiledDecode._compiled = torch.compile(decode_one_token, dynamic=True)
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return CompiledDecode._compiled(self.model, x, pos, self.cache, kv_len)
+
+
+@torch.no_grad()
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Store fp32 CPU linear weights transposed (same shape, names and values): faster gemv.
+
+    Idempotent; a tied input embedding follows its head."""
+    moved: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+            if m.weight.is_contiguous():
+                new = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=m.weight.requires_grad)
+                moved[id(m.weight)] = new
+                m.weight = new
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and id(m.weight) in moved:
+            m.weight = moved[id(m.weight)]
+    return model
+
+
+def single_row_bf16_kernels(model: GPTNeoX, rows: int):
+    """The context to run a decode step of `rows` tokens in: for one row of a bf16 CPU
+    model, ATen's bf16 products (oneDNN off) and SDPA's math backend; else nothing."""
+    w = model.gpt_neox.embed_in.weight
+    if rows == 1 and w.dtype == torch.bfloat16 and w.device.type == "cpu":
+        return _bf16_single_row()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _bf16_single_row():
+    with _onednn_off(), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextlib.contextmanager
+def _onednn_off():
+    # The process-wide switch behind torch.backends.mkldnn.flags(enabled=False), without the
+    # TF32 warning that flags() emits on every CPU build. Process-wide: run decode steps of
+    # one process from one thread at a time (the engine does).
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)

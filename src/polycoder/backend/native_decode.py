@@ -1,0 +1,118 @@
+"""The decode step on the CPU in one native call: every block of the model for up to 8 rows.
+
+`NativeDecode(model, cache)` is a decode step (`polycoder.backend.decode.DecodeStep`) that
+runs the embedding lookup and the output head in PyTorch (the head through the native
+weight-streaming product, `polycoder.kernels.linear`) and all blocks in one call of the
+native kernels (`polycoder.kernels.StackPlan`: fused LayerNorm + QKV + rotary + KV write +
+attention + dense + MLP with the residuals, fp32 / bf16 / int8 weights; see kernels.h).
+
+Each block's plan (pointers to its weights) is built on the first step and rebuilt
+whenever a weight tensor or its storage changes (`.to()`, `.half()`, which swaps a
+parameter's `.data` under the same object, `quantize`, loading new parameters): the plans
+are keyed by the tensors' identities and data pointers, checked on every step. A step the
+kernels cannot take (more than `kernels.MAX_ROWS` rows, a cache in another dtype or longer
+than `kernels.MAX_CACHE_LEN`, an activation other than GELU, a layer the kernel does not
+know, gradients) runs the PyTorch step (`EagerDecode`, leaving the weights in the layout the kernels
+read).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from polycoder import kernels
+from polycoder.backend.decode import EagerDecode
+from polycoder.model import Block, GPTNeoX, KVCache, RotaryEmbedding
+from polycoder.quantize import Int8Linear
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    # Straight from the module's dicts: nn.Module.__getattr__ is slow on a per-token path.
+    t = module._parameters.get(name)
+    return t if t is not None else module._buffers.get(name)
+
+
+def kernel_linear(layer: nn.Module) -> tuple | None:
+    """(weight, fp32 scale or None, bias or None) of a layer the native kernels can run."""
+    if type(layer) is Int8Linear:
+        return _tensor(layer, "weight"), _tensor(layer, "scale32"), _tensor(layer, "bias")
+    if type(layer) is nn.Linear:
+        return _tensor(layer, "weight"), None, _tensor(layer, "bias")
+    return None
+
+
+def _fused_activation(act: nn.Module) -> str | None:
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return None
+
+
+class NativeDecode:
+    """All blocks of a decode step in one native call; see the module."""
+
+    def __init__(self, model: GPTNeoX, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.fallback = EagerDecode(model, cache, layout=False)
+        # fp32 cos/sin tables built afresh: a bf16 model's own tables were rounded to bf16
+        # by .to(dtype), and the kernels read fp32.
+        self.rope = RotaryEmbedding(model.config)
+        self._plans: dict[int, tuple] = {}  # id(block) -> (key, plan or None, tensors kept alive)
+        self._stack: tuple | None = None  # (plan ids, StackPlan or None, plans kept alive)
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        B = x.size(0)
+        model, cache = self.model, self.cache
+        if (B <= kernels.MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and cache.max_len <= kernels.MAX_CACHE_LEN and kernels.available()):
+            trunk = model.gpt_neox
+            h = trunk.embed_in(x)  # [B, 1, C]
+            stack = self._stack_plan(h.dtype)
+            if (stack is not None and cache.k[0].dtype == h.dtype
+                    and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
+                y = stack.run(h.view(B, -1), cache.k, cache.v, pos[:, 0])  # [B, C]
+                return self._head(trunk.final_layer_norm(y)).float()  # [B, V]
+        return self.fallback(x, pos, kv_len)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head over h [B, C]: the native product where it applies."""
+        head = self.model.embed_out
+        spec = kernel_linear(head)
+        if spec is not None and kernels.usable(h, spec[0]):
+            weight, scale, bias = spec
+            return kernels.linear(h, weight, bias, scale)
+        return head(h)
+
+    def _stack_plan(self, dtype: torch.dtype):
+        layers = self.model.gpt_neox.layers
+        plans = [self._block_plan(b, dtype) for b in layers]
+        key = tuple(map(id, plans))
+        if self._stack is not None and self._stack[0] == key:
+            return self._stack[1]
+        stack = kernels.StackPlan(plans) if kernels.StackPlan.compatible(plans) and plans[0].dtype == dtype else None
+        self._stack = (key, stack, plans)  # plans: keeps the ids in the key unique
+        return stack
+
+    def _block_plan(self, block: Block, dtype: torch.dtype):
+        mods = block._modules
+        attn, mlp = mods["attention"]._modules, mods["mlp"]._modules
+        linears = (attn["query_key_value"], attn["dense"], mlp["dense_h_to_4h"], mlp["dense_4h_to_h"])
+        norms = (mods["input_layernorm"], mods["post_attention_layernorm"])
+        tensors = [_tensor(m, n) for m in linears for n in ("weight", "bias", "scale32")]
+        tensors += [_tensor(n, p) for n in norms for p in ("weight", "bias")]
+        key = tuple((id(t), t.data_ptr(), t.dtype) if t is not None else None for t in tensors)
+        cached = self._plans.get(id(block))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = None
+        activation = _fused_activation(mlp["act"])
+        specs = [kernel_linear(m) for m in linears]
+        if (activation is not None and all(s is not None and s[0].is_contiguous() and s[0].dim() == 2
+                                           and s[0].shape[0] >= 4 and s[0].device.type == "cpu" for s in specs)
+                and all(_tensor(n, "weight").dtype == dtype and _tensor(n, "bias") is not None for n in norms)
+                and block.attention.head_size <= 512):
+            plan = kernels.BlockPlan([_tensor(n, p) for n in norms for p in ("weight", "bias")], norms[0].eps, specs,
+                                     activation, block.parallel_residual, self.rope.cos, self.rope.sin,
+                                     block.attention.n_head, linears[2].out_features)
+        self._plans[id(block)] = (key, plan, tensors)  # tensors: keeps the ids in the key unique
+        return plan

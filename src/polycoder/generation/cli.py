@@ -1,0 +1,100 @@
+"""`polycoder generate`: complete a prompt from the command line (streamed for one sample)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from polycoder.backend import set_threads
+from polycoder.checkpoint import load
+from polycoder.errors import PolycoderError
+from polycoder.generation.complete import generate, stream
+from polycoder.generation.sampling import SamplingParams
+from polycoder.options import ModelOptions
+
+
+def cli_generate(
+    prompt: str | None = None,
+    prompt_file: Path | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    num_samples: int = 1,
+    num_beams: int = 1,
+    echo: bool = False,
+    json_output: bool = False,
+    truncate: bool = False,
+    stop_at_eod: bool = True,
+    model_options: ModelOptions | None = None,
+    threads: int = 0,
+    compile: bool = False,
+) -> None:
+    """Complete a prompt with a model and print the completion (streamed for one sample).
+
+    Args:
+        prompt: the prompt text, taken exactly (tabs, newlines, spaces kept).
+        prompt_file: read the prompt from this file; `-` or no prompt at all reads stdin.
+        max_new_tokens: most tokens to generate.
+        temperature: sampling temperature; 0 means greedy.
+        top_p: nucleus sampling threshold.
+        top_k: keep only the k most likely tokens (0: no limit).
+        seed: random seed for reproducible sampling.
+        stop: stop string(s): the output is cut before the first one (repeatable).
+        num_samples: how many completions to draw (they share one prefill).
+        num_beams: beam search width (1: none).
+        echo: print the prompt before the completion.
+        json_output: print a JSON list of completions (text, finish_reason, tokens).
+        truncate: keep the last tokens of a prompt too long for the context instead of failing.
+        stop_at_eod: stop at <|endoftext|> (the end of a document).
+        model_options: the model and how to load it (--model, --dtype, ...).
+        threads: CPU threads (0: one a physical core).
+        compile: torch.compile the decode step (minutes to compile on a CPU; pays only for long runs, if at all).
+    """
+    text = read_prompt(prompt, prompt_file)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            num_samples=num_samples, num_beams=num_beams, stop=tuple(stop or ()), seed=seed,
+                            truncate=truncate, stop_at_eod=stop_at_eod)
+    model_options = model_options or ModelOptions()
+    if model_options.device == "cpu":
+        set_threads(threads or None)
+    net, tok = load(model_options)
+    out = sys.stdout
+    if json_output:
+        completions = generate(net, tok, [text], params, compile=compile)[0]
+        out.write(json.dumps([{"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
+                              for c in completions], ensure_ascii=False) + "\n")
+        return
+    if echo:
+        out.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", errors="surrogateescape"))
+        sys.stdout.buffer.flush()
+    if num_samples == 1 and num_beams == 1:
+        for piece in stream(net, tok, text, params, compile=compile):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return
+    for i, c in enumerate(generate(net, tok, [text], params, compile=compile)[0]):
+        if num_samples > 1:
+            out.write(f"\n===== sample {i + 1} ({c.finish_reason}) =====\n")
+        out.write(c.text + "\n")
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from --prompt, --prompt-file or stdin, exactly (invalid UTF-8 kept as surrogates)."""
+    if prompt is not None and prompt_file is not None:
+        raise PolycoderError("give either --prompt or --prompt-file, not both")
+    if prompt is not None:
+        return prompt
+    if prompt_file is not None and str(prompt_file) != "-":
+        try:
+            return Path(prompt_file).read_bytes().decode("utf-8", errors="surrogateescape")
+        except FileNotFoundError:
+            raise PolycoderError(f"prompt file not found: {prompt_file}") from None
+    if sys.stdin is None or sys.stdin.isatty():
+        raise PolycoderError("no prompt: give --prompt TEXT, --prompt-file F, or pipe it on stdin")
+    return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")

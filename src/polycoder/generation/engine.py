@@ -1,0 +1,172 @@
+"""Continuous batching over one preallocated KV cache (after gpt-fast and nanochat).
+
+`Engine` owns one KV cache of `max_rows` rows and one decode step chosen for this machine
+(`polycoder.backend.Backend.decode_step`: the native CPU kernels, CUDA graphs, or
+PyTorch's). `add` prefills a prompt once into a free row and copies that row to its
+other n-1 samples; `step` samples one token for every active row, retires finished rows
+(moving the last rows into the holes, so active rows are always 0..B-1) and runs one
+decode step for the rest. Rows join and leave between steps: `generate`, `stream`, the
+evaluation's sampling and the server all run on it. Beam search
+(`polycoder.generation.beam`) uses its model calls, `prefill` and `decode`, and the
+cache's row copies directly.
+
+The model is never changed by the engine, except that PyTorch's CPU decode step lays fp32
+weights out for faster products once (`polycoder.backend.decode.decode_layout`: same
+names, shapes and values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polycoder.backend import Backend, choose
+from polycoder.errors import PolycoderError
+from polycoder.generation.sampling import sample_tokens
+from polycoder.generation.text import Sequence
+from polycoder.model import GPTNeoX, KVCache
+from polycoder.tokenizer import Tokenizer
+
+
+@dataclass
+class Event:
+    """What one step produced for one sequence."""
+
+    sequence: Sequence
+    text: str
+    finished: bool
+
+
+class CacheRows:
+    """A view of rows [start, stop) of a KV cache (shares its storage)."""
+
+    def __init__(self, cache: KVCache, start: int, stop: int):
+        self.k = [t[start:stop] for t in cache.k]
+        self.v = [t[start:stop] for t in cache.v]
+
+
+def prefill(model: GPTNeoX, x: torch.Tensor, cache) -> torch.Tensor:
+    """Run prompt ids x [1, T] into cache rows at positions 0..T-1; next-token logits [1, V]."""
+    T = x.size(1)
+    pos = torch.arange(T, device=x.device)[None]
+    return model(x, pos=pos, cache=cache, kv_len=T, select=torch.tensor([T - 1], device=x.device))[:, 0]
+
+
+class Engine:
+    """Continuous batching over one preallocated KV cache of `max_rows` rows.
+
+    `backend`: the fast paths to use (default `polycoder.backend.choose` for the model's
+    device); `compile`: torch.compile the decode step (off by default: it did not pay on a
+    2-core CPU); `static_shapes`: the CUDA-graph step's padded shapes, run eagerly on the CPU
+    when True (tests).
+    """
+
+    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False,
+                 static_shapes: bool | None = None, backend: Backend | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_rows, self.max_len = max_rows, max_len
+        self.cache = model.new_cache(max_rows, max_len)
+        self.device = self.cache.k[0].device
+        self.backend = backend or choose(self.device)
+        self.decode_step = self.backend.decode_step(model, self.cache, compile=compile, static_shapes=static_shapes)
+        self.rows: list[Sequence] = []
+        self.logits: torch.Tensor | None = None  # [B, V] next-token logits of each active row
+        self.real_vocab = tokenizer.vocab_size
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    # ---- the model calls ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], row: int, copies: int = 1) -> torch.Tensor:
+        """Prompt `ids` into cache row `row` (positions 0..T-1), copied to the next
+        `copies - 1` rows; the next-token logits [1, V], fp32."""
+        T = len(ids)
+        if T >= self.max_len:
+            raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
+        logits = prefill(self.model, torch.tensor([ids], device=self.device), CacheRows(self.cache, row, row + 1))
+        if copies > 1:
+            self.cache.copy_rows([row] * (copies - 1), list(range(row + 1, row + copies)), T)
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..B-1 at its position; next-token logits [B, V], fp32."""
+        x = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
+        return self.decode_step(x, pos, max(positions) + 1)
+
+    # ---- continuous batching -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, sequences: list[Sequence]) -> None:
+        """Prefill one prompt once for `sequences` (all share its prompt ids) and join them."""
+        if not sequences:
+            return
+        n, r = len(sequences), len(self.rows)
+        if n > self.free_rows:
+            raise ValueError(f"{n} rows asked, {self.free_rows} free")
+        logits = self._mask(self.prefill(sequences[0].prompt_ids, r, copies=n)).expand(n, -1)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.rows.extend(sequences)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Sample a token for every row, retire finished rows, run one decode step."""
+        if not self.rows:
+            return []
+        rows = self.rows
+        device = self.logits.device
+        temps = torch.tensor([s.params.temperature for s in rows], device=device)
+        top_k = torch.tensor([s.params.top_k for s in rows], device=device)
+        top_p = torch.tensor([s.params.top_p for s in rows], device=device)
+        uniforms = torch.stack([torch.rand((), generator=s.generator) if s.params.temperature > 0 else torch.zeros(())
+                                for s in rows]).to(device)
+        tokens = sample_tokens(self.logits, temps, top_k, top_p, uniforms).tolist()
+        events = []
+        for s, tok in zip(rows, tokens):
+            # The new token sits at position s.length; it needs a cache slot to continue.
+            text = s.push(tok, room_left=s.length + 1 < self.max_len)
+            events.append(Event(s, text, s.done))
+        self._retire([i for i, s in enumerate(rows) if s.done])
+        if self.rows:
+            # Active rows are always 0..B-1: the step reads rows [:B] of the cache.
+            self.logits = self._mask(self.decode([s.token_ids[-1] for s in self.rows], [s.length - 1 for s in self.rows]))
+        else:
+            self.logits = None
+        return events
+
+    def cancel(self, predicate) -> list[Sequence]:
+        """Remove the rows for which predicate(sequence) is true (e.g. a client went away)."""
+        gone = [i for i, s in enumerate(self.rows) if predicate(s)]
+        removed = [self.rows[i] for i in gone]
+        for s in removed:
+            s.finish_reason = s.finish_reason or "stop"
+        self._retire(gone)
+        return removed
+
+    def _retire(self, finished: list[int]) -> None:
+        """Drop finished rows, moving the last active rows into their places."""
+        if not finished:
+            return
+        gone = set(finished)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        new_b = len(keep)
+        holes = [i for i in finished if i < new_b]
+        movers = [i for i in keep if i >= new_b]
+        for dst, src in zip(holes, movers):
+            self.cache.copy_rows([src], [dst], self.rows[src].length)
+        order = list(range(new_b))
+        for dst, src in zip(holes, movers):
+            order[dst] = src
+        self.rows = [self.rows[i] for i in order]
+        self.logits = self.logits[order] if new_b else None
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Ids past the tokenizer's vocabulary (the padded tail) can never be sampled."""
+        if logits.size(-1) > self.real_vocab:
+            logits[:, self.real_vocab :] = float("-inf")
+        return logits

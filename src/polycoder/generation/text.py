@@ -1,0 +1,127 @@
+"""A sample's text: stop strings, the end of the document, and UTF-8 held back until whole.
+
+`Sequence` turns one row's tokens into text as they come, holding back text that might be
+the start of a stop string and never emitting half a UTF-8 character; `encode_prompt`
+fits a prompt to the model's context (or says clearly why it does not fit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from polycoder.errors import PolycoderError
+from polycoder.generation.sampling import SamplingParams
+from polycoder.tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "eod", "length"]
+
+
+@dataclass
+class Completion:
+    """One generated continuation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | bytes | list[int], block_size: int, params: SamplingParams) -> list[int]:
+    """Prompt ids that fit the context with room for max_new_tokens (or a clear error)."""
+    ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+    if not ids:
+        ids = [tokenizer.eod_id]  # an empty prompt starts a new document
+    room = block_size - params.max_new_tokens
+    if room < 1:
+        raise PolycoderError(
+            f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the model's context of {block_size} tokens; lower it"
+        )
+    if len(ids) > room:
+        if not params.truncate:
+            raise PolycoderError(
+                f"the prompt is {len(ids)} tokens; with max_new_tokens {params.max_new_tokens} it exceeds the model's "
+                f"context of {block_size}: shorten the prompt, lower max_new_tokens, or allow left truncation "
+                f"(--truncate keeps the last {room} prompt tokens)"
+            )
+        ids = ids[-room:]
+    return ids
+
+
+
+class Sequence:
+    """A sample being generated: its tokens, its text, and what may be emitted yet."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 generator: torch.Generator, tag: object = None):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.generator = generator
+        self.tag = tag  # the caller's handle (prompt index, request id, ...)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: FinishReason | None = None
+        self._decoder = tokenizer.stream_decoder()
+        self._eod = tokenizer.eod_id
+        self._max_stop = max((len(s) for s in params.stop), default=0)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.token_ids)
+
+    def push(self, token: int, room_left: bool = True) -> str:
+        """Take the next token; returns the text that is now safe to emit (may be "")."""
+        if token == self._eod and self.params.stop_at_eod:
+            return self._finish("eod")
+        self.token_ids.append(token)
+        start = max(0, len(self.text) - self._max_stop + 1)
+        self.text += self._decoder.push([token])
+        if self._cut_at_stop(start):
+            return self._take(len(self.text))
+        if len(self.token_ids) >= self.params.max_new_tokens or not room_left:
+            return self._finish("length")
+        return self._take(len(self.text) - self._held_back())
+
+    def finish(self, reason: FinishReason) -> str:
+        return self._finish(reason)
+
+    def completion(self) -> Completion:
+        return Completion(self.text, list(self.token_ids), self.finish_reason or "length", len(self.prompt_ids))
+
+    def _finish(self, reason: FinishReason) -> str:
+        start = max(0, len(self.text) - self._max_stop + 1)
+        self.text += self._decoder.flush()
+        self.finish_reason = reason
+        self._cut_at_stop(start)
+        return self._take(len(self.text))
+
+    def _cut_at_stop(self, start: int) -> bool:
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        self.finish_reason = "stop"
+        return True
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could begin a stop string."""
+        for n in range(min(self._max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.params.stop):
+                return n
+        return 0
+
+    def _take(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        out = self.text[self.emitted : upto]
+        self.emitted = upto
+        return out
+
