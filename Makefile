@@ -20,6 +20,7 @@ demo: $(STAMP)
 		$(BIN)/polycoder generate --max-new-tokens 48 --temperature 0 --echo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	# llama.cpp (for the GGUF comparison tests) from the wheel cache only: never a 20-minute build here.
 	POLYCODER_LLAMA_CPP_CACHED_ONLY=1 scripts/build_llama_cpp_wheel.sh $(VENV)
 	$(BIN)/python -m pytest -q
@@ -29,6 +30,7 @@ llama-cpp: $(STAMP)
 	scripts/build_llama_cpp_wheel.sh $(VENV)
 
 test-fast: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 clean:

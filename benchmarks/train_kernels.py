@@ -4,16 +4,21 @@ Each pair takes its turns interleaved (A, B, A, B, ...) in one process, so machi
 hits both alike; the table gives the median of each and the ratio. PolyCoder-160M shapes by
 default (4 x 512 tokens, 12 heads of 64, vocabulary 50304), 2 threads:
 
-- attention backward, bf16: `polycoder.train.attention.causal_attention` against SDPA
+- attention backward, bf16: `polycoder.backend.attention.causal_attention` against SDPA
   (forward + backward timed, the forward being SDPA's own in both);
 - QKV split + rotary, forward + backward: `rotary_qkv` (one native pass each way) against
   the model's torch path (split, rotate, concatenate, transposing copies), in fp32 and
   under bf16 autocast;
+- the output head's loss and the gradient of its logits in bf16 (`_loss_and_grad`: the
+  logits' product and the softmax pass): the native pass over bf16 logits against torch's
+  chunked fp32 softmax, the same product in both;
 - the head's weight gradient in bf16 for an fp32 weight: h^T g with the native
-  transpose-and-widen (`polycoder.train.fused_loss._head_grad`) against g^T h and a cast;
-- with `--steps N`: whole training steps of the model (Trainer.train_step, bf16) with both
-  native paths against the model's torch branch (what tests/test_train_attention.py checks
-  they equal), N steps each, interleaved.
+  transpose-and-widen (`polycoder.backend.fused_loss._head_grad`) against g^T h and a cast;
+- with `--steps N`: whole training steps of the model (Trainer.train_step, bf16) with the
+  backend's training operations with and without the native kernels
+  (`TrainOps(native=True)` against `TrainOps(native=False)`: rotary pass, attention
+  backward and the loss's softmax pass; what tests/test_train_attention.py checks they
+  equal), N steps each, interleaved.
 
 Speed is never asserted; the native kernels must be available (`polycoder.kernels`).
 POLYCODER_AMX=0 times the attention kernel's vdpbf16ps path instead of its AMX tiles.
@@ -26,12 +31,27 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from polycoder import kernels  # noqa: E402
+from polycoder.backend import TrainOps, choose  # noqa: E402
+from polycoder.backend.attention import causal_attention, rotary_qkv  # noqa: E402
+from polycoder.backend.fused_loss import _head_grad, _loss_and_grad  # noqa: E402
+from polycoder.checkpoint import build_model  # noqa: E402
+from polycoder.config import ModelConfig  # noqa: E402
+from polycoder.model import RotaryEmbedding, split_qkv_rotary  # noqa: E402
+from polycoder.train.distributed import Dist  # noqa: E402
+from polycoder.train.loop import Trainer, keep_freed_memory  # noqa: E402
+from polycoder.train.settings import load_settings  # noqa: E402
 
 
 def interleaved(pairs: dict[str, tuple], repeats: int) -> list[dict]:
@@ -51,11 +71,6 @@ def interleaved(pairs: dict[str, tuple], repeats: int) -> list[dict]:
 
 
 def op_pairs(B: int, H: int, T: int, D: int, V: int) -> dict[str, tuple]:
-    from polycoder.config import ModelConfig
-    from polycoder.model import RotaryEmbedding, split_qkv_rotary
-    from polycoder.train.attention import causal_attention, rotary_qkv
-    from polycoder.train.fused_loss import _head_grad
-
     g = torch.Generator().manual_seed(0)
     q, k, v, do = ((torch.randn(B, H, T, D, generator=g) * s).bfloat16() for s in (2, 1, 1, 1))
 
@@ -74,7 +89,7 @@ def op_pairs(B: int, H: int, T: int, D: int, V: int) -> dict[str, tuple]:
     qkv = torch.randn(B, T, 3 * C, generator=g)
     grads = [torch.randn(B, H, T, D, generator=g).bfloat16() for _ in range(3)]
 
-    def torch_rotary(x, n_head, c, s):  # polycoder.model.Attention._causal's torch branch
+    def torch_rotary(x, n_head, c, s):  # polycoder.model.TorchOps.qkv_rotary
         return split_qkv_rotary(x, n_head, c[:, None, None], s[:, None, None])
 
     def rotary(fn, bf16: bool):
@@ -89,48 +104,40 @@ def op_pairs(B: int, H: int, T: int, D: int, V: int) -> dict[str, tuple]:
 
     h = torch.randn(B * T, C, generator=g).bfloat16()
     logits_grad = (torch.randn(B * T, V, generator=g) * 1e-3).bfloat16()
+    head = (torch.randn(V, C, generator=g) * 0.02).bfloat16()
+    targets = torch.randint(0, V, (B * T,), generator=g)
+
+    def head_loss(native: bool):
+        return lambda: _loss_and_grad(h, head, targets, 64, True, native, False)
+
     return {
         f"attention fwd+bwd bf16 [{B},{H},{T},{D}]": (attention(causal_attention), attention(sdpa)),
         f"QKV split+rotary fwd+bwd fp32 [{B},{T},{3 * C}]": (rotary(rotary_qkv, False), rotary(torch_rotary, False)),
         f"QKV split+rotary fwd+bwd bf16 [{B},{T},{3 * C}]": (rotary(rotary_qkv, True), rotary(torch_rotary, True)),
-        f"head dW bf16 -> fp32 [{V},{C}]": (lambda: _head_grad(h, logits_grad, torch.float32),
+        f"head loss + logits gradient bf16 [{B * T},{V}]": (head_loss(True), head_loss(False)),
+        f"head dW bf16 -> fp32 [{V},{C}]": (lambda: _head_grad(h, logits_grad, torch.float32, True, False),
                                            lambda: torch.mm(logits_grad.t(), h).float()),
     }
 
 
 def step_pair(preset: str, B: int, T: int) -> tuple:
-    """Whole bf16 training steps: the model as it is, and with its torch branch for the
-    QKV split, rotary and attention (SDPA forward and backward)."""
-    import numpy as np
-
-    import polycoder.model as model_module
-    from polycoder.checkpoint import build_model
-    from polycoder.config import ModelConfig
-    from polycoder.train.distributed import Dist
-    from polycoder.train.loop import Trainer
-    from polycoder.train.settings import load_settings
-
+    """Whole bf16 training steps: the model with the backend's training operations with and
+    without the native kernels (the same fused loss and oneDNN choice in both)."""
     cfg = ModelConfig.from_preset(preset)
     data = np.random.default_rng(0).integers(0, cfg.vocab_size, size=200_000).astype(np.uint16)
     settings = load_settings(None, None, {"data.seq_len": T, "data.batch_size": B, "run.precision": "bf16",
                                           "run.max_steps": 1000, "run.tensorboard": False, "optim.warmup": 0})
-    trainer = Trainer(build_model(cfg, seed=0).requires_grad_(True).train(), settings, Dist(), [data], [],
-                      tempfile.mkdtemp(), lambda m, f: None, T)
-    native = (model_module.rotary_qkv, model_module.causal_attention)
+    model = build_model(cfg, seed=0).requires_grad_(True).train()
+    trainer = Trainer(model, settings, Dist(), [data], [], tempfile.mkdtemp(), lambda m, f: None, T)
+    onednn_fp32 = choose("cpu").onednn_fp32
 
-    def torch_attention(q, k, v):
-        return F.scaled_dot_product_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), is_causal=True)
-
-    def with_paths(rotary, attention):
+    def with_ops(native: bool):
         def run():
-            model_module.rotary_qkv, model_module.causal_attention = rotary, attention
-            try:
-                trainer.train_step()
-            finally:
-                model_module.rotary_qkv, model_module.causal_attention = native
+            model.ops = TrainOps(native=native, onednn_fp32=onednn_fp32)
+            trainer.train_step()
         return run
 
-    return with_paths(*native), with_paths(lambda *a: None, torch_attention)
+    return with_ops(True), with_ops(False)
 
 
 def main() -> None:
@@ -146,9 +153,6 @@ def main() -> None:
     ap.add_argument("--preset", default="polycoder-160m", help="the model of --steps")
     ap.add_argument("--json", default="benchmarks/results/train_kernels.json")
     args = ap.parse_args()
-
-    from polycoder import kernels
-    from polycoder.train.loop import keep_freed_memory
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the Trainer does: large buffers reused, not faulted in afresh each call

@@ -2,11 +2,12 @@
 
 For each precision (fp32; bf16 autocast with fp32 master weights) the script times
 optimizer steps of
-- ours: `polycoder.train.loop.Trainer.train_step` on `polycoder.model.GPTNeoX` (the QKV
-  split and rotary as one native pass, SDPA's causal attention with a native backward in
-  bf16 (`polycoder.train.attention`), the output head fused with the cross-entropy, fp32
-  products through oneDNN on non-Intel CPUs (`polycoder.train.onednn`), fused AdamW,
-  gradient clipping);
+- ours: `polycoder.train.loop.Trainer.train_step` on `polycoder.model.GPTNeoX` with the
+  training operations `polycoder.backend.choose` picks on this machine (the QKV split and
+  rotary as one native pass, SDPA's causal attention with a native backward in bf16
+  (`polycoder.backend.attention`), the output head fused with the cross-entropy, fp32
+  products through oneDNN on non-Intel CPUs (`polycoder.backend.onednn`)), fused AdamW,
+  gradient clipping;
 - transformers: `GPTNeoXForCausalLM(input_ids, labels=...)` with its own loss, backward,
   clipping and `torch.optim.AdamW` (defaults), the usual way to train it;
 all of them (both implementations at every precision) taking their steps in turn in the
@@ -33,21 +34,30 @@ import contextlib
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from polycoder.backend import choose, onednn  # noqa: E402
+from polycoder.checkpoint import build_model, save_checkpoint  # noqa: E402
+from polycoder.config import ModelConfig  # noqa: E402
+from polycoder.train.distributed import Dist  # noqa: E402
+from polycoder.train.loop import Trainer, autocast  # noqa: E402
+from polycoder.train.settings import load_settings  # noqa: E402
 
 
-def gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5, onednn: bool = False) -> float:
+def gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5, use_onednn: bool = False) -> float:
     """FLOP/s of an n x n x n matrix product at `dtype` (the peak we compare against);
-    `onednn`: through oneDNN's linear op instead of torch.mm (MKL for fp32)."""
-    from polycoder.train.onednn import onednn_matmul_nt
-
+    `use_onednn`: through oneDNN's linear op instead of torch.mm (MKL for fp32)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    mm = (lambda: onednn_matmul_nt(a, b)) if onednn else (lambda: a @ b)
+    mm = (lambda: onednn.matmul_nt(a, b)) if use_onednn else (lambda: a @ b)
     mm()
     best = float("inf")
     for _ in range(reps):
@@ -67,10 +77,6 @@ def train_flops_per_token(cfg, T: int) -> float:
 
 
 def hf_model(cfg):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from polycoder.checkpoint import build_model, save_checkpoint
-
     # The same architecture through config.json, so nothing is configured twice.
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(build_model(cfg.replace(n_layer=1), seed=0), None, Path(d) / "m")
@@ -83,8 +89,6 @@ def hf_model(cfg):
 def hf_stepper(theirs, trainer, o, prec: str):
     """One transformers training step a call: our batch and learning rate of that step, its
     own loss, backward, clipping and torch.optim.AdamW."""
-    from polycoder.train.loop import autocast
-
     opt = torch.optim.AdamW(theirs.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
     steps = 0
 
@@ -116,12 +120,6 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/train_throughput.json")
     args = ap.parse_args()
 
-    from polycoder.checkpoint import build_model
-    from polycoder.config import ModelConfig
-    from polycoder.train.distributed import Dist
-    from polycoder.train.loop import Trainer
-    from polycoder.train.settings import load_settings
-
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.from_preset(args.preset)
     B, T = args.batch, args.seq_len
@@ -129,11 +127,9 @@ def main() -> None:
     flops_tok = train_flops_per_token(cfg, T)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 50257, size=200_000).astype(np.uint16)
-    from polycoder.train.onednn import available as onednn_available
-
     peaks = {"fp32 mkl": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
-    if onednn_available():
-        peaks["fp32 onednn"] = gemm_rate(torch.float32, onednn=True)
+    if onednn.available():
+        peaks["fp32 onednn"] = gemm_rate(torch.float32, use_onednn=True)
     peak = {"fp32": max(v for k, v in peaks.items() if k.startswith("fp32")), "bf16": peaks["bf16"]}
     # Every (precision, implementation) pair is built first and they take their steps in
     # turn, so that the ratios across precisions (ours bf16 against transformers fp32) come
@@ -170,14 +166,15 @@ def main() -> None:
                      "tflops": tps * flops_tok / 1e12,
                      "mfu_vs_measured_peak": tps * flops_tok / peak[prec],
                      "first_loss": losses[prec, name][0], "losses": losses[prec, name],
-                     "max_loss_diff_vs_transformers": max(abs(a - b) for a, b in zip(losses[prec, name], losses[prec, "transformers"]))})
+                     "max_loss_diff_vs_transformers": max(
+                         abs(a - b) for a, b in zip(losses[prec, name], losses[prec, "transformers"]))})
     base = {r["precision"]: r["tokens_per_s"] for r in rows if r["impl"] == "transformers"}
     for r in rows:
         r["vs_transformers_same_precision"] = r["tokens_per_s"] / base[r["precision"]]
         r["vs_transformers_fp32"] = r["tokens_per_s"] / base["fp32"] if "fp32" in base else None
 
     print(f"\n{args.preset}, batch {B} x {T}, {args.threads} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}")
+          f"{platform.processor() or platform.machine()}, training backend {choose('cpu')}")
     print("measured GEMM peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
           + f"; {flops_tok / 1e6:.0f} MFLOP a token")
     ours_loss = {r["precision"]: r["losses"] for r in rows if r["impl"] == "ours"}
@@ -187,7 +184,8 @@ def main() -> None:
     if "fp32" in ours_loss and "bf16" in ours_loss:
         d = max(abs(a - b) for a, b in zip(ours_loss["bf16"], ours_loss["fp32"]))
         print(f"loss curves: ours bf16 vs ours fp32, largest difference {d:.2e}")
-    head = f"| {'precision':9} | {'impl':12} | {'step s':>7} | {'tokens/s':>8} | {'GFLOP/s':>7} | {'MFU':>5} | {'x tf same':>9} | {'x tf fp32':>9} |"
+    head = (f"| {'precision':9} | {'impl':12} | {'step s':>7} | {'tokens/s':>8} | {'GFLOP/s':>7} | {'MFU':>5} | "
+            f"{'x tf same':>9} | {'x tf fp32':>9} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
@@ -198,7 +196,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"preset": args.preset, "batch": B, "seq_len": T, "threads": args.threads,
                                "steps": args.steps, "torch": torch.__version__,
-                               "gemm_peak_flops": peak, "gemm_rates": peaks, "flops_per_token": flops_tok, "rows": rows}, indent=2))
+                               "gemm_peak_flops": peak, "gemm_rates": peaks, "flops_per_token": flops_tok,
+                               "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

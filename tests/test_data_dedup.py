@@ -36,12 +36,14 @@ def test_minhash_estimates_exact_jaccard():
     rng = random.Random(0)
     params = MinHashParams(num_perm=256)
     errors = []
-    for trial in range(12):
+    for _ in range(12):
         base = _text(rng, 400)
         other = list(base)
         for _ in range(rng.randrange(0, 120)):  # edit a random number of tokens
             other[rng.randrange(len(other))] = f"e{rng.randrange(10**6)}"
-        sh = lambda toks: {tuple(toks[i : i + 5]) for i in range(len(toks) - 4)}
+        def sh(toks):
+            return {tuple(toks[i : i + 5]) for i in range(len(toks) - 4)}
+
         exact = len(sh(base) & sh(other)) / len(sh(base) | sh(other))
         est = float(np.mean(minhash(" ".join(base), params) == minhash(" ".join(other), params)))
         errors.append(abs(est - exact))

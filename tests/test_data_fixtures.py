@@ -39,13 +39,17 @@ def c_like(seed: int, lang: str) -> str:
         a, b = rng.sample(WORDS, 2)
         n = rng.randint(1, 999)
         if lang == "Go":
-            body.append(f"func {a}{seed}x{i}({b} int) int {{\n\tfor k := 0; k < {b}; k++ {{\n\t\t{b} += k * {n}\n\t}}\n\treturn {b}\n}}\n\n")
+            body.append(f"func {a}{seed}x{i}({b} int) int {{\n\tfor k := 0; k < {b}; k++ {{\n"
+                        f"\t\t{b} += k * {n}\n\t}}\n\treturn {b}\n}}\n\n")
         elif lang == "Rust":
-            body.append(f"fn {a.lower()}_{seed}_{i}({b.lower()}: i64) -> i64 {{\n    let mut s = {n};\n    for k in 0..{b.lower()} {{\n        s += k * {n};\n    }}\n    s\n}}\n\n")
+            body.append(f"fn {a.lower()}_{seed}_{i}({b.lower()}: i64) -> i64 {{\n    let mut s = {n};\n"
+                        f"    for k in 0..{b.lower()} {{\n        s += k * {n};\n    }}\n    s\n}}\n\n")
         elif lang == "Java":
-            body.append(f"    static int {a}{i}(int {b}) {{\n        int s = {n};\n        for (int k = 0; k < {b}; k++) {{\n            s += k;\n        }}\n        return s;\n    }}\n")
+            body.append(f"    static int {a}{i}(int {b}) {{\n        int s = {n};\n"
+                        f"        for (int k = 0; k < {b}; k++) {{\n            s += k;\n        }}\n        return s;\n    }}\n")
         else:
-            body.append(f"int {a}_{seed}_{i}(int {b}) {{\n    int s = {n};\n    for (int k = 0; k < {b}; k++) s += k;\n    return s;\n}}\n\n")
+            body.append(f"int {a}_{seed}_{i}(int {b}) {{\n    int s = {n};\n"
+                        f"    for (int k = 0; k < {b}; k++) s += k;\n    return s;\n}}\n\n")
     return head + "".join(body) + tail
 
 

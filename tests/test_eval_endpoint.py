@@ -16,6 +16,7 @@ from polycoder.checkpoint import load_model  # noqa: E402
 from polycoder.eval.humaneval import STOP, humaneval  # noqa: E402
 from polycoder.eval.perplexity import perplexity, windows  # noqa: E402
 from polycoder.generation import SamplingParams, generate  # noqa: E402
+from polycoder.options import ModelOptions  # noqa: E402
 
 BLOCK = 256  # test-tiny's context
 
@@ -64,7 +65,7 @@ def test_endpoint_perplexity_equals_local(server, tmp_path):
     data.mkdir(parents=True)
     (data / "a.py").write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 12)
     res = perplexity(data=tmp_path / "data", out=tmp_path / "out", model=["test-tiny"],
-                     random_init=True, endpoint=server, block_size=BLOCK)
+                     model_options=ModelOptions(random_init=True), endpoint=server, block_size=BLOCK)
     local, remote = res["test-tiny"]["Python"], res[server]["Python"]
     assert remote["model_tokens"] == local["model_tokens"] > BLOCK  # more than one window
     # The endpoint's windows are BLOCK - 1 long (prompt + echoed target fit the context).
@@ -82,6 +83,6 @@ def test_endpoint_perplexity_equals_local(server, tmp_path):
 def test_endpoint_humaneval_sampling(server, tmp_path):
     s = humaneval(out=tmp_path, endpoint=server, limit=2, num_samples=2, temperature=[0.8],
                   max_new_tokens=8)
-    rows = [json.loads(l) for l in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and s["samples"] == 4
     assert all(not any(x in r["completion"] for x in STOP) for r in rows)

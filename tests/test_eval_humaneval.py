@@ -64,7 +64,7 @@ def test_sampling_a_tiny_model_is_seeded_and_resumable(tmp_path):
     args = dict(out=out, model="test-tiny", model_options=ModelOptions(random_init=True), limit=2, num_samples=3,
                 temperature=[0.8], prompt_variant=["stripped", "unstripped"], max_new_tokens=8)
     s = humaneval(**args)
-    rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3 * 2 and s["samples"] == 12
     assert {r["prompt_variant"] for r in rows} == {"stripped", "unstripped"}
     assert all(not any(x in r["completion"] for x in STOP) for r in rows)

@@ -21,6 +21,7 @@ from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noq
 from polycoder.config import ModelConfig  # noqa: E402
 from polycoder.errors import PolycoderError  # noqa: E402
 from polycoder.eval.perplexity import perplexity, read_documents, windows  # noqa: E402
+from polycoder.options import ModelOptions  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 FILES = {
@@ -96,7 +97,7 @@ def test_cache_resumes_and_models_sit_side_by_side(tiny, data, tmp_path):
     cache = next((tmp_path / "cache").glob("*.jsonl"))
     lines = cache.read_text()
     assert len(lines.splitlines()) == 3
-    again = perplexity(data=data, out=tmp_path, model=[str(tiny), "test-tiny"], random_init=True)
+    again = perplexity(data=data, out=tmp_path, model=[str(tiny), "test-tiny"], model_options=ModelOptions(random_init=True))
     assert cache.read_text() == lines  # nothing rescored
     assert again[str(tiny)] == first[str(tiny)]
     assert set(again) == {str(tiny), "test-tiny"}

@@ -10,6 +10,7 @@ and f16; q8_0 must run and mostly agree.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
 from polycoder.export import llamacpp
 from polycoder.export.gguf import qkv_from_gguf, qkv_to_gguf, read_back, write_gguf
+from polycoder.generation import SamplingParams, generate
+from polycoder.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 REPO = Path(__file__).resolve().parents[1]
@@ -55,13 +58,15 @@ CODE_SAMPLES = [
 ]
 
 
-def _model(preset: str = "test-tiny", seed: int = 1):
-    """A random model whose logits are far from ties (std ~1.5), so greedy paths are stable."""
-    cfg = ModelConfig.from_preset(preset).replace(initializer_range=0.2)
+def _model(preset: str = "test-tiny", seed: int = 1, vocab_size: int = 8192):
+    """A random model whose logits are far from ties (std ~1.5), so greedy paths are stable.
+    Its vocabulary is the code tokenizer's (8192): no padding rows that llama.cpp could pick
+    where our engine never does."""
+    cfg = ModelConfig.from_preset(preset).replace(initializer_range=0.2, vocab_size=vocab_size)
     model = build_model(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:  # non-trivial LayerNorms and biases
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return model
@@ -69,7 +74,7 @@ def _model(preset: str = "test-tiny", seed: int = 1):
 
 def _samples() -> list[str]:
     texts = [t for t in CODE_SAMPLES if "\r" not in t]
-    for rel in ("src/polycoder/tokenizer.py", "src/polycoder/model.py", "Makefile"):
+    for rel in ("src/polycoder/tokenizer/bpe.py", "src/polycoder/model.py", "Makefile"):
         p = REPO / rel
         if p.is_file():
             texts.append(p.read_text(encoding="utf-8")[:6000])
@@ -82,9 +87,10 @@ def tiny_model():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model, polycoder_tokenizer):
+def exported(tmp_path_factory, tiny_model, code_tokenizer):
     folder = tmp_path_factory.mktemp("gguf")
-    return {t: write_gguf(tiny_model, polycoder_tokenizer, folder / f"tiny-{t}.gguf", t, progress=False) for t in ("f32", "f16", "q8_0")}
+    return {t: write_gguf(tiny_model, code_tokenizer, folder / f"tiny-{t}.gguf", t, progress=False)
+            for t in ("f32", "f16", "q8_0")}
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +123,17 @@ def test_qkv_layout_matches_attention_inputs(tiny_model):
     assert torch.equal(qkv_from_gguf(w, cfg.n_head), attn.query_key_value.weight)
 
 
-def test_metadata_and_vocabulary(readers, tiny_model, polycoder_tokenizer):
+def _field(reader, key):
+    f = reader.fields[key]
+    return f.contents() if hasattr(f, "contents") else f.parts[-1][0]
+
+
+def test_metadata_and_vocabulary(readers, tiny_model, code_tokenizer):
     r = readers("f16")
     cfg = tiny_model.config
 
     def field(key):
-        f = r.fields[key]
-        return f.contents() if hasattr(f, "contents") else f.parts[-1][0]
+        return _field(r, key)
 
     assert field("general.architecture") == "gptneox"
     assert field("gptneox.context_length") == cfg.block_size
@@ -138,13 +148,12 @@ def test_metadata_and_vocabulary(readers, tiny_model, polycoder_tokenizer):
     assert field("tokenizer.ggml.model") == "gpt2"
     assert field("tokenizer.ggml.pre") == "gpt-2"
     tokens = field("tokenizer.ggml.tokens")
-    assert len(tokens) == cfg.vocab_size and tokens[0] == "<|endoftext|>" and tokens[-1] == f"[PAD{cfg.vocab_size - 1}]"
+    assert len(tokens) == cfg.vocab_size and tokens[0] == "<|endoftext|>"
     types = field("tokenizer.ggml.token_type")
-    assert types[0] == gguf.TokenType.CONTROL and types[100] == gguf.TokenType.NORMAL and types[-1] == gguf.TokenType.UNUSED
-    merges = field("tokenizer.ggml.merges")
-    # PolyCoder's merges file starts with `Ġ Ġ`, which the training-time loaders dropped.
-    first_line = (REPO.parent / "shared" / "polycoder-reference" / "code-merges.txt").read_text(encoding="utf-8").split("\n")[0]
-    assert first_line == "Ġ Ġ" and "Ġ Ġ" not in merges and merges[0] == "ĠĠ ĠĠ"
+    assert types[0] == gguf.TokenType.CONTROL and types[100] == gguf.TokenType.NORMAL
+    assert types[tokens.index("\n    ")] == gguf.TokenType.USER_DEFINED  # an added whitespace-run token
+    spec_merges = json.loads(code_tokenizer.backend.to_str())["model"]["merges"]
+    assert field("tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in spec_merges]
     assert field("tokenizer.ggml.bos_token_id") == 0 and field("tokenizer.ggml.eos_token_id") == 0
     assert field("tokenizer.ggml.padding_token_id") == 1
     assert field("tokenizer.ggml.add_bos_token") in (False, 0)
@@ -164,13 +173,22 @@ def test_tensors_read_back(readers, tiny_model, outtype, tol):
     assert types["blk.0.attn_qkv.weight"].name == want and types["blk.0.attn_qkv.bias"].name == "F32"
 
 
-def test_unsupported_models_refused(tmp_path, polycoder_tokenizer):
+def test_polycoder_merges_without_their_first_line(tmp_path, polycoder_tokenizer, polycoder_tokenizer_files):
+    """PolyCoder's merges file starts with `Ġ Ġ`, which the training-time loaders dropped: the
+    GGUF must not carry it either."""
+    path = write_gguf(_model(vocab_size=50304), polycoder_tokenizer, tmp_path / "p.gguf", "f16", progress=False)
+    merges = _field(gguf.GGUFReader(str(path)), "tokenizer.ggml.merges")
+    first_line = polycoder_tokenizer_files[1].read_text(encoding="utf-8").split("\n")[0]
+    assert first_line == "Ġ Ġ" and "Ġ Ġ" not in merges and merges[0] == "ĠĠ ĠĠ"
+
+
+def test_unsupported_models_refused(tmp_path, code_tokenizer):
     for change in ({"hidden_act": "silu"}, {"attention_bias": False}):
         model = build_model(ModelConfig.from_preset("test-tiny").replace(**change))
         with pytest.raises(PolycoderError, match="llama.cpp"):
-            write_gguf(model, polycoder_tokenizer, tmp_path / "x.gguf", "f32", progress=False)
+            write_gguf(model, code_tokenizer, tmp_path / "x.gguf", "f32", progress=False)
     with pytest.raises(PolycoderError, match="outtype"):
-        write_gguf(_model(), polycoder_tokenizer, tmp_path / "x.gguf", "q4_0", progress=False)
+        write_gguf(_model(), code_tokenizer, tmp_path / "x.gguf", "q4_0", progress=False)
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -183,15 +201,39 @@ needs_llama_cpp = pytest.mark.skipif(
 
 
 @needs_llama_cpp
-def test_llama_cpp_tokenizes_as_we_do(exported, polycoder_tokenizer):
+def test_llama_cpp_tokenizes_as_we_do(exported, code_tokenizer):
+    """A tokenizer from `polycoder tokenizer train` (the bundled one), whitespace-run tokens included."""
     with llamacpp.LlamaCpp(exported["f16"], n_ctx=256, threads=2) as llm:
+        for text in _samples() + ["\n" + " " * 40 + "x", " " * 34 + "\t" * 11, "a\n\t\t\tb\n\n    c"]:
+            assert llm.tokenize(text) == code_tokenizer.encode(text), repr(text[:60])
+        # and back to the same bytes
+        ids = code_tokenizer.encode(CODE_SAMPLES[5])
+        assert llm.detokenize(ids) == code_tokenizer.decode_bytes(ids)
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_as_polycoder_did(tmp_path, polycoder_tokenizer):
+    """PolyCoder's released tokenizer: training-time ids, a run of 8 spaces is 8 tokens (no `Ġ Ġ` merge)."""
+    path = write_gguf(_model(vocab_size=50304), polycoder_tokenizer, tmp_path / "p.gguf", "f16", progress=False)
+    with llamacpp.LlamaCpp(path, n_ctx=256, threads=2) as llm:
         for text in _samples():
             assert llm.tokenize(text) == polycoder_tokenizer.encode(text), repr(text[:60])
-        spaces = " " * 8
-        assert llm.tokenize(spaces) == [polycoder_tokenizer.encode(" ")[0]] * 8  # no `Ġ Ġ` merge
-        # and back to the same bytes
-        ids = polycoder_tokenizer.encode(CODE_SAMPLES[5])
-        assert llm.detokenize(ids) == polycoder_tokenizer.decode_bytes(ids)
+        assert llm.tokenize(" " * 8) == [polycoder_tokenizer.encode(" ")[0]] * 8
+
+
+@needs_llama_cpp
+def test_llama_cpp_loads_a_byte_level_tokenizer_without_merges(tmp_path):
+    """Random presets get a byte-level tokenizer with no merges; llama.cpp needs a merges key,
+    and the export writes one that never applies: same ids as ours, byte by byte."""
+    tok = Tokenizer.byte_level()
+    model = build_model(ModelConfig.from_preset("test-tiny").replace(vocab_size=384), seed=0)
+    path = write_gguf(model, tok, tmp_path / "b.gguf", "f32", progress=False)
+    reader = gguf.GGUFReader(str(path))
+    tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == 384 and tokens[-1] == "[PAD383]" and types[-1] == gguf.TokenType.UNUSED  # padded rows
+    with llamacpp.LlamaCpp(path, n_ctx=256, threads=2) as llm:
+        for text in _samples()[:12]:
+            assert llm.tokenize(text) == tok.encode(text), repr(text[:60])
 
 
 class _GeluF16Table(torch.nn.Module):
@@ -203,10 +245,10 @@ class _GeluF16Table(torch.nn.Module):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("preset", ["test-tiny", "test-tiny-parallel"])
-def test_llama_cpp_f32_logits_close(tmp_path, polycoder_tokenizer, preset):
+def test_llama_cpp_f32_logits_close(tmp_path, code_tokenizer, preset):
     model = _model(preset, seed=2)
-    path = write_gguf(model, polycoder_tokenizer, tmp_path / "m.gguf", "f32", progress=False)
-    ids = polycoder_tokenizer.encode(_samples()[1] + _samples()[-1])[:200]
+    path = write_gguf(model, code_tokenizer, tmp_path / "m.gguf", "f32", progress=False)
+    ids = code_tokenizer.encode(_samples()[1] + _samples()[-1])[:200]
     with llamacpp.LlamaCpp(path, n_ctx=256, threads=2, kv_f32=True) as llm:
         theirs = llm.logits(ids)
     emulated = copy.deepcopy(model)
@@ -226,18 +268,16 @@ def test_llama_cpp_f32_logits_close(tmp_path, polycoder_tokenizer, preset):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
-def test_llama_cpp_greedy_matches(exported, tiny_model, polycoder_tokenizer, outtype):
-    from polycoder.generation import SamplingParams, generate
-
+def test_llama_cpp_greedy_matches(exported, tiny_model, code_tokenizer, outtype):
     prompts = ["def fibonacci(n):\n    ", "#include <stdio.h>\n\tint x = ", "class Foo:\n        \"\"\"ünï "]
     params = SamplingParams(max_new_tokens=40, temperature=0.0, stop_at_eod=True)
     # f16: our model with the same f16-rounded weights, computed in f32 (deepcopy: .half() is in place)
     model = tiny_model if outtype == "f32" else copy.deepcopy(tiny_model).half().float()
-    ours = generate(model, polycoder_tokenizer, prompts, params)
+    ours = generate(model, code_tokenizer, prompts, params)
     with llamacpp.LlamaCpp(exported[outtype], n_ctx=256, threads=2, kv_f32=True) as llm:
         for prompt, completions in zip(prompts, ours):
-            ids = polycoder_tokenizer.encode(prompt)
-            theirs = llm.greedy(ids, 40, stop_ids=(polycoder_tokenizer.eod_id,))
+            ids = code_tokenizer.encode(prompt)
+            theirs = llm.greedy(ids, 40, stop_ids=(code_tokenizer.eod_id,))
             mine = completions[0].token_ids
             if theirs[: len(mine)] != mine:
                 # Only a near tie in our own logits may send the two engines different ways.
@@ -248,8 +288,8 @@ def test_llama_cpp_greedy_matches(exported, tiny_model, polycoder_tokenizer, out
 
 
 @needs_llama_cpp
-def test_llama_cpp_q8_0_runs(exported, tiny_model, polycoder_tokenizer):
-    ids = polycoder_tokenizer.encode(_samples()[-2])[:256]  # a long prefill: the AMX repacking crash was here
+def test_llama_cpp_q8_0_runs(exported, tiny_model, code_tokenizer):
+    ids = code_tokenizer.encode(_samples()[-2])[:256]  # a long prefill: the AMX repacking crash was here
     with llamacpp.LlamaCpp(exported["q8_0"], n_ctx=256, threads=2) as llm:
         theirs = llm.logits(ids)
         out = llm.greedy(ids[:20], 16)
@@ -269,26 +309,6 @@ def test_cli_export_with_check(tmp_path, tiny_folder):
     assert r.returncode == 0, r.stderr
     assert out.is_file() and "check:" in r.stdout
     assert ("same_token_ids=True" in r.stdout) if llamacpp.available() else ("max_rel_tensor_error" in r.stdout)
-    r = subprocess.run([sys.executable, "-m", "polycoder", "export", "gguf", "--model", str(tmp_path / "nope"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "polycoder", "export", "gguf", "--model", str(tmp_path / "nope"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "error" in r.stderr
-
-
-@needs_llama_cpp
-def test_llama_cpp_added_whitespace_tokens(tmp_path, polycoder_tokenizer_files):
-    """Tokenizers from `polycoder tokenizer train` add whitespace-run tokens: llama.cpp must match them too."""
-    from tokenizers import AddedToken
-
-    from polycoder.tokenizer import Tokenizer
-    from polycoder.tokenizer.train import WHITESPACE_TOKENS
-
-    tok = Tokenizer.from_files(*polycoder_tokenizer_files)
-    tok.backend.add_tokens([AddedToken(w, special=False, normalized=False) for w in WHITESPACE_TOKENS])
-    tok = Tokenizer(tok.backend)
-    cfg = ModelConfig.from_preset("test-tiny").replace(vocab_size=50432)
-    path = write_gguf(build_model(cfg), tok, tmp_path / "ws.gguf", "f16", progress=False)
-    types = dict(zip(*[gguf.GGUFReader(str(path)).fields[k].contents() for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type")]))
-    assert types["\n    "] == gguf.TokenType.USER_DEFINED
-    with llamacpp.LlamaCpp(path, n_ctx=256, threads=2) as llm:
-        for text in _samples() + ["\n" + " " * 40 + "x", " " * 34 + "\t" * 11, "a\n\t\t\tb\n\n    c"]:
-            assert llm.tokenize(text) == tok.encode(text), repr(text[:60])

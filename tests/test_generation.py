@@ -90,7 +90,8 @@ def test_stop_strings_cut_before_the_first_occurrence(tiny):
     (c,), = generate(model, tok, [PROMPTS[0]], SamplingParams(max_new_tokens=40, stop=(stop_a, stop_b), stop_at_eod=False))
     first = min(free.find(stop_a), free.find(stop_b))
     assert c.text == free[:first] and c.finish_reason == "stop"
-    streamed = "".join(stream(model, tok, PROMPTS[0], SamplingParams(max_new_tokens=40, stop=(stop_a, stop_b), stop_at_eod=False)))
+    streamed = "".join(stream(model, tok, PROMPTS[0],
+                              SamplingParams(max_new_tokens=40, stop=(stop_a, stop_b), stop_at_eod=False)))
     assert streamed == c.text
 
 

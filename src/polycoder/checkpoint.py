@@ -95,7 +95,8 @@ def load_state_into(model: GPTNeoX, folder: Path, dtype: torch.dtype, device: to
                 raise PolycoderError(f"{path.name}: unexpected tensor {name!r}; is this a GPT-NeoX checkpoint?")
             param = expected[name]
             if tuple(tensor.shape) != tuple(param.shape):
-                raise PolycoderError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(param.shape)}")
+                raise PolycoderError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"config.json implies {tuple(param.shape)}")
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
             setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
@@ -136,7 +137,7 @@ def load_model(
 
     `tokenizer` names a folder (or tokenizer.json) to take the tokenizer from instead of
     the model's own folder, for weights saved without one. `quantize` ("int8", "int4")
-    swaps the linear layers for weight-only quantized ones (polycoder.inference; for
+    swaps the linear layers for weight-only quantized ones (polycoder.quantize; for
     inference only).
     """
     net, tok = _load_model(model, dtype, device, random_init, tokenizer)

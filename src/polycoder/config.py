@@ -16,7 +16,7 @@ VHellendoorn/Code-LMs, the `config_*.json` of the Hugging Face releases).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,9 +221,6 @@ class ModelConfig:
         if unknown:
             raise PolycoderError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
         return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 PRESETS: dict[str, ModelConfig] = {

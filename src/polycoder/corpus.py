@@ -40,6 +40,7 @@ SPLITS = ("train", "valid", "test")
 
 
 def schema():
+    # Deferred: the data extra's Parquet library, needed only where shards are read or written
     import pyarrow as pa
 
     return pa.schema([
@@ -50,6 +51,7 @@ def schema():
 
 def write_table(rows: list[dict] | pa.Table, path: Path) -> None:  # noqa: F821
     """Write rows (dicts with COLUMNS) to one Parquet shard, atomically (temp file, then rename)."""
+    # Deferred: the data extra's Parquet library, needed only where shards are read or written
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,6 +84,7 @@ def iter_documents(corpus_dir: str | Path, split: str | None = None,
 
     `languages` keeps only those languages (e.g. the held-out files of Python).
     """
+    # Deferred: the data extra's Parquet library, needed only where shards are read or written
     import pyarrow.parquet as pq
 
     cols = list(columns) if columns is not None else None
@@ -99,6 +102,7 @@ def iter_documents(corpus_dir: str | Path, split: str | None = None,
 
 
 def count_documents(corpus_dir: str | Path, split: str | None = None) -> int:
+    # Deferred: the data extra's Parquet library, needed only where shards are read or written
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(corpus_dir, split))

@@ -36,7 +36,9 @@ def resolve(model: str | Path | None) -> Path:
             raise PolycoderError(f"{path} has no config.json; a model folder holds config.json and the weights")
         return path
     if str(model) in PRESETS:
-        raise PolycoderError(f"{model!r} is a preset (an architecture, no weights): add --random-init to run it with random weights")
+        raise PolycoderError(
+            f"{model!r} is a preset (an architecture, no weights): add --random-init to run it with random weights"
+        )
     if path.exists():
         raise PolycoderError(f"{path} is a file; --model takes a model folder, a preset name or a hub id")
     if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):

@@ -96,7 +96,9 @@ class Int4Linear(nn.Module):
         # The kernel dequantizes (q - 8) * scale + zero, so zero = lo + 8 * scale.
         zero = lo + 8 * scale
         m.weight = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        m.weight_scale_zero = torch.stack([scale.reshape(N, -1).t(), zero.reshape(N, -1).t()], dim=-1).to(torch.bfloat16).contiguous()
+        m.weight_scale_zero = (
+            torch.stack([scale.reshape(N, -1).t(), zero.reshape(N, -1).t()], dim=-1).to(torch.bfloat16).contiguous()
+        )
         if linear.bias is not None:
             m.bias.copy_(linear.bias)
         return m

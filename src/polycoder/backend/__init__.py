@@ -6,12 +6,14 @@ code running the model owns, made from one `Backend`:
 | fast path | where it runs | module |
 |---|---|---|
 | native CPU kernels: the whole decode step in one call (`native_kernels`) | `Backend.decode_step` | `native_decode` |
-| native CPU kernels: QKV split + rotary, bf16 attention backward, bf16 softmax of the loss | `Backend.train_ops` | `attention`, `fused_loss` |
+| native CPU kernels for training (listed below) | `Backend.train_ops` | `attention`, `fused_loss` |
 | fp32 training products through oneDNN (`onednn_fp32`; non-Intel CPUs) | `Backend.train_ops` | `onednn` |
 | output head fused with the cross-entropy (always in training) | `Backend.train_ops` | `fused_loss` |
 | decode step replayed as CUDA graphs (`cuda_graphs`; GPUs) | `Backend.decode_step` | `cuda_graphs` |
 | decode step under torch.compile (asked for, never chosen) | `Backend.decode_step` | `decode` |
 | PyTorch's decode step, CPU-tuned (everything else) | `Backend.decode_step` | `decode` |
+
+The native CPU kernels for training: QKV split + rotary, bf16 attention backward, bf16 softmax of the loss.
 
 `choose(device)` reads the machine and the switches once: POLYCODER_KERNELS=0 (no native
 kernels), POLYCODER_FP32_GEMM=onednn|mkl (the fp32 product route), POLYCODER_CUDA_GRAPHS=0

@@ -3,15 +3,12 @@
 `rotary_qkv` splits the interleaved query_key_value output into q, k, v and rotates q and
 k in one native pass each way (fp32 or bf16; `polycoder.kernels.rotary_qkv_`), where torch
 took a split, a rotation, a concatenation and transposing copies, and as many again in
-backward: forward + backward at 160M shapes 3.7 ms against 20.3 ms in bf16, 5.7 against
-25.0 in fp32. With the attention below, a whole 160M bf16 step (4 x 512) measured 3.42 s
-against 4.34 s on the torch paths. Figures: `benchmarks/train_kernels.py --steps 6`, 2
-threads (docs/benchmarks/train-kernels-2026-12-01.json).
+backward (measured several times faster, forward + backward, at 160M shapes:
+`benchmarks/train_kernels.py`, figures in docs/benchmarks/README.md).
 
 `causal_attention` keeps PyTorch's flash forward and gives bf16 a faster backward. On the
 CPU, `F.scaled_dot_product_attention` (flash) spends most of a bf16 forward + backward in
-the backward (about 9 ms of forward for PolyCoder-160M's shapes, 4 x 12 heads x 512 x 64,
-2 cores; profiled). This backward recomputes the attention probabilities from the forward's
+the backward (profiled at PolyCoder-160M's shapes). This backward recomputes the attention probabilities from the forward's
 log-sum-exp, as flash attention's backward does, in one native pass over a group of heads
 (`polycoder.kernels.attention_grad_bf16_`: q.k and dO.v as AMX tile products accumulated
 in fp32, or vdpbf16ps where the CPU has no AMX; p and ds written in bf16, zero above the
@@ -21,8 +18,9 @@ diagonal), then
 
 as whole bf16 matrix products (oneDNN, on AMX). Products over blocks that skip the zero
 triangle measured slower (their strided operands are copied). Forward + backward measured
-25.6 ms against SDPA's 56.0 (AMX; 33.6 against 51.8 on the vdpbf16ps path, POLYCODER_AMX=0;
-`benchmarks/train_kernels.py`), with gradients closer to fp64 than SDPA's
+about twice as fast as SDPA's with AMX and 1.5x on the vdpbf16ps path (POLYCODER_AMX=0;
+`benchmarks/train_kernels.py`, docs/benchmarks/README.md), with gradients closer to fp64
+than SDPA's
 (tests/test_train_attention.py). p and ds exist for one group of heads at a time
 (at most `GROUP_BYTES`, buffers kept between calls). Anything else (fp32, other devices,
 no gradients, a CPU without AVX512-BF16, `POLYCODER_KERNELS=0`) is plain SDPA.

@@ -11,7 +11,7 @@ under torch.compile, shapes dynamic in rows and cache length). The native CPU st
 `polycoder.backend.native_decode`, the CUDA-graph step in `polycoder.backend.cuda_graphs`.
 
 `EagerDecode` on the CPU tunes two things, both measured on PolyCoder-160M shapes
-(docs/benchmarks/):
+(figures in docs/benchmarks/README.md):
 - `decode_layout`: fp32 linear weights [out, in] stored as the transpose of a contiguous
   [in, out] tensor (same shape, names and values), which sends a few-row product down
   BLAS's gemv path, faster on the 50304-wide head; bf16 weights keep their layout

@@ -13,9 +13,9 @@ The idea is Liger-Kernel's FusedLinearCrossEntropy (Hsu et al., 2024, arXiv:2410
 written with plain torch operations; with `native=True` (the backend's choice where the
 kernels are built, `polycoder.kernels`), the softmax pass over bf16 CPU logits is one native
 call instead, and with `onednn=True` the fp32 CPU products go through oneDNN
-(`polycoder.backend.onednn`). Its
-row-chunked matrix products are not used: on the CPU measured here a 64-row fp32 product
-of the head ran at under half the rate of one over all 2048 rows.
+(`polycoder.backend.onednn`). Its row-chunked matrix products are not used: a 64-row fp32
+product of the head measured under half the rate of one over all rows
+(docs/benchmarks/README.md).
 
 Precision: the matrix products run in the compute dtype (bf16 under CPU autocast, as
 `nn.Linear` would under autocast; fp32 otherwise), the softmax, log-sum-exp and loss in
@@ -89,14 +89,14 @@ def _head_grad(h: torch.Tensor, grad_logits: torch.Tensor, dtype: torch.dtype, n
                use_onednn: bool) -> torch.Tensor:
     """dL/dW [V, C] = grad_logits.T @ h, contiguous, in `dtype` (the weight's).
 
-    With MKL (and bf16 everywhere) the product is taken in that order: measured here it is
-    faster than the transpose of h.T @ grad_logits, and a transposed [V, C] gradient costs a
-    slow transposing copy later (80 ms for PolyCoder's head). Two exceptions: oneDNN's fp32
-    route (non-Intel CPUs) was measured faster the other way round; and a bf16 product for
-    an fp32 weight (autocast) runs as h.T @ grad_logits, transposed and widened to fp32 in
-    one native pass (`kernels.transpose_bf16_to_f32`), which the weight's fp32 gradient
-    needs anyway: 152 ms against 205 ms for g.T @ h and its cast at PolyCoder's head
-    (`benchmarks/train_kernels.py`, 2 threads, AMX).
+    With MKL (and bf16 everywhere) the product is taken in that order: it measured faster
+    than the transpose of h.T @ grad_logits, and a transposed [V, C] gradient costs a slow
+    transposing copy later. Two exceptions: oneDNN's fp32 route (non-Intel CPUs) measured
+    faster the other way round; and a bf16 product for an fp32 weight (autocast) runs as
+    h.T @ grad_logits, transposed and widened to fp32 in one native pass
+    (`kernels.transpose_bf16_to_f32`), which the weight's fp32 gradient needs anyway and
+    which measured faster than g.T @ h and its cast (`benchmarks/train_kernels.py`;
+    figures in docs/benchmarks/README.md).
     """
     if use_onednn and h.dtype == torch.float32 and h.device.type == "cpu":
         return onednn.matmul_nt(h.t(), grad_logits.t()).t()

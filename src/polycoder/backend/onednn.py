@@ -1,18 +1,15 @@
 """fp32 matrix products of training through oneDNN, the other BLAS inside torch's CPU build.
 
-torch routes an fp32 `F.linear` / `torch.mm` on the CPU to MKL's sgemm. On the AMD EPYC
-(Zen 5, AVX-512) these sessions run on, MKL 2024.2 reaches about 175-190 GFLOP/s with 2
-threads while oneDNN 3.12 (which torch already uses for its bf16 products) reaches 290-390
-GFLOP/s on the same fp32 shapes: MKL takes a slower code path on non-Intel CPUs. Both are
-IEEE fp32 products with fp32 accumulation (no bf16/tf32 "fast math": oneDNN's default
-strict mode); they differ in summation order only (max error against an fp64 product
-measured 3e-6 for MKL, 8e-6 for oneDNN on K = 768).
+torch routes an fp32 `F.linear` / `torch.mm` on the CPU to MKL's sgemm. On AMD EPYC CPUs
+MKL takes a slower code path, and oneDNN (which torch already uses for its bf16 products)
+was measured clearly faster on the same fp32 shapes. Both are IEEE fp32 products with fp32
+accumulation (no bf16/tf32 "fast math": oneDNN's default strict mode); they differ in
+summation order only.
 
-On an Intel Xeon (Sapphire Rapids class, AVX-512 + AMX) the opposite holds: MKL's
-sgemm runs at its full rate (about 250 GFLOP/s with 2 threads, like oneDNN on square
-products), and this module's products, whose backward passes hand oneDNN transposed
-operands, measured 0.5-0.8x MKL's speed for a linear's forward + backward on
-PolyCoder-160M's shapes. So `preferred()` (the vendor in /proc/cpuinfo;
+On an Intel Xeon the opposite holds: MKL runs at its full rate, and this module's
+products, whose backward passes hand oneDNN transposed operands, measured slower than
+MKL's for a linear's forward + backward. (Figures: docs/benchmarks/README.md.) So
+`preferred()` (the vendor in /proc/cpuinfo;
 POLYCODER_FP32_GEMM=onednn or mkl overrides) says yes only on CPUs that are not Intel's,
 and `polycoder.backend.choose` takes the oneDNN route where it does.
 
@@ -20,7 +17,7 @@ and `polycoder.backend.choose` takes the oneDNN route where it does.
 dL/dW) go through `torch.ops.mkldnn._linear_pointwise`, the op torch's own compiler uses
 for CPU linears; `matmul_nt(a, b)` is `a @ b.T` the same way. Limits: the op is private
 to torch (checked once by `available()`); CPU, fp32, no autocast; speed measured on the
-two machines above only.
+two machines of docs/benchmarks/README.md only.
 """
 
 from __future__ import annotations

@@ -8,10 +8,14 @@ DeepSpeed pipeline-module files, one per pipeline layer and model-parallel rank:
 |---|---|---|
 | layer_00 | `word_embeddings.weight` | `gpt_neox.embed_in.weight` |
 | layer_01 | (none: `_pre_transformer_block`, no parameters, no file) | |
-| layer_02 .. layer_{N+1} | `input_layernorm.*`, `attention.query_key_value.*`, `attention.dense.*`, `post_attention_layernorm.*`, `mlp.dense_h_to_4h.*`, `mlp.dense_4h_to_h.*`, `attention.rotary_emb.inv_freq` | `gpt_neox.layers.{i}.<same key>` (inv_freq dropped: recomputed) |
+| layer_02 .. layer_{N+1} | a transformer layer's keys (below) | `gpt_neox.layers.{i}.<same key>` (inv_freq dropped: recomputed) |
 | layer_{N+2} | (none: `_post_transformer_block`) | |
 | layer_{N+3} | `norm.weight`, `norm.bias` | `gpt_neox.final_layer_norm.*` |
 | layer_{N+4} | `final_linear.weight` (absent with tied embeddings) | `embed_out.weight` |
+
+A transformer layer's keys: `input_layernorm.*`, `attention.query_key_value.*`,
+`attention.dense.*`, `post_attention_layernorm.*`, `mlp.dense_h_to_4h.*`,
+`mlp.dense_4h_to_h.*`, `attention.rotary_emb.inv_freq`.
 
 The key names inside a layer are already transformers' GPT-NeoX names, and the fused QKV
 is already interleaved per head in both, so the conversion is a renaming: no reshape.
@@ -56,6 +60,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
+from tqdm import tqdm
 
 from polycoder.checkpoint import save_checkpoint
 from polycoder.config import ModelConfig
@@ -87,7 +93,10 @@ LAYER_KEYS: dict[str, tuple[str, str]] = {
 # Buffers GPT-NeoX saved that we recompute.
 IGNORED_KEYS = ("attention.rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 EMBEDDING = ("word_embeddings.weight", "gpt_neox.embed_in.weight", COLUMN)
-FINAL_NORM = {"norm.weight": ("gpt_neox.final_layer_norm.weight", REPLICA), "norm.bias": ("gpt_neox.final_layer_norm.bias", REPLICA)}
+FINAL_NORM = {
+    "norm.weight": ("gpt_neox.final_layer_norm.weight", REPLICA),
+    "norm.bias": ("gpt_neox.final_layer_norm.bias", REPLICA),
+}
 OUTPUT = ("final_linear.weight", "embed_out.weight", COLUMN)
 
 
@@ -140,8 +149,6 @@ def read_neox_config(path: str | Path) -> dict[str, Any]:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise PolycoderError(f"{path} is not valid JSON: {e}") from None
-    import yaml
-
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -236,8 +243,6 @@ def layer_files(step_dir: Path) -> dict[int, list[Path]]:
 
 def read_neox_state(step_dir: Path, n_layer: int, progress: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
     """Our state dict from the layer files (ranks merged), and whether the rotary buffer was seen."""
-    from tqdm import tqdm
-
     files = layer_files(step_dir)
     blocks = range(FIRST_BLOCK, FIRST_BLOCK + n_layer)
     missing = [i for i in [0, *blocks] if i not in files]
@@ -364,7 +369,8 @@ def convert_neox(
     vocab_size = state["gpt_neox.embed_in.weight"].shape[0]
     cfg = model_config_from_neox(settings, vocab_size, tied, has_rotary)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise PolycoderError(f"the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's embedding only {cfg.vocab_size} rows")
+        raise PolycoderError(f"the tokenizer has {tokenizer.vocab_size} tokens, "
+                             f"the checkpoint's embedding only {cfg.vocab_size} rows")
     cfg = cfg.replace(bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id)
     if tied:
         state["embed_out.weight"] = state["gpt_neox.embed_in.weight"]

@@ -55,7 +55,7 @@ from polycoder.errors import PolycoderError
 from polycoder.files import write_text
 from polycoder.options import POSITIONAL
 
-try:
+try:  # deferred: the data extra's engine, with an install hint where it is missing
     from datatrove.pipeline.base import PipelineStep
 except ImportError:  # engine.run_tasks raises the install hint
     PipelineStep = object  # type: ignore[misc,assignment]
@@ -237,7 +237,8 @@ def collect(
         all_languages: keep every language of a repository, not only its majority language.
         workers: processes to run tasks on (0: all CPUs); the result does not depend on it.
         tasks: units of parallel work (fixed, so the output is the same for any --workers).
-        repo_depth: folder depth of repositories under a folder source (default: the folder itself when it has files or .git, else its sub-folders).
+        repo_depth: folder depth of repositories under a folder source (default: the folder itself when it has
+            files or .git, else its sub-folders).
         max_bytes: drop files larger than this (PolyCoder: 1 MB).
         min_tokens: drop files with fewer Pygments tokens (PolyCoder: 100; 0 = off).
         drop_binary: drop files with a NUL byte in the first 8 KiB.
@@ -289,7 +290,8 @@ def collect(
     engine.run_tasks(ScanStep(str(work)), n_tasks, workers, work / "logs", resume=resume, desc="collect")
     t_scan = time.time() - t0 - t_plan
     summary = finalize(out, plan, all_languages, near_dedup)
-    summary["seconds"] = {"plan": round(t_plan, 2), "scan": round(t_scan, 2), "reduce": round(time.time() - t0 - t_plan - t_scan, 2)}
+    summary["seconds"] = {"plan": round(t_plan, 2), "scan": round(t_scan, 2),
+                          "reduce": round(time.time() - t0 - t_plan - t_scan, 2)}
     (out / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "stats.md").write_text(stats_markdown(summary))
     print(stats_markdown(summary, brief=True))
@@ -298,6 +300,7 @@ def collect(
 
 def finalize(out: Path, plan: dict, all_languages: bool, near_dedup: bool) -> dict:
     """The reduce step: majority language, exact and near dedup, final shards, index and stats."""
+    # Deferred: the data extra's Parquet library, needed only where shards are read or written
     import pyarrow as pa
     import pyarrow.parquet as pq
 

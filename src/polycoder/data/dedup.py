@@ -116,8 +116,8 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
     best, best_err = (1, num_perm), float("inf")
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            fp = _integrate(lambda s: 1 - (1 - s ** r) ** b, 0.0, threshold, 40)
-            fn = _integrate(lambda s: 1 - (1 - (1 - s ** r) ** b), threshold, 1.0, 40)
+            fp = _integrate(lambda s, r=r, b=b: 1 - (1 - s ** r) ** b, 0.0, threshold, 40)
+            fn = _integrate(lambda s, r=r, b=b: 1 - (1 - (1 - s ** r) ** b), threshold, 1.0, 40)
             err = fp * fp_weight + fn * fn_weight
             if err < best_err:
                 best, best_err = (b, r), err

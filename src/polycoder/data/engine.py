@@ -37,6 +37,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from polycoder.errors import PolycoderError
 
 
@@ -46,6 +48,7 @@ def _quiet_datatrove_console() -> None:
     datatrove (re)adds an INFO-level stderr sink when a task starts and ends; we replace
     its two helpers (the ones its executors call) by versions that keep stderr for errors.
     """
+    # Deferred: the data extra's engine and its logger, set up only when datatrove runs
     import datatrove.executor.base as base
     import datatrove.utils.logging as dlog
     from loguru import logger
@@ -78,18 +81,15 @@ def _quiet_datatrove_console() -> None:
 
 
 def _import_datatrove():
-    try:
+    try:  # deferred: the data extra's engine, with an install hint where it is missing
         from datatrove.executor import LocalPipelineExecutor
         from datatrove.pipeline.base import PipelineStep
     except ImportError as e:
-        raise PolycoderError("the data pipeline runs on datatrove: pip install 'polycoder[data]' (or pip install datatrove)") from e
+        raise PolycoderError(
+            "the data pipeline runs on datatrove: pip install 'polycoder[data]' (or pip install datatrove)"
+        ) from e
     _quiet_datatrove_console()
     return LocalPipelineExecutor, PipelineStep
-
-
-def task_step_base():
-    """datatrove's PipelineStep (imported lazily so that `polycoder --help` stays fast)."""
-    return _import_datatrove()[1]
 
 
 def run_tasks(step: Any, n_tasks: int, workers: int, logging_dir: Path, resume: bool = True, desc: str = "tasks") -> None:
@@ -131,8 +131,6 @@ def run_tasks(step: Any, n_tasks: int, workers: int, logging_dir: Path, resume: 
 
 def _progress(folder: Path, total: int, desc: str, stop: threading.Event) -> None:
     """A progress bar over finished tasks (datatrove marks each in `completions/`)."""
-    from tqdm import tqdm
-
     def done() -> int:
         try:
             return min(total, len(os.listdir(folder)))

@@ -66,7 +66,7 @@ _TABLE: dict[str, Language] = {}
 
 
 def _pygments_patterns(alias: str) -> tuple[str, ...]:
-    try:
+    try:  # deferred: Pygments' lexer table loads slowly and only token counting needs it
         from pygments.lexers._mapping import LEXERS
     except ImportError as e:  # pragma: no cover - pygments is a dependency of the data extra
         raise PolycoderError("the data pipeline needs Pygments: pip install 'polycoder[data]'") from e
@@ -146,6 +146,7 @@ def language_candidates(path: str) -> tuple[str, ...]:
 
 @cache
 def _lexer(language: str):
+    # Deferred: Pygments' lexer table loads slowly and only token counting needs it
     from pygments.lexers import get_lexer_by_name
 
     lang = languages().get(language)

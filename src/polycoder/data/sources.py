@@ -21,6 +21,7 @@ repository of a folder of repositories, not a file); folders named in `skip_dirs
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import stat
@@ -84,7 +85,8 @@ def clone(url: str, cache: Path) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        r = subprocess.run(["git", "clone", "--quiet", "--depth", "1", url, str(dest)], capture_output=True, text=True, timeout=3600)
+        r = subprocess.run(["git", "clone", "--quiet", "--depth", "1", url, str(dest)],
+                           capture_output=True, text=True, timeout=3600)
     except FileNotFoundError:
         raise PolycoderError(f"cannot clone {url}: git is not installed; clone it yourself and pass the folder") from None
     if r.returncode != 0:
@@ -147,10 +149,12 @@ def plan_units(sources: list[str], repo_depth: int | None, skip_dirs: tuple[str,
         else:
             p = Path(src)
             if not p.exists():
-                raise PolycoderError(f"source not found: {src}; give folders, archives ({', '.join(ARCHIVE_SUFFIXES)}) or git URLs")
+                raise PolycoderError(f"source not found: {src}; "
+                                     f"give folders, archives ({', '.join(ARCHIVE_SUFFIXES)}) or git URLs")
             if p.is_file():
                 if not is_archive(p):
-                    raise PolycoderError(f"{src} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)}); give its folder instead")
+                    raise PolycoderError(f"{src} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)}); "
+                                         "give its folder instead")
                 repos = [p]
             else:
                 repos = _repositories(p, repo_depth)
@@ -169,8 +173,6 @@ def plan_units(sources: list[str], repo_depth: int | None, skip_dirs: tuple[str,
 
 def assign_tasks(units: list[Unit], n_tasks: int) -> list[list[int]]:
     """Largest-first onto the least-loaded task: deterministic, depends only on the units."""
-    import heapq
-
     n_tasks = max(1, min(n_tasks, len(units)))
     heap = [(0, t) for t in range(n_tasks)]
     tasks: list[list[int]] = [[] for _ in range(n_tasks)]

@@ -40,7 +40,7 @@ def assign_repositories(repo_lang_files: dict[str, dict[str, int]], valid_fracti
         lang = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
         by_lang.setdefault(lang, []).append(repo)
     out: dict[str, str] = {}
-    for lang, repos in sorted(by_lang.items()):
+    for _, repos in sorted(by_lang.items()):
         repos.sort(key=lambda r: (stable_hash(str(seed), r), r))
         total = sum(sum(repo_lang_files[r].values()) for r in repos)
         remaining = list(repos)
@@ -73,6 +73,7 @@ def split(
         seed: seed of the repository order and of the held-out sample.
         heldout_per_language: files per language sampled from the test split into heldout/ (0 = none).
     """
+    # Deferred: the data extra's Parquet library, needed only where shards are read or written
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -154,6 +155,7 @@ def split(
 
 def _index_positions(corpus: Path) -> dict[tuple[str, str], int]:
     """(repo, path) -> row of the corpus's index.tsv / minhash.npy (both in the same order)."""
+    # Deferred: the data extra's Parquet library, needed only where shards are read or written
     import pyarrow.parquet as pq
 
     rows = []

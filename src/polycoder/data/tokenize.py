@@ -49,6 +49,7 @@ class TokenizeStep(PipelineStep):
         self.work_dir = work_dir
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        # Deferred: the data extra's Parquet library, needed only where shards are read or written
         import pyarrow.parquet as pq
 
         work = Path(self.work_dir)

@@ -137,7 +137,7 @@ def contamination(
     for name, r in report["sets"].items():
         nd = "not checked" if r["near_duplicates"] is None else str(len(r["near_duplicates"]))
         lines.append(f"| {name} | {r['items']} | {len(r['exact_matches'])} | {nd} |")
-    for name, r in report["sets"].items():
+    for r in report["sets"].values():
         for e in r["exact_matches"][:50]:
             lines.append(f"- exact: {e['name']} = {e['training_file']}")
         for n in (r["near_duplicates"] or [])[:50]:

@@ -63,6 +63,7 @@ class Endpoint:
         self._client = None
 
     def _post(self, body: dict) -> dict:
+        # Deferred: the eval extra's HTTP client, for endpoints only
         import httpx
 
         if self._client is None:

@@ -123,7 +123,7 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
                 continue
             try:
                 s = json.loads(line)
-                task_id, completion = s["task_id"], s["completion"]
+                task_id, _ = s["task_id"], s["completion"]  # both must be there
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise PolycoderError(f"{path}:{lineno}: not a sample (a JSON object with task_id and completion)") from None
             if task_id not in problems:
@@ -281,9 +281,11 @@ def write_report(summary: dict, out: Path, ks: list[int], title: str) -> None:
 
 
 def _plot(summary: dict, path: Path, names: list[str], title: str) -> None:
-    import matplotlib  # deferred: heavy, and only the report's plot needs it
+    # Deferred: heavy, and only the report's plot needs it
+    import matplotlib
 
     matplotlib.use("Agg")
+    # Deferred: heavy, and only the report's plot needs it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -316,11 +318,11 @@ def humaneval(
     endpoint: str | None = None,
     endpoint_model: str | None = None,
     num_samples: int = 100,
-    temperature: list[float] = [0.2, 0.4, 0.8],
+    temperature: tuple[float, ...] = (0.2, 0.4, 0.8),
     top_p: float = 0.95,
     max_new_tokens: int = 256,
-    prompt_variant: list[PromptVariant] = ["unstripped"],
-    k: list[int] = [1, 10, 100],
+    prompt_variant: tuple[PromptVariant, ...] = ("unstripped",),
+    k: tuple[int, ...] = (1, 10, 100),
     limit: int | None = None,
     workers: int = 2,
     timeout: float = 3.0,

@@ -1,6 +1,6 @@
 """Perplexity per language, the paper's way (Xu et al. 2022, sec. 4.1 and Figure 6).
 
-What it implements, exactly as ../shared/DESIGN.md states it:
+What it implements, as docs/design.md states the paper's method:
 - each held-out file is scored on its own, `<|endoftext|>` prepended;
 - disjoint windows of the model's full context (block_size): window w takes the token ids
   `ids[w*L : w*L+L]` as input and scores `ids[w*L+1 : w*L+L+1]`, so every token after the
@@ -44,17 +44,19 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from tqdm import tqdm
 
-from polycoder.checkpoint import load_model
+from polycoder.checkpoint import load
 from polycoder.corpus import iter_documents
 from polycoder.data.languages import POLYCODER_LANGUAGES, language_of, pygments_token_count
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint
+from polycoder.options import Fields, ModelOptions
 from polycoder.tokenizer import Tokenizer, load_tokenizer
 
 LANGUAGES = tuple(POLYCODER_LANGUAGES)
@@ -156,13 +158,13 @@ def windows(ids: list[int], block_size: int) -> list[tuple[list[int], list[int]]
 
 
 class LocalScorer:
-    """Log-likelihoods from a model loaded with polycoder.checkpoint.load_model."""
+    """Log-likelihoods from a model loaded with polycoder.checkpoint.load."""
 
-    def __init__(self, name: str, dtype: str, device: str, random_init: bool, batch_size: int):
-        self.name = name
-        self.model, self.tokenizer = load_model(name, dtype=dtype, device=device, random_init=random_init)
+    def __init__(self, options: ModelOptions, batch_size: int):
+        self.name = options.model
+        self.model, self.tokenizer = load(options)
         self.block_size = self.model.config.block_size
-        self.device = device
+        self.device = options.device
         self.batch_size = batch_size
 
     def loglik(self, ids: list[int]) -> float:
@@ -285,9 +287,11 @@ def write_report(results: dict[str, dict[str, dict]], out: Path) -> None:
     (out / "perplexity.md").write_text("\n".join(lines) + "\n")
 
     # matplotlib is an optional extra (eval, train) and slow to import: only the plot needs it.
+    # Deferred: heavy, and only the report's plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # Deferred: heavy, and only the report's plot needs it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, len(langs) * 0.9), 4))
@@ -314,10 +318,8 @@ def perplexity(
     block_size: int = 2048,
     language: list[str] | None = None,
     max_files: int = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
     batch_size: int = 4,
-    random_init: bool = False,
+    model_options: Annotated[ModelOptions | None, Fields("dtype", "device", "random_init", "quantize")] = None,
 ) -> dict:
     """Perplexity per language: per Pygments token (the paper's), loss and perplexity per model token, bits per byte.
 
@@ -337,10 +339,8 @@ def perplexity(
         language: only these languages.
         max_files: at most this many files a language (0 = all), the first in the order of the
             SHA-256 of their path, so the same files every time.
-        dtype: weights' dtype for local models.
-        device: device for local models.
         batch_size: windows a forward pass.
-        random_init: presets with random weights (tests and smoke runs).
+        model_options: how to load the local models (--dtype, --device, --random-init, --quantize).
     """
     out = Path(out)
     docs = read_documents(Path(data), list(language) if language else None, max_files)
@@ -350,7 +350,7 @@ def perplexity(
         names = [None]  # type: ignore[list-item]
     results: dict[str, dict] = {}
     for name in names:
-        scorer = LocalScorer(name, dtype, device, random_init, batch_size)
+        scorer = LocalScorer(replace(model_options or ModelOptions(), model=name), batch_size)
         label = str(name) if name is not None else "default"
         scorer.name = label
         results[label] = score_documents(scorer, docs, out / "cache" / f"{_slug(label)}.jsonl")

@@ -15,7 +15,7 @@ and `convert_hf_to_gguf.py` (class GPTNeoXModel) are the references):
   (special tokens CONTROL so that text is never parsed into them, added tokens such as
   `polycoder tokenizer train`'s whitespace runs USER_DEFINED, which llama.cpp matches
   before BPE as `tokenizers` does), and the merges our tokenizer really uses: for
-  PolyCoder's headerless merges file that is without its first line `Ġ Ġ` (DESIGN.md), so
+  PolyCoder's headerless merges file that is without its first line `Ġ Ġ` (docs/design.md), so
   a run of N spaces stays N tokens in llama.cpp too.
 - precision: `f32`, `f16` or `q8_0` for matrices; vectors (norms, biases) stay f32, and in
   q8_0 a matrix whose rows are not a multiple of 32 falls back to f16, as llama.cpp does.
@@ -50,6 +50,7 @@ from polycoder.errors import PolycoderError
 from polycoder.export import llamacpp
 from polycoder.files import atomic_path
 from polycoder.options import Fields, ModelOptions
+from polycoder.tokenizer import EOD_TOKEN
 
 OutType = Literal["f32", "f16", "q8_0"]
 ARCH = "gptneox"
@@ -181,6 +182,12 @@ def gguf_vocab(tokenizer, n_vocab: int) -> GGUFVocab:
             tokens.append(by_id[i])
             types.append(TT.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        # A byte-level tokenizer with no merges (random presets' default). llama.cpp's BPE
+        # loader refuses a file without the merges key, and gguf-py cannot write an empty
+        # array; this one merge never applies (BPE symbols start as single characters and
+        # no merge ever builds `<|endoftext|>`), so llama.cpp still tokenizes byte by byte.
+        merges = [f"{EOD_TOKEN} {EOD_TOKEN}"]
     return GGUFVocab(tokens, [int(t) for t in types], merges, tokenizer.eod_id, tokenizer.eod_id, tokenizer.pad_id)
 
 
@@ -196,7 +203,9 @@ def check_exportable(config) -> None:
         raise PolycoderError("llama.cpp's GPT-NeoX graph needs attention biases; this model has attention_bias false")
 
 
-def write_gguf(model, tokenizer, out: str | Path, outtype: OutType = "f16", name: str | None = None, progress: bool = True) -> Path:
+def write_gguf(
+    model, tokenizer, out: str | Path, outtype: OutType = "f16", name: str | None = None, progress: bool = True
+) -> Path:
     """Write `model` (polycoder.model.GPTNeoX) and `tokenizer` to `out` as a GGUF file.
 
     Tensors are converted and written one at a time, so memory stays at about the model's
@@ -226,7 +235,11 @@ def write_gguf(model, tokenizer, out: str | Path, outtype: OutType = "f16", name
         return t
 
     T = gguf.GGMLQuantizationType
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), ARCH)
         try:
@@ -263,7 +276,8 @@ def write_gguf(model, tokenizer, out: str | Path, outtype: OutType = "f16", name
                 block, type_size = gguf.GGML_QUANT_SIZES[q]
                 nbytes = int(np.prod(shape)) // block * type_size
                 if q == T.Q8_0:
-                    w.add_tensor_info(gguf_name(n), gguf.quant_shape_to_byte_shape(shape, q), np.dtype(np.uint8), nbytes, raw_dtype=q)
+                    w.add_tensor_info(gguf_name(n), gguf.quant_shape_to_byte_shape(shape, q), np.dtype(np.uint8), nbytes,
+                                      raw_dtype=q)
                 else:
                     dtype = np.dtype(np.float32 if q == T.F32 else np.float16)
                     w.add_tensor_info(gguf_name(n), shape, dtype, nbytes, raw_dtype=q)
@@ -320,7 +334,8 @@ def check_tensors(path: str | Path, model, outtype: OutType) -> float:
         raise PolycoderError(f"GGUF check: tensors missing from the file: {', '.join(missing[:3])}")
     limit = {"f32": 0.0, "f16": 1e-3, "q8_0": 1e-2}[outtype]
     if worst > limit:
-        raise PolycoderError(f"GGUF check: a tensor differs from the source by {worst:.2e} of its range (> {limit:g} for {outtype})")
+        raise PolycoderError(f"GGUF check: a tensor differs from the source by {worst:.2e} of its range "
+                             f"(> {limit:g} for {outtype})")
     return worst
 
 

@@ -44,7 +44,10 @@ class LlamaCpp:
     ):
         """`kv_f32` keeps the KV cache in f32 (llama.cpp's default is f16), for exact comparisons."""
         if not available():
-            raise PolycoderError("llama-cpp-python is not installed; run scripts/build_llama_cpp_wheel.sh and pip install the wheel")
+            raise PolycoderError(
+                "llama-cpp-python is not installed; run scripts/build_llama_cpp_wheel.sh and pip install the wheel"
+            )
+        # Deferred: optional (built from source by `make llama-cpp`)
         import llama_cpp
         from llama_cpp import _internals
 

@@ -38,7 +38,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | bytes | list[int], block_s
     room = block_size - params.max_new_tokens
     if room < 1:
         raise PolycoderError(
-            f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the model's context of {block_size} tokens; lower it"
+            f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the model's context of {block_size} tokens; "
+            "lower it"
         )
     if len(ids) > room:
         if not params.truncate:

@@ -1,13 +1,15 @@
-"""Native CPU kernels for decoding, compiled on first use with the host's C compiler.
+"""Native CPU kernels for decoding and training, compiled on first use with the host's C compiler.
 
 `linear(x, weight, bias, scale)` is a weight-streaming product for a few activation rows
 (a decode step): fp32, bf16 or int8 weights (int8 with one scale an output row), fp32 or
-bf16 activations and output, GELU optionally fused; `BlockPlan(...).run` is a whole GPT-NeoX block
-of a decode step (LayerNorms, products, rotary, cache write, attention, MLP, residuals) in
-one call, which removes PyTorch's per-operation overhead (decode.c says how).
-`polycoder.inference.prepare_decode` routes a model's decode steps here. PyTorch's own
-kernels serve everything else: more rows than `MAX_ROWS`, gradients, other devices and dtypes, and machines where
-the kernels cannot be built.
+bf16 activations and output, GELU optionally fused; `BlockPlan(...).run` is a whole
+GPT-NeoX block of a decode step (LayerNorms, products, rotary, cache write, attention, MLP,
+residuals) in one call, which removes PyTorch's per-operation overhead (decode.c says how),
+and `StackPlan` runs all blocks in one call. The decode step that uses them is
+`polycoder.backend.native_decode`; training's users are `polycoder.backend.attention` and
+`polycoder.backend.fused_loss`. PyTorch's own kernels serve everything else: more rows than
+`MAX_ROWS`, gradients, other devices and dtypes, and machines where the kernels cannot be
+built.
 
 Sources: decode.c (the decode kernels), train.c (the training kernels: cross-entropy,
 attention backward, rotary split, transpose), common.h (helpers both use) and kernels.h,

@@ -50,8 +50,9 @@ static inline float bias_at(const void *bias, int bias_bf16, long n) {
 
 int pc_available(void) { return 1; }
 
-/* Weights are prefetched about this many bytes ahead of the rows being read (measured:
- * 12-16 KB keeps a core's stream of misses full; 3 KB was half as fast for int8). */
+/* Weights are prefetched about this many bytes ahead of the rows being read (enough to keep
+ * a core's stream of misses full; a quarter of it measured half as fast for int8:
+ * docs/benchmarks/README.md). */
 #define PF_BYTES 16384
 static inline long pf_rows(long K, long elsize) {
     long r = PF_BYTES / (K * elsize);
@@ -156,7 +157,7 @@ static inline __attribute__((always_inline)) void block_f32(
 
 /* ---- bf16 (and int8 without VNNI) weights: widened to fp32 16 at a time, FMA against
  * fp32 activations. bf16 widens by a 16-bit shift (exact). (AVX512_BF16's pairwise dot
- * product measured 1.5x slower here: AMD EPYC.) */
+ * product measured slower on an AMD EPYC: docs/benchmarks/README.md.) */
 
 /* widen_bf16 is in common.h: the training kernels use it too. */
 static inline __m512 widen_i8(const int8_t *p, __mmask16 mask) {

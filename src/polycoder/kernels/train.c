@@ -24,9 +24,8 @@
  * weighted loss sum, w[r] * (softmax(z)[v] - [v == t[r]]), rounded to bf16 (nearest
  * even). Three passes over a row (max, sum of exponentials, gradient), the row in L2
  * after the first; rows split across threads. Replaces the fp32 round trip of torch's
- * chunked softmax (upcast, exp, write-back): 50 ms against 144-209 ms for 2048 x 50304
- * logits on 2 cores (a timing script of the session that wrote it, not kept; the kernel is
- * checked against fp32 softmax in tests/test_kernels.py). */
+ * chunked softmax (upcast, exp, write-back); benchmarks/train_kernels.py times the two, and
+ * tests/test_kernels.py checks the kernel against fp32 softmax. */
 static inline __m256i round_bf16x16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -260,8 +259,8 @@ int pc_attention_grad_bf16(const uint16_t *q, const uint16_t *dout, const uint16
  * layout with cos/sin [T, rot] (fp32; the arithmetic is fp32, one rounding at the end, as
  * transformers' fp32 rotation followed by SDPA's cast). Backward (grad set): dq, dk, dv
  * -> dx, the transposed rotation. x and the outputs are fp32 or bf16 independently.
- * Replaces split + rotate + cat + transposed copies and their backward (forward + backward
- * 3.7 ms against 20.3 ms at 160M shapes in bf16: benchmarks/train_kernels.py). */
+ * Replaces split + rotate + cat + transposed copies and their backward (timed against them
+ * by benchmarks/train_kernels.py). */
 static inline void store16(void *p, int bf16, long i, __m512 v, __mmask16 m) {
     if (bf16) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, round_bf16x16(v));
     else _mm512_mask_storeu_ps((float *)p + i, m, v);

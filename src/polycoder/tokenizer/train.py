@@ -220,7 +220,8 @@ def training_markdown(r: dict) -> str:
     if "bytes_per_token" in r:
         ref = r.get("reference_bytes_per_token")
         lines += ["", f"Bytes per token on held-out files ({r['heldout']}):", "",
-                  "| language | files | MB | bytes/token (ours) |" + (" bytes/token (reference) | ours / reference |" if ref else ""),
+                  "| language | files | MB | bytes/token (ours) |"
+                  + (" bytes/token (reference) | ours / reference |" if ref else ""),
                   "|---|---:|---:|---:|" + ("---:|---:|" if ref else "")]
         tot = [0, 0, 0]
         for lang, e in r["bytes_per_token"].items():

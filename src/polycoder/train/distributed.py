@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -91,14 +92,13 @@ def wrap_model(model: nn.Module, d: Dist, parallel: str) -> nn.Module:
     if not d.enabled:
         return model
     if parallel == "fsdp":
+        # Deferred: only under FSDP
         from torch.distributed.fsdp import fully_shard
 
         for block in model.gpt_neox.layers:
             fully_shard(block)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 

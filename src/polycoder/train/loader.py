@@ -73,11 +73,6 @@ class WindowLoader:
         return LoaderState(self.sampling, self.seed, self.seq_len, self.batch_size,
                            int(sum(len(a) for a in self.arrays)))
 
-    def epoch_of(self, step: int) -> float:
-        """Epochs of data consumed before `step` (fractional)."""
-        return step * self.batch_size / (self.n_units if self.sampling == "sequential"
-                                         else max(1, self.n_units // self.seq_len))
-
     def _starts(self, step: int) -> list[tuple[int, int]]:
         """(array index, token offset) of each window of the global batch at `step`."""
         if self.sampling == "random":

@@ -96,9 +96,8 @@ def keep_freed_memory() -> bool:
     A training step allocates and frees the same large tensors every step. By default glibc
     serves each block over its mmap threshold (at most 32 MB) with fresh pages and unmaps it
     when freed, so every step pays a page fault and a zeroing for each 4 KB of activations
-    and gradients: measured here, allocating and filling a 412 MB tensor took 130 ms fresh
-    against 12 ms reused, and a PolyCoder-160M step (4 x 512, 2 threads) took a median
-    3.7 s instead of 4.8 s in bf16, 6.7 s instead of 8.0 s in fp32. It is what PyTorch's CPU tuning guide gets by swapping in
+    and gradients: a PolyCoder-160M step measured about a fifth faster with the memory kept
+    (docs/benchmarks/README.md). It is what PyTorch's CPU tuning guide gets by swapping in
     jemalloc or tcmalloc. Process-wide and one-way: freed memory stays with the process
     (its resident size stays at the peak of a step). Returns whether it applied (glibc only).
     """

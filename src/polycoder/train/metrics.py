@@ -39,7 +39,7 @@ class MetricsLogger:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._f = self.path.open("a")
         if tensorboard:
-            try:
+            try:  # deferred: the train extra's TensorBoard writer, only when asked for
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard not installed: JSONL only
                 SummaryWriter = None
@@ -67,10 +67,11 @@ class MetricsLogger:
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
     """Training loss (and validation loss where measured) against step; None without matplotlib."""
-    try:
+    try:  # deferred: heavy, and only the report's plot needs it
         import matplotlib
 
         matplotlib.use("Agg")
+        # Deferred: heavy, and only the report's plot needs it
         import matplotlib.pyplot as plt
     except ImportError:
         return None

@@ -9,10 +9,10 @@ Precedence, lowest first: the dataclass defaults, the recipe of the preset
 (`recipe_for`), the YAML file (`optim:`, `data:`, `run:` sections), then overrides such as
 `optim.lr=3e-4` from the command line. Each value is written once, here.
 
-The original PolyCoder recipe (DESIGN.md; Xu et al. 2022, Code-LMs' GPT-NeoX configs) is
+The original PolyCoder recipe (docs/design.md; Xu et al. 2022, Code-LMs' GPT-NeoX configs) is
 the default for the `polycoder-*` presets: Adam, lr 1.6e-4 with cosine decay, 1 % warm-up,
 no weight decay, clipping at 1.0, 128 sequences x 2048 tokens a step, 150K steps, fp16 on
-GPUs. Limits: the betas and the floor of the cosine (min_lr) are not in DESIGN.md; we use
+GPUs. Limits: the betas and the floor of the cosine (min_lr) are not in the paper (docs/design.md); we use
 torch's Adam betas (0.9, 0.999) and GPT-NeoX's usual floor of lr/10.
 """
 
@@ -177,7 +177,7 @@ class TrainSettings:
 
 # The recipe of each preset: where its numbers come from is said above each.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    # Xu et al. 2022 / DESIGN.md: Adam lr 1.6e-4, cosine, 1 % warm-up, no decay, clip 1.0,
+    # Xu et al. 2022 / docs/design.md: Adam lr 1.6e-4, cosine, 1 % warm-up, no decay, clip 1.0,
     # 128 x 2048 tokens a step, 150K steps, fp16 on 8 GPUs.
     "polycoder": {
         "optim": {"lr": 1.6e-4, "min_lr_ratio": 0.1, "warmup": 0.01, "weight_decay": 0.0, "grad_clip": 1.0},

@@ -24,9 +24,9 @@ The modules, in the order a source goes through them:
     run.py         process_source (one source, resumable), interleave, summarise, heldout_overlap
 
 References: PolyCoder's data collection (Xu et al. 2022, section 3: files of the
-repository's majority language by extension, files over 1 MB dropped), docs/CORPUS.md
-(the manifest's fields, its pitfalls, a measured run) and `/work/shared/CORPUS.md` (where
-the code is to be had on this machine).
+repository's majority language by extension, files over 1 MB dropped) and docs/CORPUS.md
+(where the code is to be had from the package registries, the manifest's fields, its
+pitfalls, a measured run).
 
 Limits: one run at a time per OUT (a lock file refuses a second). A source whose archive
 cannot be downloaded (Debian answers 404 for some source tarballs) is skipped and

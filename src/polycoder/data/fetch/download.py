@@ -5,7 +5,7 @@ OUT/downloads/{kind}/{name}_{version}/ with `apt-get download` (deb), `apt-get s
 --download-only` against a private deb-src list (deb-src), `npm pack` (npm) or
 `pip download` (pypi wheel or sdist), and marks a complete download with a `.complete`
 file listing its archives, so a re-run (or an interrupted one) reuses it. See
-`/work/shared/CORPUS.md` for where the code is to be had on this machine.
+docs/CORPUS.md for where the code is to be had from the package registries.
 
 Limits: a source whose archive cannot be downloaded (Debian answers 404 for some source
 tarballs, a client is missing, a version left the mirror) raises `FetchError`: the source
