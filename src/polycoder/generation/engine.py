@@ -88,15 +88,15 @@ class Engine:
         if T >= self.max_len:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
         logits = prefill(self.model, torch.tensor([ids], device=self.device), CacheRows(self.cache, row, row + 1))
-        if copies > 1:
-            self.cache.copy_rows([row] * (copies - 1), list(range(row + 1, row + copies)), T)
+        for t in self.cache.k + self.cache.v:  # the other samples copy the prefill (a broadcast, no gather)
+            t[row + 1 : row + copies, :, :T] = t[row : row + 1, :, :T]
         return logits.float()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..B-1 at its position; next-token logits [B, V], fp32."""
-        x = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
-        pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
+        x = torch.tensor([[t] for t in tokens], device=self.device)  # [B, 1]
+        pos = torch.tensor([[p] for p in positions], device=self.device)  # [B, 1]
         return self.decode_step(x, pos, max(positions) + 1)
 
     # ---- continuous batching -----------------------------------------------------------------

@@ -7,7 +7,8 @@ Layout of a run folder:
         training_state/optimizer.pt         AdamW state (full, unsharded), scheduler state
         training_state/rng_rank{R}.pt       torch / CUDA / numpy / Python RNG states of rank R
 
-Protocol (POSIX): everything is written into `.tmp-step_N-PID/` next to the final folder,
+Protocol (POSIX): everything is written into `.tmp-step_N/` next to the final folder (the
+folder form of `polycoder.files.atomic_folder`, spread over ranks with barriers),
 every file and the folder are fsync'ed, then the folder is renamed to `step_N` in one
 `os.rename`, and the parent is fsync'ed. A crash before the rename leaves only a `.tmp-*`
 folder, which readers ignore and the next save deletes; a crash after it leaves a complete
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from polycoder.files import fsync_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_DIR = "training_state"
@@ -56,25 +59,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
-
-
-def _fsync_tree(folder: Path) -> None:
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -131,9 +115,9 @@ def save_training_checkpoint(
         (tmp / STATE_DIR / "state.json").write_text(json.dumps(state, indent=2))
     barrier()
     if rank == 0:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
