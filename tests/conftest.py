@@ -50,8 +50,10 @@ def code_tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def tiny_config(code_tokenizer) -> ModelConfig:
-    """test-tiny (PolyCoder's layout, tiny widths) with the code tokenizer's vocabulary."""
-    return ModelConfig.from_preset("test-tiny").replace(vocab_size=pad_vocab(code_tokenizer.vocab_size))
+    """test-tiny (PolyCoder's layout, tiny widths) for the code tokenizer, with a padded tail
+    of embedding rows that no token uses, as PolyCoder has (50257 tokens, 50304 rows): the
+    engine must never sample them."""
+    return ModelConfig.from_preset("test-tiny").replace(vocab_size=pad_vocab(code_tokenizer.vocab_size + 1))
 
 
 @pytest.fixture(scope="session")

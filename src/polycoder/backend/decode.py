@@ -59,17 +59,22 @@ class EagerDecode:
 
 
 class CompiledDecode:
-    """`decode_one_token` under torch.compile (shapes dynamic in rows and cache length).
+    """`decode_one_token` under torch.compile.
 
-    Only the decode step is compiled (prefill shapes vary with every prompt). On a 2-core
-    CPU it took minutes to compile and did not pay (benchmarks/decode.py --compile)."""
+    Only the decode step is compiled (prefill shapes vary with every prompt). Shapes use
+    torch.compile's automatic dynamism: the first step compiles for its shapes, and the
+    rows and the cache length become symbolic when they first change (one recompile each).
+    `dynamic=True`, which makes every size symbolic from the start (the weights' included),
+    miscompiled on torch 2.13 with AVX-512 (NaN logits, or a corrupted heap, at some
+    vocabulary sizes with 2 rows). On a 2-core CPU compiling took minutes and did not pay
+    (benchmarks/decode.py --compile)."""
 
     _compiled = None  # one compiled function for the process: its guards tell models apart
 
     def __init__(self, model: GPTNeoX, cache: KVCache):
         self.model, self.cache = model, cache
         if CompiledDecode._compiled is None:
-            CompiledDecode._compiled = torch.compile(decode_one_token, dynamic=True)
+            CompiledDecode._compiled = torch.compile(decode_one_token)
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         return CompiledDecode._compiled(self.model, x, pos, self.cache, kv_len)
