@@ -119,17 +119,28 @@ class Engine:
         if not self.rows:
             return []
         rows = self.rows
-        device = self.logits.device
-        temps = torch.tensor([s.params.temperature for s in rows], device=device)
-        top_k = torch.tensor([s.params.top_k for s in rows], device=device)
-        top_p = torch.tensor([s.params.top_p for s in rows], device=device)
-        uniforms = torch.stack([torch.rand((), generator=s.generator) if s.params.temperature > 0 else torch.zeros(())
-                                for s in rows]).to(device)
-        tokens = sample_tokens(self.logits, temps, top_k, top_p, uniforms).tolist()
+        try:
+            tokens = self._sample(rows, self.logits)
+        except Exception:
+            # One row's settings must never fail the batch: sample row by row, and end only
+            # the rows that fail on their own (the caller sees finish_reason "error").
+            tokens = []
+            for i, s in enumerate(rows):
+                try:
+                    tokens.append(self._sample([s], self.logits[i : i + 1])[0])
+                except Exception as e:
+                    s.fail(e)
+                    tokens.append(None)
         events = []
         for s, tok in zip(rows, tokens):
-            # The new token sits at position s.length; it needs a cache slot to continue.
-            text = s.push(tok, room_left=s.length + 1 < self.max_len)
+            if tok is not None:
+                try:
+                    # The new token sits at position s.length; it needs a cache slot to continue.
+                    text = s.push(tok, room_left=s.length + 1 < self.max_len)
+                except Exception as e:
+                    text = s.fail(e)
+            else:
+                text = ""
             events.append(Event(s, text, s.done))
         self._retire([i for i, s in enumerate(rows) if s.done])
         if self.rows:
@@ -138,6 +149,17 @@ class Engine:
         else:
             self.logits = None
         return events
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token for each of `rows` from its logits, with its own settings and generator."""
+        device = logits.device
+        temps = torch.tensor([s.params.temperature for s in rows], device=device)
+        # A k above the vocabulary is no limit at all; clamped here so no k can overflow.
+        top_k = torch.tensor([min(s.params.top_k, logits.size(-1)) for s in rows], device=device)
+        top_p = torch.tensor([s.params.top_p for s in rows], device=device)
+        uniforms = torch.stack([torch.rand((), generator=s.generator) if s.params.temperature > 0 else torch.zeros(())
+                                for s in rows]).to(device)
+        return sample_tokens(logits, temps, top_k, top_p, uniforms).tolist()
 
     def cancel(self, predicate) -> list[Sequence]:
         """Remove the rows for which predicate(sequence) is true (e.g. a client went away)."""

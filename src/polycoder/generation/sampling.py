@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from polycoder.errors import PolycoderError
 
+MAX_TOP_K = 2**31 - 1
+"""Larger k are no different from no limit, and must fit the engine's int64 tensors with room."""
+
 
 @dataclass
 class SamplingParams:
@@ -54,8 +57,8 @@ class SamplingParams:
             raise PolycoderError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise PolycoderError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise PolycoderError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise PolycoderError(f"top_k must be in [0, {MAX_TOP_K}] (0: no limit), got {self.top_k}")
         if self.num_samples < 1 or self.num_beams < 1:
             raise PolycoderError("num_samples and num_beams must be at least 1")
         if self.num_beams > 1 and self.num_samples > 1:

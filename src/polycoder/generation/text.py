@@ -16,7 +16,7 @@ from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import SamplingParams
 from polycoder.tokenizer import Tokenizer
 
-FinishReason = Literal["stop", "eod", "length"]
+FinishReason = Literal["stop", "eod", "length", "error"]
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Sequence:
         self.text = ""
         self.emitted = 0
         self.finish_reason: FinishReason | None = None
+        self.error: str | None = None  # why, when finish_reason is "error"
         self._decoder = tokenizer.stream_decoder()
         self._eod = tokenizer.eod_id
         self._max_stop = max((len(s) for s in params.stop), default=0)
@@ -90,6 +91,12 @@ class Sequence:
         if len(self.token_ids) >= self.params.max_new_tokens or not room_left:
             return self._finish("length")
         return self._take(len(self.text) - self._held_back())
+
+    def fail(self, error: BaseException) -> str:
+        """End this sample because generating it raised `error` (the others go on)."""
+        self.error = f"{type(error).__name__}: {error}"[:500]
+        self.finish_reason = "error"
+        return ""
 
     def finish(self, reason: FinishReason) -> str:
         return self._finish(reason)

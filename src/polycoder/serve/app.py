@@ -191,6 +191,7 @@ def serve(
     prefill_budget: int = 512,
     model_name: str | None = None,
     cors_origin: list[str] | None = None,
+    max_request_bytes: int = 2 << 20,
     log_level: str = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI- and Ollama-compatible completions with continuous batching.
@@ -206,6 +207,7 @@ def serve(
         prefill_budget: prompt tokens prefilled between two decode steps (lower: smoother streams; higher: faster admission).
         model_name: the model id clients use (default: the folder's name, or the preset's).
         cors_origin: allow browser pages from this origin (repeatable; default: no CORS).
+        max_request_bytes: largest request body in bytes; larger ones get a 413 before they are read.
         log_level: debug, info, warning or error.
     """
     options = model_options or ModelOptions()
@@ -222,7 +224,7 @@ def serve(
         options = replace(options, model=path)  # a hub id is fetched once, here
     settings = ServerSettings(model_name=model_name or name, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_context=max_context, prefill_budget=prefill_budget, api_key=api_key,
-                              cors_origins=tuple(cors_origin or ()))
+                              cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     net, tok = load(options)
     app = create_app(net, tok, settings, model_path=path)

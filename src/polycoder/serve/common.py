@@ -4,12 +4,24 @@ Request bodies are checked by hand rather than by pydantic models so that every 
 names the field, what was wrong and what is allowed, in one sentence, and comes back as
 a 400 in the format of the API that was called (OpenAI's `{"error": {...}}` or Ollama's
 `{"error": "..."}`) instead of FastAPI's 422 list of locations.
+
+What no request may do to the others (each case has a test in tests/test_serve_hostile.py):
+- a body over `max_request_bytes` is refused with a 413 before it is read in full;
+- malformed JSON (invalid syntax, nesting too deep for the parser, integers over Python's
+  digit limit, strings with lone UTF-16 surrogates) is a 400, never a 500;
+- every number that reaches the engine is checked against its range here (`top_k`, `seed`,
+  `n`, token ids, ...), so that nothing can overflow inside the engine's batch;
+- a prompt that cannot fit the context is refused from its length in characters before
+  it is tokenized (`Tokenizer.min_tokens`), and long prompts are tokenized off the event
+  loop, so a huge prompt never stalls the other clients.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +53,8 @@ class ServerSettings:
     """Most samples (`n`) one request may ask for per prompt."""
     max_prompts: int = 64
     """Most prompts in one request (a list prompt)."""
+    max_request_bytes: int = 2 << 20
+    """Largest request body; a larger one is answered 413 before it is read in full."""
     api_key: str | None = None
     """If set, every model route needs `Authorization: Bearer <api_key>`."""
     cors_origins: tuple[str, ...] = ()
@@ -50,7 +64,7 @@ class ServerSettings:
         self.cors_origins = tuple(self.cors_origins or ())
         if not self.model_name:
             raise PolycoderError("the model name must not be empty")
-        for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "prefill_budget"):
+        for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "prefill_budget", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise PolycoderError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
@@ -93,15 +107,60 @@ class APIError(Exception):
 _MISSING = object()
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+MAX_INT32 = 2**31 - 1
+MAX_STOP_CHARS = 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, at most `limit` bytes; any malformed body is a 400, a larger one a 413."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it comes: a body without a length cannot grow past the limit
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8; send a JSON object in UTF-8") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply to parse; send a flat JSON object") from None
+    except ValueError as e:  # json.JSONDecodeError, and integers over Python's digit limit
+        raise APIError(400, f"the request body is not valid JSON ({str(e)[:200]}); send a JSON object") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    bad = _lone_surrogate(body)
+    if bad is not None:
+        raise APIError(400, f"{bad} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                       "not a character; send valid Unicode", param=bad)
     return body
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over this server's limit of {limit} bytes (--max-request-bytes); "
+                    "send a shorter prompt", code="request_too_large")
+
+
+def _lone_surrogate(body: dict) -> str | None:
+    """The name of the first field (top-level name) whose strings hold a lone surrogate, or None."""
+    for name, value in body.items():
+        stack = [name, value]
+        while stack:  # iterative: the parser already bounded the depth, this walk needs no recursion
+            v = stack.pop()
+            if isinstance(v, str):
+                if _SURROGATE.search(v):
+                    return str(name) if not _SURROGATE.search(str(name)) else "a field name"
+            elif isinstance(v, dict):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+    return None
 
 
 def get_int(body: dict, name: str, default: Any, lo: int | None = None, hi: int | None = None) -> Any:
@@ -150,7 +209,19 @@ def get_stop(body: dict, name: str = "stop", most: int = 16) -> tuple[str, ...]:
         raise APIError(400, f"{name} must be a string or a list of strings", param=name)
     if len(v) > most:
         raise APIError(400, f"{name} may hold at most {most} strings, got {len(v)}", param=name)
+    if any(len(s) > MAX_STOP_CHARS for s in v):
+        raise APIError(400, f"each {name} string may be at most {MAX_STOP_CHARS} characters long", param=name)
     return tuple(s for s in v if s)
+
+
+def get_top_k(body: dict, default: int) -> int:
+    """top_k: 0 (or -1, vLLM's spelling) means no limit; any k above the vocabulary is the same as none."""
+    return max(get_int(body, "top_k", default, -1, MAX_INT32), 0)
+
+
+def get_seed(body: dict) -> int | None:
+    """A seed of any 64-bit value, signed or not (clients differ); None draws a fresh one."""
+    return get_int(body, "seed", None, -(2**63), 2**64 - 1)
 
 
 def check_model(state: ServerState, name: Any, api: str) -> None:
@@ -165,25 +236,51 @@ def check_model(state: ServerState, name: Any, api: str) -> None:
                        param="model", code="model_not_found")
 
 
-def prompt_ids(state: ServerState, prompt: str | list[int], max_tokens: int) -> list[int]:
-    """Token ids of a prompt that, with max_tokens, fits a row (else a 400 naming the sizes)."""
-    if isinstance(prompt, list):
-        bad = [t for t in prompt if not 0 <= t < state.tokenizer.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is out of the vocabulary [0, {state.tokenizer.vocab_size})",
-                           param="prompt")
-        ids = list(prompt)
-    else:
-        ids = state.tokenizer.encode(prompt)
-    if not ids:
-        ids = [state.tokenizer.eod_id]  # an empty prompt starts a new document
+OFF_LOOP_CHARS = 8192
+"""Prompts longer than this are tokenized in a worker thread, not on the event loop."""
+
+
+async def prompt_ids(state: ServerState, prompt: str | list[int], max_tokens: int, prefix: list[int] = ()) -> list[int]:
+    """Token ids of `prefix` + a prompt that, with max_tokens, fits a row (else a 400 naming the sizes).
+
+    A text prompt is first bounded from its length (`Tokenizer.min_tokens`): one that cannot
+    fit is refused before tokenizing, and a long one is tokenized in a worker thread.
+    """
     C = state.context
     if max_tokens >= C:
         raise APIError(400, f"max_tokens {max_tokens} leaves no room for a prompt: this server's context is {C} "
                        "tokens (prompt + max_tokens); lower max_tokens", param="max_tokens",
                        code="context_length_exceeded")
+    if isinstance(prompt, list):
+        check_ids(state, prompt, "prompt")
+        ids = list(prefix) + list(prompt)
+    else:
+        least = len(prefix) + state.tokenizer.min_tokens(prompt)
+        if least + max_tokens > C:
+            raise APIError(400, f"this server's context is {C} tokens, but the prompt has at least {least} tokens "
+                           f"({len(prompt)} characters) and max_tokens asks for {max_tokens} more; shorten the prompt "
+                           "or lower max_tokens", param="prompt", code="context_length_exceeded")
+        if len(prompt) > OFF_LOOP_CHARS:
+            ids = list(prefix) + await asyncio.to_thread(state.tokenizer.encode, prompt)
+        else:
+            ids = list(prefix) + state.tokenizer.encode(prompt)
+    if not ids:
+        ids = [state.tokenizer.eod_id]  # an empty prompt starts a new document
+    check_fits(state, ids, max_tokens)
+    return ids
+
+
+def check_ids(state: ServerState, ids: list[int], param: str) -> None:
+    """Token ids must lie in the tokenizer's vocabulary (a 400 naming the first that does not)."""
+    bad = [t for t in ids if not 0 <= t < state.tokenizer.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is out of the vocabulary [0, {state.tokenizer.vocab_size})", param=param)
+
+
+def check_fits(state: ServerState, ids: list[int], max_tokens: int) -> None:
+    """Prompt ids and max_tokens must fit a row of the context (a 400 naming the sizes)."""
+    C = state.context
     if len(ids) + max_tokens > C:
         raise APIError(400, f"this server's context is {C} tokens, but the prompt has {len(ids)} tokens and "
                        f"max_tokens asks for {max_tokens} more; shorten the prompt or lower max_tokens",
                        param="prompt", code="context_length_exceeded")
-    return ids

@@ -9,8 +9,17 @@ loops:
     prompt tokens a step) -> score (logprobs) -> engine.step() -> hand each row's new text
     to its job's queue
 
-so requests join and leave the running batch at every decode step. The waiting line is
-bounded (`max_queue` jobs): past it `submit` raises `QueueFull` and the handler answers
+so requests join and leave the running batch at every decode step.
+
+Sharing the batch (admission): the rows are shared fairly between requests, so that a small
+request is never starved behind a large one. Waiting requests take turns in arrival order,
+one chunk of samples of one prompt a turn; a chunk may take the free rows up to the
+request's fair share, which is the batch divided evenly among the requests that hold rows
+or wait for them (at least one row each), less the rows the request already holds. A
+request that cannot take a row now is passed over, never holding up those behind it; as
+others finish, its share grows. A prompt's samples in one chunk share one prefill.
+
+The waiting line is bounded (`max_queue` jobs): past it `submit` raises `QueueFull` and the handler answers
 429 at once instead of letting latency grow without limit. A handler whose client went
 away calls `Job.cancel()`; its rows leave the batch before the next step.
 
@@ -20,9 +29,9 @@ model's (full vocabulary, before temperature / top-p), the same numbers a direct
 `log_softmax(model(ids))` gives. Cost: one extra prefill-sized forward per such sample.
 
 Limits: one model per process and one engine thread (scale out with replicas behind a
-balancer); a long prompt's prefill holds up the decode step of the others while it runs;
-admission is first come first served (a request asking for n samples waits until n rows,
-or the whole batch, are free, and holds up those behind it).
+balancer); a long prompt's prefill holds up the decode step of the others while it runs
+(bounded by `prefill_budget` prompt tokens between two steps, at least one prompt); the
+fair share is per request, not per client: a client sending many requests gets many shares.
 """
 
 from __future__ import annotations
@@ -108,6 +117,8 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
+    next_sample: tuple[int, int] = (0, 0)
+    """(prompt, sample) that joins the batch next (engine thread only)."""
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     _left: int = 0
@@ -186,7 +197,6 @@ class EngineLoop:
         self.max_queue = max_queue
         self.metrics = metrics
         self._waiting: collections.deque[Job] = collections.deque()
-        self._cursor: dict[int, tuple[int, int]] = {}  # id(job) -> (prompt, sample) to admit next
         self._scoring: list[Sequence] = []
         self._cond = threading.Condition()
         self._stop = False
@@ -280,51 +290,67 @@ class EngineLoop:
         self._gauge()
 
     def _admit(self) -> None:
-        """Move waiting samples into the batch, first come first served, while rows are free.
-
-        A prompt's n samples join together (one prefill, copied to n rows); when n exceeds
-        the batch size they join in chunks of at most `max_rows`, one prefill each.
-        """
+        """Move waiting samples into the batch while rows are free, sharing them fairly
+        between requests (the module says how), up to `prefill_budget` prompt tokens."""
         budget = self.prefill_budget
         while budget > 0:
             with self._cond:
-                while self._waiting and self._waiting[0].cancelled:
-                    self._cursor.pop(id(self._waiting.popleft()), None)
-                if not self._waiting:
-                    return
-                job = self._waiting[0]
-            n = job.params.num_samples
-            p, j = self._cursor.get(id(job), (0, 0))
-            chunk = min(n - j, self.engine.max_rows)
-            scoring_only = job.params.max_new_tokens == 0
-            if not scoring_only and self.engine.free_rows < chunk:
+                for job in [j for j in self._waiting if j.cancelled]:
+                    self._waiting.remove(job)
+                waiting = list(self._waiting)
+            if not waiting:
                 return
-            seqs = [Sequence(job.prompts[p], job.params, self.tokenizer, sample_generator(job.seed, p, k),
-                             tag=Choice(job, p * n + k, p)) for k in range(j, j + chunk)]
-            budget -= len(job.prompts[p])
-            if scoring_only:  # echo + logprobs with max_tokens 0: no row needed
-                for s in seqs:
-                    s.finish("length")
-                self._scoring.extend(seqs)
-            else:
-                try:
-                    self.engine.add(seqs)
-                except Exception as e:
-                    log.warning("[%s] prefill failed: %s", job.request_id, e)
-                    job._emit(("error", str(e)))
-                    job.cancel()
-            p, j = (p, j + chunk) if j + chunk < n else (p + 1, 0)
+            held = collections.Counter(id(s.tag.job) for s in self.engine.rows)
+            share = max(1, self.engine.max_rows // len(set(held) | {id(j) for j in waiting}))
+            progressed = False
+            for job in waiting:  # one turn each, in arrival order
+                if budget <= 0:
+                    break
+                joined = self._admit_chunk(job, share - held[id(job)])
+                if joined:
+                    held[id(job)] += joined[1]
+                    budget -= joined[0]
+                    progressed = True
+            if not progressed:
+                return
+
+    def _admit_chunk(self, job: Job, allowance: int) -> tuple[int, int] | None:
+        """Admit the next chunk of `job`'s samples (at most `allowance` rows): (prompt tokens
+        prefilled, rows taken), or None when it can take no row now."""
+        n = job.params.num_samples
+        p, j = job.next_sample
+        scoring_only = job.params.max_new_tokens == 0  # echo + logprobs with max_tokens 0: no row needed
+        chunk = n - j if scoring_only else min(n - j, allowance, self.engine.free_rows)
+        if chunk < 1:
+            return None
+        seqs = [Sequence(job.prompts[p], job.params, self.tokenizer, sample_generator(job.seed, p, k),
+                         tag=Choice(job, p * n + k, p)) for k in range(j, j + chunk)]
+        if scoring_only:
+            for s in seqs:
+                s.finish("length")
+            self._scoring.extend(seqs)
+        else:
+            try:
+                self.engine.add(seqs)
+            except Exception as e:
+                log.warning("[%s] prefill failed: %s", job.request_id, e)
+                job._emit(("error", str(e)))
+                job.cancel()
+        job.next_sample = (p, j + chunk) if j + chunk < n else (p + 1, 0)
+        if job.next_sample[0] >= len(job.prompts) or job.cancelled:
             with self._cond:
-                if p < len(job.prompts) and not job.cancelled:
-                    self._cursor[id(job)] = (p, j)
-                else:
-                    self._cursor.pop(id(job), None)
-                    if self._waiting and self._waiting[0] is job:
-                        self._waiting.popleft()
+                if job in self._waiting:
+                    self._waiting.remove(job)
+        return len(job.prompts[p]), 0 if scoring_only else chunk
 
     def _finish(self, s: Sequence) -> None:
         choice: Choice = s.tag
         job = choice.job
+        if s.finish_reason == "error":  # this request failed in the engine; the others go on
+            log.warning("[%s] a sample failed in the engine: %s", job.request_id, s.error)
+            job._emit(("error", f"this request failed in the engine ({s.error})"))
+            job.cancel()
+            return
         # Tokens past a stop string are not part of the answer (its text was cut before them).
         tokens = trim_tokens(self.tokenizer, s.token_ids, s.text) if s.finish_reason == "stop" else list(s.token_ids)
         if self.metrics is not None:
@@ -345,7 +371,6 @@ class EngineLoop:
         with self._cond:
             jobs.update({id(j): j for j in self._waiting})
             self._waiting.clear()
-            self._cursor.clear()
         self._scoring = []
         self.engine.cancel(lambda s: True)
         for job in jobs.values():

@@ -32,11 +32,15 @@ from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.serve.common import (
     APIError,
     ServerState,
+    check_fits,
+    check_ids,
     check_model,
     get_bool,
     get_float,
     get_int,
+    get_seed,
     get_stop,
+    get_top_k,
     prompt_ids,
     read_json,
 )
@@ -68,7 +72,7 @@ def router(state: ServerState, auth) -> APIRouter:
 
     @api.post("/show", dependencies=[Depends(auth)])
     async def show(request: Request) -> dict:
-        body = await read_json(request)
+        body = await read_json(request, state.settings.max_request_bytes)
         name = body.get("model", body.get("name"))
         if name is None:
             raise APIError(400, "model is required", param="model")
@@ -94,7 +98,7 @@ def router(state: ServerState, auth) -> APIRouter:
     @api.post("/generate", dependencies=[Depends(auth)])
     async def generate(request: Request):
         t0 = time.perf_counter_ns()
-        body = await read_json(request)
+        body = await read_json(request, state.settings.max_request_bytes)
         check_model(state, body.get("model"), "ollama")
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
@@ -115,18 +119,19 @@ def router(state: ServerState, auth) -> APIRouter:
             return JSONResponse({"model": name, "created_at": now(), "response": "", "done": True,
                                  "done_reason": "load"})
         num_predict = get_int(options, "num_predict", -1, -2)
-        head = context + (state.tokenizer.encode(prompt) if prompt else [])
+        check_ids(state, context, "context")
+        ids = await prompt_ids(state, prompt, max(num_predict, 0), prefix=context)
         if num_predict < 0:  # -1 / -2: until the end of the document or a full context
-            num_predict = max(1, state.context - max(len(head), 1))
+            num_predict = max(1, state.context - len(ids))
+            check_fits(state, ids, num_predict)
         params = SamplingParams(
             max_new_tokens=num_predict,
             temperature=get_float(options, "temperature", 0.8, 0.0, 100.0),
             top_p=get_float(options, "top_p", 0.9, 0.0, 1.0, lo_open=True),
-            top_k=get_int(options, "top_k", 40, 0),
+            top_k=get_top_k(options, 40),
             stop=get_stop(options),
-            seed=get_int(options, "seed", None),
+            seed=get_seed(options),
         )
-        ids = prompt_ids(state, head, params.max_new_tokens)
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
         job = submit(state, Job(rid, [ids], params, resolve_seed(params.seed)))
         t_queued = time.perf_counter_ns()

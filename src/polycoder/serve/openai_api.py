@@ -37,7 +37,9 @@ from polycoder.serve.common import (
     get_bool,
     get_float,
     get_int,
+    get_seed,
     get_stop,
+    get_top_k,
     prompt_ids,
     read_json,
 )
@@ -70,11 +72,10 @@ def parse_prompts(value: Any) -> list[str | list[int]]:
 def sampling_from_body(body: dict, max_tokens_default: int, n_limit: int) -> SamplingParams:
     temperature = get_float(body, "temperature", 1.0, 0.0, 2.0)
     top_p = get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = get_int(body, "top_k", 0, -1)
     return SamplingParams(
         max_new_tokens=get_int(body, "max_tokens", max_tokens_default, 0),
-        temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
-        num_samples=get_int(body, "n", 1, 1, n_limit), stop=get_stop(body), seed=get_int(body, "seed", None),
+        temperature=temperature, top_p=top_p, top_k=get_top_k(body, 0),
+        num_samples=get_int(body, "n", 1, 1, n_limit), stop=get_stop(body), seed=get_seed(body),
     )
 
 
@@ -140,7 +141,7 @@ def router(state: ServerState, auth) -> APIRouter:
 
     @api.post("/completions")
     async def completions(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, state.settings.max_request_bytes)
         check_model(state, body.get("model"), "openai")
         if body.get("suffix") not in (None, ""):
             raise APIError(400, "suffix (fill-in-the-middle) is not supported: PolyCoder was trained left to right "
@@ -167,7 +168,7 @@ def router(state: ServerState, auth) -> APIRouter:
         if len(prompts) > state.settings.max_prompts:
             raise APIError(400, f"at most {state.settings.max_prompts} prompts per request, got {len(prompts)}",
                            param="prompt")
-        ids = [prompt_ids(state, p, params.max_new_tokens) for p in prompts]
+        ids = [await prompt_ids(state, p, params.max_new_tokens) for p in prompts]
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
         job = submit(state, Job(rid, ids, params, resolve_seed(params.seed), logprobs=logprobs, echo=echo))
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),

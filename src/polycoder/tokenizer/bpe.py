@@ -92,6 +92,7 @@ class Tokenizer:
             else:
                 table[i] = bytes(byte_decoder[c] for c in token) if all(c in byte_decoder for c in token) else token.encode()
         self._id_to_bytes = table
+        self.max_token_bytes = max(len(b) for b in table)
         encoder = bytes_to_unicode()
         self._byte_ids: list[int | None] = [vocab.get(encoder[b]) for b in range(256)]
         self.lossless = all(i is not None for i in self._byte_ids)
@@ -182,6 +183,12 @@ class Tokenizer:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
         self.backend.encode_special_tokens = not allow_special
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on `len(self.encode(text))`, without tokenizing: every character is at
+        least one byte and no token covers more than `max_token_bytes` bytes (a carriage
+        return may vanish into the newline after it, so it is not counted)."""
+        return -(-(len(text) - text.count("\r")) // self.max_token_bytes)
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         """Encode many texts in parallel (the `tokenizers` thread pool)."""
