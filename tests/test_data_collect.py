@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -200,3 +201,44 @@ def test_verb_help(verb, capsys):
         main(verb.split() + ["--help"])
     assert e.value.code == 0
     assert "--out" in capsys.readouterr().out
+
+
+def test_every_removed_file_is_listed_with_its_reason(collected):
+    _, _, out, s = collected
+    lines = (out / "removed.tsv").read_text(encoding="utf-8").splitlines()
+    assert lines[0].split("\t") == ["reason", "language", "repo", "path", "bytes", "detail"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert all(len(r) == 6 for r in rows)
+    by_reason: dict[str, int] = {}
+    for r in rows:
+        by_reason[r[0]] = by_reason.get(r[0], 0) + 1
+    assert by_reason == {reason: v["files"] for reason, v in s["removed"].items()}  # the same files as counted
+    paths = {(r[0], r[3].rsplit("/", 1)[-1]) for r in rows}
+    assert {("binary", "binary.py"), ("few_tokens", "tiny.py"), ("non_utf8", "latin1.py")} <= paths
+    dup = next(r for r in rows if r[0] == "exact_duplicate" and r[3] == "pkg/mod0.py")
+    assert dup[5] == f"same bytes as {dup[2]}/pkg/copy_of_mod0.py"
+    near = next(r for r in rows if r[0] == "near_duplicate")
+    assert near[3].endswith("near_mod1.py") and near[5].endswith("pkg/mod1.py")
+
+
+def test_file_and_folder_names_of_any_bytes_never_stop_a_run(tmp_path):
+    """Names that are not UTF-8 (0xFF, a folder pkg\\xe9) and names with a newline, a tab or a
+    backslash are kept and stored losslessly; index.tsv stays one line a file."""
+    from polycoder.corpus import unescape_name
+
+    repo = tmp_path / "src" / "weird"
+    names = [b"bad\xffname.py", b"new\nline.py", b"tab\tname.py", b"back\\slash.py", b"pkg\xe9/inner.py"]
+    for i, raw in enumerate(names):
+        path = os.fsencode(repo) + b"/" + raw
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(python_code(100 + i))
+    out = tmp_path / "corpus"
+    r = subprocess.run([sys.executable, "-m", "polycoder", "data", "collect", str(repo), "--out", str(out),
+                        "--workers", "1", "--no-near-dedup"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    docs = list(iter_documents(out, columns=["path", "text"]))
+    assert sorted(os.fsencode(unescape_name(d["path"])) for d in docs) == sorted(names)
+    index_lines = (out / "index.tsv").read_text(encoding="utf-8").splitlines()
+    assert len(index_lines) == len(names) and all(line.count("\t") == 1 for line in index_lines)
+    assert any("bad\\xffname.py" in line for line in index_lines)

@@ -6,6 +6,7 @@ and `stats.md`. Each row is one source file with the columns of `SCHEMA`:
     repo      "org/project" (a folder's parent and name, an archive's folder and stem,
               or a git URL's owner and name)
     path      the file's path inside its repository, '/'-separated
+              (repo and path as `escape_name` writes them: any name, whatever its bytes)
     language  a name of the language table (polycoder.data.languages)
     size      bytes of the file as stored
     sha256    hex SHA-256 of those bytes (PolyCoder's exact-dedup key)
@@ -15,6 +16,12 @@ and `stats.md`. Each row is one source file with the columns of `SCHEMA`:
 
 `index.tsv` uses the format of the index PolyCoder published for contamination checks:
 one line `{language}__{org}__{project}__{path}<TAB>{sha256}` per file.
+
+File names are bytes on Linux and need not be UTF-8, and may hold newlines or tabs.
+`escape_name` turns any name into UTF-8 text that keeps every byte and holds no control
+character: a backslash becomes two, a control character or a byte that is not UTF-8
+becomes a backslash, x and two hex digits; `unescape_name` reverses it. Names without any
+of these (nearly all) are stored as they are.
 
 A split corpus (`polycoder data split`) is a folder with `train/`, `valid/`, `test/` (and
 `heldout/`) corpus folders; `iter_documents` reads either kind (`split=` picks one).
@@ -29,6 +36,7 @@ training (`polycoder.tokenizer.train`) and the evaluation (`polycoder.eval`), wh
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -108,6 +116,34 @@ def count_documents(corpus_dir: str | Path, split: str | None = None) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(corpus_dir, split))
 
 
+_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f\ud800-\udfff]")
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
+
+
+def escape_name(name: str) -> str:
+    """A file or folder name (as os.walk gives it: bytes that are not UTF-8 as surrogates)
+    as UTF-8 text without control characters, losslessly; see the module."""
+    def sub(m: re.Match) -> str:
+        c = ord(m.group())
+        if c == 0x5C:
+            return "\\\\"
+        if 0xDC80 <= c <= 0xDCFF:  # os.fsdecode's surrogateescape: the byte c - 0xDC00
+            return f"\\x{c - 0xDC00:02x}"
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    return _UNSAFE.sub(sub, name)
+
+
+def unescape_name(text: str) -> str:
+    """The name `escape_name` wrote `text` for (os.fsencode gives back its exact bytes)."""
+    def sub(m: re.Match) -> str:
+        e = m.group(1)
+        if e == "\\":
+            return "\\"
+        c = int(e[1:], 16)
+        return chr(0xDC00 + c) if e[0] == "x" and c >= 0x80 else chr(c)
+    return _ESCAPE.sub(sub, text)
+
+
 def index_key(language: str, repo: str, path: str) -> str:
     """`{language}__{org}__{project}__{path}` (the published index's first column)."""
     org, _, project = repo.partition("/")
@@ -121,7 +157,7 @@ def write_index(rows: Iterable[dict], path: Path) -> int:
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
-            key = index_key(r["language"], r["repo"], r["path"]).replace("\t", " ").replace("\n", " ")
+            key = index_key(r["language"], r["repo"], r["path"])  # names are escaped: no tab or newline
             f.write(f"{key}\t{r['sha256']}\n")
             n += 1
     return n

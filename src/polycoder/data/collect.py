@@ -20,6 +20,11 @@ decided by (repository, path) order, so the corpus is the same for any number of
 A killed run resumes: finished tasks are skipped (same sources and options), the reduce is
 redone. Filters run cheapest first and a file is counted under the first that removes it.
 
+Every file left out is listed in `OUT/removed.tsv` with its reason (and, for a duplicate,
+the file it duplicates), so a user can find out why a file is missing; stats.json counts
+them. Any file name is kept: names are stored with `polycoder.corpus.escape_name` (bytes
+that are not UTF-8, newlines and tabs escaped, losslessly), so no name can stop a run.
+
 Limits: the Pygments filter lexes only until the 100th token (enough to decide it); the
 majority language is decided on file counts of all language files of a repository before
 filtering (the original's reading of "majority"; ties go to the first name alphabetically).
@@ -38,7 +43,7 @@ from typing import Annotated
 
 import numpy as np
 
-from polycoder.corpus import COLUMNS, write_index, write_table
+from polycoder.corpus import COLUMNS, escape_name, write_index, write_table
 from polycoder.data import engine
 from polycoder.data.dedup import MinHashParams, exact_duplicates, minhash, near_duplicate_clusters
 from polycoder.data.languages import language_candidates, language_of, languages, pygments_token_count
@@ -52,7 +57,7 @@ from polycoder.data.sources import (
     read_folder_unit,
 )
 from polycoder.errors import PolycoderError
-from polycoder.files import write_text
+from polycoder.files import atomic_path, write_text
 from polycoder.options import POSITIONAL
 
 try:  # deferred: the data extra's engine, with an install hint where it is missing
@@ -147,7 +152,7 @@ class ScanStep(PipelineStep):
         mh = MinHashParams(**plan["minhash"]) if plan["near_dedup"] else None
         perms = mh.permutations() if mh else None
         units = [_unit(u) for u in plan["units"]]
-        rows, sigs = [], []
+        rows, sigs, dropped = [], [], []
         removed: dict = {}
         licences: dict[str, str | None] = {}
         # language files per archive, before filtering, for the majority rule (folders were counted when planned)
@@ -163,16 +168,14 @@ class ScanStep(PipelineStep):
                     counts = archive_counts.setdefault(unit.repo, {})
                     key = majority_key(raw.path)
                     counts[key] = counts.get(key, 0) + 1
-                if raw.error:
-                    _bump(removed, raw.error, lang, raw.size)
-                    continue
-                reason, text = check_file(raw.data, lang, cfg)
+                reason, text = (raw.error, None) if raw.error else check_file(raw.data, lang, cfg)
                 if reason:
                     _bump(removed, reason, lang, raw.size)
+                    dropped.append((reason, lang, unit.repo, escape_name(raw.path), raw.size, ""))
                     continue
-                rows.append({"repo": unit.repo, "path": raw.path, "language": lang, "size": raw.size,
+                rows.append({"repo": unit.repo, "path": escape_name(raw.path), "language": lang, "size": raw.size,
                              "sha256": hashlib.sha256(raw.data).hexdigest(), "text": text,
-                             "source": unit.source, "licence": licences[unit.repo]})
+                             "source": escape_name(unit.source), "licence": licences[unit.repo]})
                 if mh:
                     sigs.append(minhash(text, mh, perms))
                 self.stat_update("kept")
@@ -180,7 +183,7 @@ class ScanStep(PipelineStep):
         np.save(work / "parts" / f"minhash-{rank:05d}.npy",
                 np.stack(sigs) if sigs else np.zeros((0, mh.num_perm if mh else 0), dtype=np.uint32))
         write_text(work / "parts" / f"counts-{rank:05d}.json",
-                   json.dumps({"removed": removed, "archive_language_files": archive_counts}))
+                   json.dumps({"removed": removed, "archive_language_files": archive_counts, "dropped": dropped}))
         return iter(())
 
 
@@ -232,7 +235,7 @@ def collect(
 
     Args:
         sources: folders (one repository, or a folder of repositories), archives (.tar.*, .tgz, .zip, .whl, .jar) or git URLs.
-        out: the corpus folder to write (corpus-*.parquet, index.tsv, stats.json, stats.md).
+        out: the corpus folder to write (corpus-*.parquet, index.tsv, stats.json, stats.md, removed.tsv).
         near_dedup: also remove near duplicates (MinHash + LSH over 5-token shingles).
         all_languages: keep every language of a repository, not only its majority language.
         workers: processes to run tasks on (0: all CPUs); the result does not depend on it.
@@ -315,9 +318,11 @@ def finalize(out: Path, plan: dict, all_languages: bool, near_dedup: bool) -> di
                 key = majority_key(rel)
                 rc[key] = rc.get(key, 0) + 1
     removed: dict = {}
+    dropped: list = []  # (reason, language, repo, path, bytes, detail) of every file left out
     metas, sigs = [], []
     for t in range(n_tasks):
         counts = json.loads((work / f"counts-{t:05d}.json").read_text())
+        dropped += counts.get("dropped", [])
         for reason, by_lang in counts["removed"].items():
             for lang, (nf, nb) in by_lang.items():
                 e = removed.setdefault(reason, {}).setdefault(lang, [0, 0])
@@ -346,17 +351,25 @@ def finalize(out: Path, plan: dict, all_languages: bool, near_dedup: bool) -> di
             meta["language"][i] = majority[meta["repo"][i]]
             relabelled += 1
 
-    def drop(mask_positions: list[int], reason: str) -> None:
+    def drop(mask_positions: list[int], reason: str, detail=lambda i: "") -> None:
         for i in mask_positions:
             keep[i] = False
             _bump(removed, reason, meta["language"][i], meta["size"][i])
+            dropped.append((reason, meta["language"][i], meta["repo"][i], meta["path"][i], meta["size"][i], detail(i)))
+
+    def name(i: int) -> str:
+        return f"{meta['repo'][i]}/{meta['path'][i]}"
 
     if not all_languages:
-        drop([i for i in order if meta["language"][i] != majority.get(meta["repo"][i])], "not_majority_language")
+        drop([i for i in order if meta["language"][i] != majority.get(meta["repo"][i])], "not_majority_language",
+             lambda i: f"the repository's language is {majority.get(meta['repo'][i])}")
     # (repo, path) can repeat when a source is given twice: the later copy is an exact duplicate
     live = [i for i in order if keep[i]]
     dup = exact_duplicates([meta["sha256"][i] for i in live])
-    drop([i for i, d in zip(live, dup) if d], "exact_duplicate")
+    first = {}
+    for i in live:
+        first.setdefault(meta["sha256"][i], i)
+    drop([i for i, d in zip(live, dup) if d], "exact_duplicate", lambda i: f"same bytes as {name(first[meta['sha256'][i]])}")
     near_removed = 0
     all_sigs = np.concatenate(sigs) if near_dedup else None
     if near_dedup and n:
@@ -365,7 +378,8 @@ def finalize(out: Path, plan: dict, all_languages: bool, near_dedup: bool) -> di
             cluster = near_duplicate_clusters(all_sigs[live], plan["minhash"]["threshold"])
             gone = [live[j] for j in range(len(live)) if cluster[j] != j]
             near_removed = len(gone)
-            drop(gone, "near_duplicate")
+            kept_of = {live[j]: live[cluster[j]] for j in range(len(live))}
+            drop(gone, "near_duplicate", lambda i: f"near duplicate of {name(kept_of[i])}")
     # final shards: each part's kept rows in (repo, path) order
     for old in out.glob("corpus-*.parquet"):
         old.unlink()
@@ -385,6 +399,10 @@ def finalize(out: Path, plan: dict, all_languages: bool, near_dedup: bool) -> di
                                  pa.array([meta["language"][i] for i in ids], type=pa.string()))
         write_table(table.select(list(COLUMNS)), out / f"corpus-{shard:05d}.parquet")
         shard += 1
+    with atomic_path(out / "removed.tsv") as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write("reason\tlanguage\trepo\tpath\tbytes\tdetail\n")  # names escaped: no tab or newline in them
+        for row in sorted(dropped, key=lambda r: (r[0], r[2], r[3])):
+            f.write("\t".join(map(str, row)) + "\n")
     index_ids = sorted((i for i in order if keep[i]), key=lambda i: (meta["language"][i], meta["repo"][i], meta["path"][i]))
     write_index(({k: meta[k][i] for k in ("repo", "path", "language", "sha256")} for i in index_ids), out / "index.tsv")
     if near_dedup:  # signatures in index.tsv order, for `polycoder data overlap` and `data split`
@@ -435,6 +453,7 @@ def stats_markdown(s: dict, brief: bool = False) -> str:
     for f in s.get("failed_sources", []):
         lines.append(f"\nskipped source {f['source']}: {f['error']}")
     if brief:
-        return "\n".join(lines) + f"\n\nwrote {s['shards']} shards, index.tsv, stats.json, stats.md to {s['corpus']}"
+        return "\n".join(lines) + (f"\n\nwrote {s['shards']} shards, index.tsv, stats.json, stats.md, removed.tsv "
+                                   f"(why each file left out was) to {s['corpus']}")
     head = [f"# Corpus statistics: {s['corpus']}", "", "Kept files per language (after filters and dedup):", ""]
     return "\n".join(head + lines) + "\n"

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from polycoder.corpus import escape_name
 from polycoder.data.languages import language_of
 from polycoder.errors import PolycoderError
 
@@ -161,12 +162,12 @@ def plan_units(sources: list[str], repo_depth: int | None, skip_dirs: tuple[str,
             names = [f"{r.parent.name or 'local'}/{archive_stem(r.name)}" if r.is_file() else _repo_name(r) for r in repos]
         for repo_path, name in zip(repos, names):
             if repo_path.is_file():
-                units.append(Unit(name, src, "archive", str(repo_path), None, repo_path.stat().st_size))
+                units.append(Unit(escape_name(name), src, "archive", str(repo_path), None, repo_path.stat().st_size))
                 continue
             files = list(_walk(repo_path, skip_dirs))
             for i in range(0, max(len(files), 1), chunk_files):
                 chunk = files[i : i + chunk_files]
-                units.append(Unit(name, src, "folder", str(repo_path), [r for r, _ in chunk],
+                units.append(Unit(escape_name(name), src, "folder", str(repo_path), [r for r, _ in chunk],
                                   sum(s for _, s in chunk)))
     return units
 
