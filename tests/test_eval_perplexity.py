@@ -1,5 +1,7 @@
-"""Perplexity: our pooled log-likelihood equals transformers' GPTNeoXForCausalLM on the same
-windows; Pygments token counts equal Pygments' own; the cache makes re-runs free; a held-out
+"""Perplexity: our windows are lm-eval's rolling windows (its own worked example, and an
+independent re-implementation of get_rolling_token_windows + make_disjoint_window + the
+input its Hugging Face backend builds); our pooled log-likelihood equals transformers'
+GPTNeoXForCausalLM on those windows; Pygments token counts equal Pygments' own; the cache makes re-runs free; a held-out
 tree (RAW/heldout/{Language}/{source}/...) is read as the language table claims its files,
 `max_files` picks the same files in the order of their paths' SHA-256, and the loss in nats
 per model token equals an independent cross-entropy sum and log(token perplexity)."""
@@ -20,7 +22,7 @@ import polycoder  # noqa: E402
 from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig  # noqa: E402
 from polycoder.errors import PolycoderError  # noqa: E402
-from polycoder.eval.perplexity import perplexity, read_documents, windows  # noqa: E402
+from polycoder.eval.perplexity import WINDOWING, perplexity, read_documents, rolling_windows  # noqa: E402
 from polycoder.options import ModelOptions  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
@@ -50,11 +52,42 @@ def data(tmp_path_factory):
     return root
 
 
-def test_windows_score_every_token_once():
-    ids = list(range(100))
-    wins = windows(ids, 32)
-    assert [t for _, tgt in wins for t in tgt] == ids[1:]
-    assert all(len(i) == len(t) <= 32 and i[1:] == t[:-1] for i, t in wins)
+def lm_eval_requests(tokens: list[int], prefix: int, L: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's rolling log-likelihood requests for `tokens`, and the model input its Hugging
+    Face backend builds for each: (input ids, continuation scored on the last positions).
+    Written from lm-eval's method: get_rolling_token_windows(context_len=1), then
+    make_disjoint_window, then input = (context + continuation)[-(L + 1):][:-1]."""
+    windows, done = [], 0
+    first = min(L, len(tokens))
+    windows.append(([prefix] + tokens[: first - 1], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, L)  # max_seq_len - context_len + 1 new tokens a window
+        end = done + n
+        windows.append((tokens[end - L - 1 : end - 1], tokens[end - n : end]))
+        done = end
+    requests = []
+    for a, b in windows:
+        context = a[: len(a) - (len(b) - 1)]  # make_disjoint_window
+        requests.append(((context + b)[-(L + 1):][:-1], b))
+    return requests
+
+
+def test_rolling_windows_are_lm_evals():
+    # lm-eval's own worked example (its tests/test_utils.py): 34 tokens, L = 10.
+    assert rolling_windows(list(range(34)), -100, 10) == [
+        ([-100, 0, 1, 2, 3, 4, 5, 6, 7, 8], list(range(10))),
+        (list(range(9, 19)), list(range(10, 20))),
+        (list(range(19, 29)), list(range(20, 30))),
+        (list(range(23, 33)), [30, 31, 32, 33]),
+    ]
+    for n in (1, 5, 31, 32, 33, 64, 65, 100, 129):
+        tokens = list(range(1, n + 1))
+        wins = rolling_windows(tokens, 0, 32)
+        assert wins == lm_eval_requests(tokens, 0, 32), n
+        assert [t for _, tgt in wins for t in tgt] == tokens  # every token scored exactly once
+        assert all(len(i) <= 32 and len(t) <= len(i) for i, t in wins)
+    assert rolling_windows([], 0, 32) == []
 
 
 def test_pooled_loglik_equals_transformers(tiny, data, tmp_path):
@@ -67,15 +100,12 @@ def test_pooled_loglik_equals_transformers(tiny, data, tmp_path):
     for lang, files in FILES.items():
         ll, n_tok, n_pyg, n_bytes = 0.0, 0, 0, 0
         for text in files.values():
-            ids = [0] + tok.encode(text)
-            # Independent windowing: chunks of 32 targets, each with its own fresh context.
-            for s in range(0, len(ids) - 1, 32):
-                x = torch.tensor([ids[s: min(s + 32, len(ids) - 1)]])
-                y = torch.tensor([ids[s + 1: s + 33]])
+            tokens = tok.encode(text)
+            for inp, cont in lm_eval_requests(tokens, 0, 32):  # lm-eval's requests, transformers' logits
                 with torch.no_grad():
-                    logp = torch.log_softmax(hf(x).logits.double(), -1)
-                ll += logp.gather(-1, y[..., None]).sum().item()
-            n_tok += len(ids) - 1
+                    logp = torch.log_softmax(hf(torch.tensor([inp])).logits.double(), -1)[0, -len(cont):]
+                ll += logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+            n_tok += len(tokens)
             lexer = get_lexer_by_name(lexers[lang], stripnl=False, stripall=False, ensurenl=False)
             n_pyg += len(list(lexer.get_tokens(text)))
             n_bytes += len(text.encode())
@@ -89,6 +119,7 @@ def test_pooled_loglik_equals_transformers(tiny, data, tmp_path):
     saved = json.loads((tmp_path / "perplexity.json").read_text())
     assert set(saved[str(tiny)]["Python"]) >= {"files", "model_tokens", "pygments_tokens",
                                                 "pygments_perplexity", "token_perplexity", "bits_per_byte"}
+    assert saved[str(tiny)]["Python"]["windowing"] == WINDOWING and WINDOWING in (tmp_path / "perplexity.md").read_text()
     assert (tmp_path / "perplexity.md").is_file() and (tmp_path / "perplexity.png").is_file()
 
 
@@ -190,12 +221,11 @@ def test_loss_in_nats_per_token_is_log_token_perplexity(heldout_tree, bundled_li
     for lang, r in res.items():
         nll, n = 0.0, 0
         for doc in read_documents(heldout_tree, [lang], max_files=3):
-            seq = torch.tensor([tok.eod_id] + tok.encode(doc.text))
-            for s in range(0, len(seq) - 1, 64):
-                x, y = seq[s: s + 64], seq[s + 1: s + 65]
+            for inp, cont in lm_eval_requests(tok.encode(doc.text), tok.eod_id, 64):
                 with torch.no_grad():
-                    nll += F.cross_entropy(model(x[None, : len(y)])[0].float(), y, reduction="sum").item()
-                n += len(y)
+                    logits = model(torch.tensor([inp]))[0, -len(cont):].float()
+                nll += F.cross_entropy(logits, torch.tensor(cont), reduction="sum").item()
+                n += len(cont)
         assert r["model_tokens"] == n
         assert r["loss"] == pytest.approx(nll / n, rel=1e-5)
         assert r["loss"] == pytest.approx(math.log(r["token_perplexity"]), rel=1e-12)

@@ -2,9 +2,14 @@
 
 What it implements, as docs/design.md states the paper's method:
 - each held-out file is scored on its own, `<|endoftext|>` prepended;
-- disjoint windows of the model's full context (block_size): window w takes the token ids
-  `ids[w*L : w*L+L]` as input and scores `ids[w*L+1 : w*L+L+1]`, so every token after the
-  EOD is scored exactly once and the context restarts at each window boundary;
+- windows of the model's full context L, exactly as the paper's lm-eval fork made them
+  (`get_rolling_token_windows(tokens, prefix=<|endoftext|>, max_seq_len=L, context_len=1)`
+  with `make_disjoint_window`; `rolling_windows` here): the first window is
+  [EOD] + t[0:L-1] predicting t[0:L]; each next one predicts up to L new tokens from the L
+  tokens that end just before its last predicted one, so the middle windows are disjoint
+  (one token of carried context) and the final, partial window is right-aligned with a
+  full L-token context, scoring only its remaining tokens. Every token is scored exactly
+  once. The report names this windowing;
 - the log-likelihood LL (natural log) is pooled over all files of a language and divided by
   the number of Pygments lexer tokens of those files (whitespace tokens included, counted by
   `polycoder.data.languages.pygments_token_count`), so models with different tokenizers
@@ -147,13 +152,24 @@ def read_documents(data: Path, languages: list[str] | None = None, max_files: in
     return docs
 
 
-def windows(ids: list[int], block_size: int) -> list[tuple[list[int], list[int]]]:
-    """(inputs, targets) of the disjoint full-context windows; targets cover ids[1:] once."""
-    out = []
-    for start in range(0, len(ids) - 1, block_size):
-        inp = ids[start: start + block_size]
-        tgt = ids[start + 1: start + block_size + 1]
-        out.append((inp[: len(tgt)], tgt))
+WINDOWING = "lm-eval rolling windows, context_len=1 (the final window right-aligned with a full context)"
+"""How files are cut into windows; rows of the cache carry it, and the report names it."""
+
+
+def rolling_windows(tokens: list[int], prefix: int, L: int) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) windows over `tokens` with `prefix` before the first, as lm-eval's
+    get_rolling_token_windows(context_len=1): `targets` are what the last len(targets)
+    positions of `inputs` predict. Every token is a target exactly once."""
+    if not tokens:
+        return []
+    first = min(L, len(tokens))
+    out = [([prefix] + tokens[: first - 1], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, L)
+        end = done + n
+        out.append((tokens[max(0, end - L - 1) : end - 1], tokens[end - n : end]))
+        done = end
     return out
 
 
@@ -167,20 +183,19 @@ class LocalScorer:
         self.device = options.device
         self.batch_size = batch_size
 
-    def loglik(self, ids: list[int]) -> float:
+    def loglik(self, tokens: list[int], prefix: int) -> float:
         total = 0.0
-        wins = windows(ids, self.block_size)
-        # Windows of equal length go through the model together.
-        by_len: dict[int, list] = {}
-        for inp, tgt in wins:
-            by_len.setdefault(len(inp), []).append((inp, tgt))
+        # Windows with equal input and target lengths go through the model together.
+        groups: dict[tuple[int, int], list] = {}
+        for inp, tgt in rolling_windows(tokens, prefix, self.block_size):
+            groups.setdefault((len(inp), len(tgt)), []).append((inp, tgt))
         with torch.inference_mode():
-            for group in by_len.values():
+            for (_, n), group in groups.items():
                 for i in range(0, len(group), self.batch_size):
                     chunk = group[i: i + self.batch_size]
                     x = torch.tensor([c[0] for c in chunk], device=self.device)  # [B, T]
-                    y = torch.tensor([c[1] for c in chunk], device=self.device)  # [B, T]
-                    logp = torch.log_softmax(self.model(x).float(), dim=-1)  # [B, T, V]
+                    y = torch.tensor([c[1] for c in chunk], device=self.device)  # [B, n]
+                    logp = torch.log_softmax(self.model(x)[:, -n:].float(), dim=-1)  # [B, n, V]
                     total += logp.gather(-1, y[..., None]).sum().item()
         return total
 
@@ -196,10 +211,10 @@ class EndpointScorer:
         # window of L inputs is a prompt of L + 1 tokens: windows are one token shorter here.
         self.block_size = block_size - 1
 
-    def loglik(self, ids: list[int]) -> float:
+    def loglik(self, tokens: list[int], prefix: int) -> float:
         total = 0.0
-        for inp, tgt in windows(ids, self.block_size):
-            total += sum(self.client.score(inp + tgt[-1:]))
+        for inp, tgt in rolling_windows(tokens, prefix, self.block_size):
+            total += sum(self.client.score(inp + tgt[-1:])[-len(tgt):])  # what the last positions predict
         return total
 
 
@@ -214,9 +229,10 @@ def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str,
         for line in cache_path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by an interrupted run: the rest is scored again
+            if row.get("windowing") == WINDOWING:  # rows of another windowing are not reused
                 cache[row["sha256"] + "|" + row["language"]] = row
-            except (json.JSONDecodeError, KeyError):
-                break
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     eod = scorer.tokenizer.eod_id
     with open(cache_path, "a", encoding="utf-8") as f:
@@ -224,10 +240,10 @@ def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str,
             key = doc.sha256 + "|" + doc.language
             if key in cache:
                 continue
-            ids = [eod] + scorer.tokenizer.encode(doc.text)
-            row = {"sha256": doc.sha256, "language": doc.language, "name": doc.name,
-                   "loglik": scorer.loglik(ids) if len(ids) > 1 else 0.0,
-                   "model_tokens": len(ids) - 1,
+            tokens = scorer.tokenizer.encode(doc.text)
+            row = {"sha256": doc.sha256, "language": doc.language, "name": doc.name, "windowing": WINDOWING,
+                   "loglik": scorer.loglik(tokens, eod) if tokens else 0.0,
+                   "model_tokens": len(tokens),
                    "pygments_tokens": pygments_token_count(doc.text, doc.language),
                    "bytes": len(doc.text.encode("utf-8", errors="surrogatepass"))}
             cache[key] = row
@@ -242,6 +258,7 @@ def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str,
         for field in ("model_tokens", "pygments_tokens", "bytes", "loglik"):
             agg[field] += row[field]
     for agg in per_language.values():
+        agg["windowing"] = WINDOWING
         ll = agg["loglik"]
         agg["loss"] = -ll / agg["model_tokens"] if agg["model_tokens"] else None
         agg["pygments_perplexity"] = math.exp(-ll / agg["pygments_tokens"]) if agg["pygments_tokens"] else None
@@ -267,8 +284,8 @@ def write_report(results: dict[str, dict[str, dict]], out: Path) -> None:
     langs = sorted({lang for r in results.values() for lang in r})
     lines = ["# Perplexity per language", "",
              "Pooled log-likelihood of all files of a language divided by Pygments tokens "
-             "(the paper's measure; lower is better), `<|endoftext|>` prepended, disjoint "
-             "full-context windows.", ""]
+             "(the paper's measure; lower is better), each file on its own with `<|endoftext|>` "
+             f"prepended; windows: {WINDOWING}.", ""]
     lines += _table(results, "pygments_perplexity", langs)
     lines += ["", "## Loss in nats per model token", "",
               "The same log-likelihood divided by the model's own tokens (token perplexity = "
