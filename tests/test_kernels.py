@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from polycoder import kernels
-from polycoder.backend import Backend
+from polycoder.backend import PLAIN, Backend, choose
 from polycoder.backend.decode import EagerDecode
+from polycoder.backend.few_rows import FEW_ROW_OPS
 from polycoder.backend.native_decode import NativeDecode
 from polycoder.checkpoint import build_model
 from polycoder.config import ModelConfig
-from polycoder.generation import CacheRows
+from polycoder.generation import CacheRows, Engine
 from polycoder.quantize import quantize
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.status()}")
@@ -119,23 +120,67 @@ def test_decode_steps_equal_pytorch_path(preset, arch):
         assert (_decode_logits(model, x, 6, native=True) - model(x)).abs().max().item() < 1e-4
 
 
-def test_plan_follows_replaced_storage_and_copies():
+def test_plan_follows_replaced_storage():
     """The step keeps pointers into the weights; .half() swaps .data under the same
-    parameters, and a deep copy of the model has weights of its own."""
+    parameters, and the step must read the new storage."""
     ref = build_model(ModelConfig.from_preset("test-tiny"), seed=4)
     model = copy.deepcopy(ref)
     x = torch.randint(0, 500, (2, 12))
     cache = model.new_cache(2, 13)
     step = NativeDecode(model, cache)
     step(x[:, :1], torch.zeros(2, 1, dtype=torch.long), 1)  # builds the plans
-    copied = copy.deepcopy(model)
-    assert (_decode_logits(copied, x, 4, native=True) - _decode_logits(ref, x, 4, native=False)).abs().max().item() < 1e-4
     model.half().float()  # same parameter objects, new storage
     want = _decode_logits(copy.deepcopy(ref).half().float(), x, 4, native=False)
     with torch.no_grad():
         model(x[:, :4], pos=torch.arange(4)[None].expand(2, -1), cache=cache)
         got = torch.stack([step(x[:, t : t + 1], torch.full((2, 1), t), t + 1) for t in range(4, 12)], dim=1)
     assert (got - want[:, 4:]).abs().max().item() < 1e-4
+
+
+def test_native_step_after_a_pytorch_step_of_the_same_model(code_tokenizer):
+    """A PyTorch step stores fp32 weights transposed (decode_layout); a native step made
+    afterwards for the same model must still take every step natively, and the engine's
+    default on this CPU is the native step."""
+    model = build_model(ModelConfig.from_preset("test-tiny"), seed=5)
+    cache = model.new_cache(2, 16)
+    PLAIN.decode_step(model, cache)
+    assert not model.embed_out.weight.is_contiguous()
+    step = choose("cpu").decode_step(model, cache)
+    assert isinstance(step, NativeDecode)
+    with torch.no_grad():
+        step(torch.tensor([[1], [2]]), torch.zeros(2, 1, dtype=torch.long), 1)
+    assert step._stack is not None and step._stack[1] is not None  # the whole stack in one native call
+    engine = Engine(model, code_tokenizer, max_rows=2, max_len=16)
+    assert isinstance(engine.decode_step, NativeDecode) and engine.prefill_ops is FEW_ROW_OPS
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_prefill_head_is_the_native_product(kind, code_tokenizer):
+    """The engine's prefill runs its output head (one row) through the native product, as
+    the decode steps do: the logits equal kernels.linear over the prefill's last hidden state."""
+    model = build_model(ModelConfig.from_preset("test-tiny"), seed=8)
+    if kind == "int8":
+        quantize(model, "int8")
+    else:
+        model.to(torch.bfloat16)
+    hidden = []
+    model.gpt_neox.final_layer_norm.register_forward_hook(lambda m, i, out: hidden.append(out))
+    ids = list(range(3, 3 + kernels.MAX_ROWS + 6))  # more rows than the blocks' native products take
+    engine = Engine(model, code_tokenizer, max_rows=1, max_len=32)
+    got = engine.prefill(ids, 0)
+    head = model.embed_out
+    scale = head.scale32 if kind == "int8" else None
+    want = kernels.linear(hidden[-1].view(1, -1), head.weight, head.bias, scale).float()
+    assert torch.equal(got, want)
+    # A prompt of a few tokens runs natively throughout: like PyTorch's prefill, within
+    # rounding of the fp32 model (the kernel sums in fp32, so on average at least as close).
+    few = ids[:5]
+    native = Engine(model, code_tokenizer, max_rows=1, max_len=32).prefill(few, 0)
+    plain = Engine(model, code_tokenizer, max_rows=1, max_len=32, backend=PLAIN).prefill(few, 0)
+    fp32 = build_model(ModelConfig.from_preset("test-tiny"), seed=8)
+    exact = Engine(fp32, code_tokenizer, max_rows=1, max_len=32, backend=PLAIN).prefill(few, 0)
+    assert not torch.equal(native, plain)  # the native products did run
+    assert (native - exact).abs().mean() <= 1.25 * (plain - exact).abs().mean() + 1e-4
 
 
 def test_rows_at_different_positions():

@@ -131,8 +131,13 @@ class TorchOps:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def head_loss(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # fp32 log-softmax: bf16 logits lose about three digits of the loss otherwise.
-        return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100)
+        return cross_entropy(F.linear(h, weight), targets)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [N, V] against targets [N], -100 ignored, computed in fp32
+    (bf16 logits lose about three digits of the loss otherwise)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
 
 TORCH_OPS = TorchOps()
@@ -152,7 +157,7 @@ class Attention(nn.Module):
             q, k, v = ops.qkv_rotary(ops.linear(self.query_key_value, x), self.n_head, cos, sin)  # each [B, H, T, hs]
             y = ops.causal_attention(q, k, v)  # [B, H, T, hs]
             return ops.linear(self.dense, y.transpose(1, 2).reshape(B, T, C))
-        qkv = self.query_key_value(x)  # [B, T, 3C]
+        qkv = ops.linear(self.query_key_value, x)  # [B, T, 3C]
         # Fused weight is interleaved per head: [q_h0 k_h0 v_h0 q_h1 ...].
         qkv = qkv.view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)  # [B, H, T, 3hs]
         q, k, v = qkv.split(self.head_size, dim=-1)  # each [B, H, T, hs]
@@ -165,7 +170,7 @@ class Attention(nn.Module):
             mask = causal_mask(pos, kv_len, q.dtype)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, H, T, hs] -> [B, T, C]
-        return self.dense(y)
+        return ops.linear(self.dense, y)
 
 
 class MLP(nn.Module):
@@ -215,10 +220,10 @@ class GPTNeoXModel(nn.Module):
 class GPTNeoX(nn.Module):
     """GPT-NeoX causal language model with transformers' parameter names.
 
-    `ops` runs the whole-sequence path's products, attention and loss (`polycoder.ops`):
-    plain PyTorch unless a backend sets faster ones (the trainer does, through
-    `polycoder.backend.choose`). The cached (decode) path is always plain PyTorch here;
-    fast decode steps are objects of their own (`polycoder.backend`) that read this model.
+    `ops` runs the products, attention and loss (`polycoder.ops`): plain PyTorch unless a
+    backend sets faster ones (the trainer does, through `polycoder.backend.choose`) or a
+    caller passes its own for one call (the engine's prefill does). Fast decode steps are
+    objects of their own (`polycoder.backend`) that read this model.
     """
 
     def __init__(self, config: ModelConfig):
@@ -239,6 +244,7 @@ class GPTNeoX(nn.Module):
         kv_len: int | None = None,
         select: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        ops: Ops | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` [B, T], or with `targets` the training loss.
 
@@ -249,7 +255,9 @@ class GPTNeoX(nn.Module):
         `targets` [B, T] (next tokens, -100 ignored; without a cache): returns the mean
         cross-entropy, a scalar, from `ops.head_loss` (a backend may fuse the output head
         and the loss so that the [B*T, V] logits are never kept).
+        `ops`: the operations of this call (default: `self.ops`).
         """
+        ops = ops or self.ops
         B, T = input_ids.shape
         if cache is not None:
             if pos is None:
@@ -261,17 +269,17 @@ class GPTNeoX(nn.Module):
         mask = causal_mask(pos, kv_len, x.dtype) if cache is not None else None  # built once, shared by all layers
         for i, block in enumerate(self.gpt_neox.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.ops, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, ops, use_reentrant=False)
             else:
-                x = block(x, cos, sin, self.ops, pos, cache, i, kv_len or 0, mask)
+                x = block(x, cos, sin, ops, pos, cache, i, kv_len or 0, mask)
         if select is not None:
             x = x[torch.arange(B, device=x.device), select][:, None]  # [B, 1, C]
         x = self.gpt_neox.final_layer_norm(x)
         if targets is not None and cache is None and type(self.embed_out) is nn.Linear:
-            return self.ops.head_loss(x.flatten(0, 1), self.embed_out.weight, targets.flatten())
-        logits = self.embed_out(x)
+            return ops.head_loss(x.flatten(0, 1), self.embed_out.weight, targets.flatten())
+        logits = ops.linear(self.embed_out, x)
         if targets is not None:  # a wrapped head (e.g. a LoRA adapter on it): the plain way
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            return cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits
 
     @torch.no_grad()

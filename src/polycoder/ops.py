@@ -1,18 +1,20 @@
-"""The operations of the model's whole-sequence path that a backend may run faster.
+"""The operations of the model that a backend may run faster.
 
-`GPTNeoX` (polycoder.model) computes everything in plain PyTorch. Four operations of its
-whole-sequence (training) path are asked of an `Ops` object instead of being written
-inline, so that a backend can replace them without touching the model:
+`GPTNeoX` (polycoder.model) computes everything in plain PyTorch. Four of its operations
+are asked of an `Ops` object instead of being written inline, so that a backend can
+replace them without touching the model:
 
-    linear(layer, x)                  layer(x)
+    linear(layer, x)                  layer(x), every linear layer and the output head
     qkv_rotary(qkv, n_head, cos, sin) q, k, v from the fused projection, q and k rotated
-    causal_attention(q, k, v)         softmax(q k^T / sqrt(d), causal) v
+                                      (whole sequences)
+    causal_attention(q, k, v)         softmax(q k^T / sqrt(d), causal) v (whole sequences)
     head_loss(h, weight, targets)     mean cross-entropy of the logits h @ weight^T
 
-`polycoder.model.TorchOps` is the plain PyTorch form the model uses by default;
-`polycoder.backend.TrainOps` the fast one (oneDNN products, native kernels, a fused
-head and loss), chosen by `polycoder.backend.choose`. Every implementation must give the
-same values as `TorchOps` within the arithmetic's rounding (tests compare them).
+`polycoder.model.TorchOps` is the plain PyTorch form the model uses by default. The
+backend (`polycoder.backend.choose`) makes the fast ones: `TrainOps` for training (oneDNN
+products, native kernels, a fused head and loss) and `FewRowOps` for the engine's prefill
+(native products of a few rows). Every implementation must give the same values as
+`TorchOps` within the arithmetic's rounding (tests compare them).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ code running the model owns, made from one `Backend`:
 | fast path | where it runs | module |
 |---|---|---|
 | native CPU kernels: the whole decode step in one call (`native_kernels`) | `Backend.decode_step` | `native_decode` |
+| native CPU kernels: the prefill's products of a few rows (`native_kernels`) | `Backend.prefill_ops` | `few_rows` |
 | native CPU kernels for training (listed below) | `Backend.train_ops` | `attention`, `fused_loss` |
 | fp32 training products through oneDNN (`onednn_fp32`; non-Intel CPUs) | `Backend.train_ops` | `onednn` |
 | output head fused with the cross-entropy (always in training) | `Backend.train_ops` | `fused_loss` |
@@ -33,9 +34,11 @@ from polycoder import kernels
 from polycoder.backend import onednn
 from polycoder.backend.cuda_graphs import StaticDecode
 from polycoder.backend.decode import CompiledDecode, DecodeStep, EagerDecode
+from polycoder.backend.few_rows import FEW_ROW_OPS
 from polycoder.backend.native_decode import NativeDecode
 from polycoder.backend.train_ops import TrainOps
-from polycoder.model import GPTNeoX, KVCache
+from polycoder.model import TORCH_OPS, GPTNeoX, KVCache
+from polycoder.ops import Ops
 
 __all__ = ["Backend", "choose", "PLAIN", "DecodeStep", "TrainOps", "physical_cores", "set_threads"]
 
@@ -54,6 +57,12 @@ class Backend:
     def train_ops(self) -> TrainOps:
         """The operations the model's training path runs (`polycoder.ops`)."""
         return TrainOps(native=self.native_kernels, onednn_fp32=self.onednn_fp32)
+
+    def prefill_ops(self, device: str | torch.device) -> Ops:
+        """The operations of the engine's prefill on `device` (`polycoder.ops`): native
+        products of a few rows (every prompt's output head, short prompts) where the native
+        kernels run, else the model's own."""
+        return FEW_ROW_OPS if self.native_kernels and torch.device(device).type == "cpu" else TORCH_OPS
 
     def decode_step(self, model: GPTNeoX, cache: KVCache, compile: bool = False,
                     static_shapes: bool | None = None) -> DecodeStep:

@@ -15,7 +15,9 @@ under torch.compile, shapes dynamic in rows and cache length). The native CPU st
 - `decode_layout`: fp32 linear weights [out, in] stored as the transpose of a contiguous
   [in, out] tensor (same shape, names and values), which sends a few-row product down
   BLAS's gemv path, faster on the 50304-wide head; bf16 weights keep their layout
-  (transposing them measured slower). Done once, in place, when the step is made.
+  (transposing them measured slower). Done once, in place, when the step is made; the
+  native step (which reads contiguous weights) undoes it with `standard_layout`, so the
+  layout follows the last step made for a model.
 - `single_row_bf16_kernels`: for one bf16 row, ATen's bf16 product over oneDNN's and SDPA's
   math backend over its flash kernel (both faster for one row, slower for several).
 """
@@ -30,6 +32,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from polycoder.model import GPTNeoX, KVCache
+from polycoder.ops import Ops
 
 
 class DecodeStep(Protocol):
@@ -39,23 +42,25 @@ class DecodeStep(Protocol):
         ...
 
 
-def decode_one_token(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
+def decode_one_token(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
+                     ops: Ops | None = None) -> torch.Tensor:
     """One token a row: x, pos [B, 1] for cache rows 0..B-1; next-token logits [B, V] (fp32)."""
-    return model(x, pos=pos, cache=cache, kv_len=kv_len)[:, -1].float()
+    return model(x, pos=pos, cache=cache, kv_len=kv_len, ops=ops)[:, -1].float()
 
 
 class EagerDecode:
     """The model's own cached forward, with the CPU tuning of the module docstring
-    (`layout=False` leaves the weights' layout alone)."""
+    (`layout=False` leaves the weights' layout alone; `ops`: the model's operations for
+    these steps, default its own)."""
 
-    def __init__(self, model: GPTNeoX, cache: KVCache, layout: bool = True):
-        self.model, self.cache = model, cache
+    def __init__(self, model: GPTNeoX, cache: KVCache, layout: bool = True, ops: Ops | None = None):
+        self.model, self.cache, self.ops = model, cache, ops
         if layout:
             decode_layout(model)
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         with single_row_bf16_kernels(self.model, x.size(0)):
-            return decode_one_token(self.model, x, pos, self.cache, kv_len)
+            return decode_one_token(self.model, x, pos, self.cache, kv_len, self.ops)
 
 
 class CompiledDecode:
@@ -92,6 +97,22 @@ def decode_layout(model: nn.Module) -> nn.Module:
                 new = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=m.weight.requires_grad)
                 moved[id(m.weight)] = new
                 m.weight = new
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and id(m.weight) in moved:
+            m.weight = moved[id(m.weight)]
+    return model
+
+
+@torch.no_grad()
+def standard_layout(model: nn.Module) -> nn.Module:
+    """Undo `decode_layout`: linear weights stored contiguous again (same shape, names and
+    values). Idempotent; a tied input embedding follows its head."""
+    moved: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.is_contiguous():
+            new = nn.Parameter(m.weight.detach().contiguous(), requires_grad=m.weight.requires_grad)
+            moved[id(m.weight)] = new
+            m.weight = new
     for m in model.modules():
         if isinstance(m, nn.Embedding) and id(m.weight) in moved:
             m.weight = moved[id(m.weight)]

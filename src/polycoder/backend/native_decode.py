@@ -1,8 +1,8 @@
 """The decode step on the CPU in one native call: every block of the model for up to 8 rows.
 
 `NativeDecode(model, cache)` is a decode step (`polycoder.backend.decode.DecodeStep`) that
-runs the embedding lookup and the output head in PyTorch (the head through the native
-weight-streaming product, `polycoder.kernels.linear`) and all blocks in one call of the
+runs the embedding lookup in PyTorch, the output head through the native weight-streaming
+product (`polycoder.backend.few_rows`) and all blocks in one call of the
 native kernels (`polycoder.kernels.StackPlan`: fused LayerNorm + QKV + rotary + KV write +
 attention + dense + MLP with the residuals, fp32 / bf16 / int8 weights; see kernels.h).
 
@@ -12,8 +12,9 @@ parameter's `.data` under the same object, `quantize`, loading new parameters): 
 are keyed by the tensors' identities and data pointers, checked on every step. A step the
 kernels cannot take (more than `kernels.MAX_ROWS` rows, a cache in another dtype or longer
 than `kernels.MAX_CACHE_LEN`, an activation other than GELU, a layer the kernel does not
-know, gradients) runs the PyTorch step (`EagerDecode`, leaving the weights in the layout the kernels
-read).
+know, gradients) runs the model's cached forward with `FewRowOps` (native products where
+they apply). Making the step puts the linear weights back in the layout the kernels read
+(`standard_layout`), whatever decode step was made for the model before.
 """
 
 from __future__ import annotations
@@ -22,24 +23,10 @@ import torch
 import torch.nn as nn
 
 from polycoder import kernels
-from polycoder.backend.decode import EagerDecode
+from polycoder.backend.decode import EagerDecode, standard_layout
+from polycoder.backend.few_rows import FEW_ROW_OPS, kernel_linear
+from polycoder.backend.few_rows import tensor_of as _tensor
 from polycoder.model import Block, GPTNeoX, KVCache, RotaryEmbedding
-from polycoder.quantize import Int8Linear
-
-
-def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
-    # Straight from the module's dicts: nn.Module.__getattr__ is slow on a per-token path.
-    t = module._parameters.get(name)
-    return t if t is not None else module._buffers.get(name)
-
-
-def kernel_linear(layer: nn.Module) -> tuple | None:
-    """(weight, fp32 scale or None, bias or None) of a layer the native kernels can run."""
-    if type(layer) is Int8Linear:
-        return _tensor(layer, "weight"), _tensor(layer, "scale32"), _tensor(layer, "bias")
-    if type(layer) is nn.Linear:
-        return _tensor(layer, "weight"), None, _tensor(layer, "bias")
-    return None
 
 
 def _fused_activation(act: nn.Module) -> str | None:
@@ -53,7 +40,8 @@ class NativeDecode:
 
     def __init__(self, model: GPTNeoX, cache: KVCache):
         self.model, self.cache = model, cache
-        self.fallback = EagerDecode(model, cache, layout=False)
+        standard_layout(model)
+        self.fallback = EagerDecode(model, cache, layout=False, ops=FEW_ROW_OPS)
         # fp32 cos/sin tables built afresh: a bf16 model's own tables were rounded to bf16
         # by .to(dtype), and the kernels read fp32.
         self.rope = RotaryEmbedding(model.config)
@@ -76,12 +64,7 @@ class NativeDecode:
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """The output head over h [B, C]: the native product where it applies."""
-        head = self.model.embed_out
-        spec = kernel_linear(head)
-        if spec is not None and kernels.usable(h, spec[0]):
-            weight, scale, bias = spec
-            return kernels.linear(h, weight, bias, scale)
-        return head(h)
+        return FEW_ROW_OPS.linear(self.model.embed_out, h)
 
     def _stack_plan(self, dtype: torch.dtype):
         layers = self.model.gpt_neox.layers

@@ -26,6 +26,7 @@ from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import sample_tokens
 from polycoder.generation.text import Sequence
 from polycoder.model import GPTNeoX, KVCache
+from polycoder.ops import Ops
 from polycoder.tokenizer import Tokenizer
 
 
@@ -46,11 +47,12 @@ class CacheRows:
         self.v = [t[start:stop] for t in cache.v]
 
 
-def prefill(model: GPTNeoX, x: torch.Tensor, cache) -> torch.Tensor:
-    """Run prompt ids x [1, T] into cache rows at positions 0..T-1; next-token logits [1, V]."""
+def prefill(model: GPTNeoX, x: torch.Tensor, cache, ops: Ops | None = None) -> torch.Tensor:
+    """Run prompt ids x [1, T] into cache rows at positions 0..T-1; next-token logits [1, V].
+    `ops`: the model's operations for it (default its own; the engine's backend chooses)."""
     T = x.size(1)
     pos = torch.arange(T, device=x.device)[None]
-    return model(x, pos=pos, cache=cache, kv_len=T, select=torch.tensor([T - 1], device=x.device))[:, 0]
+    return model(x, pos=pos, cache=cache, kv_len=T, select=torch.tensor([T - 1], device=x.device), ops=ops)[:, 0]
 
 
 class Engine:
@@ -70,6 +72,7 @@ class Engine:
         self.device = self.cache.k[0].device
         self.backend = backend or choose(self.device)
         self.decode_step = self.backend.decode_step(model, self.cache, compile=compile, static_shapes=static_shapes)
+        self.prefill_ops = self.backend.prefill_ops(self.device)
         self.rows: list[Sequence] = []
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of each active row
         self.real_vocab = tokenizer.vocab_size
@@ -87,7 +90,8 @@ class Engine:
         T = len(ids)
         if T >= self.max_len:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
-        logits = prefill(self.model, torch.tensor([ids], device=self.device), CacheRows(self.cache, row, row + 1))
+        logits = prefill(self.model, torch.tensor([ids], device=self.device), CacheRows(self.cache, row, row + 1),
+                         self.prefill_ops)
         for t in self.cache.k + self.cache.v:  # the other samples copy the prefill (a broadcast, no gather)
             t[row + 1 : row + copies, :, :T] = t[row : row + 1, :, :T]
         return logits.float()
