@@ -135,7 +135,7 @@ def test_cache_resumes_and_models_sit_side_by_side(tiny, data, tmp_path):
     assert "test-tiny" in (tmp_path / "perplexity.md").read_text()
 
 
-# A held-out tree as scripts/fetch_corpus.py writes it: RAW/heldout/{Language}/{source}/...
+# A held-out tree as `polycoder data fetch` writes it: RAW/heldout/{Language}/{source}/...
 # Claimed files (by the language table) and files it does not claim, side by side.
 TREE = {
     "Python/requests/src/api.py": b"def get(url, **kw):\n    return request('get', url, **kw)\n",
@@ -148,11 +148,13 @@ TREE = {
     "Python/flask/cli.py": b"import click\n\n@click.command()\ndef main():\n    pass\n",
     "Go/cobra/command.go": b"package cobra\n\ntype Command struct {\n\tUse string\n}\n",
     "Go/cobra/LICENSE": b"Apache License 2.0\n",
+    "C++/fmt/include/format.h": b"#pragma once\nnamespace fmt { int format(); }\n",  # .h: C or C++
+    "C++/fmt/src/format.cc": b"#include \"format.h\"\nint fmt::format() { return 0; }\n",
     "Ruby/rake/README.md": b"# Rake\n",  # a language folder with nothing the table claims
 }
 CLAIMED = {"Python": ["requests/src/api.py", "requests/src/models.py", "requests/setup.py", "flask/app.py",
                       "flask/latin1.py", "flask/cli.py"],
-           "Go": ["cobra/command.go"]}
+           "Go": ["cobra/command.go"], "C++": ["fmt/include/format.h", "fmt/src/format.cc"]}
 
 
 def _write_tree(root: Path, order: list[str]) -> Path:
@@ -189,8 +191,8 @@ def bundled_like(tmp_path_factory):
 
 def test_heldout_tree_reads_only_claimed_files(heldout_tree):
     docs = read_documents(heldout_tree)
-    assert [d.name for d in docs] == _hash_order("Go") + _hash_order("Python")
-    assert {d.language for d in docs} == {"Go", "Python"}  # Ruby/ holds only a README
+    assert [d.name for d in docs] == _hash_order("C++") + _hash_order("Go") + _hash_order("Python")
+    assert {d.language for d in docs} == {"C++", "Go", "Python"}  # Ruby/ holds only a README
     latin = next(d for d in docs if d.name.endswith("latin1.py"))
     assert latin.text == "name = 'caf\ufffd'\n"
     only_readme = heldout_tree.parent / "readme-only"
@@ -202,7 +204,7 @@ def test_heldout_tree_reads_only_claimed_files(heldout_tree):
 
 def test_max_files_picks_the_same_files_in_hash_order(heldout_tree, tmp_path):
     picked = [d.name for d in read_documents(heldout_tree, max_files=2)]
-    assert picked == _hash_order("Go", 2) + _hash_order("Python", 2)
+    assert picked == _hash_order("C++", 2) + _hash_order("Go", 2) + _hash_order("Python", 2)
     assert [d.name for d in read_documents(heldout_tree, max_files=2)] == picked
     # The same tree written in the opposite order (another directory order): the same files.
     again = _write_tree(tmp_path / "heldout", list(reversed(TREE)))
@@ -214,7 +216,7 @@ def test_max_files_picks_the_same_files_in_hash_order(heldout_tree, tmp_path):
 
 def test_loss_in_nats_per_token_is_log_token_perplexity(heldout_tree, bundled_like, tmp_path):
     res = perplexity(data=heldout_tree, out=tmp_path, model=[str(bundled_like)], max_files=3)[str(bundled_like)]
-    assert set(res) == {"Go", "Python"}
+    assert set(res) == {"C++", "Go", "Python"}
     assert res["Python"]["files"] == 3 and res["Go"]["files"] == 1
     # Independent of the scorer: one window at a time, summed cross-entropy (nats).
     model, tok = load_model(bundled_like)

@@ -22,8 +22,9 @@ Ruby, Rust, Scala, TypeScript), files found recursively below it, so the held-ou
 `polycoder data fetch` (RAW/heldout/{Language}/{source}/...) is read as it is; or a corpus
 folder of Parquet shards (`polycoder.corpus`; a split corpus's `test` split is used).
 In a language folder only the files that the language table claims for that language are
-scored (`polycoder.data.languages.language_of(name) == folder`; a README or Makefile in
-Python/ is not Python, and its Pygments count would be meaningless), regular files of at
+scored (`folder in polycoder.data.languages.language_candidates(name)`, so a `.h` file counts
+in C/ and in C++/; a README or Makefile in Python/ is not Python, and its Pygments count
+would be meaningless: the held-out tree holds whole repositories), regular files of at
 most 1 MB, symlinks skipped. A language's files are taken in the order of the SHA-256 of
 their path (relative to the language folder; `repo/path` in a corpus), and `max_files`
 keeps the first N of that order: the same files every time, whatever the file system's order.
@@ -58,7 +59,7 @@ from tqdm import tqdm
 
 from polycoder.checkpoint import load
 from polycoder.corpus import iter_documents
-from polycoder.data.languages import POLYCODER_LANGUAGES, language_of, pygments_token_count
+from polycoder.data.languages import POLYCODER_LANGUAGES, language_candidates, pygments_token_count
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint
 from polycoder.options import Fields, ModelOptions
@@ -94,10 +95,11 @@ def language_files(folder: Path, language: str) -> list[Path]:
     """The files of one language folder that are scored, in hash order.
 
     Regular files (not symlinks) of at most 1 MB that the language table claims for
-    `language`, sorted by the SHA-256 of their path relative to `folder`.
+    `language` (among others, for an ambiguous name such as `.h`), sorted by the SHA-256 of
+    their path relative to `folder`.
     """
     files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
-             and p.stat().st_size <= MAX_FILE_BYTES and language_of(p.name) == language]
+             and p.stat().st_size <= MAX_FILE_BYTES and language in language_candidates(p.name)]
     return sorted(files, key=lambda p: _hash_order(p.relative_to(folder).as_posix()))
 
 
