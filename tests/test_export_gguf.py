@@ -221,16 +221,30 @@ def test_llama_cpp_tokenizes_as_polycoder_did(tmp_path, polycoder_tokenizer):
         assert llm.tokenize(" " * 8) == [polycoder_tokenizer.encode(" ")[0]] * 8
 
 
-@needs_llama_cpp
-def test_llama_cpp_loads_a_byte_level_tokenizer_without_merges(tmp_path):
-    """Random presets get a byte-level tokenizer with no merges; llama.cpp needs a merges key,
-    and the export writes one that never applies: same ids as ours, byte by byte."""
+def _byte_level_export(tmp_path):
+    """A random model with a byte-level tokenizer (no merges) and 128 padded rows, exported."""
     tok = Tokenizer.byte_level()
     model = build_model(ModelConfig.from_preset("test-tiny").replace(vocab_size=384), seed=0)
-    path = write_gguf(model, tok, tmp_path / "b.gguf", "f32", progress=False)
+    return tok, write_gguf(model, tok, tmp_path / "b.gguf", "f32", progress=False)
+
+
+def test_padded_rows_and_a_merges_key_without_merges(tmp_path):
+    """Embedding rows past the tokenizer's vocabulary are named [PADn] and typed UNUSED (so
+    llama.cpp never samples them), and a tokenizer without merges still gets the merges key
+    llama.cpp requires: one merge of two special tokens, which no text ever produces."""
+    tok, path = _byte_level_export(tmp_path)
     reader = gguf.GGUFReader(str(path))
     tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
-    assert len(tokens) == 384 and tokens[-1] == "[PAD383]" and types[-1] == gguf.TokenType.UNUSED  # padded rows
+    assert len(tokens) == 384 and tokens[-1] == "[PAD383]"
+    assert all(types[i] == gguf.TokenType.UNUSED for i in range(tok.vocab_size, 384))
+    assert all(types[i] != gguf.TokenType.UNUSED for i in range(tok.vocab_size))
+    assert _field(reader, "tokenizer.ggml.merges") == ["<|endoftext|> <|endoftext|>"]
+
+
+@needs_llama_cpp
+def test_llama_cpp_loads_a_byte_level_tokenizer_without_merges(tmp_path):
+    """llama.cpp loads that export and tokenizes as we do, byte by byte."""
+    tok, path = _byte_level_export(tmp_path)
     with llamacpp.LlamaCpp(path, n_ctx=256, threads=2) as llm:
         for text in _samples()[:12]:
             assert llm.tokenize(text) == tok.encode(text), repr(text[:60])
