@@ -214,7 +214,7 @@ class Shape:
         path = self.work / f"{self.name}-{outtype}.gguf"
         if not path.is_file():
             try:
-                export_gguf(path, ModelOptions(model=str(self.folder)), outtype=outtype, check=False)
+                export_gguf(path, model_options=ModelOptions(model=str(self.folder)), outtype=outtype, check=False)
             except Exception as e:  # report, and measure the rest
                 raise _Skip(f"GGUF export failed: {type(e).__name__}: {str(e)[:200]}") from None
         # The driver turns llama.cpp's weight repacking off (q8_0 crashed in prefill with it here).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,13 @@ def test_help_texts_may_contain_percent_signs(capsys):
     add_function_arguments(parser, verb)
     parser.print_help()
     assert "5 %" in capsys.readouterr().out
+
+
+def test_a_missing_extra_is_named(tmp_path):
+    """A verb whose extra is not installed says which one to install (here uvicorn is made
+    unimportable for one real run of `polycoder serve`)."""
+    (tmp_path / "uvicorn.py").write_text("raise ModuleNotFoundError(\"No module named 'uvicorn'\", name='uvicorn')\n")
+    r = subprocess.run([sys.executable, "-m", "polycoder", "serve", "--model", "test-tiny"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'uvicorn'" in r.stderr and "pip install 'polycoder[serve]'" in r.stderr

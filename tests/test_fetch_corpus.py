@@ -31,6 +31,7 @@ from polycoder.data.fetch.archives import (
     write_file_safely,
 )
 from polycoder.data.fetch.manifest import DEFAULT_MANIFEST, LANGUAGES, SPLITS, Source, load_manifest
+from polycoder.errors import PolycoderError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "fetch_corpus.py"
@@ -221,8 +222,11 @@ def test_the_old_script_path_still_works():
 def test_a_bad_manifest_is_one_error_line(tmp_path, capsys):
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps({"extensions": {}, "default_drop": [], "sources": []}))
-    assert fetch_corpus(manifest=bad, check=True) == 2
-    assert capsys.readouterr().err.startswith(f"error: bad manifest {bad}: extensions missing")
+    with pytest.raises(PolycoderError, match="bad manifest .*: extensions missing"):
+        fetch_corpus(manifest=bad, check=True)
+    r = subprocess.run([sys.executable, "-m", "polycoder", "data", "fetch", "--manifest", str(bad), "--check"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith(f"polycoder data fetch: error: bad manifest {bad}: extensions")
 
 
 # ------------------------------------------------------------------ end to end, offline
@@ -315,7 +319,8 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
     out.mkdir()
     with open(out / ".fetch.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        assert fetch_corpus(out=out, only=["nothing"]) == 2
+        with pytest.raises(PolycoderError, match="another `polycoder data fetch` run is using"):
+            fetch_corpus(out=out, only=["nothing"])
 
 
 def test_a_smaller_cap_on_a_full_corpus_cuts_it_down(tmp_path):

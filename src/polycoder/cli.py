@@ -59,6 +59,10 @@ COMMANDS: dict[str, str] = {
     "convert neox": "polycoder.convert.neox:convert_neox",
 }
 
+# verb's first word -> the pyproject extra that holds what it imports
+EXTRAS = {"data": "data", "tokenizer": "data", "train": "train", "finetune": "train", "eval": "eval",
+          "serve": "serve", "export": "export"}
+
 
 def _available(target: str) -> bool:
     module = target.split(":")[0]
@@ -229,9 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     except ModuleNotFoundError as e:
         if e.name is None or e.name.split(".")[0] == "polycoder":
             raise
+        extra = EXTRAS.get(verb.split()[0], "all")
         print(f"polycoder {verb}: needs the package {e.name!r}, which is not installed: "
-              "pip install 'polycoder[all]' (or the extra of this stage: data, train, eval, serve, export)",
-              file=sys.stderr)
+              f"pip install 'polycoder[{extra}]' (or 'polycoder[all]' for every stage)", file=sys.stderr)
         sys.exit(2)
     summary, _ = _doc_params(fn)
     parser = argparse.ArgumentParser(prog=f"polycoder {verb}", description=summary.replace("%", "%%"))

@@ -69,15 +69,15 @@ class Backend:
         """The decode step for `model` over `cache` (rows 0..B-1 of it at each call).
 
         `compile`: torch.compile the step. `static_shapes`: the CUDA-graph step's padded,
-        bucketed shapes (default: on a GPU with `cuda_graphs`); True on the CPU runs them
-        eagerly (how they are tested without a GPU)."""
+        bucketed shapes (default: on a GPU with `cuda_graphs`, unless compiling); True on the
+        CPU runs them eagerly (how they are tested without a GPU), and wins over `compile`."""
         on_gpu = cache.k[0].device.type == "cuda"
-        if compile:
-            return CompiledDecode(model, cache)
         if static_shapes is None:
-            static_shapes = on_gpu and self.cuda_graphs
+            static_shapes = on_gpu and self.cuda_graphs and not compile
         if static_shapes:
             return StaticDecode(model, cache, graphs=on_gpu)
+        if compile:
+            return CompiledDecode(model, cache)
         if self.native_kernels and cache.k[0].device.type == "cpu":
             return NativeDecode(model, cache)
         return EagerDecode(model, cache)

@@ -373,6 +373,7 @@ def smoke_test(path: Path, model, tokenizer, outtype: OutType, text: str = SMOKE
 
 def export_gguf(
     out: Path,
+    *,
     model_options: Annotated[ModelOptions | None, Fields("model", "tokenizer", "random_init")] = None,
     outtype: OutType = "f16",
     check: bool = True,

@@ -40,7 +40,6 @@ import dataclasses
 import fcntl
 import json
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from polycoder.data.fetch.archives import Budget
 from polycoder.data.fetch.download import Downloader, sha256_file
 from polycoder.data.fetch.manifest import DEFAULT_MANIFEST, SCRIPT_VERSION, SPLITS, Manifest, Source, load_manifest
 from polycoder.data.fetch.run import SourceResult, heldout_overlap, interleave, process_source, summarise
+from polycoder.errors import PolycoderError
 from polycoder.files import write_text
 
 DEFAULT_OUT = Path("~/.cache/polycoder/corpus")
@@ -78,15 +78,14 @@ def fetch_corpus(
         check: validate the manifest and exit.
 
     Returns:
-        The exit status: 0 when the run completed (failed sources are reported, not fatal),
-        2 for a bad manifest or another run holding OUT.
+        0 when the run completed (failed sources are reported, not fatal). A bad manifest or
+        another run holding OUT raises PolycoderError (the CLI: one error line, status 2).
     """
     manifest_path = Path(manifest) if manifest is not None else DEFAULT_MANIFEST
     try:
         pinned = load_manifest(manifest_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: bad manifest {manifest_path}: {e}", file=sys.stderr)
-        return 2
+        raise PolycoderError(f"bad manifest {manifest_path}: {e}") from None
     if check:
         print(f"manifest ok: {len(pinned.sources)} sources")
         return 0
@@ -102,9 +101,8 @@ def fetch_corpus(
         try:
             fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            print(f"error: another `polycoder data fetch` run is using {out}; wait for it or pick another --out",
-                  file=sys.stderr)
-            return 2
+            raise PolycoderError(f"another `polycoder data fetch` run is using {out}; "
+                                 "wait for it or pick another --out") from None
         _fetch(pinned, manifest_path, sources, out, max_mb_per_language, jobs, whole=not only, force=force)
     return 0
 
