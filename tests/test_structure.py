@@ -54,3 +54,20 @@ def test_modules_stay_small_and_classes_are_never_swapped():
     assert long == {}
     swapped = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if re.search(r"\.__class__\s*=[^=]", p.read_text())]
     assert swapped == []
+
+
+def test_the_documented_package_graph_is_the_source_s():
+    """docs/ARCHITECTURE.md lists which package imports which; it must say what the code does."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    block = text.split("## Which package imports which")[1].split("```")[1]
+    documented = {}
+    for line in block.strip().splitlines():
+        name, _, deps = line.partition("->")
+        deps = deps.split("(")[0].strip()
+        documented[name.strip()] = set() if deps == "-" else {d.strip() for d in deps.split(",")}
+    actual = {p.removeprefix("polycoder."): {d.removeprefix("polycoder.") for d in ds}
+              for p, ds in import_graph.package_graph(GRAPH).items()}
+    for package, deps in actual.items():
+        if deps and package != "__main__":
+            assert documented.get(package) == deps, f"{package}: documented {documented.get(package)}, imports {deps}"
+    assert set(documented) <= set(actual)

@@ -1,7 +1,7 @@
 """Writing files and folders so that a half-written one never replaces a good one.
 
 Everything that polycoder writes for later (corpus shards, token shards, indexes, plans,
-checkpoints, the compiled kernels) is written under a temporary name in the same folder
+checkpoints, reports, the compiled kernels) is written under a temporary name in the same folder
 and renamed into place only once it is complete: a rename within one file system is
 atomic on POSIX, so a reader sees the old file or the new one, never a torn one, and a
 process killed while writing leaves at most a stray temporary (named `.NAME.tmp-PID-...`).
@@ -69,8 +69,10 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield a new, empty temporary folder beside `path`; it replaces `path` if the block succeeds.
 
-    An existing folder at `path` is renamed aside before the new one takes its name and is
-    removed after, so at every moment `path` is either the old folder or the new one.
+    An existing folder at `path` is renamed aside, the new one renamed into its place, and
+    the old one removed: a reader sees the old folder or the new one, never a mixture. Between
+    the two renames `path` is briefly absent; a crash exactly there leaves the old folder
+    beside it as `.PATH.old.tmp-...` (POSIX has no atomic exchange of two folders).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,9 @@ class KVCache(nn.Module):
     `k[layer]` has shape [rows, heads, max_len, head_size]. A forward pass over rows
     0..B-1 writes its keys at the positions it is given and attends to positions
     0..kv_len-1 of the same rows, masked causally by position, so stale entries beyond a
-    row's current position are never read and the cache is never cleared. Rows are
-    rearranged explicitly (`copy_rows`) when a batch changes.
+    row's current position are never read: a row is reused by writing over it, and nothing
+    resets the cache behind the caller's back. Rows are rearranged explicitly (`copy_rows`)
+    when a batch changes.
     """
 
     def __init__(self, config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):

@@ -46,7 +46,7 @@ import numpy as np
 from polycoder.corpus import COLUMNS, escape_name, write_index, write_table
 from polycoder.data import engine
 from polycoder.data.dedup import MinHashParams, exact_duplicates, minhash, near_duplicate_clusters
-from polycoder.data.languages import language_candidates, language_of, languages, pygments_token_count
+from polycoder.data.languages import MAX_FILE_BYTES, language_candidates, language_of, languages, pygments_token_count
 from polycoder.data.sources import (
     DEFAULT_SKIP_DIRS,
     Unit,
@@ -74,7 +74,7 @@ PLAN_VERSION = 1
 class FilterConfig:
     """The per-file filters; 0 (or False) switches one off."""
 
-    max_bytes: int = 1_048_576
+    max_bytes: int = MAX_FILE_BYTES
     """Drop files over this many bytes (PolyCoder: 1 MB)."""
     min_tokens: int = 100
     """Drop files with fewer Pygments tokens (PolyCoder: 100)."""
@@ -216,7 +216,7 @@ def collect(
     workers: int = 0,
     tasks: int = 64,
     repo_depth: int | None = None,
-    max_bytes: int = 1_048_576,
+    max_bytes: int = MAX_FILE_BYTES,
     min_tokens: int = 100,
     drop_binary: bool = True,
     drop_non_utf8: bool = True,
@@ -295,8 +295,8 @@ def collect(
     summary = finalize(out, plan, all_languages, near_dedup)
     summary["seconds"] = {"plan": round(t_plan, 2), "scan": round(t_scan, 2),
                           "reduce": round(time.time() - t0 - t_plan - t_scan, 2)}
-    (out / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "stats.md").write_text(stats_markdown(summary))
+    write_text(out / "stats.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out / "stats.md", stats_markdown(summary))
     print(stats_markdown(summary, brief=True))
     return summary
 
@@ -407,7 +407,7 @@ def finalize(out: Path, plan: dict, all_languages: bool, near_dedup: bool) -> di
     write_index(({k: meta[k][i] for k in ("repo", "path", "language", "sha256")} for i in index_ids), out / "index.tsv")
     if near_dedup:  # signatures in index.tsv order, for `polycoder data overlap` and `data split`
         np.save(out / "minhash.npy", all_sigs[index_ids] if index_ids else np.zeros((0, plan["minhash"]["num_perm"]), np.uint32))
-        (out / "minhash.json").write_text(json.dumps(plan["minhash"]) + "\n")
+        write_text(out / "minhash.json", json.dumps(plan["minhash"]) + "\n")
     else:
         for f in ("minhash.npy", "minhash.json"):
             (out / f).unlink(missing_ok=True)

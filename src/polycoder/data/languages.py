@@ -47,6 +47,9 @@ class Language:
 
 
 # name -> Pygments lexer alias, in the paper's order
+MAX_FILE_BYTES = 1 << 20
+"""Source files larger than this are left out everywhere (PolyCoder dropped files over 1 MB)."""
+
 POLYCODER_LANGUAGES: dict[str, str] = {
     "C": "c",
     "C#": "csharp",

@@ -29,6 +29,7 @@ import numpy as np
 
 from polycoder.corpus import SPLITS, shard_paths, stable_hash, write_index, write_table
 from polycoder.errors import PolycoderError
+from polycoder.files import write_text
 from polycoder.options import POSITIONAL
 
 
@@ -139,7 +140,7 @@ def split(
                        for lang, e in sorted(stats[s].items())} for s in SPLITS},
         "heldout_files": heldout_n,
     }
-    (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "split.json", json.dumps(summary, indent=2) + "\n")
     md = ["| language | " + " | ".join(f"{s} repos | {s} files" for s in SPLITS) + " | heldout files |",
           "|---|" + "---:|" * (2 * len(SPLITS) + 1)]
     for lang in sorted({lang for s in SPLITS for lang in summary["splits"][s]}):
@@ -148,7 +149,7 @@ def split(
             e = summary["splits"][s].get(lang, {"repositories": 0, "files": 0})
             cells += [f"{e['repositories']:,}", f"{e['files']:,}"]
         md.append(f"| {lang} | " + " | ".join(cells) + f" | {heldout_n.get(lang, 0)} |")
-    (out / "split.md").write_text("\n".join(md) + "\n")
+    write_text(out / "split.md", "\n".join(md) + "\n")
     print("\n".join(md) + f"\n\nwrote {', '.join(SPLITS)}{', heldout' if heldout_n else ''} to {out}")
     return summary
 

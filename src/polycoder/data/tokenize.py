@@ -137,7 +137,7 @@ def tokenize_corpus(
     if not resume or old != plan:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        (work / "plan.json").write_text(json.dumps(plan))
+        write_text(work / "plan.json", json.dumps(plan))
     engine.run_tasks(TokenizeStep(str(work)), len(inputs), workers, work / "logs", resume=resume, desc="tokenize")
     # rename parts, in input order, to shard_NNNNN.bin of each split
     counts: dict[str, dict] = {s: {"documents": 0, "tokens": 0, "shards": 0, "languages": {}} for s in SPLITS}
@@ -169,7 +169,7 @@ def tokenize_corpus(
         "splits": counts,
         "seconds": round(time.time() - t0, 2),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)  # parts are renamed; a rerun starts afresh
     for s in SPLITS:
         if counts[s]["documents"]:

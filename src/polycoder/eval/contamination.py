@@ -30,6 +30,7 @@ from polycoder.data.dedup import MinHashParams, estimated_jaccard, lsh_params, m
 from polycoder.errors import PolycoderError
 from polycoder.eval.humaneval import load_problems
 from polycoder.eval.perplexity import LANGUAGES, read_documents
+from polycoder.files import write_text
 
 
 def _sha(data: bytes) -> str:
@@ -131,7 +132,7 @@ def contamination(
         }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "contamination.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out / "contamination.json", json.dumps(report, indent=2) + "\n")
     lines = [f"# Contamination check against {index} ({len(train)} training files)", "",
              "| evaluation set | items | exact matches | near duplicates |", "|---|---|---|---|"]
     for name, r in report["sets"].items():
@@ -142,6 +143,6 @@ def contamination(
             lines.append(f"- exact: {e['name']} = {e['training_file']}")
         for n in (r["near_duplicates"] or [])[:50]:
             lines.append(f"- near ({n['jaccard']}): {n['name']} ~ {n['training_file']}")
-    (out / "contamination.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "contamination.md", "\n".join(lines) + "\n")
     print("\n".join(lines[:6 + len(report["sets"])]))
     return report

@@ -49,6 +49,7 @@ from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint, Refused
 from polycoder.eval.passk import pass_at_k
 from polycoder.eval.sandbox import Limits, Sandbox
+from polycoder.files import write_text
 from polycoder.generation import SamplingParams, generate
 from polycoder.options import ModelOptions
 
@@ -272,7 +273,7 @@ def summarize(results: list[dict], problems: dict[str, dict], ks: list[int]) -> 
 
 def write_report(summary: dict, out: Path, ks: list[int], title: str) -> None:
     """summary.json, summary.md and pass_at_k.png in OUT."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     names = [f"pass@{k}" for k in ks]
     lines = [f"# HumanEval: {title}", "",
              "| prompt | temperature | problems | n | " + " | ".join(names) + " | passed | failed | timed out | error |",
@@ -290,16 +291,15 @@ def write_report(summary: dict, out: Path, ks: list[int], title: str) -> None:
     if summary.get("refused_samples"):
         lines += ["", f"{summary['refused_samples']} samples were refused by the server (finish_reason "
                       "\"error: ...\" in samples.jsonl) and count as failed."]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
     _plot(summary, out / "pass_at_k.png", names, title)
 
 
 def _plot(summary: dict, path: Path, names: list[str], title: str) -> None:
-    # Deferred: heavy, and only the report's plot needs it
+    # Deferred: heavy (and an optional extra), and only the report's plot needs it
     import matplotlib
 
-    matplotlib.use("Agg")
-    # Deferred: heavy, and only the report's plot needs it
+    matplotlib.use("Agg")  # no display: before pyplot picks a backend
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))

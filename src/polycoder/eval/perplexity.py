@@ -59,16 +59,15 @@ from tqdm import tqdm
 
 from polycoder.checkpoint import load
 from polycoder.corpus import iter_documents
-from polycoder.data.languages import POLYCODER_LANGUAGES, language_candidates, pygments_token_count
+from polycoder.data.languages import MAX_FILE_BYTES, POLYCODER_LANGUAGES, language_candidates, pygments_token_count
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint
+from polycoder.files import write_text
 from polycoder.options import Fields, ModelOptions
 from polycoder.tokenizer import Tokenizer, load_tokenizer
 
 LANGUAGES = tuple(POLYCODER_LANGUAGES)
 """The language folders read (the paper's 12 languages)."""
-MAX_FILE_BYTES = 1 << 20
-"""Larger files are not scored (PolyCoder's and the collector's 1 MB limit)."""
 
 
 @dataclass
@@ -281,7 +280,7 @@ def _table(results: dict[str, dict[str, dict]], field: str, langs: list[str]) ->
 
 def write_report(results: dict[str, dict[str, dict]], out: Path) -> None:
     """perplexity.json, perplexity.md and perplexity.png (grouped bars, like Figure 6)."""
-    (out / "perplexity.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(out / "perplexity.json", json.dumps(results, indent=2) + "\n")
     models = list(results)
     langs = sorted({lang for r in results.values() for lang in r})
     lines = ["# Perplexity per language", "",
@@ -303,14 +302,12 @@ def write_report(results: dict[str, dict[str, dict]], out: Path) -> None:
             lines.append(f"| {m} | {lang} | {r['files']} | {r['model_tokens']} | {r['pygments_tokens']} | "
                          f"{f(r['loss'])} | {f(r['pygments_perplexity'])} | {f(r['token_perplexity'])} | "
                          f"{f(r['bits_per_byte'])} |")
-    (out / "perplexity.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "perplexity.md", "\n".join(lines) + "\n")
 
-    # matplotlib is an optional extra (eval, train) and slow to import: only the plot needs it.
-    # Deferred: heavy, and only the report's plot needs it
+    # Deferred: heavy (and an optional extra), and only the report's plot needs it
     import matplotlib
 
-    matplotlib.use("Agg")
-    # Deferred: heavy, and only the report's plot needs it
+    matplotlib.use("Agg")  # no display: before pyplot picks a backend
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, len(langs) * 0.9), 4))

@@ -40,8 +40,9 @@ import torch
 from safetensors.torch import load_file
 
 from polycoder.checkpoint import load_model, load_weights, save_checkpoint
-from polycoder.data.languages import language_of
+from polycoder.data.languages import MAX_FILE_BYTES, language_of
 from polycoder.errors import PolycoderError
+from polycoder.files import write_text
 from polycoder.locate import resolve
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import init_distributed, shutdown
@@ -74,7 +75,7 @@ def read_texts(path: str | Path) -> list[str]:
     if path.is_dir():
         texts = []
         for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            if language_of(p.name) is None or p.stat().st_size > 1 << 20:
+            if language_of(p.name) is None or p.stat().st_size > MAX_FILE_BYTES:
                 continue
             try:
                 texts.append(p.read_text(encoding="utf-8"))
@@ -132,7 +133,7 @@ def save_adapter(pm, tokenizer, folder: str | Path) -> Path:
     cfg_path = folder / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["auto_mapping"] = None
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    write_text(cfg_path, json.dumps(cfg, indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder

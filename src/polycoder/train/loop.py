@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from polycoder.backend import Backend, choose
 from polycoder.errors import PolycoderError
+from polycoder.files import write_text
 from polycoder.model import GPTNeoX
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist, wrap_model
@@ -398,7 +399,7 @@ class Trainer:
             self.load_state(resume_from)
         if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "settings.json").write_text(json.dumps(self.s.to_dict(), indent=2))
+            write_text(self.run_dir / "settings.json", json.dumps(self.s.to_dict(), indent=2))
         logger = MetricsLogger(self.run_dir, self.d.is_main, run.tensorboard,
                                resume_step=self.step if resume_from is not None else None)
         bar = None
@@ -462,7 +463,7 @@ class Trainer:
 
     def _write_summary(self, r: FitResult) -> None:
         d = {k: v for k, v in asdict(r).items() if k != "losses"}
-        (self.run_dir / "summary.json").write_text(json.dumps(d, indent=2))
+        write_text(self.run_dir / "summary.json", json.dumps(d, indent=2))
         png = plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", self.description)
         rows = [("steps", f"{r.steps} / {self.s.run.max_steps}"), ("tokens", f"{r.tokens:,}"),
                 ("time (this call)", f"{r.seconds:.1f} s"), ("tokens/s", f"{r.tokens_per_s:,.0f}"),
@@ -472,7 +473,7 @@ class Trainer:
         md = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
         if png:
             md += f"\n![loss curve]({png.name})\n"
-        (self.run_dir / "summary.md").write_text(f"# {self.description}\n\n{md}")
+        write_text(self.run_dir / "summary.md", f"# {self.description}\n\n{md}")
         print("\n" + "\n".join(f"{k:>24}: {v}" for k, v in rows))
 
 

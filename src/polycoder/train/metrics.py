@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from polycoder.files import write_text
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
@@ -33,10 +35,10 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            write_text(self.path, "")
         else:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = self.path.open("a")
         if tensorboard:
             try:  # deferred: the train extra's TensorBoard writer, only when asked for
@@ -70,8 +72,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     try:  # deferred: heavy, and only the report's plot needs it
         import matplotlib
 
-        matplotlib.use("Agg")
-        # Deferred: heavy, and only the report's plot needs it
+        matplotlib.use("Agg")  # no display: before pyplot picks a backend
         import matplotlib.pyplot as plt
     except ImportError:
         return None

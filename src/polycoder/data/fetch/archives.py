@@ -31,8 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from polycoder.data.fetch.manifest import Source
-
-MAX_FILE_BYTES = 1 << 20  # PolyCoder drops files over 1 MB
+from polycoder.data.languages import MAX_FILE_BYTES
 
 
 class UnsafeMember(Exception):

@@ -17,10 +17,9 @@ import hashlib
 import json
 from pathlib import Path
 
-LANGUAGES = (
-    "C", "C#", "C++", "Go", "Java", "JavaScript", "PHP", "Python", "Ruby", "Rust", "Scala",
-    "TypeScript",
-)
+from polycoder.data.languages import POLYCODER_LANGUAGES
+
+LANGUAGES = tuple(POLYCODER_LANGUAGES)
 KINDS = ("deb", "deb-src", "npm", "pypi")
 SPLITS = ("train", "heldout")
 # Default leading path components stripped from an archive's member names, by kind:
