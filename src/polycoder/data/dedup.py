@@ -6,13 +6,19 @@ first in (repository, path) order, so the choice does not depend on the order of
 Near: as The Stack (Kocetkov et al. 2022, BigCode's near-dedup): a file is the set of its
 5-token shingles, tokens being runs of `[A-Za-z0-9_]` (all else is a separator); MinHash
 (Broder 1997) with `num_perm` hash functions estimates the Jaccard similarity of two sets;
-LSH (Indyk & Motwani; bands x rows chosen like datasketch's `_optimal_param` to balance
-false positives and negatives at `threshold`) finds candidate pairs; candidates whose
-estimated Jaccard (fraction of equal MinHash values) is below `threshold` are dropped
-(The Stack kept every LSH candidate; verifying removes most false positives); clusters are
-the connected components of the remaining pairs; each cluster keeps its first file in
-(repository, path) order. Our own numpy implementation (no datasketch/scipy dependency),
-checked in the tests against exact Jaccard on random sets.
+LSH (Indyk & Motwani) finds candidate pairs: two files are candidates when all `rows`
+MinHash values of one of `bands` bands agree, which happens with probability
+1 - (1 - s^rows)^bands for Jaccard s. The bands are chosen for recall: a pair at the
+threshold is a candidate with probability at least `LSH_RECALL` (0.995), and among such
+choices the one with the fewest candidates below the threshold (`lsh_params`). Balancing
+false positives against false negatives instead (datasketch's `_optimal_param`, which we
+used before) leaves a pair at the threshold a candidate only about half the time. The
+candidates are then verified: a pair joins when its estimated Jaccard (the fraction of
+equal MinHash values) reaches the threshold, every pair within an LSH bucket checked (The
+Stack kept every candidate). Clusters are the connected components of the joined pairs;
+each keeps its first file in (repository, path) order. Our own numpy implementation (no
+datasketch/scipy dependency), checked in the tests against exact Jaccard on random sets
+and on planted pairs of known similarity (benchmarks/near_dedup.py measures the same).
 
 Hashes: a token's hash is the first 8 bytes of its BLAKE2b digest (the same in every
 process, unlike Python's `hash`); a shingle's is a fixed linear combination of its
@@ -20,7 +26,12 @@ tokens' hashes modulo 2^64, folded to 32 bits; the permutations are multiply-add
 hashes `((a*x + b) mod 2^64) >> 32` with seeded odd `a`.
 
 Limits: connected components may chain (A~B, B~C, A not ~ C): all but one are removed,
-as in The Stack. Files with fewer than 5 tokens are one shingle of all their tokens.
+as in The Stack. Files with fewer than 5 tokens are one shingle of all their tokens. The
+estimate itself has a standard deviation of sqrt(s (1 - s) / num_perm) (0.03 at s = 0.85
+with 128 functions), so a pair just above the threshold is joined only about half the
+time, and one a few deviations above it almost always. A bucket of more than
+`EXHAUSTIVE_BUCKET` files (many near copies of one file) checks each file against one
+member of each cluster found so far in it instead of against every member.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -111,16 +123,31 @@ def _integrate(f, a: float, b: float, n: int = 200) -> float:
     return float(np.sum((ys[1:] + ys[:-1]) / 2) * (b - a) / n)
 
 
-def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
-    """(bands, rows) minimising the weighted false-positive and false-negative areas (as datasketch)."""
-    best, best_err = (1, num_perm), float("inf")
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            fp = _integrate(lambda s, r=r, b=b: 1 - (1 - s ** r) ** b, 0.0, threshold, 40)
-            fn = _integrate(lambda s, r=r, b=b: 1 - (1 - (1 - s ** r) ** b), threshold, 1.0, 40)
-            err = fp * fp_weight + fn * fn_weight
-            if err < best_err:
-                best, best_err = (b, r), err
+LSH_RECALL = 0.995
+"""The least probability that a pair exactly at the threshold becomes an LSH candidate."""
+EXHAUSTIVE_BUCKET = 2048
+"""Buckets up to this size check every pair of members; larger ones, one member a cluster."""
+
+
+def candidate_probability(s: float, bands: int, rows: int) -> float:
+    """The probability that two files of Jaccard similarity s share a band: 1 - (1 - s^rows)^bands."""
+    return 1.0 - (1.0 - s ** rows) ** bands
+
+
+@lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int, recall: float = LSH_RECALL) -> tuple[int, int]:
+    """(bands, rows), bands * rows <= num_perm: of those that make a pair at `threshold` a
+    candidate with probability >= `recall`, the one with the least candidate probability
+    integrated over similarities below the threshold (the fewest pairs to verify); if none
+    reaches `recall` (few hash functions), the one that comes closest."""
+    best, best_key = (num_perm, 1), None
+    for r in range(1, num_perm + 1):
+        for b in range(1, num_perm // r + 1):
+            at = candidate_probability(threshold, b, r)
+            below = _integrate(lambda s, r=r, b=b: candidate_probability(s, b, r), 0.0, threshold, 40)
+            key = (0, below) if at >= recall else (1, -at)
+            if best_key is None or key < best_key:
+                best, best_key = (b, r), key
     return best
 
 
@@ -158,17 +185,30 @@ def near_duplicate_clusters(signatures: np.ndarray, threshold: float, bands: int
             members = members[~empty[members]]
             if len(members) < 2:
                 continue
-            first = members[0]
-            if verify:
-                sim = np.mean(sigs[members[1:]] == sigs[first], axis=1)
-                others = members[1:][sim >= threshold]
-            else:
-                others = members[1:]
-            for j in others:
-                ra, rb = find(int(first)), find(int(j))
+            labels = _bucket_clusters(sigs[members], threshold) if verify else np.zeros(len(members), dtype=np.int64)
+            for j, label in zip(members, labels):
+                ra, rb = find(int(members[label])), find(int(j))
                 if ra != rb:
                     parent[max(ra, rb)] = min(ra, rb)
     return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def _bucket_clusters(block: np.ndarray, threshold: float) -> np.ndarray:
+    """For the signatures [m, num_perm] of one LSH bucket: each member's cluster, as the index
+    of the cluster's first member, joining the pairs whose estimated Jaccard reaches the
+    threshold (every pair; in a bucket over EXHAUSTIVE_BUCKET, each member against the first
+    member of each cluster so far)."""
+    m = len(block)
+    label = np.arange(m)
+    exhaustive = m <= EXHAUSTIVE_BUCKET
+    for i in range(1, m):
+        earlier = np.arange(i) if exhaustive else np.unique(label[:i])
+        sim = np.mean(block[earlier] == block[i], axis=1)
+        joined = np.unique(label[earlier[sim >= threshold]])
+        if len(joined):
+            label[np.isin(label, joined)] = joined[0]  # joined[0]: the smallest, the earliest first member
+            label[i] = joined[0]
+    return label
 
 
 def exact_duplicates(sha256: list[str]) -> np.ndarray:

@@ -23,10 +23,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from polycoder.corpus import count_documents, index_key, iter_documents, read_index
-from polycoder.data.dedup import MinHashParams, estimated_jaccard, lsh_params, minhash
+from polycoder.data.dedup import MinHashParams, NearIndex, minhash
 from polycoder.errors import PolycoderError
 from polycoder.eval.humaneval import load_problems
 from polycoder.eval.perplexity import LANGUAGES, read_documents
@@ -66,29 +67,20 @@ def data_items(data: Path) -> list[dict]:
 
 def near_duplicates(items: list[dict], corpus: Path, threshold: float) -> list[dict]:
     """(item, training file, estimated Jaccard) for pairs at or above threshold."""
+    if not items:
+        return []
     params = MinHashParams(threshold=threshold)
     perms = params.permutations()
-    bands, rows = lsh_params(threshold, params.num_perm)
-    sigs = [minhash(it["text"], params, perms) for it in items]
-    buckets: dict[tuple, list[int]] = {}
-    for i, sig in enumerate(sigs):
-        for b in range(bands):
-            buckets.setdefault((b, sig[b * rows:(b + 1) * rows].tobytes()), []).append(i)
+    index = NearIndex(np.stack([minhash(it["text"], params, perms) for it in items]), threshold)
     found = []
     split = None if list(Path(corpus).glob("*.parquet")) else "train"
     total = count_documents(corpus, split)
     for doc in tqdm(iter_documents(corpus, split=split, columns=["repo", "path", "language", "text"]),
                     total=total, desc="near duplicates", unit="file", file=sys.stderr):
-        sig = minhash(doc["text"], params, perms)
-        candidates = set()
-        for b in range(bands):
-            candidates.update(buckets.get((b, sig[b * rows:(b + 1) * rows].tobytes()), ()))
-        for i in candidates:
-            j = float(estimated_jaccard(sigs[i], sig))
-            if j >= threshold:
-                found.append({"set": items[i]["set"], "name": items[i]["name"],
-                              "training_file": index_key(doc["language"], doc["repo"], doc["path"]),
-                              "jaccard": round(j, 4)})
+        for i, j in index.query(minhash(doc["text"], params, perms)):
+            found.append({"set": items[i]["set"], "name": items[i]["name"],
+                          "training_file": index_key(doc["language"], doc["repo"], doc["path"]),
+                          "jaccard": round(j, 4)})
     return found
 
 
