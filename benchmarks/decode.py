@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -60,6 +59,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 from transformers import GPTNeoXForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,26 +81,6 @@ ENGINES = ["ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "hf-fp32", "hf-bf
 # Bytes a weight of a linear layer takes, per engine (scales included: q8_0 is 34 bytes a
 # block of 32; int4 here has a bf16 scale and offset a group of 32).
 BYTES_PER_WEIGHT = {"fp32": 4, "f32": 4, "bf16": 2, "f16": 2, "int8": 1 + 2 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 32}
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
-                "avx_vnni", "asimd", "sve", "asimddp", "bf16", "i8mm")
-
-
-def cpu_description() -> dict:
-    """The CPU's model name and the vector features that decide our kernels' paths."""
-    name, flags = "", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model") and not name:
-                name = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": name or platform.processor() or platform.machine(),
-            "features": [f for f in CPU_FEATURES if f in flags]}
-
-
 # ---- measurements -------------------------------------------------------------------------
 
 

@@ -13,9 +13,9 @@ near_duplicate_clusters` on the same MinHash signatures (128 functions):
 
 For each bin of exact similarity the table gives the share of pairs joined (recall above the
 threshold, false joins below it), then the candidate pairs LSH produced and the clustering
-time (this machine's, and a shared one: compare the two columns of one run).
+time (this machine's, and a shared one: compare the two rows of one run).
 
-    python benchmarks/near_dedup.py --json near_dedup.json
+    python benchmarks/near_dedup.py --json docs/benchmarks/near-dedup-DATE.json
 
 Writes JSON (and Markdown next to it); prints a table. Nothing here is asserted; the test
 with the same construction is tests/test_data_dedup.py.
@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_description
 
 from polycoder.data.dedup import (
     MinHashParams,
@@ -101,10 +101,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    results = {"cpu": platform.processor() or platform.machine(), "pairs": args.pairs, "unrelated": args.unrelated,
+    results = {"cpu": cpu_description(), "pairs": args.pairs, "unrelated": args.unrelated,
                "tokens": args.tokens, "num_perm": MinHashParams().num_perm, "runs": []}
     lines = [f"# Near-duplicate recall on planted pairs ({args.pairs} pairs, {args.unrelated} unrelated files, "
-             f"{args.tokens} tokens a file, 128 MinHash functions)", ""]
+             f"{args.tokens} tokens a file, {results['num_perm']} MinHash functions; CPU {results['cpu']['model']})", ""]
     for threshold in (float(t) for t in args.thresholds.split(",")):
         params = MinHashParams(threshold=threshold)
         perms = params.permutations()

@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import httpx
 import torch
+from machine import cpu_description
+from server import start_server
 from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,31 +71,10 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, batch: int, context: int, device: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "polycoder", "serve", "--model", str(model), "--port", str(port),
-           "--max-batch-size", str(batch), "--max-queue", "1024", "--max-context", str(context),
-           "--device", device, "--log-level", "warning", "--model-name", "bench"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server failed: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    sys.exit("server did not start in 300 s")
+def start(model: Path, batch: int, context: int, device: str) -> tuple[subprocess.Popen, str]:
+    return start_server("--model", str(model), "--max-batch-size", str(batch), "--max-queue", "1024",
+                        "--max-context", str(context), "--device", device, "--log-level", "warning",
+                        "--model-name", "bench")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
@@ -186,7 +166,7 @@ def main() -> None:
     model_dir = args.model or build_model(args.work)
     prompts = make_prompts(args.requests)
     rows, texts = [], {}
-    proc, url = start_server(model_dir, max(args.concurrency), args.max_context, args.device)
+    proc, url = start(model_dir, max(args.concurrency), args.max_context, args.device)
     try:
         asyncio.run(run_level(url, prompts[:2], 4, 2))  # warm-up
         for c in args.concurrency:
@@ -217,8 +197,9 @@ def main() -> None:
     print("\n".join(lines))
     print(f"greedy texts equal to the one-after-another run: {same}")
     report = {"model": str(model_dir), "device": args.device, "max_tokens": args.max_tokens,
-              "max_context": args.max_context, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                           "load_avg": os.getloadavg()},
+              "max_context": args.max_context,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_description(),
+                          "load_avg": os.getloadavg()},
               "rows": rows, "greedy_texts_equal": same}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -32,24 +32,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+from machine import cpu_description
+from server import start_server
 
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -59,35 +51,18 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_server(model: str | None, batch: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "polycoder", "serve", "--port", str(port), "--api-key", KEY,
-           "--max-batch-size", str(batch), "--model-name", "bench", "--log-level", "warning"]
-    if model:
-        cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server failed: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    sys.exit("server did not start in 300 s")
-
-
 def raw(body: str) -> dict:
     return {"content": body.encode("utf-8", "surrogatepass"), "headers": {"Content-Type": "application/json", **AUTH}}
 
 
+BIG = "x" * (5 << 20)  # over the 2 MiB default limit
+LONG_PROMPT = "def f():\n    return 1\n" * 45000  # 1M characters: inside the limit, far over any context
+NESTED = '{"prompt": ' + "[" * 100000 + "]" * 100000 + "}"
+
+
 def hostile_requests() -> list[tuple[str, str, str, dict, set[int]]]:
-    """(class, method path, description, httpx arguments, expected statuses)."""
-    big = "x" * (5 << 20)
+    """(class, method path, description, httpx arguments, expected statuses); made anew for
+    each round, as the chunked body is a generator."""
 
     async def chunked():
         for _ in range(10):
@@ -102,12 +77,12 @@ def hostile_requests() -> list[tuple[str, str, str, dict, set[int]]]:
         ("overflowing integers", "/v1/completions", "seed 2^70",
          {"json": {"prompt": "x", "seed": 2**70}, "headers": AUTH}, {400}),
         ("overflowing integers", "/v1/completions", "n 1e20", {"json": {"prompt": "x", "n": 10**20}, "headers": AUTH}, {400}),
-        ("oversized body", "/v1/completions", "5 MB declared", {"json": {"prompt": big}, "headers": AUTH}, {413}),
+        ("oversized body", "/v1/completions", "5 MB declared", {"json": {"prompt": BIG}, "headers": AUTH}, {413}),
         ("oversized body", "/v1/completions", "10 MB chunked", {"content": chunked(), "headers": AUTH}, {413}),
         ("prompt over the context", "/v1/completions", "1M characters",
-         {"json": {"prompt": "def f():\n    return 1\n" * 45000, "max_tokens": 4}, "headers": AUTH}, {400}),
+         {"json": {"prompt": LONG_PROMPT, "max_tokens": 4}, "headers": AUTH}, {400}),
         ("malformed JSON", "/v1/completions", "lone surrogate", raw('{"prompt": "\\ud800"}'), {400}),
-        ("malformed JSON", "/v1/completions", "nesting 100000", raw('{"prompt": ' + "[" * 100000 + "]" * 100000 + "}"), {400}),
+        ("malformed JSON", "/v1/completions", "nesting 100000", raw(NESTED), {400}),
         ("malformed JSON", "/v1/completions", "5000-digit integer", raw('{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}"),
          {400}),
         ("no key", "/v1/completions", "no Authorization", {"json": {"prompt": "x", "max_tokens": 2}}, {401}),
@@ -117,7 +92,9 @@ def hostile_requests() -> list[tuple[str, str, str, dict, set[int]]]:
 
 
 async def main_async(args) -> dict:
-    proc, url = start_server(args.model, args.max_batch_size)
+    serve_args = ["--api-key", KEY, "--max-batch-size", str(args.max_batch_size), "--model-name", "bench",
+                  "--log-level", "warning"]
+    proc, url = start_server(*serve_args, *(["--model", args.model] if args.model else []))
     pid = proc.pid
     await asyncio.sleep(2)
     rss_before = rss_mb(pid)
@@ -213,7 +190,7 @@ async def main_async(args) -> dict:
         classes.append({"class": cls, "route": path, "request": desc, "statuses": dict(counter),
                         "as_expected": set(counter) <= expected[key]})
     return {
-        "cpu": platform.processor() or platform.machine(), "streams": args.streams, "max_tokens": args.max_tokens,
+        "cpu": cpu_description(), "streams": args.streams, "max_tokens": args.max_tokens,
         "stream_finishes": dict(Counter(finishes)), "streams_ok": sum(f in ("stop", "length") for f in finishes),
         "stream_wall_s": wall, "health_polls": len(health), "health_failures": len(health) - len(health_ok),
         "health_max_s": max(health_ok, default=float("nan")), "rss_before_mb": rss_before,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_line
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -174,7 +174,7 @@ def main() -> None:
         r["vs_transformers_fp32"] = r["tokens_per_s"] / base["fp32"] if "fp32" in base else None
 
     print(f"\n{args.preset}, batch {B} x {T}, {args.threads} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, training backend {choose('cpu')}")
+          f"{cpu_line()}, training backend {choose('cpu')}")
     print("measured GEMM peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
           + f"; {flops_tok / 1e6:.0f} MFLOP a token")
     ours_loss = {r["precision"]: r["losses"] for r in rows if r["impl"] == "ours"}

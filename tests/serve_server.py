@@ -58,3 +58,14 @@ class Server:
             self.proc.wait()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
+
+
+def post(server: Server, body, path: str = "/v1/completions", **kw) -> httpx.Response:
+    """POST a JSON body to the server."""
+    return httpx.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def still_serves(server: Server) -> None:
+    """The server answers an ordinary request (after whatever the test sent it)."""
+    r = post(server, {"prompt": "ok", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"

@@ -56,7 +56,10 @@ def lm_eval_requests(tokens: list[int], prefix: int, L: int) -> list[tuple[list[
     """lm-eval's rolling log-likelihood requests for `tokens`, and the model input its Hugging
     Face backend builds for each: (input ids, continuation scored on the last positions).
     Written from lm-eval's method: get_rolling_token_windows(context_len=1), then
-    make_disjoint_window, then input = (context + continuation)[-(L + 1):][:-1]."""
+    make_disjoint_window, then input = (context + continuation)[-(L + 1):][:-1]. The window
+    loop follows lm-eval's the same way `rolling_windows` does, so comparing with this checks
+    the disjoint-window and input slicing; the windows themselves are checked against
+    lm-eval's own worked example (test_rolling_windows_are_lm_evals)."""
     windows, done = [], 0
     first = min(L, len(tokens))
     windows.append(([prefix] + tokens[: first - 1], tokens[:first]))

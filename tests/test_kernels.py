@@ -92,7 +92,7 @@ def _decode_logits(model, x, prompt_len: int, native: bool):
     decode step (or PyTorch's); all logits [B, T, V]."""
     B, T = x.shape
     cache = model.new_cache(B, T + 1)
-    step = NativeDecode(model, cache) if native else EagerDecode(model, cache, layout=False)
+    step = NativeDecode(model, cache) if native else EagerDecode(model, cache)
     with torch.no_grad():
         out = [model(x[:, :prompt_len], pos=torch.arange(prompt_len)[None].expand(B, -1), cache=cache)]
         for t in range(prompt_len, T):
@@ -189,7 +189,7 @@ def test_rows_at_different_positions():
     logits = []
     for native in (False, True):
         cache = model.new_cache(2, 16)
-        step = NativeDecode(model, cache) if native else EagerDecode(model, cache, layout=False)
+        step = NativeDecode(model, cache) if native else EagerDecode(model, cache)
         with torch.no_grad():
             model(a[:, :10], pos=torch.arange(10)[None], cache=CacheRows(cache, 0, 1))
             model(b[:, :4], pos=torch.arange(4)[None], cache=CacheRows(cache, 1, 2))

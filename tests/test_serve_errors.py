@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from serve_server import Server  # noqa: E402
+from serve_server import Server, post, still_serves  # noqa: E402
 
 CONTEXT = 256  # test-tiny's context
 
@@ -23,15 +23,6 @@ def server(tiny_folder, tmp_path_factory):
     s = Server(tiny_folder, "--max-batch-size", "4", log=tmp_path_factory.mktemp("log") / "server.log")
     yield s
     s.stop()
-
-
-def post(server, body, path="/v1/completions", **kw):
-    return httpx.post(server.url + path, json=body, timeout=60, **kw)
-
-
-def still_serves(server):
-    r = post(server, {"prompt": "ok", "max_tokens": 2, "temperature": 0})
-    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def error_of(r, status, *words):

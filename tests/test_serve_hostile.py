@@ -26,7 +26,7 @@ from polycoder.generation import Engine, SamplingParams, Sequence, sample_genera
 
 pytest.importorskip("fastapi")
 
-from serve_server import Server  # noqa: E402
+from serve_server import Server, post, still_serves  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,6 @@ def server(tiny_folder, tmp_path_factory):
     s.stop()
 
 
-def post(server, body, path="/v1/completions", **kw):
-    return httpx.post(server.url + path, json=body, timeout=60, **kw)
-
-
 def error_message(r, status):
     assert r.status_code == status, r.text
     if r.request.url.path.startswith("/api/"):
@@ -48,11 +44,6 @@ def error_message(r, status):
     err = r.json()["error"]
     assert err["type"] in ("invalid_request_error", "server_error")
     return err["message"]
-
-
-def still_serves(server):
-    r = post(server, {"prompt": "ok", "max_tokens": 2, "temperature": 0})
-    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_huge_integers_are_refused_at_the_edge_while_others_stream(server):

@@ -258,7 +258,7 @@ class GPTNeoX(nn.Module):
         and the loss so that the [B*T, V] logits are never kept).
         `ops`: the operations of this call (default: `self.ops`).
         """
-        ops = ops or self.ops
+        ops = ops if ops is not None else self.ops
         B, T = input_ids.shape
         if cache is not None:
             if pos is None:

@@ -33,7 +33,7 @@ import torch
 from polycoder import kernels
 from polycoder.backend import onednn
 from polycoder.backend.cuda_graphs import StaticDecode
-from polycoder.backend.decode import CompiledDecode, DecodeStep, EagerDecode
+from polycoder.backend.decode import CompiledDecode, DecodeStep, EagerDecode, decode_layout
 from polycoder.backend.few_rows import FEW_ROW_OPS
 from polycoder.backend.native_decode import NativeDecode
 from polycoder.backend.train_ops import TrainOps
@@ -61,8 +61,8 @@ class Backend:
     def prefill_ops(self, device: str | torch.device) -> Ops:
         """The operations of the engine's prefill on `device` (`polycoder.ops`): native
         products of a few rows (every prompt's output head, short prompts) where the native
-        kernels run, else the model's own."""
-        return FEW_ROW_OPS if self.native_kernels and torch.device(device).type == "cpu" else TORCH_OPS
+        kernels run, else plain PyTorch (`TorchOps`)."""
+        return FEW_ROW_OPS if self._native_on(device) else TORCH_OPS
 
     def decode_step(self, model: GPTNeoX, cache: KVCache, compile: bool = False,
                     static_shapes: bool | None = None) -> DecodeStep:
@@ -78,9 +78,12 @@ class Backend:
             return StaticDecode(model, cache, graphs=on_gpu)
         if compile:
             return CompiledDecode(model, cache)
-        if self.native_kernels and cache.k[0].device.type == "cpu":
+        if self._native_on(cache.k[0].device):
             return NativeDecode(model, cache)
-        return EagerDecode(model, cache)
+        return EagerDecode(decode_layout(model), cache)
+
+    def _native_on(self, device: str | torch.device) -> bool:
+        return self.native_kernels and torch.device(device).type == "cpu"
 
 
 PLAIN = Backend()

@@ -49,14 +49,12 @@ def decode_one_token(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: 
 
 
 class EagerDecode:
-    """The model's own cached forward, with the CPU tuning of the module docstring
-    (`layout=False` leaves the weights' layout alone; `ops`: the model's operations for
-    these steps, default its own)."""
+    """The model's own cached forward, with the single-row bf16 tuning of the module
+    docstring (`ops`: the model's operations for these steps, default its own). The weight
+    layout is the caller's: `Backend.decode_step` applies `decode_layout` first."""
 
-    def __init__(self, model: GPTNeoX, cache: KVCache, layout: bool = True, ops: Ops | None = None):
+    def __init__(self, model: GPTNeoX, cache: KVCache, ops: Ops | None = None):
         self.model, self.cache, self.ops = model, cache, ops
-        if layout:
-            decode_layout(model)
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         with single_row_bf16_kernels(self.model, x.size(0)):
@@ -85,32 +83,27 @@ class CompiledDecode:
         return CompiledDecode._compiled(self.model, x, pos, self.cache, kv_len)
 
 
-@torch.no_grad()
 def decode_layout(model: nn.Module) -> nn.Module:
     """Store fp32 CPU linear weights transposed (same shape, names and values): faster gemv.
-
     Idempotent; a tied input embedding follows its head."""
-    moved: dict[int, nn.Parameter] = {}
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
-            if m.weight.is_contiguous():
-                new = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=m.weight.requires_grad)
-                moved[id(m.weight)] = new
-                m.weight = new
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) and id(m.weight) in moved:
-            m.weight = moved[id(m.weight)]
-    return model
+    return _relayout(model, lambda w: w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous(),
+                     lambda w: w.t().contiguous().t())
 
 
-@torch.no_grad()
 def standard_layout(model: nn.Module) -> nn.Module:
     """Undo `decode_layout`: linear weights stored contiguous again (same shape, names and
     values). Idempotent; a tied input embedding follows its head."""
+    return _relayout(model, lambda w: not w.is_contiguous(), lambda w: w.contiguous())
+
+
+@torch.no_grad()
+def _relayout(model: nn.Module, wants, make) -> nn.Module:
+    """Replace each linear weight for which wants(weight) by make(weight) (a new Parameter of
+    the same values); an embedding tied to a replaced weight follows it."""
     moved: dict[int, nn.Parameter] = {}
     for m in model.modules():
-        if isinstance(m, nn.Linear) and not m.weight.is_contiguous():
-            new = nn.Parameter(m.weight.detach().contiguous(), requires_grad=m.weight.requires_grad)
+        if isinstance(m, nn.Linear) and wants(m.weight):
+            new = nn.Parameter(make(m.weight.detach()), requires_grad=m.weight.requires_grad)
             moved[id(m.weight)] = new
             m.weight = new
     for m in model.modules():

@@ -1,12 +1,14 @@
 """Products of a few rows on the CPU through the native weight-streaming kernel.
 
 A product of up to `kernels.MAX_ROWS` rows without gradients is bound by reading the
-weight once; `polycoder.kernels.linear` streams fp32, bf16 and int8 weights faster than
-PyTorch's F.linear (and takes int8 weights without rounding the activations to bf16, as
-`torch._weight_int8pack_mm` does). `FewRowOps` (`polycoder.ops.Ops`) sends those products
-there and everything else to PyTorch. It serves the engine's prefill (every prompt's
-output head, which is one row; all products of a prompt of up to 8 tokens) and the
-decode steps that the whole-stack native call does not take.
+weight once; `polycoder.kernels.linear` streams fp32, bf16 and int8 weights (int8 without
+rounding the activations to bf16, as `torch._weight_int8pack_mm` does). It is the product
+the native decode step's head has always used, and the one the prefill used before the
+restructuring; its speed is measured within whole steps (benchmarks/decode.py), not alone.
+`FewRowOps` (`polycoder.ops.Ops`) sends those products there and everything else to
+PyTorch. It serves the engine's prefill (every prompt's output head, which is one row; all
+products of a prompt of up to 8 tokens) and the decode steps of a few rows that the
+whole-stack native call does not take.
 """
 
 from __future__ import annotations

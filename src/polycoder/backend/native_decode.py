@@ -24,9 +24,8 @@ import torch.nn as nn
 
 from polycoder import kernels
 from polycoder.backend.decode import EagerDecode, standard_layout
-from polycoder.backend.few_rows import FEW_ROW_OPS, kernel_linear
-from polycoder.backend.few_rows import tensor_of as _tensor
-from polycoder.model import Block, GPTNeoX, KVCache, RotaryEmbedding
+from polycoder.backend.few_rows import FEW_ROW_OPS, kernel_linear, tensor_of
+from polycoder.model import TORCH_OPS, Block, GPTNeoX, KVCache, RotaryEmbedding
 
 
 def _fused_activation(act: nn.Module) -> str | None:
@@ -41,7 +40,10 @@ class NativeDecode:
     def __init__(self, model: GPTNeoX, cache: KVCache):
         self.model, self.cache = model, cache
         standard_layout(model)
-        self.fallback = EagerDecode(model, cache, layout=False, ops=FEW_ROW_OPS)
+        # Steps the one native call does not take: native products where they apply (a few
+        # rows), PyTorch's otherwise (more rows: the check per product would be wasted).
+        self.fallback_few_rows = EagerDecode(model, cache, ops=FEW_ROW_OPS)
+        self.fallback = EagerDecode(model, cache, ops=TORCH_OPS)
         # fp32 cos/sin tables built afresh: a bf16 model's own tables were rounded to bf16
         # by .to(dtype), and the kernels read fp32.
         self.rope = RotaryEmbedding(model.config)
@@ -59,12 +61,8 @@ class NativeDecode:
             if (stack is not None and cache.k[0].dtype == h.dtype
                     and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
                 y = stack.run(h.view(B, -1), cache.k, cache.v, pos[:, 0])  # [B, C]
-                return self._head(trunk.final_layer_norm(y)).float()  # [B, V]
-        return self.fallback(x, pos, kv_len)
-
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """The output head over h [B, C]: the native product where it applies."""
-        return FEW_ROW_OPS.linear(self.model.embed_out, h)
+                return FEW_ROW_OPS.linear(model.embed_out, trunk.final_layer_norm(y)).float()  # [B, V]
+        return (self.fallback_few_rows if B <= kernels.MAX_ROWS else self.fallback)(x, pos, kv_len)
 
     def _stack_plan(self, dtype: torch.dtype):
         layers = self.model.gpt_neox.layers
@@ -81,8 +79,8 @@ class NativeDecode:
         attn, mlp = mods["attention"]._modules, mods["mlp"]._modules
         linears = (attn["query_key_value"], attn["dense"], mlp["dense_h_to_4h"], mlp["dense_4h_to_h"])
         norms = (mods["input_layernorm"], mods["post_attention_layernorm"])
-        tensors = [_tensor(m, n) for m in linears for n in ("weight", "bias", "scale32")]
-        tensors += [_tensor(n, p) for n in norms for p in ("weight", "bias")]
+        tensors = [tensor_of(m, n) for m in linears for n in ("weight", "bias", "scale32")]
+        tensors += [tensor_of(n, p) for n in norms for p in ("weight", "bias")]
         key = tuple((id(t), t.data_ptr(), t.dtype) if t is not None else None for t in tensors)
         cached = self._plans.get(id(block))
         if cached is not None and cached[0] == key:
@@ -92,9 +90,9 @@ class NativeDecode:
         specs = [kernel_linear(m) for m in linears]
         if (activation is not None and all(s is not None and s[0].is_contiguous() and s[0].dim() == 2
                                            and s[0].shape[0] >= 4 and s[0].device.type == "cpu" for s in specs)
-                and all(_tensor(n, "weight").dtype == dtype and _tensor(n, "bias") is not None for n in norms)
+                and all(tensor_of(n, "weight").dtype == dtype and tensor_of(n, "bias") is not None for n in norms)
                 and block.attention.head_size <= 512):
-            plan = kernels.BlockPlan([_tensor(n, p) for n in norms for p in ("weight", "bias")], norms[0].eps, specs,
+            plan = kernels.BlockPlan([tensor_of(n, p) for n in norms for p in ("weight", "bias")], norms[0].eps, specs,
                                      activation, block.parallel_residual, self.rope.cos, self.rope.sin,
                                      block.attention.n_head, linears[2].out_features)
         self._plans[id(block)] = (key, plan, tensors)  # tensors: keeps the ids in the key unique

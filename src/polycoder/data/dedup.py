@@ -113,14 +113,10 @@ def minhash(text: str, params: MinHashParams, perms: tuple[np.ndarray, np.ndarra
     return sig.astype(np.uint32)
 
 
-def estimated_jaccard(sig1: np.ndarray, sig2: np.ndarray) -> float:
-    return float(np.mean(sig1 == sig2))
-
-
-def _integrate(f, a: float, b: float, n: int = 200) -> float:
-    xs = np.linspace(a, b, n + 1)
-    ys = np.array([f(x) for x in xs])
-    return float(np.sum((ys[1:] + ys[:-1]) / 2) * (b - a) / n)
+def estimated_jaccard(sigs: np.ndarray, sig: np.ndarray) -> np.ndarray:
+    """The estimated Jaccard similarity of each signature of `sigs` [..., num_perm] with `sig`:
+    the fraction of equal MinHash values."""
+    return np.mean(sigs == sig, axis=-1)
 
 
 LSH_RECALL = 0.995
@@ -129,8 +125,9 @@ EXHAUSTIVE_BUCKET = 2048
 """Buckets up to this size check every pair of members; larger ones, one member a cluster."""
 
 
-def candidate_probability(s: float, bands: int, rows: int) -> float:
-    """The probability that two files of Jaccard similarity s share a band: 1 - (1 - s^rows)^bands."""
+def candidate_probability(s: float | np.ndarray, bands: int, rows: int) -> float | np.ndarray:
+    """The probability that two files of Jaccard similarity s (a number or an array) share a
+    band: 1 - (1 - s^rows)^bands."""
     return 1.0 - (1.0 - s ** rows) ** bands
 
 
@@ -140,12 +137,12 @@ def lsh_params(threshold: float, num_perm: int, recall: float = LSH_RECALL) -> t
     candidate with probability >= `recall`, the one with the least candidate probability
     integrated over similarities below the threshold (the fewest pairs to verify); if none
     reaches `recall` (few hash functions), the one that comes closest."""
-    best, best_key = (num_perm, 1), None
+    below = np.linspace(0.0, threshold, 41)
+    best, best_key = None, None
     for r in range(1, num_perm + 1):
         for b in range(1, num_perm // r + 1):
             at = candidate_probability(threshold, b, r)
-            below = _integrate(lambda s, r=r, b=b: candidate_probability(s, b, r), 0.0, threshold, 40)
-            key = (0, below) if at >= recall else (1, -at)
+            key = (0, np.trapezoid(candidate_probability(below, b, r), below)) if at >= recall else (1, -at)
             if best_key is None or key < best_key:
                 best, best_key = (b, r), key
     return best
@@ -183,8 +180,8 @@ def near_duplicate_clusters(signatures: np.ndarray, threshold: float, bands: int
         for s, m in zip(starts[sizes > 1], sizes[sizes > 1]):
             members = np.sort(order[s : s + m])
             members = members[~empty[members]]
-            if len(members) < 2:
-                continue
+            if len(members) < 2 or len({find(int(j)) for j in members}) == 1:
+                continue  # nothing to join (a large bucket of near copies comes back in every band)
             labels = _bucket_clusters(sigs[members], threshold) if verify else np.zeros(len(members), dtype=np.int64)
             for j, label in zip(members, labels):
                 ra, rb = find(int(members[label])), find(int(j))
@@ -203,7 +200,7 @@ def _bucket_clusters(block: np.ndarray, threshold: float) -> np.ndarray:
     exhaustive = m <= EXHAUSTIVE_BUCKET
     for i in range(1, m):
         earlier = np.arange(i) if exhaustive else np.unique(label[:i])
-        sim = np.mean(block[earlier] == block[i], axis=1)
+        sim = estimated_jaccard(block[earlier], block[i])
         joined = np.unique(label[earlier[sim >= threshold]])
         if len(joined):
             label[np.isin(label, joined)] = joined[0]  # joined[0]: the smallest, the earliest first member
@@ -249,6 +246,6 @@ class NearIndex:
         if not cand:
             return []
         ids = np.array(sorted(cand))
-        sim = np.mean(self.sigs[ids] == sig[None, :], axis=1)
+        sim = estimated_jaccard(self.sigs[ids], sig)
         hits = [(int(i), float(s)) for i, s in zip(ids, sim) if s >= self.threshold]
         return sorted(hits, key=lambda h: (-h[1], h[0]))

@@ -31,6 +31,7 @@ fine for tens of millions of files on one machine.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -78,6 +79,26 @@ def _quiet_datatrove_console() -> None:
     dlog.setup_default_logger = console_errors_only
     console_errors_only()
     base._polycoder_quiet = True
+
+
+try:  # deferred: the data extra's engine; run_tasks raises the install hint where it is missing
+    from datatrove.pipeline.base import PipelineStep
+except ImportError:
+    PipelineStep = object  # type: ignore[misc,assignment]
+
+
+class TaskStep(PipelineStep):
+    """A stage's task as a datatrove step: `run(data, rank, world_size)` does task `rank` of the
+    plan that the stage wrote to WORK_DIR/plan.json before starting its tasks."""
+
+    type = "polycoder"
+
+    def __init__(self, work_dir: str):
+        super().__init__()
+        self.work_dir = work_dir
+
+    def plan(self) -> dict:
+        return json.loads((Path(self.work_dir) / "plan.json").read_text())
 
 
 def _import_datatrove():

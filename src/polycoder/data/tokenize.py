@@ -26,11 +26,6 @@ from polycoder.options import POSITIONAL
 from polycoder.token_shards import HEADER_BYTES, MAGIC, VERSION, itemsize_for, write_shard
 from polycoder.tokenizer import Tokenizer
 
-try:  # deferred: the data extra's engine; engine.run_tasks raises the install hint
-    from datatrove.pipeline.base import PipelineStep
-except ImportError:
-    PipelineStep = object  # type: ignore[misc,assignment]
-
 
 @lru_cache(maxsize=4)
 def _cached_tokenizer(path: str) -> Tokenizer:
@@ -38,22 +33,17 @@ def _cached_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_pretrained(path)
 
 
-class TokenizeStep(PipelineStep):
+class TokenizeStep(engine.TaskStep):
     """One tokenize task: one input Parquet shard -> part shards of at most `shard_tokens` tokens."""
 
     name = "polycoder tokenize"
-    type = "polycoder"
-
-    def __init__(self, work_dir: str):
-        super().__init__()
-        self.work_dir = work_dir
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         # Deferred: the data extra's Parquet library, needed only where shards are read or written
         import pyarrow.parquet as pq
 
         work = Path(self.work_dir)
-        plan = json.loads((work / "plan.json").read_text())
+        plan = self.plan()
         split, src = plan["inputs"][rank]
         tok = _cached_tokenizer(plan["tokenizer"])
         for old in work.glob(f"part-{rank:05d}-*.bin"):

@@ -83,8 +83,10 @@ class Endpoint:
             self.api_key = os.environ.get("OPENAI_API_KEY")
         self._models = base + "/models"
         self._client = None
-        self._context: int | None | bool = False  # not asked yet
+        self._context: int | None = None
+        self._context_asked = False
         self._lock = threading.Lock()
+        self._context_lock = threading.Lock()
 
     def _http(self):
         # Deferred: the eval extra's HTTP client, for endpoints only
@@ -114,7 +116,14 @@ class Endpoint:
         return response.json()
 
     def context_length(self) -> int | None:
-        """The context (prompt + completion tokens) the server reports for its model, if any."""
+        """The context (prompt + completion tokens) the server reports for its model, if any
+        (asked once; threads that call meanwhile wait for that answer)."""
+        with self._context_lock:
+            if not self._context_asked:
+                self._context, self._context_asked = self._ask_context(), True
+            return self._context
+
+    def _ask_context(self) -> int | None:
         client, http_error = self._http()
         try:
             models = client.get(self._models).json().get("data") or []
@@ -131,10 +140,9 @@ class Endpoint:
                  stop: tuple[str, ...] = (), seed: int | None = None) -> list[tuple[str, str]]:
         """`n` completions of `prompt`: (text cut at the stop strings, finish_reason). While the
         server answers that prompt + max_tokens exceed its context, max_tokens is halved."""
-        if self._context is False:  # asked once (threads racing here ask the same thing)
-            self._context = self.context_length()
-        if self._context:  # the prompt takes at least one token
-            max_tokens = max(1, min(max_tokens, self._context - 1))
+        context = self.context_length()
+        if context:  # the prompt takes at least one token
+            max_tokens = max(1, min(max_tokens, context - 1))
         body = {"prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
                 "max_tokens": max_tokens, "stop": list(stop)[:4] if stop else None}
         if seed is not None:

@@ -55,6 +55,8 @@ from polycoder.options import ModelOptions
 
 STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
 PromptVariant = Literal["unstripped", "stripped"]
+FAILED = "error"
+"""finish_reason of a sample that was never generated ("error: WHY"): the endpoint refused it."""
 
 
 def load_problems(path: str | Path | None = None) -> dict[str, dict]:
@@ -168,7 +170,7 @@ def sample_endpoint(endpoint: str, endpoint_model: str | None, problems: dict[st
         try:
             return client.complete(prompt, num_samples, temp, top_p, max_new_tokens, STOP, seed=run_seed)
         except Refused as e:
-            return [("", f"error: {str(e)[:300]}")] * num_samples
+            return [("", f"{FAILED}: {str(e)[:300]}")] * num_samples
 
     try:
         with ThreadPoolExecutor(concurrency) as pool:
@@ -408,7 +410,7 @@ def humaneval(
     start = time.monotonic()
     results = verify(all_samples, problems, out, sandbox)
     summary = summarize(results, problems, list(k))
-    refused = sum(str(s.get("finish_reason") or "").startswith("error") for s in all_samples)
+    refused = sum(str(s.get("finish_reason") or "").startswith(FAILED) for s in all_samples)
     summary.update(source=title, sandbox=sandbox.isolation, memory=sandbox.memory_cap, refused_samples=refused,
                    seconds=round(time.monotonic() - start, 2))
     write_report(summary, out, list(k), title)

@@ -29,9 +29,10 @@ The namespaces: network (no interface but a loopback that is down), PID (the sam
 only its own processes, and all die with pid 1), mount (the private tmpfs mounts and /proc),
 IPC (System V shared memory, semaphores and message queues, and POSIX message queues, die
 with the sample instead of outliving it in the host's tables), UTS (its hostname is its
-own) and cgroup (it sees its cgroup as the root). Not a user namespace in "namespaces"
-mode (the sample runs under a uid of its own instead), and not a time namespace (the
-clocks are the host's: nothing to protect).
+own) and cgroup (its cgroup paths start at the evaluator's cgroup, where the namespace
+was made: it sees its own cgroup as /polycoder-sample-..., never the host's tree). Not a
+user namespace in "namespaces" mode (the sample runs under a uid of its own instead), and
+not a time namespace (the clocks are the host's: nothing to protect).
 
 In "user-namespaces" mode `unshare` also gets `--user --map-root-user`; in "rlimits" mode
 the launcher runs as a plain child (no unshare, no mounts).

@@ -166,10 +166,9 @@ def rolling_windows(tokens: list[int], prefix: int, L: int) -> list[tuple[list[i
     first = min(L, len(tokens))
     out = [([prefix] + tokens[: first - 1], tokens[:first])]
     done = first
-    while done < len(tokens):
-        n = min(len(tokens) - done, L)
-        end = done + n
-        out.append((tokens[max(0, end - L - 1) : end - 1], tokens[end - n : end]))
+    while done < len(tokens):  # the first window was full (done = L), so a full context precedes
+        end = min(len(tokens), done + L)
+        out.append((tokens[end - L - 1 : end - 1], tokens[done:end]))
         done = end
     return out
 
@@ -231,7 +230,7 @@ def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str,
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                break  # a line cut by an interrupted run: the rest is scored again
+                continue  # a line cut by an interrupted run (its file is scored again)
             if row.get("windowing") == WINDOWING:  # rows of another windowing are not reused
                 cache[row["sha256"] + "|" + row["language"]] = row
     cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -194,10 +194,15 @@ class Sandbox:
         return self._mode
 
     @property
+    def _cgroup_per_sample(self) -> bool:
+        # Only as real root: the sample's cgroup is made, and joined, with root's rights.
+        return self._cgroups is not None and self.isolation != "user-namespaces"
+
+    @property
     def memory_cap(self) -> str:
         """How the memory of a whole sample is bounded, in words (for reports)."""
         lim = self.limits
-        if self._cgroups is not None and self.isolation != "user-namespaces":
+        if self._cgroup_per_sample:
             return f"{lim.total_memory_bytes >> 20} MiB a sample (a memory cgroup, v{self._cgroups[1]})"
         return (f"no memory cgroup here: up to {lim.max_processes} processes x {lim.memory_bytes >> 20} MiB "
                 f"+ {lim.tmpfs_bytes >> 20} MiB of tmpfs")
@@ -278,7 +283,7 @@ class Sandbox:
             # RLIMIT_NPROC counts every task of the user: allow what it has now plus ours.
             nproc += tasks_of_uid(os.getuid())
         cgroup = None
-        if self._cgroups is not None and self._mode != "user-namespaces":
+        if self._cgroup_per_sample:
             try:
                 cgroup = MemoryCgroup.create(self._cgroups, lim.total_memory_bytes)
             except OSError as e:

@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import Request
 
 from polycoder.errors import PolycoderError
+from polycoder.generation.sampling import MAX_TOP_K
 from polycoder.model import GPTNeoX
 from polycoder.serve.engine_loop import EngineLoop
 from polycoder.serve.metrics import Metrics
@@ -107,13 +108,14 @@ class APIError(Exception):
 _MISSING = object()
 
 
-MAX_INT32 = 2**31 - 1
 MAX_STOP_CHARS = 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, at most `limit` bytes; any malformed body is a 400, a larger one a 413."""
+async def read_json(request: Request, state: ServerState) -> dict[str, Any]:
+    """The body as a JSON object, at most the server's --max-request-bytes; any malformed body
+    is a 400, a larger one a 413."""
+    limit = state.settings.max_request_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -216,7 +218,7 @@ def get_stop(body: dict, name: str = "stop", most: int = 16) -> tuple[str, ...]:
 
 def get_top_k(body: dict, default: int) -> int:
     """top_k: 0 (or -1, vLLM's spelling) means no limit; any k above the vocabulary is the same as none."""
-    return max(get_int(body, "top_k", default, -1, MAX_INT32), 0)
+    return max(get_int(body, "top_k", default, -1, MAX_TOP_K), 0)
 
 
 def get_seed(body: dict) -> int | None:

@@ -121,18 +121,22 @@ class Job:
     """(prompt, sample) that joins the batch next (engine thread only)."""
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    _left: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("a job needs at least one prompt")
-        self._left = len(self.prompts) * self.params.num_samples
 
     def cancel(self) -> None:
         """The client went away: the engine thread drops this job's rows before its next step."""
         self.cancelled = True
 
     # called from the engine thread only:
+    def _fail(self, message: str) -> None:
+        """This request failed (the others go on): tell its client and drop its rows."""
+        log.warning("[%s] %s", self.request_id, message)
+        self._emit(("error", message))
+        self.cancel()
+
     def _emit(self, item: tuple) -> None:
         assert self.loop is not None and self.events is not None
         try:
@@ -295,11 +299,13 @@ class EngineLoop:
         budget = self.prefill_budget
         while budget > 0:
             with self._cond:
-                for job in [j for j in self._waiting if j.cancelled]:
-                    self._waiting.remove(job)
+                if any(j.cancelled for j in self._waiting):
+                    self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
                 waiting = list(self._waiting)
             if not waiting:
                 return
+            if self.engine.free_rows == 0 and all(j.params.max_new_tokens > 0 for j in waiting):
+                return  # every row is taken, and only scoring-only requests need none
             held = collections.Counter(id(s.tag.job) for s in self.engine.rows)
             share = max(1, self.engine.max_rows // len(set(held) | {id(j) for j in waiting}))
             progressed = False
@@ -333,9 +339,7 @@ class EngineLoop:
             try:
                 self.engine.add(seqs)
             except Exception as e:
-                log.warning("[%s] prefill failed: %s", job.request_id, e)
-                job._emit(("error", str(e)))
-                job.cancel()
+                job._fail(str(e))
         job.next_sample = (p, j + chunk) if j + chunk < n else (p + 1, 0)
         if job.next_sample[0] >= len(job.prompts) or job.cancelled:
             with self._cond:
@@ -347,9 +351,7 @@ class EngineLoop:
         choice: Choice = s.tag
         job = choice.job
         if s.finish_reason == "error":  # this request failed in the engine; the others go on
-            log.warning("[%s] a sample failed in the engine: %s", job.request_id, s.error)
-            job._emit(("error", f"this request failed in the engine ({s.error})"))
-            job.cancel()
+            job._fail(f"this request failed in the engine ({s.error})")
             return
         # Tokens past a stop string are not part of the answer (its text was cut before them).
         tokens = trim_tokens(self.tokenizer, s.token_ids, s.text) if s.finish_reason == "stop" else list(s.token_ids)

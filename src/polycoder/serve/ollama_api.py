@@ -72,7 +72,7 @@ def router(state: ServerState, auth) -> APIRouter:
 
     @api.post("/show", dependencies=[Depends(auth)])
     async def show(request: Request) -> dict:
-        body = await read_json(request, state.settings.max_request_bytes)
+        body = await read_json(request, state)
         name = body.get("model", body.get("name"))
         if name is None:
             raise APIError(400, "model is required", param="model")
@@ -98,7 +98,7 @@ def router(state: ServerState, auth) -> APIRouter:
     @api.post("/generate", dependencies=[Depends(auth)])
     async def generate(request: Request):
         t0 = time.perf_counter_ns()
-        body = await read_json(request, state.settings.max_request_bytes)
+        body = await read_json(request, state)
         check_model(state, body.get("model"), "ollama")
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):

@@ -141,7 +141,7 @@ def router(state: ServerState, auth) -> APIRouter:
 
     @api.post("/completions")
     async def completions(request: Request):
-        body = await read_json(request, state.settings.max_request_bytes)
+        body = await read_json(request, state)
         check_model(state, body.get("model"), "openai")
         if body.get("suffix") not in (None, ""):
             raise APIError(400, "suffix (fill-in-the-middle) is not supported: PolyCoder was trained left to right "

@@ -186,6 +186,10 @@ def looks_minified(data: bytes) -> bool:
     return len(data) / lines > 300 or max(len(x) for x in data.split(b"\n")) > 10_000
 
 
+COUNTERS = ("files", "bytes", "refused", "links_skipped", "too_large", "minified")
+"""The counts of ExtractStats, which a SourceResult carries too."""
+
+
 @dataclasses.dataclass
 class ExtractStats:
     """What extraction of one source kept and why it skipped the rest."""
@@ -208,7 +212,7 @@ class ExtractStats:
     """Up to 5 refused names, for the log."""
 
     def add(self, other: ExtractStats) -> None:
-        for f in ("files", "bytes", "refused", "links_skipped", "too_large", "minified"):
+        for f in COUNTERS:
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.truncated |= other.truncated
         self.refused_examples = (self.refused_examples + other.refused_examples)[:5]

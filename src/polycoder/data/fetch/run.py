@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from polycoder.data.fetch.archives import Budget, ExtractStats, Member, extract_members, iter_archive, make_selector
+from polycoder.data.fetch.archives import COUNTERS, Budget, ExtractStats, Member, extract_members, iter_archive, make_selector
 from polycoder.data.fetch.download import Downloader, FetchError, sha256_file
 from polycoder.data.fetch.manifest import LANGUAGES, SPLITS, Manifest, Source
 from polycoder.files import write_text
@@ -60,7 +60,7 @@ class SourceResult:
     links_skipped: int = 0
     """Symlinks / hard links / special files not created."""
     too_large: int = 0
-    """Files over 1 MiB dropped."""
+    """Files over MAX_FILE_BYTES dropped."""
     minified: int = 0
     """Minified JS/TS dropped."""
     error: str = ""
@@ -163,7 +163,7 @@ def process_source(
         shutil.rmtree(staging, ignore_errors=True)
         return discard("failed", f"extraction: {type(e).__name__}: {e}")
 
-    for f in ("files", "bytes", "refused", "links_skipped", "too_large", "minified"):
+    for f in COUNTERS:
         setattr(res, f, getattr(total, f))
     res.seconds = time.time() - t0
     if total.files == 0:
