@@ -34,9 +34,9 @@ def test_prompt_from_argument_file_and_stdin_are_the_same(tiny_folder, tmp_path,
     common = ["generate", "--model", str(tiny_folder), "--max-new-tokens", "12", "--temperature", "0"]
     outs = [run(*common, "--prompt", PROMPT).stdout, run(*common, "--prompt-file", str(f)).stdout,
             run(*common, stdin=PROMPT).stdout]
-    assert outs[0] == outs[1] == outs[2] == expected + "\n"
+    assert outs[0] == outs[1] == outs[2] == expected  # exactly the completion: no newline added in a pipe
     echoed = run(*common, "--prompt", PROMPT, "--echo").stdout
-    assert echoed == PROMPT + expected + "\n"  # whitespace kept exactly
+    assert echoed == PROMPT + expected  # whitespace kept exactly
 
 
 def test_json_samples(tiny_folder):

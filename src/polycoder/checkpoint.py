@@ -34,7 +34,7 @@ from polycoder.errors import PolycoderError
 from polycoder.files import atomic_folder, fsync_tree
 from polycoder.locate import resolve
 from polycoder.model import GPTNeoX, RotaryEmbedding
-from polycoder.options import ModelOptions
+from polycoder.options import DTYPE_SPELLINGS, ModelOptions
 from polycoder.quantize import quantize as quantize_model
 from polycoder.tokenizer import Tokenizer
 
@@ -46,9 +46,17 @@ RENAMED = {"lm_head.weight": "embed_out.weight"}
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    name = DTYPE_SPELLINGS.get(name, name)
     if name not in DTYPES:
         raise PolycoderError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def device_of(name: str) -> str:
+    """The device `--device` names: `auto` is the first CUDA GPU if there is one, else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 # ---- loading -----------------------------------------------------------------------------
@@ -140,7 +148,7 @@ def load_model(
     swaps the linear layers for weight-only quantized ones (polycoder.quantize; for
     inference only).
     """
-    net, tok = _load_model(model, dtype, device, random_init, tokenizer)
+    net, tok = _load_model(model, dtype, device_of(device), random_init, tokenizer)
     if quantize:
         quantize_model(net, quantize)
     return net, tok

@@ -12,6 +12,9 @@ Conventions for verb functions:
 - `list[T]` accepts both `--opt a b` and `--opt a --opt b`.
 - `Literal[...]` gives choices; `X | None` is optional.
 - `Annotated[T, POSITIONAL]` makes a positional argument (a list is `nargs="+"`).
+- `Annotated[T, Alias("--old")]` accepts another name of the option; `Annotated[Literal[...],
+  Spellings(fp32="float32")]` other spellings of its values (a dataclass field says the same
+  with `metadata={"aliases": ..., "spellings": ...}`).
 - A parameter without a default is a required option.
 - A dataclass parameter (`ModelOptions`) becomes one option a field, with the help of the
   field's metadata; `Annotated[..., Fields(...)]` keeps only some fields, and a field named
@@ -23,10 +26,11 @@ Library modules never import this one; the verbs' shared vocabulary is `polycode
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
-import importlib.util
 import inspect
+import os
 import re
 import sys
 import types
@@ -35,9 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+import polycoder
 from polycoder import __version__
 from polycoder.errors import PolycoderError
-from polycoder.options import POSITIONAL, Fields
+from polycoder.options import POSITIONAL, Alias, Fields, Spellings
 
 # verb (possibly two words) -> "module:function"
 COMMANDS: dict[str, str] = {
@@ -64,12 +69,15 @@ EXTRAS = {"data": "data", "tokenizer": "data", "train": "train", "finetune": "tr
           "serve": "serve", "export": "export"}
 
 
+def _source(target: str) -> Path:
+    """The source file of a verb's module, found without importing it or its package (whose
+    `__init__` may import torch)."""
+    path = Path(polycoder.__file__).parent.joinpath(*target.split(":")[0].split(".")[1:])
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def _available(target: str) -> bool:
-    module = target.split(":")[0]
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    return _source(target).is_file()
 
 
 def _load(target: str) -> Callable[..., Any]:
@@ -107,14 +115,31 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _converter(tp: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None]:
-    """(type conversion, choices) for one scalar annotation."""
+def _converter(tp: Any, spellings: dict[str, Any] | None = None) -> tuple[Callable[[str], Any] | None, list[Any] | None]:
+    """(type conversion, choices) for one scalar annotation; `spellings` maps other spellings of
+    a value to the value."""
     if get_origin(tp) is Literal:
         choices = list(get_args(tp))
-        return type(choices[0]), choices
+        kind = type(choices[0])
+        if spellings:
+            def spelled(text: str) -> Any:
+                return kind(spellings.get(text, text))
+            spelled.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
+            return spelled, choices
+        return kind, choices
     if tp in (str, int, float, Path):
         return tp, None
     return str, None
+
+
+def _markers(tp: Any) -> tuple[Any, bool, tuple[str, ...], dict[str, Any] | None]:
+    """(the annotation without Annotated, positional?, aliases, spellings) of one annotation."""
+    if get_origin(tp) is not Annotated:
+        return tp, False, (), None
+    extras = get_args(tp)[1:]
+    aliases = tuple(flag for m in extras if isinstance(m, Alias) for flag in m.flags)
+    spellings = next((m for m in extras if isinstance(m, Spellings)), None)
+    return get_args(tp)[0], POSITIONAL in extras, aliases, spellings
 
 
 def _options_class(tp: Any) -> tuple[type | None, tuple[str, ...] | None]:
@@ -144,7 +169,9 @@ def _arguments(fn: Callable[..., Any]):
             for f in dataclasses.fields(cls):
                 if f.name in params or (shown is not None and f.name not in shown):
                     continue  # the verb's own parameter of that name wins
-                out.append((f.name, field_hints[f.name], True, f.default, f.metadata.get("help", "")))
+                tp = field_hints[f.name]
+                extras = [Alias(*f.metadata.get("aliases", ())), Spellings(f.metadata.get("spellings", {}))]
+                out.append((f.name, Annotated[(tp, *extras)], True, f.default, f.metadata.get("help", "")))
             continue
         has_default = param.default is not inspect.Parameter.empty
         out.append((name, tp, has_default, param.default if has_default else None, helps.get(name, "")))
@@ -154,32 +181,31 @@ def _arguments(fn: Callable[..., Any]):
 def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
     """Add one argument to `parser` for each option of `fn` (see the module)."""
     for name, tp, has_default, default, help_text in _arguments(fn):
-        positional = False
-        if get_origin(tp) is Annotated:
-            positional = POSITIONAL in get_args(tp)[1:]
-            tp = get_args(tp)[0]
+        tp, positional, aliases, spellings = _markers(tp)
         tp = _unwrap_optional(tp)
-        if has_default and default is not None and tp is not bool:
+        if has_default and tp is bool:
+            help_text += " (default: on)" if default else " (default: off)"
+        elif has_default and default is not None:
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *aliases]
         is_list = get_origin(tp) in (list, tuple)
         if positional:
-            conv, choices = _converter(get_args(tp)[0] if is_list else tp)
+            conv, choices = _converter(get_args(tp)[0] if is_list else tp, spellings)
             nargs = ("*" if has_default else "+") if is_list else ("?" if has_default else None)
             parser.add_argument(name, type=conv, choices=choices, nargs=nargs, default=default,
                                 help=help_text, metavar=name.upper())
         elif tp is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=bool(default), help=help_text)
         elif is_list:
-            conv, choices = _converter(get_args(tp)[0])
-            parser.add_argument(flag, dest=name, type=conv, choices=choices, nargs="+",
+            conv, choices = _converter(get_args(tp)[0], spellings)
+            parser.add_argument(*flags, dest=name, type=conv, choices=choices, nargs="+",
                                 action="extend", default=None, required=not has_default,
                                 help=help_text)
         else:
-            conv, choices = _converter(tp)
-            parser.add_argument(flag, dest=name, type=conv, choices=choices, default=default,
+            conv, choices = _converter(tp, spellings)
+            parser.add_argument(*flags, dest=name, type=conv, choices=choices, default=default,
                                 required=not has_default, help=help_text)
 
 
@@ -204,29 +230,60 @@ def call_from_args(fn: Callable[..., Any], ns: argparse.Namespace) -> Any:
     return fn(**kwargs)
 
 
-def _usage() -> str:
-    lines = ["usage: polycoder VERB [options]   (polycoder VERB --help for a verb's options)", "", "verbs:"]
-    for verb, target in COMMANDS.items():
-        if _available(target):
-            lines.append(f"  {verb}")
+def _summary(target: str) -> str:
+    """The first line of a verb function's docstring, read from its source without importing
+    it (so `polycoder --help` never pays for torch)."""
+    func = target.split(":")[1]
+    try:
+        tree = ast.parse(_source(target).read_text(encoding="utf-8"))
+    except OSError:
+        return ""
+    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func), None)
+    doc = ast.get_docstring(fn) if fn is not None else None
+    return (doc or "").split("\n\n")[0].replace("\n", " ")
+
+
+def _usage(group: str | None = None) -> str:
+    verbs = [v for v in COMMANDS if group is None or v.split()[0] == group]
+    head = f"polycoder {group} VERB" if group else "polycoder VERB"
+    lines = [f"usage: {head} [options]   (polycoder VERB --help for a verb's options)", "", "verbs:"]
+    width = max(len(v) for v in verbs) + 2
+    for verb in verbs:
+        if _available(COMMANDS[verb]):
+            lines.append(f"  {verb:<{width}}{_summary(COMMANDS[verb])}")
+    if group is None:
+        lines += ["", "  -V, --version  print the version"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # The reader went away (`polycoder generate | head`): stop quietly, as `cat` does. Python
+        # would otherwise print a traceback, and again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a program killed by a closed pipe
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
-    if argv[0] == "--version":
+    if argv[0] in ("--version", "-V"):
         print(__version__)
         return
     verb = next((v for v in sorted(COMMANDS, key=len, reverse=True)
                  if argv[: len(v.split())] == v.split()), None)
+    groups = sorted({v.split()[0] for v in COMMANDS})
+    if verb is None and argv[0] in groups and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print(_usage(argv[0]))  # `polycoder data` or `polycoder data --help`: the group's verbs
+        return
     if verb is None or not _available(COMMANDS[verb]):
-        groups = sorted({v.split()[0] for v in COMMANDS})
-        print(f"polycoder: unknown verb {' '.join(argv[:2])!r}; choose one of: {', '.join(groups)}\n",
-              file=sys.stderr)
-        print(_usage(), file=sys.stderr)
+        what = " ".join(argv[:2]) if argv[0] in groups else argv[0]
+        print(f"polycoder: unknown verb {what!r}; choose one of: {', '.join(groups)}\n", file=sys.stderr)
+        print(_usage(argv[0] if argv[0] in groups else None), file=sys.stderr)
         sys.exit(2)
     try:
         fn = _load(COMMANDS[verb])

@@ -5,6 +5,9 @@ What the two sides must agree on lives here, so that library modules never impor
 command line:
 
 - `POSITIONAL`: `Annotated[Path, POSITIONAL]` marks a parameter as a positional argument.
+- `Alias`, `Spellings`: other names of an option, other spellings of its values; one
+  vocabulary across verbs (`--dtype`, `--device auto`, `--model`, `--near-threshold`), the
+  old spellings kept.
 - `ModelOptions`: which model to load and how, the options of every verb that runs a
   model. A verb takes it as one parameter (`load: ModelOptions = ModelOptions()`); the
   command line shows its fields as options of their own (`--model`, `--dtype`, ...) with
@@ -22,6 +25,23 @@ from typing import Literal
 POSITIONAL = "positional"
 
 
+class Alias:
+    """`Annotated[T, Alias("--old-name")]`: the command line also accepts these spellings of the
+    option (kept when an option is renamed, so scripts that use the old name go on working)."""
+
+    def __init__(self, *flags: str):
+        self.flags = flags
+
+
+class Spellings(dict):
+    """`Annotated[Literal[...], Spellings(fp32="float32")]`: other accepted spellings of a choice's
+    values, mapped to the one the function receives."""
+
+
+DTYPE_SPELLINGS = Spellings(fp32="float32", f32="float32", bf16="bfloat16", fp16="float16", f16="float16", half="float16")
+"""Training said fp32/bf16/fp16 and inference float32/bfloat16/float16: both are accepted everywhere."""
+
+
 class Fields:
     """`Annotated[SomeOptions, Fields("a", "b")]`: the command line shows only these fields."""
 
@@ -36,9 +56,10 @@ class ModelOptions:
     model: str | None = field(default=None, metadata={"help": (
         "a model folder, a Hugging Face hub id, or a preset (polycoder-160m, ...) with --random-init "
         "(default: the bundled model)")})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": (
-        "precision of the weights")})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
+        "help": "precision of the weights (fp32, bf16, fp16 are accepted too)", "spellings": DTYPE_SPELLINGS})
+    device: str = field(default="auto", metadata={"help": (
+        "auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:1, ...")})
     random_init: bool = field(default=False, metadata={"help": (
         "random weights in the model's architecture (for speed tests and smoke runs)")})
     tokenizer: str | None = field(default=None, metadata={"help": (

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from polycoder.backend import set_threads
-from polycoder.checkpoint import load
+from polycoder.checkpoint import device_of, load
 from polycoder.errors import PolycoderError
 from polycoder.generation.complete import generate, stream
 from polycoder.generation.sampling import SamplingParams
@@ -59,7 +59,7 @@ def cli_generate(
                             num_samples=num_samples, num_beams=num_beams, stop=tuple(stop or ()), seed=seed,
                             truncate=truncate, stop_at_eod=stop_at_eod)
     model_options = model_options or ModelOptions()
-    if model_options.device == "cpu":
+    if device_of(model_options.device) == "cpu":
         set_threads(threads or None)
     net, tok = load(model_options)
     out = sys.stdout
@@ -76,12 +76,21 @@ def cli_generate(
         for piece in stream(net, tok, text, params, compile=compile):
             out.write(piece)
             out.flush()
-        out.write("\n")
+        _end_line(out)
         return
     for i, c in enumerate(generate(net, tok, [text], params, compile=compile)[0]):
         if num_samples > 1:
-            out.write(f"\n===== sample {i + 1} ({c.finish_reason}) =====\n")
-        out.write(c.text + "\n")
+            out.write(f"\n===== sample {i + 1} ({c.finish_reason}) =====\n{c.text}\n")
+        else:
+            out.write(c.text)
+            _end_line(out)
+
+
+def _end_line(out) -> None:
+    """A terminal gets a newline after the completion so the shell's prompt starts on its own
+    line; a pipe or file gets the completion exactly, with nothing added."""
+    if out.isatty():
+        out.write("\n")
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
