@@ -32,6 +32,7 @@ def cli_generate(
     model_options: ModelOptions | None = None,
     threads: int = 0,
     compile: bool = False,
+    speculate: int = 0,
 ) -> None:
     """Complete a prompt with a model and print the completion (streamed for one sample).
 
@@ -53,6 +54,8 @@ def cli_generate(
         model_options: the model and how to load it (--model, --dtype, ...).
         threads: CPU threads (0: one a physical core).
         compile: torch.compile the decode step (minutes to compile on a CPU; pays only for long runs, if at all).
+        speculate: guess up to N tokens a step from the prompt and the text so far (prompt lookup) and verify
+            them in one forward pass: same output, faster where the text repeats its context (0: off).
     """
     text = read_prompt(prompt, prompt_file)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -64,7 +67,7 @@ def cli_generate(
     net, tok = load(model_options)
     out = sys.stdout
     if json_output:
-        completions = generate(net, tok, [text], params, compile=compile)[0]
+        completions = generate(net, tok, [text], params, compile=compile, speculate=speculate)[0]
         out.write(json.dumps([{"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
                               for c in completions], ensure_ascii=False) + "\n")
         return
@@ -73,12 +76,12 @@ def cli_generate(
         sys.stdout.buffer.write(text.encode("utf-8", errors="surrogateescape"))
         sys.stdout.buffer.flush()
     if num_samples == 1 and num_beams == 1:
-        for piece in stream(net, tok, text, params, compile=compile):
+        for piece in stream(net, tok, text, params, compile=compile, speculate=speculate):
             out.write(piece)
             out.flush()
         _end_line(out)
         return
-    for i, c in enumerate(generate(net, tok, [text], params, compile=compile)[0]):
+    for i, c in enumerate(generate(net, tok, [text], params, compile=compile, speculate=speculate)[0]):
         if num_samples > 1:
             out.write(f"\n===== sample {i + 1} ({c.finish_reason}) =====\n{c.text}\n")
         else:

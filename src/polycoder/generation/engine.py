@@ -5,8 +5,10 @@
 PyTorch's). `add` prefills a prompt once into a free row and copies that row to its
 other n-1 samples; `step` samples one token for every active row, retires finished rows
 (moving the last rows into the holes, so active rows are always 0..B-1) and runs one
-decode step for the rest. Rows join and leave between steps: `generate`, `stream`, the
-evaluation's sampling and the server all run on it. Beam search
+decode step for the rest; with `speculate=k`, rows that have a prompt-lookup draft verify up
+to k guessed tokens in that forward pass instead (`polycoder.generation.speculative`).
+Rows join and leave between steps: `generate`, `stream`, the evaluation's sampling and the
+server all run on it. Beam search
 (`polycoder.generation.beam`) uses its model calls, `prefill` and `decode`, and the
 cache's row copies directly.
 
@@ -24,6 +26,7 @@ import torch
 from polycoder.backend import Backend, choose
 from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import sample_tokens
+from polycoder.generation.speculative import accept, draw_without, lookup_draft
 from polycoder.generation.text import Sequence
 from polycoder.model import GPTNeoX, KVCache
 from polycoder.ops import Ops
@@ -61,11 +64,12 @@ class Engine:
     `backend`: the fast paths to use (default `polycoder.backend.choose` for the model's
     device); `compile`: torch.compile the decode step (off by default: it did not pay on a
     2-core CPU); `static_shapes`: the CUDA-graph step's padded shapes, run eagerly on the CPU
-    when True (tests).
+    when True (tests); `speculate`: draft tokens a row verifies a step (0: plain decoding);
+    `stats` counts the forward passes and the drafted and accepted tokens.
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False,
-                 static_shapes: bool | None = None, backend: Backend | None = None):
+                 static_shapes: bool | None = None, backend: Backend | None = None, speculate: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = model.new_cache(max_rows, max_len)
@@ -76,6 +80,9 @@ class Engine:
         self.rows: list[Sequence] = []
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of each active row
         self.real_vocab = tokenizer.vocab_size
+        self.speculate = speculate
+        self.refused: dict[int, int] = {}  # id(sequence) -> the draft its next token must not be
+        self.stats = {"forwards": 0, "drafted": 0, "accepted": 0}
 
     @property
     def free_rows(self) -> int:
@@ -135,7 +142,7 @@ class Engine:
                 except Exception as e:
                     s.fail(e)
                     tokens.append(None)
-        events = []
+        events: dict[int, Event] = {}
         for s, tok in zip(rows, tokens):
             if tok is not None:
                 try:
@@ -145,17 +152,70 @@ class Engine:
                     text = s.fail(e)
             else:
                 text = ""
-            events.append(Event(s, text, s.done))
+            events[id(s)] = Event(s, text, s.done)
         self._retire([i for i, s in enumerate(rows) if s.done])
-        if self.rows:
+        drafts = self._drafts()
+        self.stats["forwards"] += bool(self.rows)
+        if any(drafts):
+            self._verify(drafts, events)
+        elif self.rows:
             # Active rows are always 0..B-1: the step reads rows [:B] of the cache.
             self.logits = self._mask(self.decode([s.token_ids[-1] for s in self.rows], [s.length - 1 for s in self.rows]))
         else:
             self.logits = None
-        return events
+        return list(events.values())
+
+    # ---- speculative decoding ----------------------------------------------------------------
+
+    def _drafts(self) -> list[list[int]]:
+        """Each active row's prompt-lookup guesses, within its token budget and the cache."""
+        if not self.speculate or not self.rows:
+            return []
+        out = []
+        for s in self.rows:
+            room = min(self.speculate, s.params.max_new_tokens - len(s.token_ids), self.max_len - s.length)
+            out.append(lookup_draft(s.prompt_ids + s.token_ids, room) if room > 0 else [])
+        return out
+
+    @torch.inference_mode()
+    def _verify(self, drafts: list[list[int]], events: dict[int, Event]) -> None:
+        """One forward pass over each row's last token and its drafts; keep what the model
+        agrees with (`speculative.accept`), and the logits after the last kept token."""
+        K = max(len(d) for d in drafts)
+        x, pos = [], []
+        for s, d in zip(self.rows, drafts):
+            last = s.length - 1
+            x.append([s.token_ids[-1], *d] + [d[-1] if d else s.token_ids[-1]] * (K - len(d)))
+            # Padding positions hold junk keys past the row's end: later tokens overwrite them,
+            # and the causal mask hides them from the real queries before them.
+            pos.append([min(last + i, self.max_len - 1) for i in range(K + 1)])
+        xt, pt = torch.tensor(x, device=self.device), torch.tensor(pos, device=self.device)  # [B, K+1]
+        logits = self.model(xt, pos=pt, cache=CacheRows(self.cache, 0, len(self.rows)), kv_len=int(pt.max()) + 1,
+                            ops=self.prefill_ops).float()  # [B, K+1, V]
+        logits = self._mask(logits.flatten(0, 1)).view(logits.shape)
+        next_logits = []
+        for b, (s, d) in enumerate(zip(self.rows, drafts)):
+            kept, refused = accept(logits[b], d, s.params, s.generator)
+            self.stats["drafted"] += len(d)
+            self.stats["accepted"] += kept
+            event = events.setdefault(id(s), Event(s, "", False))
+            for tok in d[:kept]:
+                event.text += s.push(tok, room_left=s.length + 1 < self.max_len)
+                if s.done:
+                    break
+            event.finished = s.done
+            if refused is not None and not s.done:
+                self.refused[id(s)] = refused
+            next_logits.append(logits[b, min(kept, len(d))])
+        self.logits = torch.stack(next_logits)
+        self._retire([i for i, s in enumerate(self.rows) if s.done])
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token for each of `rows` from its logits, with its own settings and generator."""
+        if self.refused and any(id(s) in self.refused for s in rows):
+            # After a rejected draft the token comes from the target without it (exactness).
+            return [draw_without(logits[i], s.params, s.generator, self.refused.pop(id(s))) if id(s) in self.refused
+                    else self._sample([s], logits[i : i + 1])[0] for i, s in enumerate(rows)]
         device = logits.device
         temps = torch.tensor([s.params.temperature for s in rows], device=device)
         # A k above the vocabulary is no limit at all; clamped here so no k can overflow.
@@ -179,6 +239,8 @@ class Engine:
         if not finished:
             return
         gone = set(finished)
+        for i in finished:
+            self.refused.pop(id(self.rows[i]), None)
         keep = [i for i in range(len(self.rows)) if i not in gone]
         new_b = len(keep)
         holes = [i for i in finished if i < new_b]

@@ -1,0 +1,107 @@
+"""Speculative decoding with prompt-lookup drafts: greedy output identical to plain decoding,
+sampling distributed as plain sampling (the rejection rule checked against its exact
+marginals), drafts as prompt lookup defines them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from polycoder.checkpoint import load_model
+from polycoder.generation import SamplingParams, generate, stream
+from polycoder.generation.engine import Engine
+from polycoder.generation.sampling import sample_generator
+from polycoder.generation.speculative import accept, draw_without, lookup_draft, target_probs
+from polycoder.generation.text import Sequence
+
+# Code repeats itself; a random model's greedy output loops, so both prompts and outputs
+# give prompt lookup something to find (the test checks that drafts were taken).
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n    return",
+    "int main() {\n    int x = 0;\n    x = x + 1;\n    x = x + 1;\n    x = x +",
+    "import os\nimport sys\nimport",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_folder):
+    return load_model(tiny_folder)
+
+
+def test_lookup_draft_proposes_what_followed_the_latest_match():
+    assert lookup_draft([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 1, 2, 3], k=2) == [5, 6]  # the latest "1 2 3"
+    assert lookup_draft([7, 8, 9, 7], k=3) == [8, 9, 7]  # falls back to the one-token tail
+    assert lookup_draft([1, 2, 3], k=3) == []  # the tail occurs nowhere before
+    assert lookup_draft([5, 5], k=0) == []
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_greedy_output_is_identical_and_drafts_are_taken(model, k):
+    net, tok = model
+    params = SamplingParams(max_new_tokens=40)
+    plain = generate(net, tok, PROMPTS, params)
+    fast = generate(net, tok, PROMPTS, params, speculate=k)
+    for a, b in zip(plain, fast):
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
+    engine = Engine(net, tok, max_rows=1, max_len=net.config.block_size, speculate=k)
+    ids = tok.encode(PROMPTS[1])
+    engine.add([Sequence(ids, params, tok, sample_generator(0, 0, 0))])
+    tokens = []
+    while engine.rows:
+        for event in engine.step():
+            tokens = event.sequence.token_ids
+    assert tokens == plain[1][0].token_ids
+    assert engine.stats["accepted"] > 0 and engine.stats["forwards"] < len(tokens)
+
+
+def test_streamed_text_is_identical(model):
+    net, tok = model
+    params = SamplingParams(max_new_tokens=30, stop=("\n\n",))
+    for prompt in PROMPTS:
+        assert "".join(stream(net, tok, prompt, params, speculate=5)) == "".join(stream(net, tok, prompt, params))
+
+
+def test_sampling_with_speculation_runs_and_respects_budgets(model):
+    net, tok = model
+    params = SamplingParams(max_new_tokens=25, temperature=0.8, top_p=0.9, top_k=50, num_samples=3, seed=1)
+    out = generate(net, tok, PROMPTS, params, speculate=5)
+    for completions in out:
+        for c in completions:
+            assert len(c.token_ids) <= 25 and c.finish_reason in ("length", "eod")
+            assert all(t < tok.vocab_size for t in c.token_ids)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
+                                      dict(temperature=1.3, top_p=0.8)])
+def test_the_rejection_rule_keeps_the_target_distribution(settings):
+    """The token emitted at a drafted position (the draft if kept, else a draw without it) has
+    exactly the target distribution p: P(d) = p(d) and P(x) = (1 - p(d)) p(x) / (1 - p(d))."""
+    params = SamplingParams(**settings)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    p = target_probs(logits, params)
+    draft = 1
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(len(logits))
+    both = torch.stack([logits, logits])  # logits of the last token and of the draft
+    for _ in range(n):
+        kept, refused = accept(both, [draft], params, g)
+        counts[draft if kept else draw_without(logits, params, g, refused)] += 1
+    for tok_id in range(len(logits)):
+        expected = n * float(p[tok_id])
+        sd = math.sqrt(n * float(p[tok_id]) * (1 - float(p[tok_id]))) or 1.0
+        assert abs(counts[tok_id] - expected) <= 5 * sd, (tok_id, counts.tolist(), (p * n).tolist())
+
+
+def test_target_probs_keep_the_set_sample_tokens_keeps():
+    from polycoder.generation.sampling import sample_tokens
+
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.7)
+    support = set(torch.nonzero(target_probs(logits[0], params)).flatten().tolist())
+    drawn = {int(sample_tokens(logits, torch.tensor([0.9]), torch.tensor([40]), torch.tensor([0.7]), torch.rand(1)))
+             for _ in range(400)}
+    assert drawn <= support and len(support) <= 40
