@@ -83,3 +83,18 @@ def test_overlap_without_signatures_is_exact_only(corpus, tmp_path):
     index.write_text((corpus / "corpus" / "index.tsv").read_text())
     report = overlap([corpus / "src" / "org" / "repo00"], index, out=tmp_path / "o.json")
     assert not report["near_checked"] and len(report["exact"]) == report["files"] == 3
+
+
+def test_overlap_report_goes_beside_the_index_not_into_the_current_folder(corpus, tmp_path):
+    index = tmp_path / "train" / "index.tsv"
+    index.parent.mkdir()
+    index.write_text((corpus / "corpus" / "index.tsv").read_text())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = subprocess.run([sys.executable, "-m", "polycoder", "data", "overlap", str(corpus / "src" / "org" / "repo00"),
+                        "--index", str(index)], capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert list(cwd.iterdir()) == []
+    report = json.loads((index.parent / "overlap.json").read_text())
+    assert report["files"] == len(report["exact"]) == 3
+    assert f"wrote {index.parent / 'overlap.json'}" in r.stdout
