@@ -1,4 +1,4 @@
-"""`polycoder train` as a user runs it: Ctrl-C, resuming with other settings, final/, no validation data."""
+"""`polycoder train` and `finetune` as a user runs them: Ctrl-C, resuming with other settings, final/, no validation data."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import torch
 from test_train_helpers import cli_env, losses, make_token_dir, polycoder_cmd, run_cli
 
-from polycoder.checkpoint import load_model
+from polycoder.checkpoint import build_model, load_model, save_checkpoint
+from polycoder.config import ModelConfig
+from polycoder.tokenizer import Tokenizer
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.metrics import read_metrics
 from polycoder.train.pretrain import train
@@ -38,19 +40,25 @@ def assert_same_weights(a, b) -> None:
         torch.testing.assert_close(pb, pa, rtol=0, atol=0, msg=name)
 
 
-def test_ctrl_c_saves_exits_130_and_resumes_to_a_final_folder(tokens, tmp_path):
-    out = tmp_path / "run"
-    p = subprocess.Popen(polycoder_cmd("train", "--data", str(tokens), "--out", str(out), "--max-steps", "100000",
-                                       "--save-every", "100000", *COMMON),
-                         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def interrupt(cmd: list[str], out, after_steps: int = 3) -> subprocess.CompletedProcess:
+    """Run `cmd`, press Ctrl-C (SIGINT) once `after_steps` steps are logged, wait for it to end."""
+    p = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and len(losses(out)) < 3:
+    while time.time() < deadline and p.poll() is None and len(losses(out)) < after_steps:
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    stdout, stderr = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
+def test_ctrl_c_saves_exits_130_and_resumes_to_a_final_folder(tokens, tmp_path):
+    out = tmp_path / "run"
+    p = interrupt(polycoder_cmd("train", "--data", str(tokens), "--out", str(out), "--max-steps", "100000",
+                                "--save-every", "100000", *COMMON), out)
+    err = p.stderr
     assert p.returncode == 130, err[-2000:]
     assert "interrupted at step" in err and "--resume" in err
-    (step, saved), = ckpt.list_checkpoints(out)
+    (step, _), = ckpt.list_checkpoints(out)
     assert 3 <= step < 100000 and not (out / "final").exists()  # final/ is for finished runs only
 
     r = run_cli("train", "--data", str(tokens), "--out", str(out), "--resume", "--max-steps", str(step + 2),
@@ -103,3 +111,20 @@ def test_train_says_when_there_is_no_validation_data(tokens, tmp_path):
     row = next(line for line in r.stdout.splitlines() if "validation loss / ppl" in line)
     assert "none: no validation data" in row
     assert "none: no validation data" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_ctrl_c_during_finetune_exits_130_and_resumes(tmp_path):
+    base = tmp_path / "base"
+    save_checkpoint(build_model(ModelConfig.from_preset("test-tiny").replace(vocab_size=384), seed=0),
+                    Tokenizer.byte_level(), base)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n" for i in range(40)))
+    out = tmp_path / "ft"
+    args = ["--model", str(base), "--data", str(texts), "--out", str(out), "--lora", "--seq-len", "32",
+            "--batch-size", "4", "--precision", "fp32", "--threads", "1", "--set", "run.tensorboard=false"]
+    p = interrupt(polycoder_cmd("finetune", *args, "--max-steps", "100000"), out)
+    assert p.returncode == 130, p.stderr[-2000:]
+    (step, _), = ckpt.list_checkpoints(out)
+    assert step >= 3 and not (out / "final").exists()
+    run_cli("finetune", *args, "--resume", "--max-steps", str(step + 1))
+    assert sorted(losses(out)) == list(range(1, step + 2)) and (out / "final" / "adapter_config.json").is_file()
