@@ -12,7 +12,7 @@ from test_data_fixtures import c_like, python_code
 from polycoder.corpus import iter_documents
 from polycoder.data.collect import collect
 from polycoder.data.overlap import overlap
-from polycoder.data.split import assign_repositories, split
+from polycoder.data.split import assign_repositories, split, split_warnings
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,22 @@ def test_by_file_below_splits_small_languages_by_file(few_repositories, tmp_path
     # fewer than 2 repositories: Python only; C stays by repository, and still warned about
     _, two = _split_cli(few_repositories, tmp_path / "t", "--by-file-below", "2")
     assert two["split_by_file"] == ["Python"] and [w[:2] for w in two["warnings"]] == ["C:"]
+
+
+def test_far_from_the_fraction_means_off_by_half_of_it_and_5_points():
+    def warned(test_files: int, total: int, frac: float) -> bool:
+        splits = {"train": {"Go": {"files": total - test_files}}, "valid": {}, "test": {"Go": {"files": test_files}}}
+        return any(w.startswith("Go:") for w in split_warnings(splits, {"valid": 0.0, "test": frac}, {"Go": 9}, set()))
+
+    assert not warned(29, 100, 0.2) and warned(31, 100, 0.2) and warned(9, 100, 0.2)  # 20 %: 10-30 % is near
+    assert not warned(6, 100, 0.01) and warned(7, 100, 0.01)  # 1 %: up to 6 %
+    assert warned(161, 213, 0.01)  # the lopsided C split
+    # the README's small fetch: one repository, 213 files, a test fraction asking for 2
+    one = split_warnings({"train": {"C": {"files": 213}}, "valid": {}, "test": {}}, {"valid": 0.001, "test": 0.01},
+                         {"C": 1}, set())
+    assert one[-1] == ("C: test has no files (asked for 1.00% of 213): one repository cannot be split by repository; "
+                       "pass --by-file-below 2 to split C by file (its files then share repositories across splits), "
+                       "or add repositories")
 
 
 def test_repositories_never_straddle_splits(corpus, tmp_path):

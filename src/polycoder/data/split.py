@@ -117,9 +117,13 @@ def split_warnings(splits: dict, fractions: dict[str, float], repositories: dict
             if lang in by_file:
                 fix = "too few files to come closer; add files or change the fraction"
             else:
-                fix = (f"{repositories[lang]} repositories are too few or too uneven to split by repository; "
-                       f"pass --by-file-below {repositories[lang] + 1} to split {lang} by file (its files then "
-                       "share repositories across splits), add repositories, or try another --seed")
+                n_repos = repositories[lang]
+                by_file_fix = (f"pass --by-file-below {n_repos + 1} to split {lang} by file (its files then share "
+                               "repositories across splits)")
+                fix = (f"one repository cannot be split by repository; {by_file_fix}, or add repositories"
+                       if n_repos == 1 else
+                       f"{n_repos} repositories are too few or too uneven to split by repository; {by_file_fix}, "
+                       "add repositories, or try another --seed")
             warnings.append(f"{what}: {fix}")
     return warnings
 
