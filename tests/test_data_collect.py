@@ -25,7 +25,8 @@ def collected(tmp_path_factory):
     root = tmp_path_factory.mktemp("collect")
     info = build_sources(root)
     out = root / "corpus"
-    summary = collect([str(info["src"]), str(info["broken"])], out, workers=1, **OPTS)
+    # keep_work: test_resume_after_a_lost_task_gives_the_same_corpus plays a killed run from it
+    summary = collect([str(info["src"]), str(info["broken"])], out, workers=1, keep_work=True, **OPTS)
     return root, info, out, summary
 
 
@@ -124,6 +125,7 @@ def test_same_result_for_any_worker_count_through_the_cli(collected, tmp_path):
     assert "| Python | 1 | 8 |" in r.stdout
     assert _table_rows(out2) == _table_rows(out)
     assert (out2 / "index.tsv").read_bytes() == (out / "index.tsv").read_bytes()
+    assert not (out2 / ".work").exists()  # a finished run leaves no resume state behind
 
 
 def test_resume_after_a_lost_task_gives_the_same_corpus(collected, tmp_path):

@@ -368,7 +368,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
         time.sleep(0.005)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-2000:]
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]  # interrupted, not finished: resume it
     steps = [s for s, _ in ckpt.list_checkpoints(out)]
     assert len(steps) == 1 and 10 <= steps[0] < 150, (steps, err[-500:])
 

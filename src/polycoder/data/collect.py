@@ -18,7 +18,9 @@ both dedups on the metadata and signatures, and rewrites the kept rows of each p
 by (repository, path), as `OUT/corpus-NNNNN.parquet`. Which copy of a duplicate is kept is
 decided by (repository, path) order, so the corpus is the same for any number of workers.
 A killed run resumes: finished tasks are skipped (same sources and options), the reduce is
-redone. Filters run cheapest first and a file is counted under the first that removes it.
+redone; that is what `OUT/.work/` is kept for, so a run that succeeds removes it (it holds
+about half the corpus's size again) unless `--keep-work`. Filters run cheapest first and a
+file is counted under the first that removes it.
 
 Every file left out is listed in `OUT/removed.tsv` with its reason (and, for a duplicate,
 the file it duplicates), so a user can find out why a file is missing; stats.json counts
@@ -221,6 +223,7 @@ def collect(
     shingle: int = 5,
     seed: int = 1,
     resume: bool = True,
+    keep_work: bool = False,
 ) -> dict:
     """Collect source files of the 12 languages into a filtered, deduplicated Parquet corpus.
 
@@ -247,6 +250,8 @@ def collect(
         shingle: tokens per shingle.
         seed: seed of the MinHash functions.
         resume: skip tasks a killed run with the same sources and options already finished.
+        keep_work: keep OUT/.work (the tasks' parts, signatures and logs) after a successful run; a failed or
+            interrupted run always keeps it, to resume from.
     """
     t0 = time.time()
     out = Path(out)
@@ -288,6 +293,8 @@ def collect(
                           "reduce": round(time.time() - t0 - t_plan - t_scan, 2)}
     write_text(out / "stats.json", json.dumps(summary, indent=2) + "\n")
     write_text(out / "stats.md", stats_markdown(summary))
+    if not keep_work:  # only a resumed run reads it, and this one is complete
+        shutil.rmtree(work, ignore_errors=True)
     print(stats_markdown(summary, brief=True))
     return summary
 

@@ -12,6 +12,9 @@ set for contamination; this verb does that check, and a near-duplicate one:
 Evaluation files: a corpus folder (*.parquet), any folder (its files of the 12 languages,
 walked without following symlinks) or single files.
 
+The report goes to `--out`, by default `overlap.json` beside the training index (the
+corpus the report is about), never into the current folder.
+
 Limits: near duplicates need the training signatures (a published index alone has only
 hashes: exact matches only); the signature settings are taken from minhash.json.
 """
@@ -31,6 +34,7 @@ from polycoder.corpus import iter_documents, read_index
 from polycoder.data.dedup import MinHashParams, NearIndex, minhash
 from polycoder.data.languages import language_of
 from polycoder.errors import PolycoderError
+from polycoder.files import write_text
 from polycoder.options import POSITIONAL
 
 
@@ -69,12 +73,30 @@ def _index_keys(index: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def training_signatures(index: Path, threshold: float) -> tuple[list[str], MinHashParams, NearIndex] | None:
+    """(index keys, MinHash settings, LSH index) of the training signatures stored beside
+    `index` (minhash.npy rows in index.tsv order, minhash.json), or None where there are none.
+    `polycoder eval contamination` finds them the same way."""
+    index = Path(index)
+    sig_file, params_file = index.parent / "minhash.npy", index.parent / "minhash.json"
+    if not (sig_file.is_file() and params_file.is_file()):
+        return None
+    keys = _index_keys(index)
+    sigs = np.load(sig_file)
+    if len(sigs) != len(keys):
+        raise PolycoderError(f"{sig_file} has {len(sigs)} rows but {index} has {len(keys)} lines; "
+                             "they must come from the same `polycoder data collect` run")
+    p = json.loads(params_file.read_text())
+    params = MinHashParams(num_perm=p["num_perm"], shingle=p["shingle"], threshold=threshold, seed=p["seed"])
+    return [k for k, _ in keys], params, NearIndex(sigs, threshold)
+
+
 def overlap(
     paths: Annotated[list[Path], POSITIONAL],
     index: Path,
     near: bool = True,
     near_threshold: float = 0.85,
-    out: Path = Path("overlap.json"),
+    out: Path | None = None,
 ) -> dict:
     """Report evaluation files that are exact or near duplicates of training files.
 
@@ -83,22 +105,16 @@ def overlap(
         index: the training index.tsv (minhash.npy and minhash.json next to it enable near duplicates).
         near: also look for near duplicates (needs minhash.npy next to the index).
         near_threshold: estimated Jaccard similarity from which a pair is reported.
-        out: JSON report to write.
+        out: JSON report to write (default: overlap.json beside the index).
     """
     index = Path(index)
     by_sha = read_index(index)
+    out = Path(out) if out is not None else index.parent / "overlap.json"
     near_index = keys = params = None
-    sig_file, params_file = index.parent / "minhash.npy", index.parent / "minhash.json"
     if near:
-        if sig_file.is_file() and params_file.is_file():
-            keys = _index_keys(index)
-            sigs = np.load(sig_file)
-            if len(sigs) != len(keys):
-                raise PolycoderError(f"{sig_file} has {len(sigs)} rows but {index} has {len(keys)} lines; "
-                                     "they must come from the same `polycoder data collect` run")
-            p = json.loads(params_file.read_text())
-            params = MinHashParams(num_perm=p["num_perm"], shingle=p["shingle"], threshold=near_threshold, seed=p["seed"])
-            near_index = NearIndex(sigs, near_threshold)
+        found = training_signatures(index, near_threshold)
+        if found is not None:
+            keys, params, near_index = found
         else:
             print(f"note: no minhash.npy/minhash.json next to {index}: exact duplicates only "
                   "(collect with --near-dedup to get them)")
@@ -119,12 +135,13 @@ def overlap(
         if near_index is not None:
             hits = near_index.query(minhash(text, params, perms))
             if hits:
-                report["near"].append({"file": name, "matches": [{"training": keys[i][0], "similarity": round(s, 3)}
+                report["near"].append({"file": name, "matches": [{"training": keys[i], "similarity": round(s, 3)}
                                                                   for i, s in hits[:5]]})
                 e["near"] += 1
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        write_text(out, json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise PolycoderError(f"cannot write the report {out} ({e.strerror}); pass --out FILE.json") from None
     lines = ["| language | files | exact duplicates | near duplicates |", "|---|---:|---:|---:|"]
     for lang, e in sorted(report["by_language"].items()):
         lines.append(f"| {lang} | {e['files']:,} | {e['exact']:,} | {e['near'] if report['near_checked'] else '-'} |")

@@ -6,14 +6,18 @@ sec. 3); `polycoder data collect` writes the same index for our corpora. This ve
 - HumanEval: each problem's prompt, canonical solution and prompt + solution (the whole
   function), and
 - perplexity test files (a folder with one sub-folder a language, or a corpus folder)
-against it: exact matches by SHA-256 of the bytes, and, when the training corpus itself
-(`--corpus`, Parquet shards) is given, near duplicates by MinHash + LSH with
-`polycoder.data.dedup` (5-token shingles, estimated Jaccard >= threshold, The Stack's 0.85
-by default).
+against it: exact matches by SHA-256 of the bytes, and near duplicates by MinHash + LSH
+with `polycoder.data.dedup` (estimated Jaccard >= threshold, The Stack's 0.85 by default):
+against the training signatures stored beside the index (minhash.npy / minhash.json, as
+`polycoder data collect` and `data split` write them; found as `polycoder data overlap`
+finds them), or, when `--corpus` is given, against the signatures of every file of that
+training corpus, computed here (5-token shingles).
 
 Limits: exact matching is file-level (a HumanEval function pasted inside a larger training
 file is not an exact match; the near-duplicate pass finds it only if the file is mostly that
-function); near-duplicate search reads the whole training corpus once.
+function); near-duplicate search with `--corpus` reads the whole training corpus once;
+without `--corpus` or stored signatures (a published index has only hashes) only exact
+matches are checked, and the report says so.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tqdm import tqdm
 
 from polycoder.corpus import count_documents, index_key, iter_documents, read_index
 from polycoder.data.dedup import MinHashParams, NearIndex, minhash
+from polycoder.data.overlap import training_signatures
 from polycoder.errors import PolycoderError
 from polycoder.eval.humaneval import load_problems
 from polycoder.eval.perplexity import LANGUAGES, read_documents
@@ -84,6 +89,20 @@ def near_duplicates(items: list[dict], corpus: Path, threshold: float) -> list[d
     return found
 
 
+def near_stored(items: list[dict], index: Path, threshold: float) -> list[dict] | None:
+    """Near duplicates against the signatures stored beside `index`; None where there are none."""
+    found = training_signatures(index, threshold)
+    if found is None:
+        return None
+    keys, params, near_index = found
+    perms = params.permutations()
+    out = []
+    for it in items:
+        for row, j in near_index.query(minhash(it["text"], params, perms)):
+            out.append({"set": it["set"], "name": it["name"], "training_file": keys[row], "jaccard": round(j, 4)})
+    return out
+
+
 def contamination(
     index: Path,
     out: Path,
@@ -100,7 +119,8 @@ def contamination(
         out: output folder (contamination.json, contamination.md).
         data: perplexity test files (language sub-folders or a corpus folder) to check too.
         humaneval: check HumanEval's prompts and canonical solutions.
-        corpus: the training corpus (Parquet shards) for the near-duplicate pass.
+        corpus: the training corpus (Parquet shards) for the near-duplicate pass (default: the MinHash
+            signatures beside the index, minhash.npy and minhash.json, when they are there).
         threshold: estimated Jaccard similarity that counts as a near duplicate.
         problems_file: another HumanEval-format problem file.
     """
@@ -114,8 +134,15 @@ def contamination(
         raise PolycoderError("nothing to check: pass --data DIR and/or keep --humaneval")
     exact = [{"set": it["set"], "name": it["name"], "sha256": it["sha256"],
               "training_file": train[it["sha256"]]} for it in items if it["sha256"] in train]
-    near = near_duplicates(items, Path(corpus), threshold) if corpus is not None else None
-    report = {"index": str(index), "training_files": len(train), "sets": {}}
+    if corpus is not None:
+        near, near_source = near_duplicates(items, Path(corpus), threshold), f"signatures of {corpus}"
+    else:
+        near, near_source = near_stored(items, Path(index), threshold), f"minhash.npy beside {index}"
+        if near is None:
+            near_source = None
+            print(f"note: no minhash.npy/minhash.json beside {index} and no --corpus: exact matches only "
+                  "(pass --corpus TRAINING_CORPUS, or collect with --near-dedup)", file=sys.stderr)
+    report = {"index": str(index), "training_files": len(train), "near_duplicates_from": near_source, "sets": {}}
     for name in sorted({it["set"] for it in items}):
         report["sets"][name] = {
             "items": sum(it["set"] == name for it in items),

@@ -16,6 +16,9 @@ checkpoint. `state.json` is written last inside the folder, and `latest_checkpoi
 requires it, so even a file system that reorders renames cannot hand out a partial one.
 Older checkpoints beyond `keep_last` are deleted only after the new one is in place.
 
+`export_final` gives a run's last checkpoint, without its training state, as
+RUN_DIR/final/: the folder to load or hand on.
+
 Limits: assumes all ranks see the same file system (rank 0 renames what every rank wrote).
 """
 
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polycoder.files import fsync_dir, fsync_tree
+from polycoder.files import atomic_folder, fsync_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_DIR = "training_state"
@@ -135,3 +138,25 @@ def read_training_state(folder: str | Path, rank: int = 0) -> tuple[dict[str, An
     if shard_path.exists():
         optim = dict(optim or {}, optimizer=torch.load(shard_path, map_location="cpu", weights_only=False))
     return state, optim, rng
+
+
+def export_final(checkpoint: str | Path, final: str | Path) -> Path:
+    """The model folder of `checkpoint` (all but training_state/) as `final`, replaced atomically.
+
+    Files are hard links where the file system allows: the weights are not stored twice, and
+    deleting the checkpoint later (keep_last) leaves final/ whole. Nothing writes a checkpoint's
+    files in place (every save is a new folder), so the two names cannot drift apart.
+    """
+    with atomic_folder(final) as tmp:
+        for p in sorted(Path(checkpoint).iterdir()):
+            if p.name == STATE_DIR:
+                continue
+            if p.is_dir():
+                shutil.copytree(p, tmp / p.name)
+                continue
+            try:
+                os.link(p, tmp / p.name)
+            except OSError:  # another file system, or one without hard links
+                shutil.copy2(p, tmp / p.name)
+        fsync_tree(tmp)
+    return Path(final)

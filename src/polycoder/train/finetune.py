@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -220,6 +221,7 @@ def finetune(
     threads: int = 0,
     seed: int = 1234,
     device: str = "auto",
+    reschedule: bool = False,
 ) -> int:
     """Fine-tune a checkpoint on code or JSONL texts: full, LoRA (peft) or QLoRA.
 
@@ -250,6 +252,8 @@ def finetune(
         threads: CPU threads for torch (0: default).
         seed: Seed of the data order.
         device: cpu, cuda or auto.
+        reschedule: With --resume: follow the learning-rate schedule of the current settings instead of the
+            checkpoint's.
     """
     targets = targets or list(LORA_TARGETS)
     lora = lora or qlora
@@ -312,7 +316,7 @@ def finetune(
         kind = "QLoRA" if qlora else "LoRA" if lora else "full"
         trainer = Trainer(trainable, settings, d, [train_arr], [valid_arr] if len(valid_arr) > seq_len else [],
                           out, write_model, seq_len, description=f"finetune ({kind}) {base_folder.name}")
-        result = trainer.fit(resume_from)
+        result = trainer.fit(resume_from, reschedule)
         if d.is_main and not result.interrupted:
             final = Path(out) / "final"
             if lora:
@@ -325,4 +329,6 @@ def finetune(
             print(f"fine-tuned ({kind}): {final}" + (f"; merged: {Path(out) / 'merged'}" if lora and merge else ""))
     finally:
         shutdown(d)
-    return 0
+    if result.interrupted and d.is_main:
+        print(f"interrupted at step {result.steps}; saved {result.checkpoint}; continue with --resume", file=sys.stderr)
+    return result.exit_status  # 130 after Ctrl-C: an interrupted run is not a finished one

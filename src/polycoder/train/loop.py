@@ -20,7 +20,12 @@ CPU in fp32).
 
 Signals: SIGINT or SIGTERM (the usual pre-emption notice) sets a flag; after the current
 step every rank agrees to stop, a checkpoint is saved, and `fit` returns with
-`interrupted=True`. A second signal exits at once.
+`interrupted=True` and the signal, whose `exit_status` (128 + the signal: 130 for Ctrl-C,
+143 for SIGTERM) the verbs return, as interrupted programs do, so that a script or a
+scheduler can tell a finished run from one to resume. A second signal exits at once.
+
+Resuming keeps the learning-rate schedule saved in the checkpoint unless asked
+(`polycoder.train.schedule`).
 
 Reference for the loss-curve / MFU bookkeeping: nanoGPT's train.py; PaLM's MFU
 (6N + 12 L H T FLOPs per token, `ModelConfig.flops_per_token`).
@@ -35,6 +40,7 @@ import json
 import math
 import platform
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,6 +67,7 @@ from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist, wrap_model
 from polycoder.train.loader import LoaderState, WindowLoader, eval_windows, gather_windows
 from polycoder.train.metrics import MetricsLogger, plot_loss_curve
+from polycoder.train.schedule import CosineSchedule, resumed_schedule
 from polycoder.train.settings import TrainSettings
 
 IGNORE_INDEX = -100
@@ -129,27 +136,6 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-class CosineSchedule:
-    """Linear warm-up to the peak rate, then cosine decay to peak * min_lr_ratio."""
-
-    def __init__(self, peak: float, max_steps: int, warmup: float, min_lr_ratio: float):
-        self.peak, self.max_steps, self.min_lr_ratio = peak, max_steps, min_lr_ratio
-        self.warmup_steps = int(round(warmup * max_steps)) if warmup < 1 else int(warmup)
-
-    def lr(self, step: int) -> float:
-        """Rate of the update made at 0-based `step`."""
-        if step < self.warmup_steps:
-            return self.peak * (step + 1) / self.warmup_steps
-        span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        low = self.peak * self.min_lr_ratio
-        return low + (self.peak - low) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"peak": self.peak, "max_steps": self.max_steps, "warmup_steps": self.warmup_steps,
-                "min_lr_ratio": self.min_lr_ratio}
-
-
 def make_optimizer(model: nn.Module, settings: TrainSettings, device: torch.device, fsdp: bool) -> torch.optim.Optimizer:
     """AdamW; decay on matrices only (not biases, LayerNorms, the input embedding)."""
     o = settings.optim
@@ -183,8 +169,15 @@ class FitResult:
     checkpoint: str | None
     interrupted: bool
     resumed_from: str | None
+    signal: int | None = None
+    """The signal that stopped the run (None: finished, or stopped because another rank was signalled)."""
     losses: list[float] = field(default_factory=list, repr=False)
     """Training loss of each step run by this call."""
+
+    @property
+    def exit_status(self) -> int:
+        """0 for a finished run; 128 + the signal for an interrupted one (SIGINT where unknown)."""
+        return 128 + (self.signal or signal.SIGINT) if self.interrupted else 0
 
 
 class _StopFlag:
@@ -192,6 +185,7 @@ class _StopFlag:
 
     def __init__(self):
         self.set = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -207,6 +201,7 @@ class _StopFlag:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.set = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -229,6 +224,7 @@ class Trainer:
         flops_per_token: float | None = None,
         description: str = "train",
         backend: Backend | None = None,
+        valid_note: str = "no validation tokens were given",
     ):
         self.raw = model
         self.s = settings
@@ -238,6 +234,7 @@ class Trainer:
         self.seq_len = seq_len
         self.flops_per_token = flops_per_token
         self.description = description
+        self.valid_note = valid_note  # why there is no validation data, and what to do, when there is none
         self.precision = resolve_precision(settings.run.precision, dist.device)
         if dist.device.type == "cpu":
             keep_freed_memory()
@@ -305,9 +302,10 @@ class Trainer:
                                              self.s.run.keep_last, self.d.rank, self.d.barrier,
                                              rank_state=self.optimizer.state_dict() if self.fsdp else None)
 
-    def load_state(self, folder: Path) -> None:
-        """Optimizer, scheduler position, RNG and data position from a checkpoint (weights
-        are loaded by the caller, who knows whether they are a full model or an adapter)."""
+    def load_state(self, folder: Path, reschedule: bool = False) -> None:
+        """Optimizer, learning-rate schedule, RNG and data position from a checkpoint (weights
+        are loaded by the caller, who knows whether they are a full model or an adapter).
+        The saved schedule is kept unless `reschedule` (see `polycoder.train.schedule`)."""
         state, payload, rng = ckpt.read_training_state(folder, self.d.rank)
         saved = LoaderState(**state["loader"])
         now = self.loader.state
@@ -329,6 +327,10 @@ class Trainer:
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.step, self.tokens = state["step"], state["tokens"]
+        if payload.get("scheduler"):
+            self.schedule, note = resumed_schedule(payload["scheduler"], self.schedule, self.step, reschedule)
+            if note and self.d.is_main:
+                print(note, file=sys.stderr)
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -391,12 +393,15 @@ class Trainer:
         mean = self.d.mean(total / max(count, 1))
         return mean, math.exp(min(mean, 50.0))
 
-    def fit(self, resume_from: Path | None = None) -> FitResult:
+    def fit(self, resume_from: Path | None = None, reschedule: bool = False) -> FitResult:
         run = self.s.run
         if run.threads:
             torch.set_num_threads(run.threads)
         if resume_from is not None:
-            self.load_state(resume_from)
+            self.load_state(resume_from, reschedule)
+        if self.d.is_main and not self.eval_starts:
+            print(f"note: no validation data: {self.valid_note}; the validation loss will not be measured",
+                  file=sys.stderr)
         if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "settings.json", json.dumps(self.s.to_dict(), indent=2))
@@ -456,7 +461,7 @@ class Trainer:
             final_loss=losses[-1] if losses else None,
             val_loss=val[0] if val else None, val_ppl=val[1] if val else None,
             checkpoint=str(saved) if saved else None, interrupted=interrupted,
-            resumed_from=str(resume_from) if resume_from else None, losses=losses)
+            resumed_from=str(resume_from) if resume_from else None, signal=stop.signum, losses=losses)
         if self.d.is_main:
             self._write_summary(result)
         return result
@@ -468,7 +473,8 @@ class Trainer:
         rows = [("steps", f"{r.steps} / {self.s.run.max_steps}"), ("tokens", f"{r.tokens:,}"),
                 ("time (this call)", f"{r.seconds:.1f} s"), ("tokens/s", f"{r.tokens_per_s:,.0f}"),
                 ("last training loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-"),
-                ("validation loss / ppl", f"{r.val_loss:.4f} / {r.val_ppl:.2f}" if r.val_loss is not None else "-"),
+                ("validation loss / ppl", f"{r.val_loss:.4f} / {r.val_ppl:.2f}" if r.val_loss is not None else
+                 "not measured yet" if self.eval_starts else f"none: no validation data ({self.valid_note})"),
                 ("checkpoint", r.checkpoint or "-"), ("interrupted", "yes (resume with --resume)" if r.interrupted else "no")]
         md = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
         if png:

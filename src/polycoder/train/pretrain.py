@@ -9,12 +9,17 @@ tokenizer/ they were made with. A model from scratch takes the preset's architec
 a vocabulary padded from the shards' (so a preset trains with any tokenizer); `--init
 FOLDER` continues from a checkpoint instead. Checkpoints land in RUN_DIR/checkpoints/;
 `--resume` continues from the latest one (or starts afresh if there is none, so a
-pre-emptible job can always pass it). See `polycoder.train.loop` for the step itself and
-`polycoder.train.settings` for every setting and the PolyCoder recipe.
+pre-emptible job can always pass it), on the learning-rate schedule it was saved with unless
+`--reschedule`. A finished run leaves RUN_DIR/final/: the last weights as a model folder
+(config.json, weights, tokenizer; no training state), as `finetune` does. An interrupted
+one (Ctrl-C, SIGTERM) saves a checkpoint and exits with 128 + the signal (130, 143).
+See `polycoder.train.loop` for the step itself and `polycoder.train.settings` for every
+setting and the PolyCoder recipe.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -84,6 +89,7 @@ def train(
     seed: int | None = None,
     set: list[str] | None = None,
     device: str = "auto",
+    reschedule: bool = False,
 ) -> int:
     """Pretrain a GPT-NeoX model on token shards (from scratch, or onwards from --init).
 
@@ -109,6 +115,8 @@ def train(
         seed: Seed of the data order and the initialisation (data.seed).
         set: Further settings as section.key=value, e.g. optim.weight_decay=0.1.
         device: cpu, cuda or auto.
+        reschedule: With --resume: follow the learning-rate schedule of the current settings (e.g. a larger
+            --max-steps stretches the cosine) instead of the one the checkpoint was trained on.
     """
     preset = preset or _preset_from_yaml(config)
     if preset is None and init is None:
@@ -169,11 +177,19 @@ def train(
                 m = net
             save_checkpoint(m, tokenizer, folder)
 
+        valid_note = (f"{data}/valid holds no token shards" if not valid_arrays else
+                      f"no shard of {data}/valid holds a whole window of {T} tokens")
+        valid_note += ("; split the corpus with `polycoder data split` so that valid/ gets files (it warns where it "
+                       "cannot; --by-file-below N helps languages with few repositories), then tokenize it again")
         trainer = Trainer(model, settings, d, train_arrays, valid_arrays, out, write_model, T,
-                          flops_per_token=cfg.flops_per_token(T), description=f"train {cfg.name}")
-        result: FitResult = trainer.fit(resume_from)
+                          flops_per_token=cfg.flops_per_token(T), description=f"train {cfg.name}",
+                          valid_note=valid_note)
+        result: FitResult = trainer.fit(resume_from, reschedule)
+        if d.is_main and not result.interrupted:
+            final = ckpt.export_final(Path(result.checkpoint), Path(out) / "final")
+            print(f"trained {cfg.name}: {final}")
     finally:
         shutdown(d)
     if result.interrupted and d.is_main:
-        print(f"interrupted at step {result.steps}; saved {result.checkpoint}; continue with --resume")
-    return 0
+        print(f"interrupted at step {result.steps}; saved {result.checkpoint}; continue with --resume", file=sys.stderr)
+    return result.exit_status
