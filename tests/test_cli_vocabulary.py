@@ -66,3 +66,17 @@ def test_a_closed_pipe_ends_quietly(tiny_folder):
     r = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
     assert r.stdout.strip() == "rc=141"
+
+
+def test_one_name_for_an_input_file_and_the_old_name_still_works(tiny_folder, tmp_path):
+    f = tmp_path / "x.c"
+    f.write_text("int main(void) { return 0; }\n")
+    new = run("tokenize", "--model", str(tiny_folder), "--text-file", str(f)).stdout
+    assert new == run("tokenize", "--model", str(tiny_folder), "--file", str(f)).stdout  # the old name, kept
+    assert new == run("tokenize", "--model", str(tiny_folder), "--text", f.read_text()).stdout
+
+
+def test_the_near_duplicate_threshold_has_one_name_in_every_verb():
+    for verb in (["data", "collect"], ["data", "overlap"], ["eval", "contamination"]):
+        assert "--near-threshold" in run(*verb, "--help").stdout, verb
+    assert "--near-threshold NEAR_THRESHOLD, --threshold NEAR_THRESHOLD" in run("eval", "contamination", "--help").stdout

@@ -26,6 +26,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from tqdm import tqdm
@@ -37,6 +38,7 @@ from polycoder.errors import PolycoderError
 from polycoder.eval.humaneval import load_problems
 from polycoder.eval.perplexity import LANGUAGES, read_documents
 from polycoder.files import write_text
+from polycoder.options import Alias
 
 
 def _sha(data: bytes) -> str:
@@ -109,7 +111,7 @@ def contamination(
     data: Path | None = None,
     humaneval: bool = True,
     corpus: Path | None = None,
-    threshold: float = 0.85,
+    near_threshold: Annotated[float, Alias("--threshold")] = 0.85,
     problems_file: Path | None = None,
 ) -> dict:
     """Check evaluation sets against a training index (exact) and corpus (near duplicates).
@@ -121,7 +123,8 @@ def contamination(
         humaneval: check HumanEval's prompts and canonical solutions.
         corpus: the training corpus (Parquet shards) for the near-duplicate pass (default: the MinHash
             signatures beside the index, minhash.npy and minhash.json, when they are there).
-        threshold: estimated Jaccard similarity that counts as a near duplicate.
+        near_threshold: estimated Jaccard similarity that counts as a near duplicate (as in `data collect`
+            and `data overlap`; --threshold is its old name).
         problems_file: another HumanEval-format problem file.
     """
     train = read_index(index)
@@ -135,9 +138,9 @@ def contamination(
     exact = [{"set": it["set"], "name": it["name"], "sha256": it["sha256"],
               "training_file": train[it["sha256"]]} for it in items if it["sha256"] in train]
     if corpus is not None:
-        near, near_source = near_duplicates(items, Path(corpus), threshold), f"signatures of {corpus}"
+        near, near_source = near_duplicates(items, Path(corpus), near_threshold), f"signatures of {corpus}"
     else:
-        near, near_source = near_stored(items, Path(index), threshold), f"minhash.npy beside {index}"
+        near, near_source = near_stored(items, Path(index), near_threshold), f"minhash.npy beside {index}"
         if near is None:
             near_source = None
             print(f"note: no minhash.npy/minhash.json beside {index} and no --corpus: exact matches only "

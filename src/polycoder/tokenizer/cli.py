@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 from polycoder.errors import PolycoderError
+from polycoder.options import Alias
 from polycoder.tokenizer import Tokenizer, load_tokenizer
 
 
 def cli_tokenize(
     model: str | None = None,
-    file: Path | None = None,
     text: str | None = None,
+    text_file: Annotated[Path | None, Alias("--file")] = None,
     decode: bool = False,
     vocab_file: Path | None = None,
     merges_file: Path | None = None,
@@ -22,8 +24,9 @@ def cli_tokenize(
 
     Args:
         model: checkpoint folder, preset name or hub id whose tokenizer to use (default: the bundled model).
-        file: read the input from this file (bytes exactly as stored); `-` reads stdin.
         text: the input text itself.
+        text_file: read the input from this file (bytes exactly as stored); `-` reads stdin (--file is its old name;
+            generate's is --prompt-file).
         decode: the input is a JSON list of ids; print the text they decode to.
         vocab_file: a GPT-2 style vocab.json (with --merges-file) instead of a model's tokenizer.
         merges_file: a merges.txt; without a `#version` header its first line is dropped (PolyCoder's reading).
@@ -34,13 +37,13 @@ def cli_tokenize(
         tok = Tokenizer.from_files(vocab_file, merges_file)
     else:
         tok = load_tokenizer(model)
-    if (file is None) == (text is None):
-        if file is None and not sys.stdin.isatty():
-            file = Path("-")
+    if (text_file is None) == (text is None):
+        if text_file is None and not sys.stdin.isatty():
+            text_file = Path("-")
         else:
-            raise PolycoderError("give exactly one of --file F or --text TEXT (or pipe the input on stdin)")
-    if file is not None:
-        data = sys.stdin.buffer.read() if str(file) == "-" else _read_bytes(file)
+            raise PolycoderError("give exactly one of --text-file F or --text TEXT (or pipe the input on stdin)")
+    if text_file is not None:
+        data = sys.stdin.buffer.read() if str(text_file) == "-" else _read_bytes(text_file)
     else:
         data = text.encode("utf-8")
     if decode:
