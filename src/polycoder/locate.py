@@ -72,9 +72,11 @@ def resolve(model: str | Path | None) -> Path:
                          f"with --random-init ({', '.join(PRESETS)}) or a hub id like NinedayWang/PolyCoder-160M")
 
 
-def resolve_all(models: list[str | Path | None]) -> list[Path]:
-    """Every model argument's folder, or the first one's error before any model is loaded."""
-    return [resolve(m) for m in models]
+def resolve_all(models: list[str | Path | None], random_init: bool = False) -> list[str | Path]:
+    """Every model argument's folder (a preset itself, with random_init), or the first one's
+    error: for verbs that take several models, to check them all before loading any. Pass
+    the results on as the models, so a run folder is announced and a hub id fetched once."""
+    return [m if random_init and m is not None and str(m) in PRESETS else resolve(m) for m in models]
 
 
 def display_name(model: str | Path | None) -> str:
