@@ -148,6 +148,10 @@ def test_cli_adapter_records_an_absolute_base(cli_lora, base):
     cfg = json.loads((cli_lora / "final" / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]).is_absolute()
     assert Path(cfg["base_model_name_or_path"]) == base.resolve()
+    tuned, _ = load_model(cli_lora / "final")
+    plain, _ = load_model(base)
+    qkv = [m.gpt_neox.layers[0].attention.query_key_value.weight for m in (tuned, plain)]
+    assert not torch.equal(*qkv)  # the adapter (merged on load) changes the weights it targets
 
 
 def test_adapter_folder_is_a_model_in_generate_and_perplexity_from_another_cwd(cli_lora, tmp_path):
@@ -201,3 +205,15 @@ def test_old_adapter_with_a_relative_base_still_loads(cli_lora, base, tmp_path, 
     (old / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "moved")}))
     with pytest.raises(PolycoderError, match="not there any more.*base_model_name_or_path"):
         load_model(old)
+
+
+def test_export_gguf_of_the_adapter_folder_writes_the_merged_model(cli_lora, tmp_path):
+    pytest.importorskip("gguf")
+    from polycoder.export.gguf import export_gguf
+    from polycoder.options import ModelOptions
+
+    export_gguf(tmp_path / "adapter.gguf", model_options=ModelOptions(model=str(cli_lora / "final")), outtype="f32",
+                check=False)
+    export_gguf(tmp_path / "merged.gguf", model_options=ModelOptions(model=str(cli_lora / "merged")), outtype="f32",
+                check=False)
+    assert (tmp_path / "adapter.gguf").read_bytes() == (tmp_path / "merged.gguf").read_bytes()
