@@ -217,3 +217,12 @@ def test_export_gguf_of_the_adapter_folder_writes_the_merged_model(cli_lora, tmp
     export_gguf(tmp_path / "merged.gguf", model_options=ModelOptions(model=str(cli_lora / "merged")), outtype="f32",
                 check=False)
     assert (tmp_path / "adapter.gguf").read_bytes() == (tmp_path / "merged.gguf").read_bytes()
+
+
+def test_adapter_folder_in_bfloat16_is_the_merged_model_rounded_once(lora_run):
+    """Merged in float32 and then cast: the same weights as the merged folder loaded in bf16."""
+    got, _ = load_model(lora_run / "final", dtype="bfloat16")
+    want, _ = load_model(lora_run / "merged", dtype="bfloat16")
+    for (k, va), (_, vb) in zip(got.state_dict().items(), want.state_dict().items()):
+        assert va.dtype == vb.dtype and torch.equal(va, vb), k
+    assert got.gpt_neox.rotary_emb.cos.dtype == torch.float32
