@@ -106,6 +106,11 @@ def test_merge_an_existing_adapter(lora_run, base, tmp_path):
     b, _ = load_model(lora_run / "merged")
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
+    # without --model: into the base the adapter records, not the bundled default
+    assert finetune(out=str(tmp_path / "own"), adapter=str(lora_run / "final"), merge=True) == 0
+    c, _ = load_model(tmp_path / "own" / "merged")
+    for (k, va), (_, vc) in zip(a.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(va, vc), k
 
 
 def test_full_finetune_loss_falls(base, jsonl, tmp_path):

@@ -162,7 +162,8 @@ def finetune(
         lora: Train LoRA adapters instead of all weights.
         qlora: LoRA on a 4-bit (NF4) base; needs a CUDA GPU and bitsandbytes.
         merge: Also write RUN_DIR/merged: the base with the adapter folded in.
-        adapter: An existing adapter folder to merge into --model (with --merge, no --data).
+        adapter: An existing adapter folder to merge into --model, or into the base it records if no --model
+            (with --merge, no --data).
         lora_r: LoRA rank.
         lora_alpha: LoRA scale numerator (the update is B A * alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -190,10 +191,13 @@ def finetune(
     if adapter is not None:
         if not merge:
             raise PolycoderError("--adapter is for merging an existing adapter: add --merge")
-        base, tokenizer = load_model(model)
-        pm = load_adapter(base, adapter, base_reference(model, resolve(model)))
-        dest = save_checkpoint(merge_adapter(pm), tokenizer, Path(out) / "merged")
-        print(f"merged {adapter} into {model}: {dest}")
+        if model is None:  # the base the adapter records (not the bundled default)
+            net, tokenizer = load_model(adapter)
+        else:
+            base, tokenizer = load_model(model)
+            net = merge_adapter(load_adapter(base, adapter, base_reference(model, resolve(model))))
+        dest = save_checkpoint(net, tokenizer, Path(out) / "merged")
+        print(f"merged {adapter} into {model or 'its base'}: {dest}")
         return 0
     if data is None:
         raise PolycoderError("pass --data (a JSONL file or a folder of code) to fine-tune on")
