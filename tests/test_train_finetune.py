@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from test_train_helpers import cli_env, polycoder_cmd
 
 from polycoder.checkpoint import build_model, load_model, save_checkpoint
 from polycoder.config import ModelConfig
@@ -62,7 +65,7 @@ def test_read_texts_jsonl_and_code_folder(tmp_path, jsonl):
 def test_lora_run_writes_peft_adapter(lora_run, base):
     cfg = json.loads((lora_run / "final" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
-    assert cfg["base_model_name_or_path"] == str(base)
+    assert Path(cfg["base_model_name_or_path"]) == base.resolve()  # absolute: it resolves from any directory
     assert sorted(cfg["target_modules"]) == sorted(["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
     records = read_metrics(lora_run / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
@@ -103,6 +106,11 @@ def test_merge_an_existing_adapter(lora_run, base, tmp_path):
     b, _ = load_model(lora_run / "merged")
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
+    # without --model: into the base the adapter records, not the bundled default
+    assert finetune(out=str(tmp_path / "own"), adapter=str(lora_run / "final"), merge=True) == 0
+    c, _ = load_model(tmp_path / "own" / "merged")
+    for (k, va), (_, vc) in zip(a.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(va, vc), k
 
 
 def test_full_finetune_loss_falls(base, jsonl, tmp_path):
@@ -118,3 +126,108 @@ def test_full_finetune_loss_falls(base, jsonl, tmp_path):
 def test_qlora_without_gpu_is_a_clear_error(base, jsonl, tmp_path):
     with pytest.raises(PolycoderError, match="QLoRA needs a CUDA GPU"):
         finetune(model=str(base), data=str(jsonl), out=str(tmp_path), qlora=True, max_steps=1)
+
+
+# ---- the adapter folder as a model, from the command line -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_lora(base, jsonl) -> Path:
+    """`polycoder finetune --lora --merge` run by the CLI in the base's parent folder, with the
+    base and the run named relative to it (as a user in that folder would)."""
+    p = subprocess.run(polycoder_cmd("finetune", "--model", base.name, "--data", str(jsonl), "--out", "run", "--lora",
+                                     "--merge", "--lora-r", "4", "--max-steps", "2", "--lr", "1e-2", "--batch-size", "4",
+                                     "--seq-len", "64", "--precision", "fp32", "--set", "run.tensorboard=false"),
+                       cwd=base.parent, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return base.parent / "run"
+
+
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(polycoder_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"polycoder {' '.join(args)}:\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_cli_adapter_records_an_absolute_base(cli_lora, base):
+    cfg = json.loads((cli_lora / "final" / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]).is_absolute()
+    assert Path(cfg["base_model_name_or_path"]) == base.resolve()
+    tuned, _ = load_model(cli_lora / "final")
+    plain, _ = load_model(base)
+    qkv = [m.gpt_neox.layers[0].attention.query_key_value.weight for m in (tuned, plain)]
+    assert not torch.equal(*qkv)  # the adapter (merged on load) changes the weights it targets
+
+
+def test_adapter_folder_is_a_model_in_generate_and_perplexity_from_another_cwd(cli_lora, tmp_path):
+    """The adapter folder `finetune --lora` prints works as --model from elsewhere: merged on
+    load (said on stderr), the same completions and scores as the folder `--merge` wrote."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    adapter, merged = cli_lora / "final", cli_lora / "merged"
+    common = ("--prompt", "def add(", "--max-new-tokens", "12", "--temperature", "0", "--json-output")
+    a = _cli(elsewhere, "generate", "--model", str(adapter), *common)
+    m = _cli(elsewhere, "generate", "--model", str(merged), *common)
+    assert "LoRA adapter" in a.stderr and "merged into the weights on load" in a.stderr
+    assert json.loads(a.stdout)[0]["tokens"] == 12
+    assert json.loads(a.stdout) == json.loads(m.stdout)
+
+    (elsewhere / "code" / "Python").mkdir(parents=True)
+    (elsewhere / "code" / "Python" / "f.py").write_text("def add(a, b):\n    return a + b\n" * 20)
+    _cli(elsewhere, "eval", "perplexity", "--data", "code", "--out", "ppl", "--model", str(adapter), str(merged))
+    report = json.loads((elsewhere / "ppl" / "perplexity.json").read_text())  # one entry a model, by its argument
+    assert report[str(adapter)]["Python"]["bits_per_byte"] > 0
+    assert report[str(adapter)] == report[str(merged)]
+
+
+def test_auto_peft_model_opens_the_adapter_from_another_cwd(cli_lora, tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(cli_lora / "final")).eval()
+    ours, _ = load_model(cli_lora / "final")
+    x = torch.randint(0, 259, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x), rtol=1e-4, atol=1e-4)
+
+
+def test_old_adapter_with_a_relative_base_still_loads(cli_lora, base, tmp_path, monkeypatch):
+    """Adapters written before bases were absolute hold a path relative to where finetune ran:
+    it is looked for above the adapter folder too; a base that is nowhere is one clear error."""
+    project = tmp_path / "project"
+    shutil.copytree(base, project / "models" / "tiny")
+    old = project / "runs" / "x" / "final"
+    shutil.copytree(cli_lora / "final", old)
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "models/tiny"}))
+    monkeypatch.chdir(tmp_path)  # not the project folder: "models/tiny" does not resolve from here
+    got, _ = load_model(old)
+    want, _ = load_model(cli_lora / "merged")
+    for (k, va), (_, vb) in zip(got.state_dict().items(), want.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-6, atol=1e-6, msg=k)
+    (old / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "models/gone"}))
+    with pytest.raises(PolycoderError, match="base model of adapter .*models/gone"):
+        load_model(old)
+    (old / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "moved")}))
+    with pytest.raises(PolycoderError, match="not there any more.*base_model_name_or_path"):
+        load_model(old)
+
+
+def test_export_gguf_of_the_adapter_folder_writes_the_merged_model(cli_lora, tmp_path):
+    pytest.importorskip("gguf")
+    from polycoder.export.gguf import export_gguf
+    from polycoder.options import ModelOptions
+
+    export_gguf(tmp_path / "adapter.gguf", model_options=ModelOptions(model=str(cli_lora / "final")), outtype="f32",
+                check=False)
+    export_gguf(tmp_path / "merged.gguf", model_options=ModelOptions(model=str(cli_lora / "merged")), outtype="f32",
+                check=False)
+    assert (tmp_path / "adapter.gguf").read_bytes() == (tmp_path / "merged.gguf").read_bytes()
+
+
+def test_adapter_folder_in_bfloat16_is_the_merged_model_rounded_once(lora_run):
+    """Merged in float32 and then cast: the same weights as the merged folder loaded in bf16."""
+    got, _ = load_model(lora_run / "final", dtype="bfloat16")
+    want, _ = load_model(lora_run / "merged", dtype="bfloat16")
+    for (k, va), (_, vb) in zip(got.state_dict().items(), want.state_dict().items()):
+        assert va.dtype == vb.dtype and torch.equal(va, vb), k
+    assert got.gpt_neox.rotary_emb.cos.dtype == torch.float32

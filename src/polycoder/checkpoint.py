@@ -2,8 +2,10 @@
 
 `load_model(M)` accepts a folder, a preset name (with `random_init=True`, for speed tests),
 a hub id such as `NinedayWang/PolyCoder-160M` (fetched with `huggingface_hub` when online;
-a clear error when offline), or nothing: the bundled default model (`polycoder.locate`
-finds the folder). `load(options)` does the same from a verb's `ModelOptions`.
+a clear error when offline), a run folder, a LoRA adapter folder, or nothing: the bundled
+default model (`polycoder.locate` finds the folder). `load(options)` does the same from a
+verb's `ModelOptions`. An adapter folder loads its base model and merges the adapter into
+the weights (`polycoder.lora`, said on stderr), so every verb runs it as a plain model.
 
 Loading is memory-efficient: the model is built on the `meta` device (no memory), then
 each tensor is read from the memory-mapped safetensors / `pytorch_model.bin` file and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from safetensors.torch import save_file
 from polycoder.config import PRESETS, ModelConfig
 from polycoder.errors import PolycoderError
 from polycoder.files import atomic_folder, fsync_tree
-from polycoder.locate import resolve
+from polycoder.locate import adapter_base, is_adapter, resolve
+from polycoder.lora import merged
 from polycoder.model import GPTNeoX, RotaryEmbedding
 from polycoder.options import DTYPE_SPELLINGS, ModelOptions
 from polycoder.quantize import quantize as quantize_model
@@ -140,15 +144,17 @@ def load_model(
     random_init: bool = False,
     tokenizer: str | Path | None = None,
     quantize: str | None = None,
+    base: str | Path | None = None,
 ) -> tuple[GPTNeoX, Tokenizer]:
     """The model and tokenizer behind a folder, preset (with random_init) or hub id.
 
     `tokenizer` names a folder (or tokenizer.json) to take the tokenizer from instead of
     the model's own folder, for weights saved without one. `quantize` ("int8", "int4")
     swaps the linear layers for weight-only quantized ones (polycoder.quantize; for
-    inference only).
+    inference only). `base`, for an adapter folder, is the model to apply it to instead
+    of the base its adapter_config.json names.
     """
-    net, tok = _load_model(model, dtype, device_of(device), random_init, tokenizer)
+    net, tok = _load_model(model, dtype, device_of(device), random_init, tokenizer, base)
     if quantize:
         quantize_model(net, quantize)
     return net, tok
@@ -159,12 +165,16 @@ def load(options: ModelOptions) -> tuple[GPTNeoX, Tokenizer]:
     return load_model(**asdict(options))
 
 
-def _load_model(model, dtype, device, random_init, tokenizer) -> tuple[GPTNeoX, Tokenizer]:
+def _load_model(model, dtype, device, random_init, tokenizer, base=None) -> tuple[GPTNeoX, Tokenizer]:
     dt = torch_dtype(dtype)
     if random_init and model is not None and str(model) in PRESETS:
         net = build_model(ModelConfig.from_preset(str(model)), dt, device)
         return net, Tokenizer.from_pretrained(tokenizer) if tokenizer else Tokenizer.byte_level()
     folder = resolve(model)
+    if is_adapter(folder) and not random_init:
+        return _load_adapter(folder, base, dt, device, tokenizer)
+    if is_adapter(folder):  # random weights in the architecture of the adapter's base
+        folder = adapter_base(folder, base)
     config = ModelConfig.from_json_file(folder / "config.json")
     tok = Tokenizer.from_pretrained(tokenizer or folder)
     if random_init:
@@ -174,6 +184,19 @@ def _load_model(model, dtype, device, random_init, tokenizer) -> tuple[GPTNeoX, 
     load_state_into(net, folder, dt, device)
     with torch.device(device):
         net.gpt_neox.rotary_emb = RotaryEmbedding(config)
+    return net.eval(), tok
+
+
+def _load_adapter(adapter: Path, base, dt: torch.dtype, device, tokenizer) -> tuple[GPTNeoX, Tokenizer]:
+    """An adapter's base with the adapter merged in: merged in float32, then cast, so that a
+    bf16 or fp16 model gets one rounding, as a merged folder saved in that dtype would."""
+    base_folder = adapter_base(adapter, base)
+    has_tokenizer = (adapter / "tokenizer.json").is_file() or (adapter / "vocab.json").is_file()
+    net, tok = _load_model(base_folder, "float32", device, False, tokenizer or (adapter if has_tokenizer else None))
+    print(f"{adapter}: a LoRA adapter over {base_folder}; merged into the weights on load", file=sys.stderr)
+    net = merged(net, adapter)
+    for p in net.parameters():  # the weights only: the rotary tables stay float32, as load_model makes them
+        p.data = p.data.to(dt)
     return net.eval(), tok
 
 

@@ -1,7 +1,12 @@
 """`polycoder serve`: an OpenAI- and Ollama-compatible code completion server.
 
-One process, one model, one engine thread doing continuous batching
-(`polycoder.serve.engine_loop`), FastAPI + uvicorn in front of it:
+One process, one engine thread a served model doing continuous batching
+(`polycoder.serve.engine_loop`), FastAPI + uvicorn in front of it. Besides `--model`, the
+server may serve LoRA adapters over it (`--adapter NAME=FOLDER`, repeatable); a request's
+`model` field picks one (no `model`: the base). Each adapter is merged into its own copy
+of the base and gets its own engine and KV cache: memory grows by a whole model and a
+cache per adapter (simple and as fast as the base; a shared base that applies each row's
+adapter at run time, as vLLM does, would save that memory):
 
     GET  /                  playground page (type code, pick settings, watch it stream)
     GET  /health            {"status": "ok", ...} while the engine runs (503 otherwise)
@@ -26,8 +31,9 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -36,13 +42,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polycoder.checkpoint import load
+from polycoder.checkpoint import load, load_model
 from polycoder.config import PRESETS
 from polycoder.errors import PolycoderError
-from polycoder.locate import resolve
+from polycoder.locate import display_name, is_adapter, resolve
 from polycoder.options import ModelOptions
 from polycoder.serve import ollama_api, openai_api
-from polycoder.serve.common import APIError, ServerSettings, ServerState
+from polycoder.serve.common import APIError, ServedModels, ServerSettings, ServerState
 from polycoder.serve.engine_loop import EngineLoop
 from polycoder.serve.metrics import Metrics
 
@@ -92,22 +98,36 @@ def _route(path: str) -> str:
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
 
-def create_app(model, tokenizer, settings=None, model_path: str = ""):
-    """The FastAPI app serving `model`; its engine thread runs while the app's lifespan does."""
-    settings = settings or ServerSettings()
+def _served(model, tokenizer, settings: ServerSettings, model_path: str, metrics: Metrics) -> ServerState:
+    """One served model: its engine thread (not started) and state."""
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
-    metrics = Metrics()
     engine = EngineLoop(model, tokenizer, max_rows=settings.max_batch_size, max_len=context,
                         max_queue=settings.max_queue, metrics=metrics, prefill_budget=settings.prefill_budget)
-    state = ServerState(model, tokenizer, settings, engine, metrics, context, model_path)
+    return ServerState(model, tokenizer, settings, engine, metrics, context, model_path)
+
+
+def create_app(model, tokenizer, settings=None, model_path: str = "", more: list[tuple] = ()):
+    """The FastAPI app serving `model` (and `more`: (name, model, tokenizer, path) tuples, each
+    served under its name); the engine threads run while the app's lifespan does.
+
+    Limit: the models share one metrics registry, so the queue-depth and active-row gauges
+    show whichever engine stepped last; the counters and histograms add up all of them."""
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    served = ServedModels([_served(model, tokenizer, settings, model_path, metrics)]
+                          + [_served(m, t, replace(settings, model_name=n), p, metrics) for n, m, t, p in more])
+    state = served.default
+    engine, context = state.engine, state.context
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
-        log.info("serving %s (context %d, batch %d, queue %d, KV cache %.2f GiB)", settings.model_name, context,
-                 settings.max_batch_size, settings.max_queue, engine.engine.cache.nbytes() / 2**30)
+        for s in served.states:
+            s.engine.start()
+            log.info("serving %s (context %d, batch %d, queue %d, KV cache %.2f GiB)", s.settings.model_name,
+                     s.context, settings.max_batch_size, settings.max_queue, s.engine.engine.cache.nbytes() / 2**30)
         yield
-        engine.stop()
+        for s in served.states:
+            s.engine.stop()
 
     app = FastAPI(title="polycoder", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.polycoder = state
@@ -153,8 +173,8 @@ def create_app(model, tokenizer, settings=None, model_path: str = ""):
 
     @app.get("/health")
     async def health():
-        ok = engine.running
-        body = {"status": "ok" if ok else "unavailable", "model": settings.model_name,
+        ok = all(s.engine.running for s in served.states)
+        body = {"status": "ok" if ok else "unavailable", "model": settings.model_name, "models": served.names,
                 "queue_depth": engine.queue_depth, "active_rows": engine.active_rows,
                 "max_batch_size": settings.max_batch_size, "context": context}
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -170,8 +190,8 @@ def create_app(model, tokenizer, settings=None, model_path: str = ""):
         return HTMLResponse(page.replace("{{MODEL}}", settings.model_name)
                             .replace("{{AUTH}}", "true" if settings.api_key else "false"))
 
-    app.include_router(openai_api.router(state, auth))
-    app.include_router(ollama_api.router(state, auth))
+    app.include_router(openai_api.router(served, auth))
+    app.include_router(ollama_api.router(served, auth))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
@@ -190,6 +210,7 @@ def serve(
     max_context: int | None = None,
     prefill_budget: int = 512,
     model_name: str | None = None,
+    adapter: list[str] | None = None,
     cors_origin: list[str] | None = None,
     max_request_bytes: int = 2 << 20,
     log_level: str = "info",
@@ -205,7 +226,10 @@ def serve(
         max_queue: requests that may wait for a row; more are answered 429.
         max_context: tokens a row holds (prompt + completion); default the model's context. Lower it to save memory.
         prefill_budget: prompt tokens prefilled between two decode steps (lower: smoother streams; higher: faster admission).
-        model_name: the model id clients use (default: the folder's name, or the preset's).
+        model_name: the model id clients use (default: the last part of --model: a folder's or hub id's name).
+        adapter: also serve a LoRA adapter over --model as NAME=FOLDER (or FOLDER, named after it; repeatable);
+            a request's model field picks it. Each is merged into its own copy of the model: memory grows by
+            one model and one KV cache per adapter.
         cors_origin: allow browser pages from this origin (repeatable; default: no CORS).
         max_request_bytes: largest request body in bytes; larger ones get a 413 before they are read.
         log_level: debug, info, warning or error.
@@ -219,15 +243,42 @@ def serve(
     if options.random_init and options.model is not None and str(options.model) in PRESETS:
         path, name = str(options.model), str(options.model)
     else:
-        folder = resolve(options.model)
-        path, name = str(folder), folder.name
+        path, name = str(resolve(options.model)), display_name(options.model)
         options = replace(options, model=path)  # a hub id is fetched once, here
     settings = ServerSettings(model_name=model_name or name, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_context=max_context, prefill_budget=prefill_budget, api_key=api_key,
                               cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes)
+    adapters = _adapters(adapter or [], settings.model_name, options)  # checked before any model is loaded
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     net, tok = load(options)
-    app = create_app(net, tok, settings, model_path=path)
+    more = []
+    for name, folder in adapters:
+        m, t = load_model(**asdict(replace(options, model=str(folder))), base=path)
+        more.append((name, m, t, str(folder)))
+    app = create_app(net, tok, settings, model_path=path, more=more)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _adapters(specs: list[str], base_name: str, options: ModelOptions) -> list[tuple[str, Path]]:
+    """(name, folder) of each --adapter NAME=FOLDER (or FOLDER), every one checked: an adapter
+    folder, a name of its own."""
+    if specs and options.random_init:
+        raise PolycoderError("--adapter needs a base model with weights; leave out --random-init")
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, where = spec.partition("=")
+        if not sep:
+            name, where = display_name(spec), spec
+        if not name or not where:
+            raise PolycoderError(f"--adapter {spec!r}: give NAME=FOLDER (or FOLDER) of a LoRA adapter")
+        folder = resolve(where)
+        if not is_adapter(folder):
+            raise PolycoderError(f"--adapter {spec!r}: {folder} is not a LoRA adapter folder (no adapter_config.json); "
+                                 "run a whole model as its own server with --model")
+        taken = [base_name] + [n for n, _ in out]
+        if name in taken or f"{name}:latest" in taken:
+            raise PolycoderError(f"--adapter {spec!r}: the name {name!r} is taken; name it with --adapter NAME=FOLDER")
+        out.append((name, folder))
+    return out

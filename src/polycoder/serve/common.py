@@ -93,6 +93,44 @@ class ServerState:
         return name in (self.settings.model_name, f"{self.settings.model_name}:latest")
 
 
+@dataclass
+class ServedModels:
+    """The models one server serves, by name; a request's `model` field picks one.
+
+    The first is the default (a request that names no model gets it). Each has its own
+    engine thread, KV cache and weights (a LoRA adapter is served merged into a copy of its
+    base), so memory grows by a whole model and a cache per model served.
+    """
+
+    states: list[ServerState]
+
+    def __post_init__(self) -> None:
+        if not self.states:
+            raise ValueError("a server needs at least one model")
+
+    @property
+    def default(self) -> ServerState:
+        return self.states[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.settings.model_name for s in self.states]
+
+    def pick(self, name: Any, api: str) -> ServerState:
+        """The model a request's `model` names (a missing one means the default), else a 404."""
+        if name is None:
+            return self.default
+        if not isinstance(name, str):
+            raise APIError(400, "model must be a string", param="model")
+        for state in self.states:
+            if state.matches(name):
+                return state
+        served = ", ".join(repr(n) for n in self.names)
+        raise APIError(404, f"model {name!r} not found; this server serves {served}"
+                       f" (see {'/v1/models' if api == 'openai' else '/api/tags'})",
+                       param="model", code="model_not_found")
+
+
 class APIError(Exception):
     """A request the server refuses, rendered in the format of the API that was called."""
 
@@ -224,18 +262,6 @@ def get_top_k(body: dict, default: int) -> int:
 def get_seed(body: dict) -> int | None:
     """A seed of any 64-bit value, signed or not (clients differ); None draws a fresh one."""
     return get_int(body, "seed", None, -(2**63), 2**64 - 1)
-
-
-def check_model(state: ServerState, name: Any, api: str) -> None:
-    """Refuse a `model` that is not the served one (a missing model means the served one)."""
-    if name is None:
-        return
-    if not isinstance(name, str):
-        raise APIError(400, "model must be a string", param="model")
-    if not state.matches(name):
-        raise APIError(404, f"model {name!r} not found; this server serves {state.settings.model_name!r}"
-                       f" (see {'/v1/models' if api == 'openai' else '/api/tags'})",
-                       param="model", code="model_not_found")
 
 
 OFF_LOOP_CHARS = 8192

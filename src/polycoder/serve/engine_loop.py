@@ -28,7 +28,8 @@ model over prompt + completion after a sample finishes (`score_tokens`): they ar
 model's (full vocabulary, before temperature / top-p), the same numbers a direct
 `log_softmax(model(ids))` gives. Cost: one extra prefill-sized forward per such sample.
 
-Limits: one model per process and one engine thread (scale out with replicas behind a
+Limits: one model and one engine thread per loop (a server with adapters runs one loop per
+served model, each with its own weights and cache; scale out with replicas behind a
 balancer); a long prompt's prefill holds up the decode step of the others while it runs
 (bounded by `prefill_budget` prompt tokens between two steps, at least one prompt); the
 fair share is per request, not per client: a client sending many requests gets many shares.

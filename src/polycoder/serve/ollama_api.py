@@ -31,10 +31,10 @@ from polycoder import __version__ as polycoder_version
 from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.serve.common import (
     APIError,
+    ServedModels,
     ServerState,
     check_fits,
     check_ids,
-    check_model,
     get_bool,
     get_float,
     get_int,
@@ -55,7 +55,7 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def router(state: ServerState, auth) -> APIRouter:
+def router(served: ServedModels, auth) -> APIRouter:
     api = APIRouter(prefix="/api")
 
     @api.get("/version")
@@ -64,19 +64,20 @@ def router(state: ServerState, auth) -> APIRouter:
 
     @api.get("/tags", dependencies=[Depends(auth)])
     async def tags() -> dict:
-        return {"models": [model_entry(state)]}
+        return {"models": [model_entry(s) for s in served.states]}
 
     @api.get("/ps", dependencies=[Depends(auth)])
     async def ps() -> dict:
-        return {"models": [{**model_entry(state), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0}]}
+        return {"models": [{**model_entry(s), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0}
+                           for s in served.states]}
 
     @api.post("/show", dependencies=[Depends(auth)])
     async def show(request: Request) -> dict:
-        body = await read_json(request, state)
+        body = await read_json(request, served.default)
         name = body.get("model", body.get("name"))
         if name is None:
             raise APIError(400, "model is required", param="model")
-        check_model(state, name, "ollama")
+        state = served.pick(name, "ollama")
         c = state.model.config
         return {
             "license": "MIT",
@@ -98,8 +99,8 @@ def router(state: ServerState, auth) -> APIRouter:
     @api.post("/generate", dependencies=[Depends(auth)])
     async def generate(request: Request):
         t0 = time.perf_counter_ns()
-        body = await read_json(request, state)
-        check_model(state, body.get("model"), "ollama")
+        body = await read_json(request, served.default)
+        state = served.pick(body.get("model"), "ollama")
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise APIError(400, "prompt must be a string", param="prompt")

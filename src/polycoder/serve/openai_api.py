@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.serve.common import (
     APIError,
+    ServedModels,
     ServerState,
-    check_model,
     get_bool,
     get_float,
     get_int,
@@ -127,22 +127,21 @@ def submit(state: ServerState, job: Job) -> Job:
     return job
 
 
-def router(state: ServerState, auth) -> APIRouter:
+def router(served: ServedModels, auth) -> APIRouter:
     api = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
     @api.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card(state)]}
+        return {"object": "list", "data": [model_card(s) for s in served.states]}
 
     @api.get("/models/{name:path}")
     async def model(name: str) -> dict:
-        check_model(state, name, "openai")
-        return model_card(state)
+        return model_card(served.pick(name, "openai"))
 
     @api.post("/completions")
     async def completions(request: Request):
-        body = await read_json(request, state)
-        check_model(state, body.get("model"), "openai")
+        body = await read_json(request, served.default)
+        state = served.pick(body.get("model"), "openai")
         if body.get("suffix") not in (None, ""):
             raise APIError(400, "suffix (fill-in-the-middle) is not supported: PolyCoder was trained left to right "
                            "only; send the code before the cursor as the prompt", param="suffix")

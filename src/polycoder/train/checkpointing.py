@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 
 from polycoder.files import atomic_folder, fsync_dir, fsync_tree
+from polycoder.locate import complete_checkpoints
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_DIR = "training_state"
 
 
@@ -47,16 +46,9 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as (step, folder)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and (p / STATE_DIR / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    """Complete checkpoints of a run, oldest first, as (step, folder): the rule `--model RUN_DIR`
+    follows too, so it lives with the rest of what a model argument means (polycoder.locate)."""
+    return complete_checkpoints(run_dir)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

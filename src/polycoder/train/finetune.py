@@ -1,6 +1,6 @@
 """`polycoder finetune`: full fine-tuning, LoRA and QLoRA of a GPT-NeoX checkpoint.
 
-    polycoder finetune --model FOLDER|HUB_ID --data PATH --out RUN_DIR [--lora] [--qlora] [--merge]
+    polycoder finetune [--model FOLDER|HUB_ID|RUN_DIR|polycoder-tiny] --data PATH --out RUN_DIR [--lora] [--qlora] [--merge]
 
 Data: a JSONL file of {"text": ...} records, or a folder of code (every file whose name a
 PolyCoder language claims, `polycoder.data.languages.language_of`, read as UTF-8, in
@@ -12,11 +12,12 @@ are 20 or more) is held out for validation.
 
 LoRA (Hu et al., 2021) goes through `peft`, targeting the attention QKV and output
 projections and both MLP matrices (`query_key_value`, `dense`, `dense_h_to_4h`,
-`dense_4h_to_h`: our module names are transformers' GPTNeoX names). The adapter is saved
-in peft's format with `task_type: CAUSAL_LM` and the base folder as
-`base_model_name_or_path`, so `PeftModel.from_pretrained(GPTNeoXForCausalLM...,
-ADAPTER)` in transformers gives the same logits as ours. `--merge` folds the adapter into
-the weights and writes a plain checkpoint folder.
+`dense_4h_to_h`: our module names are transformers' GPTNeoX names; `polycoder.lora`). The
+adapter is saved in peft's format with `task_type: CAUSAL_LM` and the base model as
+`base_model_name_or_path` (its absolute path, or its hub id), so
+`AutoPeftModelForCausalLM.from_pretrained(ADAPTER)` opens it from any directory and gives
+the same logits as ours; every verb takes the adapter folder as a model (merged on load).
+`--merge` folds the adapter into the weights and writes a plain checkpoint folder.
 
 QLoRA (Dettmers et al., 2023) quantizes the targeted Linear layers of the base to 4-bit
 NF4 with bitsandbytes and trains LoRA on top; it needs a CUDA GPU and bitsandbytes, and
@@ -38,20 +39,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from polycoder.checkpoint import load_model, load_weights, save_checkpoint
 from polycoder.data.languages import MAX_FILE_BYTES, language_of
 from polycoder.errors import PolycoderError
-from polycoder.files import write_text
-from polycoder.locate import resolve
+from polycoder.locate import base_reference, resolve
+from polycoder.lora import LORA_TARGETS, add_lora, load_adapter, load_adapter_weights, merge_adapter, save_adapter
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import init_distributed, shutdown
 from polycoder.train.loop import Trainer
 from polycoder.train.settings import load_settings
-
-LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-
 
 # ---- data ---------------------------------------------------------------------------------
 
@@ -105,66 +102,6 @@ def token_streams(texts: list[str], tokenizer, holdout_every: int = 20) -> tuple
 # ---- LoRA / QLoRA -------------------------------------------------------------------------
 
 
-def _require_peft():
-    try:  # deferred: the train extra's package, with a message where it is missing
-        import peft
-    except ImportError:
-        raise PolycoderError("LoRA needs the `peft` package: pip install 'polycoder[train]'") from None
-    return peft
-
-
-def add_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str], base: str | None):
-    """Wrap `model` with trainable LoRA adapters (peft); only the adapters require grad."""
-    peft = _require_peft()
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    pm = peft.get_peft_model(model, config)
-    c = pm.peft_config["default"]
-    # Written into adapter_config.json: transformers users get PeftModelForCausalLM and find
-    # the base; the auto_mapping peft fills in for non-transformers models would point them
-    # at polycoder.model instead.
-    c.task_type = "CAUSAL_LM"
-    c.base_model_name_or_path = base
-    c.auto_mapping = None
-    return pm
-
-
-def save_adapter(pm, tokenizer, folder: str | Path) -> Path:
-    folder = Path(folder)
-    pm.save_pretrained(str(folder), save_embedding_layers=False)  # we never resize embeddings
-    cfg_path = folder / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["auto_mapping"] = None
-    write_text(cfg_path, json.dumps(cfg, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(folder)
-    return folder
-
-
-def load_adapter_weights(pm, folder: str | Path) -> None:
-    peft = _require_peft()
-    path = Path(folder) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise PolycoderError(f"{folder} holds no adapter_model.safetensors; is it a LoRA checkpoint?")
-    result = peft.set_peft_model_state_dict(pm, load_file(str(path)))
-    if getattr(result, "unexpected_keys", None):
-        raise PolycoderError(f"{path}: adapter weights do not fit this model ({result.unexpected_keys[:3]})")
-
-
-def load_adapter(model: torch.nn.Module, folder: str | Path, base: str | None = None):
-    """`model` wrapped with the adapter saved in `folder` (rank, scale, targets from its config)."""
-    path = Path(folder) / "adapter_config.json"
-    if not path.is_file():
-        raise PolycoderError(f"{folder} holds no adapter_config.json; pass a LoRA adapter folder")
-    cfg = json.loads(path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise PolycoderError(f"{folder}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters are supported")
-    targets = cfg["target_modules"]
-    pm = add_lora(model, cfg["r"], cfg["lora_alpha"], 0.0, sorted(targets) if isinstance(targets, list) else targets,
-                  base or cfg.get("base_model_name_or_path"))
-    load_adapter_weights(pm, folder)
-    return pm
-
-
 def quantize_4bit(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
     """Replace the targeted Linear layers by bitsandbytes NF4 layers (QLoRA's frozen base)."""
     if not torch.cuda.is_available():
@@ -186,17 +123,12 @@ def quantize_4bit(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module
     return model
 
 
-def merge_adapter(pm):
-    """The base model with the adapter folded into its weights (W + B A * alpha / r)."""
-    return pm.merge_and_unload()
-
-
 # ---- the verb -----------------------------------------------------------------------------
 
 
 def finetune(
-    model: str,
     out: str,
+    model: str | None = None,
     data: str | None = None,
     lora: bool = False,
     qlora: bool = False,
@@ -226,13 +158,14 @@ def finetune(
     """Fine-tune a checkpoint on code or JSONL texts: full, LoRA (peft) or QLoRA.
 
     Args:
-        model: Base checkpoint: a folder or a hub id.
         out: Run folder (checkpoints/, final/, merged/, metrics.jsonl, summary.md).
+        model: Base checkpoint: a folder, a hub id or polycoder-tiny (default: the bundled model).
         data: JSONL file of {"text": ...} records, or a folder of code files.
         lora: Train LoRA adapters instead of all weights.
         qlora: LoRA on a 4-bit (NF4) base; needs a CUDA GPU and bitsandbytes.
         merge: Also write RUN_DIR/merged: the base with the adapter folded in.
-        adapter: An existing adapter folder to merge into --model (with --merge, no --data).
+        adapter: An existing adapter folder to merge into --model, or into the base it records if no --model
+            (with --merge, no --data).
         lora_r: LoRA rank.
         lora_alpha: LoRA scale numerator (the update is B A * alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -262,10 +195,13 @@ def finetune(
     if adapter is not None:
         if not merge:
             raise PolycoderError("--adapter is for merging an existing adapter: add --merge")
-        base, tokenizer = load_model(model)
-        pm = load_adapter(base, adapter, str(resolve(model)))
-        dest = save_checkpoint(merge_adapter(pm), tokenizer, Path(out) / "merged")
-        print(f"merged {adapter} into {model}: {dest}")
+        if model is None:  # the base the adapter records (not the bundled default)
+            net, tokenizer = load_model(adapter)
+        else:
+            base, tokenizer = load_model(model)
+            net = merge_adapter(load_adapter(base, adapter, base_reference(model, resolve(model))))
+        dest = save_checkpoint(net, tokenizer, Path(out) / "merged")
+        print(f"merged {adapter} into {model or 'its base'}: {dest}")
         return 0
     if data is None:
         raise PolycoderError("pass --data (a JSONL file or a folder of code) to fine-tune on")
@@ -293,7 +229,7 @@ def finetune(
             quantize_4bit(net, targets)
         if lora:
             net.requires_grad_(False)
-            trainable = add_lora(net, lora_r, lora_alpha, lora_dropout, targets, str(base_folder))
+            trainable = add_lora(net, lora_r, lora_alpha, lora_dropout, targets, base_reference(model, base_folder))
 
             def write_model(m, folder: Path) -> None:
                 save_adapter(trainable, tokenizer, folder)
