@@ -97,13 +97,13 @@ pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK
 FINAL="$WORK/run"
 if [ "${PHASES:-4}" -ge 2 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run2" --resume \
-      --init "$WORK/run/checkpoints/step_00000250" --max-steps 160 --batch-size 8 --lr 1.5e-3 \
+      --model "$WORK/run/checkpoints/step_00000250" --max-steps 160 --batch-size 8 --lr 1.5e-3 \
       --save-every 20 --eval-every 40 --threads "$THREADS" --set optim.warmup=0.02
   FINAL="$WORK/run2"
 fi
 if [ "${PHASES:-4}" -ge 3 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run3" --resume \
-      --init "$WORK/run2/checkpoints/step_00000160" --max-steps 400 --batch-size 8 --lr 1e-3 \
+      --model "$WORK/run2/checkpoints/step_00000160" --max-steps 400 --batch-size 8 --lr 1e-3 \
       --save-every 50 --eval-every 100 --threads "$THREADS" --set optim.warmup=0.01
   FINAL="$WORK/run3"
 fi
@@ -123,7 +123,7 @@ if not Path(sys.argv[2], "config.json").is_file():
     save_checkpoint(model, tok, Path(sys.argv[2]), dtype="bfloat16")
 PYEOF
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run4" --resume \
-      --init "$WORK/phase3-bf16" --max-steps "${PHASE4_STEPS:-5000}" --batch-size 8 --lr 8e-4 \
+      --model "$WORK/phase3-bf16" --max-steps "${PHASE4_STEPS:-5000}" --batch-size 8 --lr 8e-4 \
       --save-every 250 --eval-every 500 --threads "$THREADS" --set optim.warmup=0.02 --set run.precision=bf16
   FINAL="$WORK/run4"
 fi

@@ -80,3 +80,23 @@ def test_the_near_duplicate_threshold_has_one_name_in_every_verb():
     for verb in (["data", "collect"], ["data", "overlap"], ["eval", "contamination"]):
         assert "--near-threshold" in run(*verb, "--help").stdout, verb
     assert "--near-threshold NEAR_THRESHOLD, --threshold NEAR_THRESHOLD" in run("eval", "contamination", "--help").stdout
+
+
+def test_train_and_finetune_speak_the_same_words_as_the_other_verbs():
+    from polycoder.config import PRESETS
+
+    train = " ".join(run("train", "--help").stdout.split())
+    assert all(name in train for name in PRESETS)  # the presets are listed
+    assert "--model MODEL, --init MODEL" in train and "--dtype {auto,float32,bfloat16,float16}, --precision" in train
+    finetune = " ".join(run("finetune", "--help").stdout.split())
+    assert "--dtype {auto,float32,bfloat16,float16}, --precision" in finetune
+    assert "--device DEVICE cpu, cuda or auto. (default: auto)" in finetune
+    bad = run("train", "--data", "x", "--out", "y", "--preset", "polycoder-16m", check=False)
+    assert bad.returncode == 2 and "invalid choice: 'polycoder-16m'" in bad.stderr and "polycoder-160m" in bad.stderr
+
+
+def test_precision_helpers_agree_on_every_spelling():
+    from polycoder.options import precision_of
+
+    assert [precision_of(x) for x in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "auto", None)] == \
+        ["fp32", "fp32", "bf16", "bf16", "fp16", "fp16", "auto", None]

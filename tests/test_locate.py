@@ -52,7 +52,7 @@ def test_finetune_defaults_to_the_bundled_model(tmp_path):
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(8)))
     finetune(out=str(tmp_path / "run"), data=str(data), lora=True, max_steps=1, batch_size=2, seq_len=32,
-             precision="fp32", set=["run.tensorboard=false"])
+             dtype="fp32", set=["run.tensorboard=false"])
     cfg = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(BUNDLED_DIR.resolve())
     model, _ = load_model(tmp_path / "run")  # the run folder: its final/, an adapter merged into the bundled model

@@ -78,7 +78,7 @@ def test_resume_with_more_steps_keeps_the_schedule_unless_reschedule(tokens, tmp
     first = tmp_path / "first"
     # the run to resume, in this process (the verb's own function): only the resumes need a fresh process
     assert train(data=str(tokens), out=str(first), preset="test-tiny", max_steps=4, save_every=0, seq_len=32,
-                 batch_size=4, lr=1e-3, precision="fp32", eval_every=0, set=["run.tensorboard=false"]) == 0
+                 batch_size=4, lr=1e-3, dtype="fp32", eval_every=0, set=["run.tensorboard=false"]) == 0
     again = tmp_path / "again"
     shutil.copytree(first, again)
     floor = 1e-3 * 0.1  # optim.min_lr_ratio's default

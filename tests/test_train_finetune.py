@@ -45,7 +45,7 @@ def jsonl(tmp_path_factory) -> Path:
 def lora_run(base, jsonl, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora")
     finetune(model=str(base), data=str(jsonl), out=str(out), lora=True, merge=True, lora_r=4, max_steps=6,
-             lr=1e-2, batch_size=4, seq_len=64, precision="fp32", set=["run.tensorboard=false"])
+             lr=1e-2, batch_size=4, seq_len=64, dtype="fp32", set=["run.tensorboard=false"])
     return out
 
 
@@ -115,7 +115,7 @@ def test_merge_an_existing_adapter(lora_run, base, tmp_path):
 
 def test_full_finetune_loss_falls(base, jsonl, tmp_path):
     finetune(model=str(base), data=str(jsonl), out=str(tmp_path), max_steps=12, lr=3e-3, batch_size=4,
-             seq_len=64, precision="fp32", set=["run.tensorboard=false"])
+             seq_len=64, dtype="fp32", set=["run.tensorboard=false"])
     loss = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert loss[-1] < 0.7 * loss[0]
     model, tok = load_model(tmp_path / "final")

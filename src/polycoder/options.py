@@ -20,7 +20,7 @@ command line:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 POSITIONAL = "positional"
 
@@ -40,6 +40,17 @@ class Spellings(dict):
 
 DTYPE_SPELLINGS = Spellings(fp32="float32", f32="float32", bf16="bfloat16", fp16="float16", f16="float16", half="float16")
 """Training said fp32/bf16/fp16 and inference float32/bfloat16/float16: both are accepted everywhere."""
+
+TrainDtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"] | None, Alias("--precision"), DTYPE_SPELLINGS]
+"""`train` and `finetune --dtype`: the precision of the forward pass (the weights stay fp32);
+auto is bf16 (fp16 where bf16 is missing) on a CUDA GPU, fp32 on the CPU."""
+
+
+def precision_of(dtype: str | None) -> str | None:
+    """Training's own name of a dtype (`run.precision`: fp32, bf16, fp16, auto), any spelling."""
+    if dtype is None:
+        return None
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(DTYPE_SPELLINGS.get(dtype, dtype), dtype)
 
 
 class Fields:

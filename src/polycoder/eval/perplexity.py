@@ -180,7 +180,7 @@ class LocalScorer:
         self.name = options.model
         self.model, self.tokenizer = load(options)
         self.block_size = self.model.config.block_size
-        self.device = options.device
+        self.device = next(self.model.parameters()).device  # where --device (auto: a GPU if any) put it
         self.batch_size = batch_size
 
     def loglik(self, tokens: list[int], prefix: int) -> float:

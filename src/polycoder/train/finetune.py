@@ -35,7 +35,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -45,6 +44,7 @@ from polycoder.data.languages import MAX_FILE_BYTES, language_of
 from polycoder.errors import PolycoderError
 from polycoder.locate import base_reference, resolve
 from polycoder.lora import LORA_TARGETS, add_lora, load_adapter, load_adapter_weights, merge_adapter, save_adapter
+from polycoder.options import TrainDtype, precision_of
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import init_distributed, shutdown
 from polycoder.train.loop import Trainer
@@ -144,7 +144,7 @@ def finetune(
     batch_size: int = 8,
     micro_batch: int = 0,
     seq_len: int = 512,
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    dtype: TrainDtype = "auto",
     config: str | None = None,
     set: list[str] | None = None,
     resume: bool = False,
@@ -176,7 +176,8 @@ def finetune(
         batch_size: Windows a step (all processes).
         micro_batch: Windows a forward pass on one process (0: no accumulation).
         seq_len: Tokens a window.
-        precision: fp32, bf16, fp16 (GPU) or auto.
+        dtype: float32, bfloat16 (autocast), float16 (GPU) or auto (fp32/bf16/fp16 and the old name
+            --precision are accepted).
         config: YAML settings file (optim:, data:, run: sections).
         set: Further settings as section.key=value.
         resume: Continue from the latest checkpoint in --out.
@@ -218,7 +219,7 @@ def finetune(
     overrides = {"optim.lr": lr or (2e-4 if lora else 2e-5), "optim.warmup": 0.03, "optim.min_lr_ratio": 0.0,
                  "data.seq_len": seq_len, "data.batch_size": batch_size, "data.micro_batch": micro_batch,
                  "data.sampling": "sequential", "data.seed": seed, "run.max_steps": steps,
-                 "run.precision": precision, "run.save_every": save_every, "run.eval_every": eval_every,
+                 "run.precision": precision_of(dtype), "run.save_every": save_every, "run.eval_every": eval_every,
                  "run.threads": threads}
     # Precedence: YAML < the options above < --set.
     settings = load_settings(None, config, [f"{k}={v}" for k, v in overrides.items()] + list(set or []))

@@ -125,7 +125,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise PolycoderError("fp16 training needs a CUDA GPU (loss scaling); on the CPU use --precision bf16 or fp32")
+        raise PolycoderError("fp16 training needs a CUDA GPU (loss scaling); on the CPU use --dtype bf16 or fp32")
     return precision
 
 
@@ -423,7 +423,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
                     raise PolycoderError(
-                        f"the loss became {loss} at step {self.step}; lower optim.lr, use --precision bf16/fp32, "
+                        f"the loss became {loss} at step {self.step}; lower optim.lr, use --dtype bf16/fp32, "
                         "or resume from an earlier checkpoint")
                 losses.append(loss)
                 tps = self.s.data.batch_size * self.seq_len / dt

@@ -6,8 +6,8 @@
 
 TOKENS_DIR is what `polycoder data tokenize` writes: train/ and valid/ shards and the
 tokenizer/ they were made with. A model from scratch takes the preset's architecture and
-a vocabulary padded from the shards' (so a preset trains with any tokenizer); `--init
-FOLDER` continues from a checkpoint instead. Checkpoints land in RUN_DIR/checkpoints/;
+a vocabulary padded from the shards' (so a preset trains with any tokenizer); `--model
+FOLDER` continues from a model's weights instead. Checkpoints land in RUN_DIR/checkpoints/;
 `--resume` continues from the latest one (or starts afresh if there is none, so a
 pre-emptible job can always pass it), on the learning-rate schedule it was saved with unless
 `--reschedule`. A finished run leaves RUN_DIR/final/: the last weights as a model folder
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import yaml
@@ -30,12 +30,15 @@ from polycoder.checkpoint import build_model, load_model, load_weights, save_che
 from polycoder.config import PRESETS, ModelConfig, pad_vocab
 from polycoder.errors import PolycoderError
 from polycoder.model import GPTNeoX
+from polycoder.options import Alias, TrainDtype, precision_of
 from polycoder.tokenizer import Tokenizer
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import init_distributed, shutdown
 from polycoder.train.loader import open_split
 from polycoder.train.loop import FitResult, Trainer
 from polycoder.train.settings import TrainSettings, load_settings
+
+PresetName = Literal[tuple(PRESETS)]  # `train --help` lists the presets, and a misspelt one is named at once
 
 
 def _settings(preset: str | None, config: str | None, overrides: list[str] | None, **cli) -> TrainSettings:
@@ -70,16 +73,16 @@ def model_config(preset: str, changes: dict) -> ModelConfig:
 def train(
     data: str,
     out: str,
-    preset: str | None = None,
+    preset: PresetName | None = None,
     config: str | None = None,
-    init: str | None = None,
+    model: Annotated[str | None, Alias("--init")] = None,
     resume: bool = False,
     max_steps: int | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
     micro_batch: int | None = None,
     seq_len: int | None = None,
-    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None,
+    dtype: TrainDtype = None,
     parallel: Literal["ddp", "fsdp"] | None = None,
     compile: bool | None = None,
     activation_checkpointing: bool | None = None,
@@ -91,21 +94,23 @@ def train(
     device: str = "auto",
     reschedule: bool = False,
 ) -> int:
-    """Pretrain a GPT-NeoX model on token shards (from scratch, or onwards from --init).
+    """Pretrain a GPT-NeoX model on token shards (from scratch, or onwards from --model).
 
     Args:
         data: Token folder from `polycoder data tokenize` (train/, valid/, tokenizer/).
         out: Run folder: checkpoints/, metrics.jsonl, tensorboard/, loss.png, summary.md.
         preset: Model preset (architecture and training recipe), e.g. polycoder-160m.
         config: YAML settings file with optim:, data:, run: sections (and optionally preset:).
-        init: Start from this checkpoint folder's weights instead of a random initialisation.
+        model: Start from this model's weights instead of a random initialisation (a folder, run folder,
+            adapter folder, hub id or polycoder-tiny; --init is its old name).
         resume: Continue from the latest checkpoint in --out (starts afresh if there is none).
         max_steps: Optimizer steps of the whole run (run.max_steps).
         lr: Peak learning rate (optim.lr).
         batch_size: Global batch in windows a step (data.batch_size).
         micro_batch: Windows a forward pass on one process (data.micro_batch).
         seq_len: Tokens a window (data.seq_len; default the model's context).
-        precision: fp32, bf16 (autocast), fp16 (GPU, loss scaling) or auto.
+        dtype: float32, bfloat16 (autocast), float16 (GPU, loss scaling) or auto (fp32/bf16/fp16 and the old
+            name --precision are accepted).
         parallel: Under torchrun: ddp or fsdp.
         compile: Compile the model with torch.compile.
         activation_checkpointing: Recompute activations in the backward pass.
@@ -119,11 +124,11 @@ def train(
             --max-steps stretches the cosine) instead of the one the checkpoint was trained on.
     """
     preset = preset or _preset_from_yaml(config)
-    if preset is None and init is None:
-        raise PolycoderError("name a model: --preset NAME (from scratch) or --init FOLDER (continue a checkpoint)")
+    if preset is None and model is None:
+        raise PolycoderError("name a model: --preset NAME (from scratch) or --model FOLDER (continue from its weights)")
     settings = _settings(preset, config, set, **{
         "run.max_steps": max_steps, "optim.lr": lr, "data.batch_size": batch_size, "data.micro_batch": micro_batch,
-        "data.seq_len": seq_len, "run.precision": precision, "run.parallel": parallel, "run.compile": compile,
+        "data.seq_len": seq_len, "run.precision": precision_of(dtype), "run.parallel": parallel, "run.compile": compile,
         "run.activation_checkpointing": activation_checkpointing, "run.save_every": save_every,
         "run.eval_every": eval_every, "run.threads": threads, "data.seed": seed})
     if settings.run.threads:
@@ -138,25 +143,25 @@ def train(
 
     d = init_distributed(device)
     try:
-        if init is not None:
-            model, init_tok = load_model(init, dtype="float32", device="cpu")
+        if model is not None:
+            net, init_tok = load_model(model, dtype="float32", device="cpu")
             tokenizer = tokenizer or init_tok
-            if model.config.vocab_size < vocab:
-                raise PolycoderError(f"{init} has {model.config.vocab_size} vocabulary rows but the shards use "
+            if net.config.vocab_size < vocab:
+                raise PolycoderError(f"{model} has {net.config.vocab_size} vocabulary rows but the shards use "
                                      f"{vocab} tokens; tokenize with the model's tokenizer")
         else:
             cfg = model_config(preset, settings.model)
             if cfg.vocab_size != pad_vocab(vocab):
                 cfg = cfg.replace(vocab_size=pad_vocab(vocab))  # the tokenizer decides the vocabulary
-            model = build_model(cfg, torch.float32, "cpu", seed=settings.data.seed)
+            net = build_model(cfg, torch.float32, "cpu", seed=settings.data.seed)
         if tokenizer is None:
             raise PolycoderError(f"{tok_dir} not found: a checkpoint must carry its tokenizer; tokenize with "
                                  "`polycoder data tokenize`, which copies it there")
-        model.requires_grad_(True)
-        model = model.to(d.device)
-        T = settings.data.seq_len or model.config.block_size
-        if T > model.config.block_size:
-            raise PolycoderError(f"data.seq_len {T} exceeds the model's context {model.config.block_size}")
+        net.requires_grad_(True)
+        net = net.to(d.device)
+        T = settings.data.seq_len or net.config.block_size
+        if T > net.config.block_size:
+            raise PolycoderError(f"data.seq_len {T} exceeds the model's context {net.config.block_size}")
 
         resume_from = ckpt.latest_checkpoint(out) if resume else None
         if resume and resume_from is None and d.is_main:
@@ -164,11 +169,11 @@ def train(
         elif resume_from is None and ckpt.list_checkpoints(out):
             raise PolycoderError(f"{out} already holds checkpoints; pass --resume to continue, or choose a new --out")
         if resume_from is not None:
-            load_weights(model, resume_from)
+            load_weights(net, resume_from)
             if d.is_main:
                 print(f"resuming from {resume_from}")
 
-        cfg = model.config
+        cfg = net.config
 
         def write_model(m, folder: Path) -> None:
             if isinstance(m, dict):  # a gathered FSDP state dict
@@ -181,7 +186,7 @@ def train(
                       f"no shard of {data}/valid holds a whole window of {T} tokens")
         valid_note += ("; split the corpus with `polycoder data split` so that valid/ gets files (it warns where it "
                        "cannot; --by-file-below N helps languages with few repositories), then tokenize it again")
-        trainer = Trainer(model, settings, d, train_arrays, valid_arrays, out, write_model, T,
+        trainer = Trainer(net, settings, d, train_arrays, valid_arrays, out, write_model, T,
                           flops_per_token=cfg.flops_per_token(T), description=f"train {cfg.name}",
                           valid_note=valid_note)
         result: FitResult = trainer.fit(resume_from, reschedule)
