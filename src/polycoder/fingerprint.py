@@ -207,14 +207,20 @@ def endpoint_identity(url: str, model: str | None, served: list[str]) -> dict:
 
 
 def short_names(names: list[str]) -> list[str]:
-    """Short, distinct column headers: a folder's name or a hub id's last part, with as many
-    parent parts as it takes to tell two apart (`a/final`, `b/final`), else numbered."""
+    """Short, distinct column headers: a folder's name or a hub id's last part, each with as
+    many parent parts as it takes to tell it from the others (`a/final`, `b/final`), else numbered."""
     parts = [[p for p in str(n).rstrip("/").split("/") if p] or [str(n)] for n in names]
-    for depth in range(1, max(len(p) for p in parts) + 1 if parts else 1):
-        short = ["/".join(p[-depth:]) for p in parts]
-        if len(set(short)) == len(short):
-            return short
-    short = [str(n) for n in names]
+
+    def suffix(p: list[str], depth: int) -> str:
+        return "/".join(p[-depth:])
+
+    short = []
+    for i, p in enumerate(parts):
+        depth = 1
+        while depth < len(p) and any(suffix(p, depth) == suffix(q, depth) for j, q in enumerate(parts) if j != i):
+            depth += 1
+        short.append(suffix(p, depth))
+    # Suffixes of different depths differ in their count of "/", so only equal names are left equal.
     seen: dict[str, int] = {}
     out = []
     for s in short:
