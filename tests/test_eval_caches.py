@@ -155,7 +155,7 @@ def test_identity_memo_is_used_and_a_rewrite_is_seen(tmp_path, tiny_config, code
     assert set(first["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
     # The memo answers for unchanged files: planted digests come back without a rehash.
     memo = json.loads(memo_path().read_text())
-    memo_path().write_text(json.dumps({k: "0" * 64 for k in memo}))
+    memo_path().write_text(json.dumps({path: [stat, "0" * 64] for path, (stat, _) in memo.items()}))
     assert set(model_identity(ModelOptions(model=str(folder)))["files"].values()) == {"0" * 64}
     # Rewritten in place with the same size and the old mtime: still seen (the ctime moves).
     weights = folder / "model.safetensors"

@@ -72,27 +72,32 @@ def digest(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _stat_key(path: Path) -> str:
+def _stat(path: Path) -> str:
     st = path.stat()
-    return f"{path}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    return f"{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
 class _Memo:
-    """file -> SHA-256, remembered across runs (see the module docstring)."""
+    """file -> SHA-256, remembered across runs (see the module docstring): {real path: [stat, digest]}."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.entries = self._read()
+        self.hashed: dict[str, list[str]] = {}
+
+    def _read(self) -> dict[str, list[str]]:
         try:
-            self.entries: dict[str, str] = json.loads(path.read_text())
+            entries = json.loads(self.path.read_text())
+            return entries if isinstance(entries, dict) else {}
         except (OSError, ValueError):
-            self.entries = {}
-        self.changed = False
+            return {}
 
     def sha256(self, path: Path) -> str:
         path = path.resolve()  # a hub snapshot's files are links to its blobs
-        key = _stat_key(path)
-        if key in self.entries:
-            return self.entries[key]
+        stat = _stat(path)
+        known = self.entries.get(str(path))
+        if isinstance(known, list) and len(known) == 2 and known[0] == stat:
+            return known[1]
         size = path.stat().st_size
         if size >= LOUD_BYTES:
             print(f"hashing {path} ({size / 1e9:.1f} GB) once, to key result caches by the weights", file=sys.stderr)
@@ -100,23 +105,18 @@ class _Memo:
         with open(path, "rb") as f:
             while block := f.read(CHUNK):
                 h.update(block)
-        # One entry a file: an older digest of the same path is dropped with its stale stat.
-        self.entries = {k: v for k, v in self.entries.items() if not k.startswith(f"{path}|")}
-        self.entries[key] = h.hexdigest()
-        self.changed = True
-        return self.entries[key]
+        self.entries[str(path)] = self.hashed[str(path)] = [stat, h.hexdigest()]
+        return h.hexdigest()
 
     def save(self) -> None:
-        if not self.changed:
+        if not self.hashed:
             return
-        try:  # merged with what another process wrote meanwhile; a lost entry is only a rehash
-            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        except (OSError, ValueError):
-            on_disk = {}
-        paths = {k.split("|")[0] for k in self.entries}
-        kept = {k: v for k, v in on_disk.items() if k.split("|")[0] not in paths and Path(k.split("|")[0]).exists()}
+        # Merged with what another process wrote meanwhile (a lost entry is only a rehash);
+        # files that are gone are dropped, so the memo does not grow without end.
+        merged = {**self._read(), **self.hashed}
+        kept = {p: v for p, v in merged.items() if Path(p).exists()}
         try:
-            write_text(self.path, json.dumps({**kept, **self.entries}, indent=0, sort_keys=True) + "\n")
+            write_text(self.path, json.dumps(kept, indent=0, sort_keys=True) + "\n")
         except OSError:
             pass  # a read-only cache folder: digests are recomputed next time
 

@@ -390,6 +390,7 @@ def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str
     sampled, so a wrong argument fails at once; none given means the bundled model."""
     if not models and endpoint is None:
         models = [None]
+    models = list(dict.fromkeys(models))  # a model named twice is sampled once
     chosen = [replace(options, model=m) for m in models]
     identities = [model_identity(o) for o in chosen]
     names = [name_of(o) for o in chosen] + ([endpoint] if endpoint is not None else [])

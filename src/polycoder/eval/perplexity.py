@@ -326,7 +326,7 @@ def perplexity(
     """
     out = Path(out)
     docs = read_documents(Path(data), list(language) if language else None, max_files)
-    names = list(model or [])
+    names = list(dict.fromkeys(model or []))  # a model named twice is scored once
     if not names and endpoint is None:
         names = [None]  # type: ignore[list-item]
     # Every model is identified (resolved, its files hashed) before any is scored, so a
