@@ -223,7 +223,9 @@ def sample(source: Source, problems: dict[str, dict], out: Path, num_samples: in
         if _usable(s, source, problems) and k not in mine and s["sample_index"] < num_samples:
             mine[k] = s
     wanted = {(tid, t, v) for t in temperatures for v in variants for tid in problems}
-    reused = [s for s in mine.values() if (s["task_id"], s["temperature"], s["prompt_variant"]) in wanted]
+    # Named as now: a short name depends on the other models of a run.
+    reused = [{**s, "model": source.label} for s in mine.values()
+              if (s["task_id"], s["temperature"], s["prompt_variant"]) in wanted]
     if reused:
         print(f"{source.label}: reusing {len(reused)} samples from {out} (same model, same settings)", file=sys.stderr)
     have = Counter((s["task_id"], s["temperature"], s["prompt_variant"]) for s in reused)
