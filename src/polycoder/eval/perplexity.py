@@ -31,9 +31,15 @@ keeps the first N of that order: the same files every time, whatever the file sy
 Models: local ones (`--model`, several side by side) and/or an OpenAI-compatible endpoint
 scored through echo + logprobs + max_tokens=0 on the same token-id windows.
 
-Outputs: OUT/perplexity.json, OUT/perplexity.md, OUT/perplexity.png (a grouped bar chart
-like the paper's Figure 6) and OUT/cache/<model>.jsonl, one line a scored file keyed by the
-file's SHA-256, so an interrupted run resumes where it stopped.
+Outputs: OUT/perplexity.json, OUT/perplexity.md, OUT/perplexity.png (written by
+`polycoder.eval.perplexity_report`: bits per byte beside the paper's figure, a log axis,
+unreliable languages marked) and OUT/cache/<model>.jsonl, one line a scored file, so an
+interrupted run resumes where it stopped. A row is reused only for the same file (its
+text's SHA-256) and the same key: the model's identity (`polycoder.fingerprint`: the
+digest of its weights, config and tokenizer files, so weights rewritten in the same folder
+are scored again; for an endpoint its URL, model and tokenizer) and the settings that
+change the numbers (windowing, context length, dtype, quantization). Device and batch size
+change only rounding and are not in the key.
 
 Limits: endpoint windows are one token shorter than the context (see EndpointScorer), so
 endpoint and local figures of the same model differ very slightly; files that are not valid
@@ -62,7 +68,8 @@ from polycoder.corpus import iter_documents
 from polycoder.data.languages import MAX_FILE_BYTES, POLYCODER_LANGUAGES, language_candidates, pygments_token_count
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint
-from polycoder.files import write_text
+from polycoder.eval.perplexity_report import unreliable, write_report
+from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names, tokenizer_identity
 from polycoder.options import Fields, ModelOptions
 from polycoder.tokenizer import Tokenizer, load_tokenizer
 
@@ -222,31 +229,46 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:120] or "model"
 
 
-def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str, dict]:
-    """Per-language pooled figures of one model; per-file results cached in cache_path."""
+def score_documents(scorer, docs: list[Document], cache_path: Path, key: str) -> dict[str, dict]:
+    """Per-language pooled figures of one model; per-file results cached in cache_path.
+
+    Every cached row carries `key` (the model's identity and the settings that change its
+    numbers): rows of another key (other weights, another dtype, an older windowing) stay in
+    the file but are not used, and the reuse is said on stderr.
+    """
     cache: dict[str, dict] = {}
+    others = 0
     if cache_path.is_file():
         for line in cache_path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by an interrupted run (its file is scored again)
-            if row.get("windowing") == WINDOWING:  # rows of another windowing are not reused
+            if row.get("key") == key:
                 cache[row["sha256"] + "|" + row["language"]] = row
+            else:
+                others += 1
+    wanted = {doc.sha256 + "|" + doc.language for doc in docs}
+    reused = len(wanted & set(cache))
+    if reused:
+        print(f"reusing {reused} of {len(wanted)} scored files from {cache_path} (same model, same settings)",
+              file=sys.stderr)
+    if others:
+        print(f"{cache_path}: {others} scored files of other weights or settings are not used", file=sys.stderr)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     eod = scorer.tokenizer.eod_id
     with open(cache_path, "a", encoding="utf-8") as f:
         for doc in tqdm(docs, desc=f"scoring {scorer.name}", unit="file", file=sys.stderr):
-            key = doc.sha256 + "|" + doc.language
-            if key in cache:
+            row_key = doc.sha256 + "|" + doc.language
+            if row_key in cache:
                 continue
             tokens = scorer.tokenizer.encode(doc.text)
-            row = {"sha256": doc.sha256, "language": doc.language, "name": doc.name, "windowing": WINDOWING,
+            row = {"sha256": doc.sha256, "language": doc.language, "name": doc.name, "key": key,
                    "loglik": scorer.loglik(tokens, eod) if tokens else 0.0,
                    "model_tokens": len(tokens),
                    "pygments_tokens": pygments_token_count(doc.text, doc.language),
                    "bytes": len(doc.text.encode("utf-8", errors="surrogatepass"))}
-            cache[key] = row
+            cache[row_key] = row
             f.write(json.dumps(row) + "\n")
             f.flush()
     per_language: dict[str, dict] = {}
@@ -264,63 +286,8 @@ def score_documents(scorer, docs: list[Document], cache_path: Path) -> dict[str,
         agg["pygments_perplexity"] = math.exp(-ll / agg["pygments_tokens"]) if agg["pygments_tokens"] else None
         agg["token_perplexity"] = math.exp(agg["loss"]) if agg["loss"] is not None else None
         agg["bits_per_byte"] = -ll / (math.log(2) * agg["bytes"]) if agg["bytes"] else None
+        agg["unreliable"] = unreliable(agg)
     return dict(sorted(per_language.items()))
-
-
-def _table(results: dict[str, dict[str, dict]], field: str, langs: list[str]) -> list[str]:
-    """One row a language, one column a model, of one figure."""
-    models = list(results)
-    lines = ["| language | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
-    for lang in langs:
-        values = [(results[m].get(lang) or {}).get(field) for m in models]
-        lines.append(f"| {lang} | " + " | ".join(f"{v:.3f}" if v is not None else "-" for v in values) + " |")
-    return lines
-
-
-def write_report(results: dict[str, dict[str, dict]], out: Path) -> None:
-    """perplexity.json, perplexity.md and perplexity.png (grouped bars, like Figure 6)."""
-    write_text(out / "perplexity.json", json.dumps(results, indent=2) + "\n")
-    models = list(results)
-    langs = sorted({lang for r in results.values() for lang in r})
-    lines = ["# Perplexity per language", "",
-             "Pooled log-likelihood of all files of a language divided by Pygments tokens "
-             "(the paper's measure; lower is better), each file on its own with `<|endoftext|>` "
-             f"prepended; windows: {WINDOWING}.", ""]
-    lines += _table(results, "pygments_perplexity", langs)
-    lines += ["", "## Loss in nats per model token", "",
-              "The same log-likelihood divided by the model's own tokens (token perplexity = "
-              "exp(loss); compares only models that share a tokenizer).", ""]
-    lines += _table(results, "loss", langs)
-    lines += ["", "## Details", "", "| model | language | files | model tokens | Pygments tokens | "
-              "loss (nats/token) | Pygments ppl | token ppl | bits/byte |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in models:
-        for lang, r in results[m].items():
-            def f(x):
-                return f"{x:.4f}" if x is not None else "-"
-            lines.append(f"| {m} | {lang} | {r['files']} | {r['model_tokens']} | {r['pygments_tokens']} | "
-                         f"{f(r['loss'])} | {f(r['pygments_perplexity'])} | {f(r['token_perplexity'])} | "
-                         f"{f(r['bits_per_byte'])} |")
-    write_text(out / "perplexity.md", "\n".join(lines) + "\n")
-
-    # Deferred: heavy (and an optional extra), and only the report's plot needs it
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: before pyplot picks a backend
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, len(langs) * 0.9), 4))
-    width = 0.8 / max(1, len(models))
-    for i, m in enumerate(models):
-        ys = [(results[m].get(lang) or {}).get("pygments_perplexity") or 0 for lang in langs]
-        ax.bar([j + i * width for j in range(len(langs))], ys, width, label=m)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(langs))], langs, rotation=30)
-    ax.set_ylabel("perplexity (per Pygments token)")
-    ax.set_title("Perplexity per language")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "perplexity.png", dpi=120)
-    plt.close(fig)
 
 
 def perplexity(
@@ -359,21 +326,39 @@ def perplexity(
     """
     out = Path(out)
     docs = read_documents(Path(data), list(language) if language else None, max_files)
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(model or [])
+    names = list(dict.fromkeys(model or []))  # a model named twice is scored once
     if not names and endpoint is None:
         names = [None]  # type: ignore[list-item]
-    results: dict[str, dict] = {}
+    # Every model is identified (resolved, its files hashed) before any is scored, so a
+    # wrong argument fails at once, not after the others were scored.
+    local = []
     for name in names:
-        scorer = LocalScorer(replace(model_options or ModelOptions(), model=name), batch_size)
-        label = str(name) if name is not None else "default"
+        options = replace(model_options or ModelOptions(), model=name)
+        local.append((str(name) if name is not None else "default", options, model_identity(options)))
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    described: dict[str, str] = {}
+    for label, options, identity in local:
+        scorer = LocalScorer(options, batch_size)
         scorer.name = label
-        results[label] = score_documents(scorer, docs, out / "cache" / f"{_slug(label)}.jsonl")
+        key = digest({"model": identity, "windowing": WINDOWING, "context": scorer.block_size,
+                      "dtype": options.dtype, "quantize": options.quantize})
+        results[label] = score_documents(scorer, docs, out / "cache" / f"{_slug(label)}.jsonl", key)
+        described[label] = f"{describe(options)} (key {key})"
         del scorer
     if endpoint is not None:
         scorer = EndpointScorer(endpoint, endpoint_model, tokenizer, block_size)
-        results[endpoint] = score_documents(scorer, docs, out / "cache" / f"{_slug(endpoint)}.jsonl")
-        scorer.client.close()
-    write_report(results, out)
+        try:
+            identity = endpoint_identity(endpoint, endpoint_model, scorer.client.served_models())
+            key = digest({"model": identity, "tokenizer": tokenizer_identity(tokenizer), "windowing": WINDOWING,
+                          "context": scorer.block_size})
+            results[endpoint] = score_documents(scorer, docs, out / "cache" / f"{_slug(endpoint)}.jsonl", key)
+        finally:
+            scorer.client.close()
+        described[endpoint] = f"{endpoint}{f' model {endpoint_model}' if endpoint_model else ''} (key {key})"
+    full = [name_of(options) for _, options, _ in local] + ([endpoint] if endpoint is not None else [])
+    labels = dict(zip(results, short_names(full)))
+    write_report(results, out, labels, described, WINDOWING)
     print((out / "perplexity.md").read_text().split("## Details")[0])
     return results
+
