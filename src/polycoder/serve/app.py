@@ -17,6 +17,11 @@ Every response carries an `X-Request-ID` (the client's, if it sent a sane one) a
 log line of each request names it.
 
 Scaling out: run more replicas behind any HTTP balancer; each holds its own model.
+
+The verb's module: the engine, the APIs and the loader (torch and our modules that import
+it) are imported inside `create_app` and `serve`, so that `polycoder serve --help` reads
+the options without importing torch (about 2 s); tests/test_structure.py allows this for
+the verb modules only.
 """
 
 import hmac
@@ -36,14 +41,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polycoder.checkpoint import load
 from polycoder.config import PRESETS
 from polycoder.errors import PolycoderError
 from polycoder.locate import resolve
 from polycoder.options import ModelOptions
-from polycoder.serve import ollama_api, openai_api
-from polycoder.serve.common import APIError, ServerSettings, ServerState
-from polycoder.serve.engine_loop import EngineLoop
 from polycoder.serve.metrics import Metrics
 
 log = logging.getLogger("polycoder.serve")
@@ -94,6 +95,10 @@ def _route(path: str) -> str:
 
 def create_app(model, tokenizer, settings=None, model_path: str = ""):
     """The FastAPI app serving `model`; its engine thread runs while the app's lifespan does."""
+    from polycoder.serve import ollama_api, openai_api
+    from polycoder.serve.common import APIError, ServerSettings, ServerState
+    from polycoder.serve.engine_loop import EngineLoop
+
     settings = settings or ServerSettings()
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
     metrics = Metrics()
@@ -210,6 +215,9 @@ def serve(
         max_request_bytes: largest request body in bytes; larger ones get a 413 before they are read.
         log_level: debug, info, warning or error.
     """
+    from polycoder.checkpoint import load
+    from polycoder.serve.common import ServerSettings
+
     options = model_options or ModelOptions()
     if log_level not in ("debug", "info", "warning", "error"):
         raise PolycoderError(f"unknown log level {log_level!r}; choose debug, info, warning or error")

@@ -26,6 +26,10 @@ this project yet.
 Outputs: RUN_DIR/checkpoints/step_N/ (adapter or full model + training_state/),
 RUN_DIR/final/ (the adapter, or the full model), RUN_DIR/merged/ with --merge, metrics and
 summary as for `polycoder train`.
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder finetune --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -33,21 +37,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
 
-from polycoder.checkpoint import load_model, load_weights, save_checkpoint
 from polycoder.data.languages import MAX_FILE_BYTES, language_of
 from polycoder.errors import PolycoderError
 from polycoder.files import write_text
 from polycoder.locate import resolve
-from polycoder.train import checkpointing as ckpt
-from polycoder.train.distributed import init_distributed, shutdown
-from polycoder.train.loop import Trainer
 from polycoder.train.settings import load_settings
+
+if TYPE_CHECKING:
+    import torch
 
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
@@ -140,6 +141,8 @@ def save_adapter(pm, tokenizer, folder: str | Path) -> Path:
 
 
 def load_adapter_weights(pm, folder: str | Path) -> None:
+    from safetensors.torch import load_file
+
     peft = _require_peft()
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
@@ -166,6 +169,8 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, base: str | None = 
 
 def quantize_4bit(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
     """Replace the targeted Linear layers by bitsandbytes NF4 layers (QLoRA's frozen base)."""
+    import torch
+
     if not torch.cuda.is_available():
         raise PolycoderError("QLoRA needs a CUDA GPU (bitsandbytes' 4-bit kernels); on this machine use --lora "
                              "(full-precision base) instead")
@@ -251,6 +256,13 @@ def finetune(
         seed: Seed of the data order.
         device: cpu, cuda or auto.
     """
+    import torch
+
+    from polycoder.checkpoint import load_model, load_weights, save_checkpoint
+    from polycoder.train import checkpointing as ckpt
+    from polycoder.train.distributed import init_distributed, shutdown
+    from polycoder.train.loop import Trainer
+
     targets = targets or list(LORA_TARGETS)
     lora = lora or qlora
     if threads:

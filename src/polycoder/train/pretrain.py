@@ -11,6 +11,10 @@ FOLDER` continues from a checkpoint instead. Checkpoints land in RUN_DIR/checkpo
 `--resume` continues from the latest one (or starts afresh if there is none, so a
 pre-emptible job can always pass it). See `polycoder.train.loop` for the step itself and
 `polycoder.train.settings` for every setting and the PolyCoder recipe.
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder train --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -18,18 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 import yaml
 
-from polycoder.checkpoint import build_model, load_model, load_weights, save_checkpoint
 from polycoder.config import PRESETS, ModelConfig, pad_vocab
 from polycoder.errors import PolycoderError
-from polycoder.model import GPTNeoX
 from polycoder.tokenizer import Tokenizer
-from polycoder.train import checkpointing as ckpt
-from polycoder.train.distributed import init_distributed, shutdown
-from polycoder.train.loader import open_split
-from polycoder.train.loop import FitResult, Trainer
 from polycoder.train.settings import TrainSettings, load_settings
 
 
@@ -110,6 +107,15 @@ def train(
         set: Further settings as section.key=value, e.g. optim.weight_decay=0.1.
         device: cpu, cuda or auto.
     """
+    import torch
+
+    from polycoder.checkpoint import build_model, load_model, load_weights, save_checkpoint
+    from polycoder.model import GPTNeoX
+    from polycoder.train import checkpointing as ckpt
+    from polycoder.train.distributed import init_distributed, shutdown
+    from polycoder.train.loader import open_split
+    from polycoder.train.loop import FitResult, Trainer
+
     preset = preset or _preset_from_yaml(config)
     if preset is None and init is None:
         raise PolycoderError("name a model: --preset NAME (from scratch) or --init FOLDER (continue a checkpoint)")
