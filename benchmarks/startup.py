@@ -101,6 +101,14 @@ def export(model: str | None, src: Path, folder: Path) -> Path:
     return path
 
 
+def commit_of(folder: Path) -> str | None:
+    """The checkout's commit (short), marked when its files differ from it."""
+    head = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no", "."],
+                           capture_output=True, text=True)
+    return (head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")) or None
+
+
 def llama_cpp_available() -> bool:
     try:
         run([sys.executable, "-c", "import llama_cpp"])
@@ -120,9 +128,11 @@ def markdown(results: dict) -> str:
     lines = [f"# Start-up time ({results['date']})", "",
              f"CPU: {cpu['model']} ({', '.join(cpu['features'])}); {os.cpu_count()} logical cores; "
              f"Python {results['python']}; model: {results['model']}; {results['runs']} runs a command, "
-             "each a fresh process, commands round-robin; median (best) seconds.", ""]
-    if "baseline" in who:
-        lines += [f"Baseline: {results['baseline_src']} ({results.get('baseline_commit') or 'commit unknown'}).", ""]
+             "each a fresh process, commands round-robin; median (best) seconds. The first token is the whole "
+             "process of `generate --max-new-tokens 1`: interpreter, imports, model load, prefill, one token.", "",
+             f"This checkout: {results.get('this_commit') or 'commit unknown'}."
+             + (f" Baseline: {results['baseline_src']} ({results.get('baseline_commit') or 'commit unknown'})."
+                if "baseline" in who else ""), ""]
     lines += ["| command | " + " | ".join(who) + (" | speed-up |" if len(who) == 2 else " |"),
               "|---|" + "---:|" * (len(who) + (len(who) == 2))]
     for what in ("polycoder --help", "polycoder generate --help", "generate: first token"):
@@ -150,15 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline-src", type=Path, default=None, help="another checkout (root or src/) to time the same way")
     ap.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     ap.add_argument("--n-ctx", type=int, default=0, help="llama.cpp's context (0: the model's)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes under the table (repeatable)")
     args = ap.parse_args(argv)
 
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     codes = {"this checkout": src_of(REPO)}
     baseline_commit = None
     if args.baseline_src is not None:
         codes["baseline"] = src_of(args.baseline_src)
-        r = subprocess.run(["git", "-C", str(codes["baseline"]), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        baseline_commit = r.stdout.strip() or None
+        baseline_commit = commit_of(codes["baseline"])
     else:
         notes.append("no --baseline-src: the code before this change was not timed")
     for who, src in codes.items():  # each run must import the code it names, not an installed copy
@@ -190,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(), "python": platform.python_version(),
                      "model": args.model or "bundled (polycoder-tiny)", "runs": args.runs,
-                     "baseline_src": str(codes.get("baseline", "")), "baseline_commit": baseline_commit, "notes": notes,
+                     "this_commit": commit_of(codes["this checkout"]), "baseline_src": str(codes.get("baseline", "")),
+                     "baseline_commit": baseline_commit, "notes": notes,
                      "rows": [{"what": k, "who": w, **summary(t)} for (k, w), t in times.items()]}
     if inside:
         results["llama_inside"] = {name: statistics.median(x[i] for x in inside)
