@@ -45,7 +45,9 @@ def test_help_does_not_import_torch(argv):
         pytest.skip(f"{verb}: its extra is not installed here")
     out = _python(HELP.format(argv=argv))
     assert "usage: polycoder" in out
-    assert out.splitlines()[-1] == "LOADED []"
+    assert out.splitlines()[-1] == "LOADED []", (
+        f"`polycoder {' '.join(argv)}` imported {out.splitlines()[-1]}: a verb's module imports torch, and our "
+        "modules that import it, inside the functions that run the model (see tests/test_structure.py)")
 
 
 def test_the_generation_package_imports_its_names_when_asked():
