@@ -7,11 +7,12 @@ default model (`polycoder.locate` finds the folder). `load(options)` does the sa
 verb's `ModelOptions`. An adapter folder loads its base model and merges the adapter into
 the weights (`polycoder.lora`, said on stderr), so every verb runs it as a plain model.
 
-Loading is memory-efficient: the model is built on the `meta` device (no memory), then
-each tensor is read from the memory-mapped safetensors / `pytorch_model.bin` file and
-converted to the target dtype one at a time, so peak memory is about one copy of the
-weights. Buffers that old transformers versions saved (`attention.bias`,
-`attention.masked_bias`, `rotary_emb.inv_freq`) are ignored: we recompute them.
+Loading writes each weight once: the model's parameters are allocated on the target
+device and dtype without initialisation (`empty_model`), then each tensor is read from the
+memory-mapped safetensors / `pytorch_model.bin` file and copied into its parameter, one at
+a time, so peak memory is about one copy of the weights. Buffers that old transformers
+versions saved (`attention.bias`, `attention.masked_bias`, `rotary_emb.inv_freq`) are
+ignored: the model computes them.
 
 `save_checkpoint` writes config.json, model.safetensors (sharded with an index past
 `max_shard_bytes`), generation_config.json and the tokenizer files (always including
@@ -37,7 +38,7 @@ from polycoder.errors import PolycoderError
 from polycoder.files import atomic_folder, fsync_tree
 from polycoder.locate import adapter_base, is_adapter, resolve
 from polycoder.lora import merged
-from polycoder.model import GPTNeoX, RotaryEmbedding
+from polycoder.model import GPTNeoX
 from polycoder.options import DTYPE_SPELLINGS, ModelOptions
 from polycoder.quantize import quantize as quantize_model
 from polycoder.tokenizer import Tokenizer
@@ -94,9 +95,10 @@ def _iter_tensors(path: Path):
         yield from state.items()
 
 
-def load_state_into(model: GPTNeoX, folder: Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill a (meta) model from a folder's weight files, one tensor at a time."""
-    expected = dict(model.named_parameters())
+def load_state_into(model: GPTNeoX, folder: Path) -> None:
+    """Copy a folder's weight files into `model`'s parameters in place, one tensor at a time
+    (each converted to its parameter's dtype and device); every parameter must be found."""
+    expected = dict(model.named_parameters())  # a tied head is the embedding: named once
     seen: set[str] = set()
     for path in _weight_files(folder):
         for name, tensor in _iter_tensors(path):
@@ -109,13 +111,9 @@ def load_state_into(model: GPTNeoX, folder: Path, dtype: torch.dtype, device: to
             if tuple(tensor.shape) != tuple(param.shape):
                 raise PolycoderError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(param.shape)}")
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+            with torch.no_grad():
+                param.copy_(tensor)
             seen.add(name)
-    if model.config.tie_word_embeddings:
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
-        seen.add("embed_out.weight")
     missing = sorted(set(expected) - seen)
     if missing:
         raise PolycoderError(f"{folder}: weights missing for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
@@ -123,18 +121,46 @@ def load_state_into(model: GPTNeoX, folder: Path, dtype: torch.dtype, device: to
 
 def load_weights(model: GPTNeoX, folder: str | Path) -> None:
     """Copy a checkpoint folder's weights into `model` (exactly, in the model's dtype)."""
-    with torch.device("meta"):
-        shell = type(model)(model.config)
-    load_state_into(shell, Path(folder), next(model.parameters()).dtype, "cpu")
-    model.load_state_dict(shell.state_dict())  # rotary tables are not in the state dict
+    load_state_into(model, Path(folder))
+
+
+class _EmptyParameters(torch.overrides.TorchFunctionMode):
+    """While modules are built: parameters come out of `torch.empty` in `dtype`, and
+    `torch.nn.init`'s fills (normal_, kaiming_uniform_, ...) are skipped.
+
+    Their values are written once afterwards, from a checkpoint or by `init_weights`.
+    PyTorch's own initialisation was thrown away each time; built on the meta device it
+    also cost 2.5-3 s, as `normal_` and `arange` on meta tensors run Python decompositions
+    that import torch._dynamo. Factory and init functions dispatch through torch-function
+    modes (as `torch.device(...)` does), so this takes them over without patching torch.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("dtype") is None:
+            kwargs["dtype"] = self.dtype  # nn.Linear, nn.Embedding, nn.LayerNorm make their weights so
+        elif getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GPTNeoX:
+    """The model with its parameters allocated on `device` in `dtype` but not initialised
+    (they hold whatever the memory held): fill them with `load_state_into` or `init_weights`.
+    The rotary tables are computed (float32), on the device."""
+    with torch.device(device), _EmptyParameters(dtype):
+        return GPTNeoX(config)
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int | None = 0) -> GPTNeoX:
     """A randomly initialised model (seeded), for training from scratch and speed tests."""
-    with torch.device(device):
-        model = GPTNeoX(config)
+    model = empty_model(config, dtype, device)
     model.init_weights(seed)
-    return model.to(dtype=dtype).eval()
+    return model.eval()
 
 
 def load_model(
@@ -179,12 +205,9 @@ def _load_model(model, dtype, device, random_init, tokenizer, base=None) -> tupl
     tok = Tokenizer.from_pretrained(tokenizer or folder)
     if random_init:
         return build_model(config, dt, device), tok
-    with torch.device("meta"):
-        net = GPTNeoX(config)
-    load_state_into(net, folder, dt, device)
-    with torch.device(device):
-        net.gpt_neox.rotary_emb = RotaryEmbedding(config)
-    return net.eval(), tok
+    net = empty_model(config, dt, device)
+    load_state_into(net, folder)
+    return net.requires_grad_(False).eval(), tok
 
 
 def _load_adapter(adapter: Path, base, dt: torch.dtype, device, tokenizer) -> tuple[GPTNeoX, Tokenizer]:

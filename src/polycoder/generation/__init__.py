@@ -16,11 +16,28 @@
     [samples] = generate(model, tokenizer, ["def is_prime(n):"], SamplingParams(max_new_tokens=64))
 """
 
-from polycoder.generation.beam import beam_search
-from polycoder.generation.complete import generate, stream
-from polycoder.generation.engine import CacheRows, Engine, Event, prefill
-from polycoder.generation.sampling import SamplingParams, resolve_seed, sample_generator, sample_tokens
-from polycoder.generation.text import Completion, FinishReason, Sequence, encode_prompt
+import importlib
 
-__all__ = ["SamplingParams", "Completion", "FinishReason", "Sequence", "Engine", "Event", "CacheRows", "prefill",
-           "generate", "stream", "beam_search", "sample_tokens", "sample_generator", "resolve_seed", "encode_prompt"]
+# The names above resolve on first use (PEP 562), not when the package is imported: the
+# `generate` verb's module (`polycoder.generation.cli`) lies in this package, and
+# `polycoder generate --help` must not import torch (tests/test_structure.py).
+_WHERE = {
+    "beam_search": "beam",
+    "generate": "complete", "stream": "complete",
+    "CacheRows": "engine", "Engine": "engine", "Event": "engine", "prefill": "engine",
+    "SamplingParams": "sampling", "resolve_seed": "sampling", "sample_generator": "sampling", "sample_tokens": "sampling",
+    "Completion": "text", "FinishReason": "text", "Sequence": "text", "encode_prompt": "text",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'polycoder.generation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"polycoder.generation.{_WHERE[name]}"), name)
+    globals()[name] = value  # asked once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

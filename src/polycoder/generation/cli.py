@@ -1,4 +1,9 @@
-"""`polycoder generate`: complete a prompt from the command line (streamed for one sample)."""
+"""`polycoder generate`: complete a prompt from the command line (streamed for one sample).
+
+The verb's module: what runs the model (torch and our modules that import it) is imported
+inside `cli_generate`, so that `polycoder generate --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from polycoder.backend import set_threads
-from polycoder.checkpoint import device_of, load
 from polycoder.errors import PolycoderError
-from polycoder.generation.complete import generate, stream
-from polycoder.generation.sampling import SamplingParams
 from polycoder.options import ModelOptions
 
 
@@ -57,6 +58,11 @@ def cli_generate(
         speculate: guess up to N tokens a step from the prompt and the text so far (prompt lookup) and verify
             them in one forward pass: same output, faster where the text repeats its context (0: off).
     """
+    from polycoder.backend import set_threads
+    from polycoder.checkpoint import device_of, load
+    from polycoder.generation.complete import generate, stream
+    from polycoder.generation.sampling import SamplingParams
+
     text = read_prompt(prompt, prompt_file)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_samples=num_samples, num_beams=num_beams, stop=tuple(stop or ()), seed=seed,

@@ -22,6 +22,11 @@ Every response carries an `X-Request-ID` (the client's, if it sent a sane one) a
 log line of each request names it.
 
 Scaling out: run more replicas behind any HTTP balancer; each holds its own model.
+
+The verb's module: the engine, the APIs and the loader (torch and our modules that import
+it) are imported inside `create_app` and `serve`, so that `polycoder serve --help` reads
+the options without importing torch (about 2 s); tests/test_structure.py allows this for
+the verb modules only.
 """
 
 import hmac
@@ -34,6 +39,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -42,15 +48,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from polycoder.checkpoint import load, load_model
 from polycoder.config import PRESETS
 from polycoder.errors import PolycoderError
 from polycoder.locate import display_name, is_adapter, resolve
 from polycoder.options import ModelOptions
-from polycoder.serve import ollama_api, openai_api
-from polycoder.serve.common import APIError, ServedModels, ServerSettings, ServerState
-from polycoder.serve.engine_loop import EngineLoop
 from polycoder.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    from polycoder.serve.common import ServerSettings, ServerState
 
 log = logging.getLogger("polycoder.serve")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -98,8 +103,11 @@ def _route(path: str) -> str:
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
 
-def _served(model, tokenizer, settings: ServerSettings, model_path: str, metrics: Metrics) -> ServerState:
+def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metrics: Metrics) -> "ServerState":
     """One served model: its engine thread (not started) and state."""
+    from polycoder.serve.common import ServerState
+    from polycoder.serve.engine_loop import EngineLoop
+
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
     engine = EngineLoop(model, tokenizer, max_rows=settings.max_batch_size, max_len=context,
                         max_queue=settings.max_queue, metrics=metrics, prefill_budget=settings.prefill_budget)
@@ -112,6 +120,9 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
 
     Limit: the models share one metrics registry, so the queue-depth and active-row gauges
     show whichever engine stepped last; the counters and histograms add up all of them."""
+    from polycoder.serve import ollama_api, openai_api
+    from polycoder.serve.common import APIError, ServedModels, ServerSettings
+
     settings = settings or ServerSettings()
     metrics = Metrics()
     served = ServedModels([_served(model, tokenizer, settings, model_path, metrics)]
@@ -234,6 +245,9 @@ def serve(
         max_request_bytes: largest request body in bytes; larger ones get a 413 before they are read.
         log_level: debug, info, warning or error.
     """
+    from polycoder.checkpoint import load, load_model
+    from polycoder.serve.common import ServerSettings
+
     options = model_options or ModelOptions()
     if log_level not in ("debug", "info", "warning", "error"):
         raise PolycoderError(f"unknown log level {log_level!r}; choose debug, info, warning or error")

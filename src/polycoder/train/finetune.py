@@ -27,6 +27,10 @@ this project yet.
 Outputs: RUN_DIR/checkpoints/step_N/ (adapter or full model + training_state/),
 RUN_DIR/final/ (the adapter, or the full model), RUN_DIR/merged/ with --merge, metrics and
 summary as for `polycoder train`.
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder finetune --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -35,20 +39,19 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from polycoder.checkpoint import load_model, load_weights, save_checkpoint
 from polycoder.data.languages import MAX_FILE_BYTES, language_of
 from polycoder.errors import PolycoderError
 from polycoder.locate import base_reference, resolve
-from polycoder.lora import LORA_TARGETS, add_lora, load_adapter, load_adapter_weights, merge_adapter, save_adapter
 from polycoder.options import TrainDtype, precision_of
-from polycoder.train import checkpointing as ckpt
-from polycoder.train.distributed import init_distributed, shutdown
-from polycoder.train.loop import Trainer
 from polycoder.train.settings import load_settings
+
+if TYPE_CHECKING:
+    import torch
+
 
 # ---- data ---------------------------------------------------------------------------------
 
@@ -104,6 +107,8 @@ def token_streams(texts: list[str], tokenizer, holdout_every: int = 20) -> tuple
 
 def quantize_4bit(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
     """Replace the targeted Linear layers by bitsandbytes NF4 layers (QLoRA's frozen base)."""
+    import torch
+
     if not torch.cuda.is_available():
         raise PolycoderError("QLoRA needs a CUDA GPU (bitsandbytes' 4-bit kernels); on this machine use --lora "
                              "(full-precision base) instead")
@@ -189,6 +194,14 @@ def finetune(
         reschedule: With --resume: follow the learning-rate schedule of the current settings instead of the
             checkpoint's.
     """
+    import torch
+
+    from polycoder.checkpoint import load_model, load_weights, save_checkpoint
+    from polycoder.lora import LORA_TARGETS, add_lora, load_adapter, load_adapter_weights, merge_adapter, save_adapter
+    from polycoder.train import checkpointing as ckpt
+    from polycoder.train.distributed import init_distributed, shutdown
+    from polycoder.train.loop import Trainer
+
     targets = targets or list(LORA_TARGETS)
     lora = lora or qlora
     if threads:

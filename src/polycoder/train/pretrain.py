@@ -15,6 +15,10 @@ pre-emptible job can always pass it), on the learning-rate schedule it was saved
 one (Ctrl-C, SIGTERM) saves a checkpoint and exits with 128 + the signal (130, 143).
 See `polycoder.train.loop` for the step itself and `polycoder.train.settings` for every
 setting and the PolyCoder recipe.
+
+The verb's module: torch and our modules that import it are imported inside the
+functions that run the model, so that `polycoder train --help` reads the options without
+importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
 """
 
 from __future__ import annotations
@@ -23,19 +27,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
 import yaml
 
-from polycoder.checkpoint import build_model, load_model, load_weights, save_checkpoint
 from polycoder.config import PRESETS, ModelConfig, pad_vocab
 from polycoder.errors import PolycoderError
-from polycoder.model import GPTNeoX
 from polycoder.options import Alias, TrainDtype, precision_of
 from polycoder.tokenizer import Tokenizer
-from polycoder.train import checkpointing as ckpt
-from polycoder.train.distributed import init_distributed, shutdown
-from polycoder.train.loader import open_split
-from polycoder.train.loop import FitResult, Trainer
 from polycoder.train.settings import TrainSettings, load_settings
 
 PresetName = Literal[tuple(PRESETS)]  # `train --help` lists the presets, and a misspelt one is named at once
@@ -123,6 +120,15 @@ def train(
         reschedule: With --resume: follow the learning-rate schedule of the current settings (e.g. a larger
             --max-steps stretches the cosine) instead of the one the checkpoint was trained on.
     """
+    import torch
+
+    from polycoder.checkpoint import build_model, load_model, load_weights, save_checkpoint
+    from polycoder.model import GPTNeoX
+    from polycoder.train import checkpointing as ckpt
+    from polycoder.train.distributed import init_distributed, shutdown
+    from polycoder.train.loader import open_split
+    from polycoder.train.loop import FitResult, Trainer
+
     preset = preset or _preset_from_yaml(config)
     if preset is None and model is None:
         raise PolycoderError("name a model: --preset NAME (from scratch) or --model FOLDER (continue from its weights)")
