@@ -14,8 +14,9 @@ from test_train_helpers import cli_env, polycoder_cmd
 from polycoder.checkpoint import build_model, load_model, save_checkpoint
 from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
+from polycoder.lora import load_adapter
 from polycoder.tokenizer import Tokenizer
-from polycoder.train.finetune import finetune, load_adapter, read_texts
+from polycoder.train.finetune import finetune, read_texts
 from polycoder.train.metrics import read_metrics
 
 CODE = [

@@ -384,7 +384,7 @@ def test_train_verb_from_token_folder(tmp_path):
 
     out = tmp_path / "run"
     args = dict(data=str(data), out=str(out), preset="test-tiny", max_steps=6, seq_len=32, batch_size=4,
-                precision="fp32", eval_every=3, save_every=3, set=["run.tensorboard=false"])
+                dtype="fp32", eval_every=3, save_every=3, set=["run.tensorboard=false"])
     assert train(**args) == 0
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [3, 6]
     model, _ = load_model(ckpt.latest_checkpoint(out))
