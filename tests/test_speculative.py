@@ -105,3 +105,33 @@ def test_target_probs_keep_the_set_sample_tokens_keeps():
     drawn = {int(sample_tokens(logits, torch.tensor([0.9]), torch.tensor([40]), torch.tensor([0.7]), torch.rand(1)))
              for _ in range(400)}
     assert drawn <= support and len(support) <= 40
+
+
+def test_the_server_speculates_with_the_same_completions_and_counts_acceptance(tiny_folder, tmp_path):
+    """`serve --speculate 5`: every greedy completion is the plain one, for requests alone and
+    side by side in a batch, and /metrics counts the drafted and kept tokens."""
+    import concurrent.futures
+    import re
+
+    import httpx
+    from serve_server import Server
+
+    net, tok = load_model(tiny_folder)
+    expected = [c[0].text for c in generate(net, tok, PROMPTS, SamplingParams(max_new_tokens=30))]
+    server = Server(tiny_folder, "--speculate", "5", "--max-batch-size", "4", log=tmp_path / "server.log")
+    try:
+        def complete(prompt: str) -> str:
+            r = httpx.post(server.url + "/v1/completions", timeout=120, json={
+                "model": "tiny", "prompt": prompt, "max_tokens": 30, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        assert [complete(p) for p in PROMPTS] == expected  # one at a time: up to 5 drafts a step
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # together: fewer drafts a row
+            assert list(pool.map(complete, PROMPTS)) == expected
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        drafted = float(re.search(r"^polycoder_speculative_drafted_tokens_total (\S+)$", metrics, re.M).group(1))
+        kept = float(re.search(r"^polycoder_speculative_accepted_tokens_total (\S+)$", metrics, re.M).group(1))
+        assert drafted > 0 and 0 < kept <= drafted
+    finally:
+        server.stop()

@@ -64,6 +64,14 @@ class Backend:
         kernels run, else plain PyTorch (`TorchOps`)."""
         return FEW_ROW_OPS if self._native_on(device) else TORCH_OPS
 
+    def verify_positions(self, device: str | torch.device) -> int:
+        """Token positions one cached forward pass takes at about the cost of one decode step:
+        speculative decoding's budget (rows x (drafts + 1)). On a CPU the decode step streams
+        the weights once for up to `kernels.MAX_ROWS` rows (the native kernels' limit, where
+        PyTorch's small products are as memory-bound); a GPU step is launch-bound far beyond
+        (64: a guess, not yet measured on a GPU)."""
+        return 64 if torch.device(device).type == "cuda" else kernels.MAX_ROWS
+
     def decode_step(self, model: GPTNeoX, cache: KVCache, compile: bool = False,
                     static_shapes: bool | None = None) -> DecodeStep:
         """The decode step for `model` over `cache` (rows 0..B-1 of it at each call).

@@ -66,6 +66,11 @@ class Engine:
     2-core CPU); `static_shapes`: the CUDA-graph step's padded shapes, run eagerly on the CPU
     when True (tests); `speculate`: draft tokens a row verifies a step (0: plain decoding);
     `stats` counts the forward passes and the drafted and accepted tokens.
+
+    Speculation pays while the verifying pass costs about what one decode step does: while
+    its positions (rows x (drafts + 1)) fit the backend's `verify_positions` (on a CPU, the
+    rows one weight-streaming pass takes). A larger batch gets fewer drafts a row, and none
+    once each row would get less than one.
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False,
@@ -81,6 +86,7 @@ class Engine:
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of each active row
         self.real_vocab = tokenizer.vocab_size
         self.speculate = speculate
+        self.verify_positions = self.backend.verify_positions(self.device)
         self.refused: dict[int, int] = {}  # id(sequence) -> the draft its next token must not be
         self.stats = {"forwards": 0, "drafted": 0, "accepted": 0}
 
@@ -169,11 +175,12 @@ class Engine:
 
     def _drafts(self) -> list[list[int]]:
         """Each active row's prompt-lookup guesses, within its token budget and the cache."""
-        if not self.speculate or not self.rows:
+        k = min(self.speculate, self.verify_positions // max(1, len(self.rows)) - 1)
+        if k < 1 or not self.rows:
             return []
         out = []
         for s in self.rows:
-            room = min(self.speculate, s.params.max_new_tokens - len(s.token_ids), self.max_len - s.length)
+            room = min(k, s.params.max_new_tokens - len(s.token_ids), self.max_len - s.length)
             out.append(lookup_draft(s.prompt_ids + s.token_ids, room) if room > 0 else [])
         return out
 

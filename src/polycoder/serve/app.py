@@ -110,7 +110,8 @@ def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metri
 
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
     engine = EngineLoop(model, tokenizer, max_rows=settings.max_batch_size, max_len=context,
-                        max_queue=settings.max_queue, metrics=metrics, prefill_budget=settings.prefill_budget)
+                        max_queue=settings.max_queue, metrics=metrics, prefill_budget=settings.prefill_budget,
+                        speculate=settings.speculate)
     return ServerState(model, tokenizer, settings, engine, metrics, context, model_path)
 
 
@@ -220,6 +221,7 @@ def serve(
     max_queue: int = 128,
     max_context: int | None = None,
     prefill_budget: int = 512,
+    speculate: int = 0,
     model_name: str | None = None,
     adapter: list[str] | None = None,
     cors_origin: list[str] | None = None,
@@ -237,6 +239,9 @@ def serve(
         max_queue: requests that may wait for a row; more are answered 429.
         max_context: tokens a row holds (prompt + completion); default the model's context. Lower it to save memory.
         prefill_budget: prompt tokens prefilled between two decode steps (lower: smoother streams; higher: faster admission).
+        speculate: guess up to N tokens a row from its prompt and text (prompt lookup) and verify them in the
+            decode step's forward pass: the same completions in fewer steps where text repeats its context
+            (0: off); fewer drafts a row in a larger batch (polycoder_speculative_* metrics count them).
         model_name: the model id clients use (default: the last part of --model: a folder's or hub id's name).
         adapter: also serve a LoRA adapter over --model as NAME=FOLDER (or FOLDER, named after it; repeatable);
             a request's model field picks it. Each is merged into its own copy of the model: memory grows by
@@ -260,7 +265,7 @@ def serve(
         path, name = str(resolve(options.model)), display_name(options.model)
         options = replace(options, model=path)  # a hub id is fetched once, here
     settings = ServerSettings(model_name=model_name or name, max_batch_size=max_batch_size, max_queue=max_queue,
-                              max_context=max_context, prefill_budget=prefill_budget, api_key=api_key,
+                              max_context=max_context, prefill_budget=prefill_budget, speculate=speculate, api_key=api_key,
                               cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes)
     adapters = _adapters(adapter or [], settings.model_name, options)  # checked before any model is loaded
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

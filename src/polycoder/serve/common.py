@@ -50,6 +50,8 @@ class ServerSettings:
     """Tokens per row of the KV cache (prompt + completion); None: the model's context."""
     prefill_budget: int = 512
     """Prompt tokens prefilled between two decode steps (at least one prompt joins each step)."""
+    speculate: int = 0
+    """Prompt-lookup draft tokens a row verifies a step (`polycoder.generation.speculative`; 0: off)."""
     max_n: int = 128
     """Most samples (`n`) one request may ask for per prompt."""
     max_prompts: int = 64

@@ -192,13 +192,14 @@ class EngineLoop:
     """Runs `Engine` in a thread and serves `Job`s submitted from an asyncio loop."""
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, max_queue: int,
-                 metrics: Any = None, prefill_budget: int = 512):
+                 metrics: Any = None, prefill_budget: int = 512, speculate: int = 0):
         self.model, self.tokenizer = model, tokenizer
         # Prompt tokens prefilled between two decode steps (at least one prompt always joins):
         # admitting a burst of 32 prompts at once would stall every running stream for the
         # whole burst; spreading them keeps tokens flowing to those already admitted.
         self.prefill_budget = prefill_budget
-        self.engine = Engine(model, tokenizer, max_rows=max_rows, max_len=max_len)
+        self.engine = Engine(model, tokenizer, max_rows=max_rows, max_len=max_len, speculate=speculate)
+        self._counted = dict(self.engine.stats)  # the engine's speculation counters already in the metrics
         self.max_queue = max_queue
         self.metrics = metrics
         self._waiting: collections.deque[Job] = collections.deque()
@@ -279,6 +280,10 @@ class EngineLoop:
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_rows.observe(len(events))
+            stats = engine.stats
+            self.metrics.drafted_tokens.inc(stats["drafted"] - self._counted["drafted"])
+            self.metrics.accepted_tokens.inc(stats["accepted"] - self._counted["accepted"])
+            self._counted = dict(stats)
         for e in events:
             choice: Choice = e.sequence.tag
             job = choice.job

@@ -41,6 +41,10 @@ class Metrics:
                                       buckets=STEP_BUCKETS, registry=r)
         self.batch_rows = Histogram("polycoder_batch_rows", "Rows in the batch at each decode step",
                                     buckets=ROW_BUCKETS, registry=r)
+        # accepted / drafted is the acceptance rate of speculative decoding (serve --speculate)
+        self.drafted_tokens = Counter("polycoder_speculative_drafted_tokens", "Draft tokens verified", registry=r)
+        self.accepted_tokens = Counter("polycoder_speculative_accepted_tokens", "Draft tokens the model kept",
+                                       registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
