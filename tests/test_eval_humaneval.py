@@ -77,3 +77,14 @@ def test_sampling_a_tiny_model_is_seeded_and_resumable(tmp_path):
     again = tmp_path / "again"
     humaneval(**{**args, "out": again})
     assert (again / "samples.jsonl").read_text() == before  # same seed, same samples
+
+
+def test_greedy_samples_with_speculation_are_the_plain_ones_and_cached_apart(tmp_path):
+    args = dict(model=["test-tiny"], model_options=ModelOptions(random_init=True), limit=2, num_samples=1,
+                temperature=[0.0], max_new_tokens=24, k=[1])
+    humaneval(out=tmp_path / "plain", **args)
+    humaneval(out=tmp_path / "spec", speculate=4, **args)
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "samples.jsonl").read_text().splitlines()]
+    spec = [json.loads(line) for line in (tmp_path / "spec" / "samples.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in plain] == [r["completion"] for r in spec]
+    assert {r["key"] for r in plain}.isdisjoint({r["key"] for r in spec})

