@@ -122,6 +122,21 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
  * shift (exact). (AVX512_BF16's pairwise dot product measured slower on an AMD EPYC:
  * docs/benchmarks/README.md.) ---- */
 
+/* The FMAs of one vector of columns at k: R weight vectors (prefetched PF rows ahead if
+ * PF) against MB activation rows. */
+#define FMA_STEP(LOAD, XLOAD, k, PF, ...)                                                          \
+    do {                                                                                           \
+        vf wv[4];                                                                                  \
+        for (int r = 0; r < R; r++) {                                                              \
+            if (PF) _mm_prefetch((const char *)(w + (n + pf + r) * K + (k)), _MM_HINT_T0);         \
+            wv[r] = LOAD(w + (n + r) * K + (k), ##__VA_ARGS__);                                    \
+        }                                                                                          \
+        for (int m = 0; m < MB; m++) {                                                             \
+            vf xv = XLOAD(x + (m0 + m) * K + (k), ##__VA_ARGS__);                                  \
+            for (int r = 0; r < R; r++) acc[r * MB + m] = vfmadd(wv[r], xv, acc[r * MB + m]);      \
+        }                                                                                          \
+    } while (0)
+
 #define DEFINE_FLOAT_BLOCK(NAME, WT, LOAD, LOADM)                                                  \
     static inline __attribute__((always_inline)) void NAME(                                        \
         const float *x, const WT *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) { \
@@ -130,24 +145,18 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
         for (int i = 0; i < R * MB; i++) acc[i] = vzero();                                         \
         long k = k0;                                                                               \
         for (; k + 16 <= k1; k += 16) {                                                            \
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0); \
-            for (int u = 0; u < 16; u += VL) {                                                     \
-                vf wv[4];                                                                          \
-                for (int r = 0; r < R; r++) wv[r] = LOAD(w + (n + r) * K + k + u);                 \
-                for (int m = 0; m < MB; m++) {                                                     \
-                    vf xv = vload(x + (m0 + m) * K + k + u);                                       \
-                    for (int r = 0; r < R; r++) acc[r * MB + m] = vfmadd(wv[r], xv, acc[r * MB + m]); \
-                }                                                                                  \
-            }                                                                                      \
+            FMA_STEP(LOAD, vload, k, 1);                                                           \
+            if (VL == 8) FMA_STEP(LOAD, vload, k + 8, 0);                                          \
         }                                                                                          \
-        for (; k < k1; k += VL) {                                                                  \
-            vmask mask = vlanes(k1 - k);                                                           \
-            vf wv[4];                                                                              \
-            for (int r = 0; r < R; r++) wv[r] = LOADM(w + (n + r) * K + k, mask);                  \
-            for (int m = 0; m < MB; m++) {                                                         \
-                vf xv = vloadm(x + (m0 + m) * K + k, mask);                                        \
-                for (int r = 0; r < R; r++) acc[r * MB + m] = vfmadd(wv[r], xv, acc[r * MB + m]); \
-            }                                                                                      \
+        /* the last < 16 columns: a whole vector where VL is 8 and one is left, then masked   \
+         * (a branch, not a loop: with a loop here GCC stopped keeping wv in registers above) */ \
+        if (VL == 8 && k + 8 <= k1) {                                                              \
+            FMA_STEP(LOAD, vload, k, 0);                                                           \
+            k += 8;                                                                                \
+        }                                                                                          \
+        if (k < k1) {                                                                              \
+            const vmask mask = vlanes(k1 - k);                                                     \
+            FMA_STEP(LOADM, vloadm, k, 0, mask);                                                   \
         }                                                                                          \
         reduce_out(acc, R * MB, out);                                                              \
     }
@@ -161,6 +170,20 @@ DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
  * products of at most 32767 * 127 a chunk, under 2^31). ---- */
 
 #define I8_CHUNK 256
+/* The integer products of one vector pair of columns at k (2 VL of them, `left` valid). */
+#define DOT_STEP(k, left, PF)                                                                      \
+    do {                                                                                           \
+        vi wv[4];                                                                                  \
+        for (int r = 0; r < R; r++) {                                                              \
+            if (PF) _mm_prefetch((const char *)(w + (n + pf + r) * K + (k)), _MM_HINT_T0);         \
+            wv[r] = vi_w8(w + (n + r) * K + (k), left);                                            \
+        }                                                                                          \
+        for (int m = 0; m < MB; m++) {                                                             \
+            vi xv = vi_x16(x + (m0 + m) * K + (k), left);                                          \
+            for (int r = 0; r < R; r++) acc[r * MB + m] = vi_dot(acc[r * MB + m], wv[r], xv);     \
+        }                                                                                          \
+    } while (0)
+
 static inline __attribute__((always_inline)) void block_i8(
     const int16_t *x, const int8_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
     const long pf = pf_rows(K, 1);
@@ -170,26 +193,22 @@ static inline __attribute__((always_inline)) void block_i8(
         const long end = c + I8_CHUNK < k1 ? c + I8_CHUNK : k1;
         vi acc[16];
         for (int i = 0; i < R * MB; i++) acc[i] = vi_zero();
+#if VL == 16
+        /* one masked loop (masked loads are free here; a separate tail measured slower) */
+        for (long k = c; k < end; k += 32) DOT_STEP(k, end - k, 1);
+#else
+        /* whole vectors, then the tail through vi_w8's zero-padded copy */
         long k = c;
         for (; k + 32 <= end; k += 32) {
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
-            for (int u = 0; u < 32; u += 2 * VL) {
-                vi wv[4];
-                for (int r = 0; r < R; r++) wv[r] = vi_w8(w + (n + r) * K + k + u, 2 * VL);
-                for (int m = 0; m < MB; m++) {
-                    vi xv = vi_x16(x + (m0 + m) * K + k + u, 2 * VL);
-                    for (int r = 0; r < R; r++) acc[r * MB + m] = vi_dot(acc[r * MB + m], wv[r], xv);
-                }
-            }
+            DOT_STEP(k, 16, 1);
+            DOT_STEP(k + 16, 16, 0);
         }
-        for (; k < end; k += 2 * VL) {
-            vi wv[4];
-            for (int r = 0; r < R; r++) wv[r] = vi_w8(w + (n + r) * K + k, end - k);
-            for (int m = 0; m < MB; m++) {
-                vi xv = vi_x16(x + (m0 + m) * K + k, end - k);
-                for (int r = 0; r < R; r++) acc[r * MB + m] = vi_dot(acc[r * MB + m], wv[r], xv);
-            }
+        if (k + 16 <= end) {  /* branches, not a loop: as for FMA_STEP's tail */
+            DOT_STEP(k, 16, 0);
+            k += 16;
         }
+        if (k < end) DOT_STEP(k, end - k, 0);
+#endif
         for (int i = 0; i < R * MB; i++) facc[i] = vadd(facc[i], vi_float(acc[i]));
     }
     reduce_out(facc, R * MB, out);
