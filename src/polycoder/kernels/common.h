@@ -110,12 +110,13 @@ static inline vf vreduce(const vf *v) {
 
 /* int8 weights against int16 activations: 2 VL of each a vector, pairwise products summed
  * into VL int32 lanes (VNNI's vpdpwssd, else vpmaddwd and an add: the same integers). */
+typedef __mmask32 vimask;  /* which of the 2 VL int16 lanes are valid */
 static inline vi vi_zero(void) { return _mm512_setzero_si512(); }
-static inline __mmask32 lanes32(long n) {
-    return n >= 32 ? (__mmask32)0xffffffffu : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u);
+static inline vimask vi_lanes(long n) {  /* n >= 1; all but a loop's last vector are whole */
+    return __builtin_expect(n >= 32, 1) ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u);
 }
-static inline vi vi_w8(const int8_t *p, long n) { return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes32(n), p)); }
-static inline vi vi_x16(const int16_t *p, long n) { return _mm512_maskz_loadu_epi16(lanes32(n), p); }
+static inline vi vi_w8(const int8_t *p, vimask m) { return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, p)); }
+static inline vi vi_x16(const int16_t *p, vimask m) { return _mm512_maskz_loadu_epi16(m, p); }
 #if defined(__AVX512VNNI__)
 static inline vi vi_dot(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
 #else
@@ -210,14 +211,16 @@ static inline vf vreduce(const vf *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
+typedef long vimask;  /* the number of leading int16 lanes that are valid, 0 .. 16 */
 static inline vi vi_zero(void) { return _mm256_setzero_si256(); }
-static inline vi vi_w8(const int8_t *p, long n) {
+static inline vimask vi_lanes(long n) { return n >= 16 ? 16 : n; }  /* n >= 1 */
+static inline vi vi_w8(const int8_t *p, vimask n) {
     if (n >= 16) return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
     int8_t t[16] = {0};
     if (n > 0) memcpy(t, p, (size_t)n);
     return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)t));
 }
-static inline vi vi_x16(const int16_t *p, long n) {
+static inline vi vi_x16(const int16_t *p, vimask n) {
     if (n >= 16) return _mm256_loadu_si256((const __m256i *)p);
     int16_t t[16] = {0};
     if (n > 0) memcpy(t, p, (size_t)n * 2);

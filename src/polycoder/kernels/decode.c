@@ -170,16 +170,16 @@ DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
  * products of at most 32767 * 127 a chunk, under 2^31). ---- */
 
 #define I8_CHUNK 256
-/* The integer products of one vector pair of columns at k (2 VL of them, `left` valid). */
-#define DOT_STEP(k, left, PF)                                                                      \
+/* The integer products of one vector pair of columns at k (2 VL of them, lanes of mask). */
+#define DOT_STEP(k, mask, PF)                                                                      \
     do {                                                                                           \
         vi wv[4];                                                                                  \
         for (int r = 0; r < R; r++) {                                                              \
             if (PF) _mm_prefetch((const char *)(w + (n + pf + r) * K + (k)), _MM_HINT_T0);         \
-            wv[r] = vi_w8(w + (n + r) * K + (k), left);                                            \
+            wv[r] = vi_w8(w + (n + r) * K + (k), mask);                                            \
         }                                                                                          \
         for (int m = 0; m < MB; m++) {                                                             \
-            vi xv = vi_x16(x + (m0 + m) * K + (k), left);                                          \
+            vi xv = vi_x16(x + (m0 + m) * K + (k), mask);                                          \
             for (int r = 0; r < R; r++) acc[r * MB + m] = vi_dot(acc[r * MB + m], wv[r], xv);     \
         }                                                                                          \
     } while (0)
@@ -195,19 +195,22 @@ static inline __attribute__((always_inline)) void block_i8(
         for (int i = 0; i < R * MB; i++) acc[i] = vi_zero();
 #if VL == 16
         /* one masked loop (masked loads are free here; a separate tail measured slower) */
-        for (long k = c; k < end; k += 32) DOT_STEP(k, end - k, 1);
+        for (long k = c; k < end; k += 32) {
+            const vimask mask = vi_lanes(end - k);
+            DOT_STEP(k, mask, 1);
+        }
 #else
         /* whole vectors, then the tail through vi_w8's zero-padded copy */
         long k = c;
         for (; k + 32 <= end; k += 32) {
-            DOT_STEP(k, 16, 1);
+            DOT_STEP(k, 16, 1);  /* vi_lanes(16): all */
             DOT_STEP(k + 16, 16, 0);
         }
         if (k + 16 <= end) {  /* branches, not a loop: as for FMA_STEP's tail */
             DOT_STEP(k, 16, 0);
             k += 16;
         }
-        if (k < end) DOT_STEP(k, end - k, 0);
+        if (k < end) DOT_STEP(k, vi_lanes(end - k), 0);
 #endif
         for (int i = 0; i < R * MB; i++) facc[i] = vadd(facc[i], vi_float(acc[i]));
     }
