@@ -1,12 +1,24 @@
 """Native decode kernels (polycoder.kernels) against PyTorch's own operations.
 
-Skipped with the reason where the kernels cannot be built (no C compiler, no AVX-512);
-PyTorch's path then serves every step and the rest of the suite covers it.
+Skipped with the reason where the kernels cannot be built (no C compiler, no AVX2 + FMA);
+PyTorch's path then serves every step and the rest of the suite covers it. The file runs
+the variant this machine builds by default; where that is AVX-512 and the CPU also runs
+AVX2 + FMA, `test_avx2_variant_passes_this_file` runs the whole file again for the AVX2
+variant (POLYCODER_KERNELS_ISA=avx2), so every variant the machine can execute is tested.
+
+Tolerances follow from the arithmetic, not from one CPU's rounding: a sum of fp32 products
+evaluated in any order is within depth * u * sum|x w| of the exact one (u = 2^-24, depth
+the longest chain of additions), and the references are computed in fp64.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +32,7 @@ from polycoder.backend.native_decode import NativeDecode
 from polycoder.checkpoint import build_model
 from polycoder.config import ModelConfig
 from polycoder.generation import CacheRows, Engine
+from polycoder.model import RotaryEmbedding, split_qkv_rotary
 from polycoder.quantize import quantize
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.status()}")
@@ -28,9 +41,32 @@ SHAPES = [(1, 8, 16), (1, 5, 3), (3, 7, 40), (4, 12, 770), (8, 33, 64), (2, 2304
           (6, 9, 300), (7, 13, 1000), (8, 5, 20), (8, 768, 3072), (12, 11, 48), (8, 5, 3072), (6, 7, 2000)]
 
 
+U = 2.0 ** -24  # fp32's unit roundoff
+U_BF16 = 2.0 ** -8  # bf16's (8 significant bits)
+GELU_ERR = 2e-6  # the vector GELU's error, relative to max(1, |y|) (test_vector_gelu_over_its_range)
+
+
 def _int8(w: torch.Tensor):
     scale = w.abs().amax(1).clamp_min(1e-8) / 127
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _depth(K: int) -> int:
+    """The longest chain of fp32 additions in one output of a product over K columns, on
+    any variant: a lane adds at most ceil(K/8) products (8 lanes or more), the lanes meet
+    in a tree of at most 4 levels, the column chunks (16 columns or more) add up in a row,
+    then the scale and the bias."""
+    return math.ceil(K / 8) + math.ceil(K / 16) + 8
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, N]: how far an fp32 evaluation of x w^T + b in any order may be from the exact value."""
+    mag = x.double().abs() @ w.double().abs().T + (b.double().abs() if b is not None else 0)
+    return _depth(x.shape[-1]) * U * mag
+
+
+def _exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), b.double() if b is not None else None)
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -39,32 +75,38 @@ def test_linear_fp32_bf16_int8_equal_pytorch(M, N, K):
         pytest.skip("kernel needs 4 output rows")
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-    ref = F.linear(x, w, b)
-    assert (kernels.linear(x, w, b) - ref).abs().max().item() < 1e-4 * K ** 0.5
-    # bf16 weights and activations: the kernel sums in fp32, so it matches fp32 arithmetic
-    # on the bf16 values up to the final rounding to bf16.
+    assert ((kernels.linear(x, w, b).double() - _exact(x, w, b)).abs() <= _bound(x, w, b)).all()
+    # bf16 weights and activations: the kernel sums in fp32, so it matches the exact result
+    # on the bf16 values up to the fp32 sum's error and the final rounding to bf16.
     xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-    exact = F.linear(xb.float(), wb.float(), bb.float())
+    exact = _exact(xb, wb, bb)
     got = kernels.linear(xb, wb, bb)
     assert got.dtype == torch.bfloat16
-    assert ((got.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5).all()
-    # int8 weights with per-row scales (activations to int16 inside: 15 significant bits).
+    assert ((got.double() - exact).abs() <= exact.abs() * U_BF16 + (1 + U_BF16) * _bound(xb, wb, bb)).all()
+    # int8 weights with per-row scales: activations to int16 inside (each off by at most
+    # half a step of amax / 32767, plus the rounding of the scaling), products and sums of
+    # a 256-column chunk exact in integers, the chunks' sums added in fp32.
     q, scale = _int8(w)
-    exact = F.linear(x, q.float() * scale[:, None], b)
-    got = kernels.linear(x, q, b, scale)
-    tol = 2e-4 * (x.abs().amax(1, keepdim=True) * (q.float() * scale[:, None]).abs().sum(1)) + 1e-5
-    assert ((got - exact).abs() <= tol).all()
+    wq = q.double() * scale.double()[:, None]
+    exact = _exact(x, wq, b)
+    mag = x.double().abs().amax(1, keepdim=True) * wq.abs().sum(1)
+    tol = (0.51 / 32767 + (2 * math.ceil(K / 256) + 8) * U) * mag + 2 * U * (exact.abs() + b.double().abs())
+    assert ((kernels.linear(x, q, b, scale).double() - exact).abs() <= tol).all()
 
 
 @pytest.mark.parametrize("activation,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
 def test_fused_gelu(activation, approximate):
+    # GELU's slope is at most 1.13, so an error e of its input moves the output by 1.13 e.
     for M, K in [(2, 48), (8, 3000)]:  # 3000 columns: summed in chunks, activation after the last
         x, w, b = torch.randn(M, K), torch.randn(20, K) / K ** 0.5 * 4, torch.randn(20)
-        ref = F.gelu(F.linear(x, w, b), approximate=approximate)
-        assert (kernels.linear(x, w, b, activation=activation) - ref).abs().max().item() < 1e-4
-        got = kernels.linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), activation=activation)  # scalar path
-        ref = F.gelu(F.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float()), approximate=approximate)
-        assert ((got.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4).all()
+        ref = F.gelu(_exact(x, w, b), approximate=approximate)
+        tol = 1.13 * _bound(x, w, b) + GELU_ERR * ref.abs().clamp_min(1)
+        assert ((kernels.linear(x, w, b, activation=activation).double() - ref).abs() <= tol).all()
+        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        got = kernels.linear(xb, wb, bb, activation=activation)  # scalar path
+        ref = F.gelu(_exact(xb, wb, bb), approximate=approximate)
+        tol = ref.abs() * U_BF16 + (1 + U_BF16) * (1.13 * _bound(xb, wb, bb) + GELU_ERR * ref.abs().clamp_min(1))
+        assert ((got.double() - ref).abs() <= tol).all()
 
 
 @pytest.mark.parametrize("activation,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
@@ -230,7 +272,12 @@ def test_cross_entropy_bf16_equals_fp32_softmax(V):
     want_grad = (torch.softmax(ref, -1) - F.one_hot(t, V)) * w[:, None]
     out = z.clone()
     lse, picked = kernels.cross_entropy_bf16_(out, t, w, grad=True)
-    torch.testing.assert_close(lse, torch.logsumexp(ref, -1), rtol=0, atol=1e-5)
+    # lse = max + log(sum of V exponentials): the sum (at most ceil(V/8) additions a lane,
+    # 4 levels of lanes) to depth * u relative, each exponential to 2e-7, then the log and
+    # the final addition rounded.
+    exact = torch.logsumexp(z.double(), -1)
+    tol = (math.ceil(V / 8) + 6) * U + 2e-7 + 2 * U * exact.abs()
+    assert ((lse.double() - exact).abs() <= tol).all()
     torch.testing.assert_close(picked, ref.gather(1, t[:, None])[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(out.float(), want_grad.bfloat16().float(), rtol=1e-2, atol=1e-6)
     assert (out[3] == 0).all()
@@ -244,3 +291,60 @@ def test_transpose_bf16_to_f32_is_exact(C, V):
     x = torch.randn(C, V, generator=torch.Generator().manual_seed(C + V)).bfloat16()
     got = kernels.transpose_bf16_to_f32(x)
     assert got.is_contiguous() and torch.equal(got, x.t().float())
+
+
+@pytest.mark.parametrize("hs,rot,out_dtype", [(64, 64, torch.float32), (80, 20, torch.bfloat16), (24, 8, torch.float32)])
+def test_rotary_split_equals_the_model_path(hs, rot, out_dtype):
+    """Training's fused split + rotary (forward and its transpose) against the model's own
+    torch path. Each output is x1 c - x2 s (or x2 c + x1 s, |c|, |s| <= 1): fp32 to
+    4 u max|x| either way; bf16 outputs one rounding (2^-8 relative) on top."""
+    B, T, H = 2, 19, 3
+    rope = RotaryEmbedding(ModelConfig(n_embd=H * hs, n_head=H, n_layer=1, intermediate_size=4 * H * hs,
+                                       rotary_pct=rot / hs, block_size=64))
+    cos, sin = rope.cos[:T].contiguous(), rope.sin[:T].contiguous()
+    g = torch.Generator().manual_seed(hs + rot)
+    qkv = torch.randn(B, T, 3 * H * hs, generator=g, requires_grad=True)
+    ref = split_qkv_rotary(qkv, H, cos[:, None, None], sin[:, None, None])
+    x = qkv.detach().view(B, T, H, 3, hs)
+    outs = [torch.empty(B, H, T, hs, dtype=out_dtype) for _ in range(3)]
+    kernels.rotary_qkv_(x, *outs, cos, sin, grad=False)
+    fp32_tol = 8 * U * x.abs().max()
+    for got, want in zip(outs, ref):
+        assert ((got.double() - want.double()).abs() <= want.abs().double() * (U_BF16 if out_dtype == torch.bfloat16 else 0)
+                + fp32_tol).all()
+    grads = [torch.randn(B, H, T, hs, generator=g) for _ in range(3)]
+    sum((o * d).sum() for o, d in zip(ref, grads)).backward()
+    dx = torch.empty_like(x)
+    kernels.rotary_qkv_(dx, *grads, cos, sin, grad=True)
+    tol = 8 * U * max(d.abs().max() for d in grads)
+    assert ((dx.reshape(B, T, -1) - qkv.grad).abs() <= tol).all()
+
+
+def test_variant_is_named_and_the_one_asked_for():
+    asked = os.environ.get("POLYCODER_KERNELS_ISA", "native")
+    assert kernels.variant() in kernels.VARIANTS.values() and kernels.variant() in kernels.status()
+    if asked == "avx2":
+        assert kernels.variant() == "AVX2+FMA"
+
+
+@pytest.mark.slow
+def test_avx2_variant_passes_this_file():
+    """This file once more with the AVX2 + FMA variant, where the default build is another
+    one (AVX-512) and the CPU runs AVX2 too: a developer's AVX-512 machine tests both."""
+    flags = set(kernels._cpu_flags().split())
+    needs = set(kernels.ISAS["avx2"][1])
+    if kernels.variant() == "AVX2+FMA" or not needs <= flags:
+        pytest.skip(f"the default build is the AVX2 variant already, or the CPU lacks {sorted(needs - flags)}")
+    env = {**os.environ, "POLYCODER_KERNELS_ISA": "avx2"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
+                        str(Path(__file__))], env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
+def test_unknown_variant_is_one_clear_error():
+    env = {**os.environ, "POLYCODER_KERNELS_ISA": "avx3"}
+    r = subprocess.run([sys.executable, "-m", "polycoder", "generate", "--prompt", "def f(", "--max-new-tokens", "1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "POLYCODER_KERNELS_ISA='avx3' is not one of native, avx2" in r.stderr

@@ -98,20 +98,30 @@ def test_built_library_exports_every_declared_function():
     assert not missing, f"declared in kernels.h but not exported: {missing}"
 
 
-def test_sources_compile_without_avx512(tmp_path):
-    """The stubs of a CPU without AVX-512 (x86-64-v3: AVX2) match the header and build."""
+@pytest.mark.parametrize("march,code,runs", [("x86-64", 0, True), ("x86-64-v3", 2, True), ("alderlake", 2, False)])
+def test_sources_compile_for_each_x86_level(tmp_path, march, code, runs):
+    """Each x86-64 level builds against the header: the baseline (no AVX2) into the stubs,
+    x86-64-v3 into the AVX2 + FMA variant (which each says where this CPU runs it), and an
+    AVX2 CPU with AVX-VNNI (Alder Lake: its int8 products take vpdpwssd; compiled only, as
+    the CPUs at hand lack AVX-VNNI)."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("needs a C compiler for x86-64")
-    out = tmp_path / "stubs.so"
-    command = [cc, "-O1", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC", *map(str, kernels.SOURCES), "-o", str(out), "-lm"]
+    out = tmp_path / f"{march}.so"
+    command = [cc, "-O1", f"-march={march}", "-fopenmp", "-shared", "-fPIC", *map(str, kernels.SOURCES), "-o", str(out), "-lm"]
     r = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if r.returncode and "x86-64-v3" in r.stderr:
-        pytest.skip(f"this compiler does not know -march=x86-64-v3: {r.stderr.strip()[-200:]}")
+    if r.returncode and march in r.stderr:
+        pytest.skip(f"this compiler does not know -march={march}: {r.stderr.strip()[-200:]}")
     assert r.returncode == 0, r.stderr
+    if not runs or (code and not set(kernels.ISAS["avx2"][1]) <= set(kernels._cpu_flags().split())):
+        return  # built and checked by the compiler; this CPU cannot run it
     dll = ctypes.CDLL(str(out))
     for name, (restype, argtypes) in kernels.SIGNATURES.items():
         fn = getattr(dll, name)
         fn.restype, fn.argtypes = restype, argtypes
-    assert dll.pc_available() == 0
-    assert dll.pc_transpose_bf16_f32(None, None, 0, 0, 1) == -3
+    assert dll.pc_available() == code and kernels.VARIANTS.get(code) == {2: "AVX2+FMA"}.get(code)
+    empty_attention_grad = dll.pc_attention_grad_bf16(*[None] * 8, 0, 0, 0, 0, 0, None, 1.0, None, None, 1, 1)
+    if code == 0:
+        assert dll.pc_transpose_bf16_f32(None, None, 0, 0, 1) == -3 and empty_attention_grad == -3
+    else:  # everything but the attention backward, which needs AVX512-BF16
+        assert dll.pc_transpose_bf16_f32(None, None, 0, 0, 1) == 0 and empty_attention_grad == -4

@@ -16,19 +16,28 @@ attention backward, rotary split, transpose), common.h (helpers both use) and ke
 which declares every exported function; `SIGNATURES` below is its ctypes mirror
 (tests/test_kernels_header.py checks the two agree).
 
+Variants: the kernels are written once against a small vector layer (common.h) that the
+compiler's target picks: AVX-512 (F and BW; VNNI, BF16 and AMX used where present) or
+AVX2 + FMA (x86-64-v3: AMD before Zen 4, Intel client CPUs, many cloud VMs). `variant()`
+names the one in use. The AVX2 variant runs every decode kernel and the training kernels
+but the bf16 attention backward (it needs AVX512-BF16; training keeps PyTorch's there).
+
 Build: `cc -O3 -march=native -fopenmp -shared -fPIC decode.c train.c -lm` into one library in
 `$POLYCODER_CACHE/kernels/<hash>/` (default ~/.cache/polycoder), keyed by every source and
-header, the compiler and the CPU's flags, written to a temporary name and renamed (a
-half-written library is never loaded); a few seconds, once a machine. `-march=native` is right here
-because the library is built where it runs. The OpenMP runtime it links is the
-`libgomp.so.1` PyTorch has already loaded, so both share one pool of threads.
+header, the compiler, its flags and the CPU's flags, written to a temporary name and renamed
+(a half-written library is never loaded); a few seconds, once a machine. `-march=native` is
+right here because the library is built where it runs. `POLYCODER_KERNELS_ISA=avx2` builds
+for `-march=x86-64-v3` instead (where the CPU has AVX2 and FMA), so that a developer on an
+AVX-512 machine can run and test the AVX2 variant; `native` (the default) is the other
+value. The OpenMP runtime it links is the `libgomp.so.1` PyTorch has already loaded, so
+both share one pool of threads.
 
 `POLYCODER_KERNELS=0` turns the kernels off (PyTorch's products everywhere: the benchmark
-uses it to compare). Without a compiler or without AVX-512 the kernels are unavailable and
-`status()` says why; nothing else changes.
+uses it to compare). Without a compiler or without AVX2 + FMA the kernels are unavailable
+and `status()` says why; nothing else changes.
 
-Limits: AVX-512 only (no AVX2 or ARM path yet); at most `MAX_ROWS` rows a call, beyond which
-PyTorch's blocked matrix products are the better tool.
+Limits: x86-64 only (AVX-512 or AVX2 + FMA; no ARM path yet); at most `MAX_ROWS` rows a
+call, beyond which PyTorch's blocked matrix products are the better tool.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from polycoder.errors import PolycoderError
 from polycoder.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -69,10 +79,16 @@ SIGNATURES = {
     "pc_transpose_bf16_f32": (_I, [_P, _P, _L, _L, _I]),
 }
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+# pc_available()'s codes (common.h's PC_ISA) -> the variant's name.
+VARIANTS = {1: "AVX-512", 2: "AVX2+FMA"}
+# POLYCODER_KERNELS_ISA -> (the compiler's -march, the CPU flags it needs: x86-64-v3's).
+ISAS = {"native": ("native", ()),
+        "avx2": ("x86-64-v3", ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"))}
 
 _lock = threading.Lock()
 _lib = None  # ctypes function, False once a build has failed
 _why = "not built yet"
+_variant: str | None = None
 
 
 def cache_dir() -> Path:
@@ -91,12 +107,25 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _isa() -> str:
+    """POLYCODER_KERNELS_ISA's value: which variant to build (see the module)."""
+    isa = os.environ.get("POLYCODER_KERNELS_ISA", "native").strip().lower() or "native"
+    if isa not in ISAS:
+        raise PolycoderError(f"POLYCODER_KERNELS_ISA={isa!r} is not one of {', '.join(ISAS)}; "
+                             "unset it (native) or set it to avx2")
+    return isa
+
+
 def _build() -> Path:
+    march, needs = ISAS[_isa()]
+    missing = [f for f in needs if f not in _cpu_flags().split()]
+    if missing:
+        raise OSError(f"POLYCODER_KERNELS_ISA={_isa()} needs CPU features this CPU does not list: {' '.join(missing)}")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise OSError("no C compiler (cc/gcc/clang) on PATH; install one (e.g. apt-get install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
     libs = ["-lm"]
     files = sorted([*FOLDER.glob("*.c"), *FOLDER.glob("*.h")])  # every source and header, by name
     texts = [f"{f.name}\n{f.read_text()}" for f in files]
@@ -113,7 +142,7 @@ def _build() -> Path:
 
 
 def _load():
-    global _lib, _why
+    global _lib, _why, _variant
     if _lib is not None:
         return _lib or None
     with _lock:
@@ -122,16 +151,20 @@ def _load():
         if os.environ.get("POLYCODER_KERNELS", "1") == "0":
             _lib, _why = False, "turned off by POLYCODER_KERNELS=0"
             return None
+        isa = _isa()  # a misspelled value is the user's error, not a reason to fall back quietly
         try:
             torch.set_num_threads(torch.get_num_threads())  # make sure PyTorch's libgomp is loaded first
             dll = ctypes.CDLL(str(_build()))
             for name, (restype, argtypes) in SIGNATURES.items():
                 fn = getattr(dll, name)
                 fn.restype, fn.argtypes = restype, argtypes
-            if not dll.pc_available():
-                _lib, _why = False, "this CPU has no AVX-512 (the kernels' only path so far)"
+            code = dll.pc_available()
+            if code not in VARIANTS:
+                _lib, _why = False, "this CPU has neither AVX-512 nor AVX2 + FMA (the kernels' paths so far)"
                 return None
-            _lib, _why = dll, "available"
+            _variant = VARIANTS[code]
+            chosen = "" if isa == "native" else f", POLYCODER_KERNELS_ISA={isa}"
+            _lib, _why = dll, f"available ({_variant}{chosen})"
         except (OSError, subprocess.SubprocessError) as e:
             _lib, _why = False, f"could not build or load them: {e}"
             log.info("polycoder native kernels off (%s); using PyTorch's products", _why)
@@ -143,9 +176,15 @@ def available() -> bool:
 
 
 def status() -> str:
-    """Whether the kernels are in use, or why not."""
+    """Whether the kernels are in use and which variant ("available (AVX2+FMA)"), or why not."""
     _load()
     return _why
+
+
+def variant() -> str | None:
+    """The variant in use ("AVX-512" or "AVX2+FMA"), None where the kernels are unavailable."""
+    _load()
+    return _variant
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,11 +1,21 @@
 /* Helpers shared by the decode kernels (decode.c) and the training kernels (train.c):
- * bf16 <-> fp32 conversion, the tail mask of a 16-lane loop, the vector exponential and
- * the widening loads of bf16 (or fp32) values into 16 fp32 lanes. Static inline, so each
- * .c file gets its own copy and nothing here is exported.
+ * bf16 <-> fp32 conversion and a small vector layer, the few operations the kernels use
+ * (loads that widen bf16 or int8, FMA, masked loads and stores of a loop's tail, lane
+ * sums and maxima, exp, the 16-bit integer dot product). Static inline, so each .c file
+ * gets its own copy and nothing here is exported.
  *
- * The vector helpers exist only where the compiler targets AVX-512 (F and BW): PC_AVX512
- * is 1 there and 0 elsewhere, and each kernel file compiles its AVX-512 path under
- * `#if PC_AVX512`, else stubs that return the function's error code.
+ * The kernels are written once against this layer; it exists in two variants, chosen by
+ * the compiler's target (-march=native, or -march=x86-64-v3 for POLYCODER_KERNELS_ISA=avx2):
+ * - PC_ISA 1, AVX-512 (F and BW): vf is one __m512 (VL = 16 lanes), vmask a __mmask16;
+ * - PC_ISA 2, AVX2 + FMA: vf is one __m256 (VL = 8 lanes), vmask the number of leading
+ *   lanes that are valid (every mask the kernels use is a loop's tail); loads of a partial
+ *   vector go through a zero-padded copy (AVX2 has no masked 8- or 16-bit loads).
+ * The width follows the hardware instead of a fixed 16 lanes of two __m256: the products
+ * keep R x MB accumulators in registers (decode.c), and AVX2 has 16 registers of 8 lanes
+ * against AVX-512's 32 of 16, so a 16-lane vector there would spill. decode.c picks the
+ * block shapes from VL. Elsewhere PC_ISA is 0 and each kernel file compiles stubs that
+ * return -3. Both variants run the same arithmetic in the same order up to the lane
+ * count (fp32 sums of VL partial sums), and the tests hold both to PyTorch.
  */
 #ifndef POLYCODER_KERNELS_COMMON_H
 #define POLYCODER_KERNELS_COMMON_H
@@ -32,47 +42,229 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#define PC_AVX512 1
+#define PC_ISA 1
+#define VL 16
 #include <immintrin.h>
+typedef __m512 vf;
+typedef __m512i vi;     /* 32 int16 lanes in, 16 int32 sums out (vi_dot) */
+typedef __mmask16 vmask;
 
-/* The first n lanes of 16 (none for n <= 0, all for n >= 16): the mask of a loop's tail. */
-static inline __mmask16 lanes16(long n) {
+/* The first n lanes (none for n <= 0, all for n >= VL): the mask of a loop's tail. */
+static inline vmask vlanes(long n) {
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
 }
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vloadm(const float *p, vmask m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline void vstore(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static inline void vstorem(float *p, vmask m, vf v) { _mm512_mask_storeu_ps(p, m, v); }
+/* bf16 widened to fp32 by a 16-bit shift (exact); lanes outside m read as 0, unread. */
+static inline vf vwiden_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline vf vwiden_bf16m(const uint16_t *p, vmask m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+/* Rounded to bf16 (nearest even) and stored in the lanes of m. */
+static inline void vstore_bf16m(uint16_t *p, vmask m, vf v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }    /* a b + c */
+static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  /* c - a b */
+static inline vf vfmsub(vf a, vf b, vf c) { return _mm512_fmsub_ps(a, b, c); }    /* a b - c */
+static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
+static inline vf vcopysign(vf a, vf s) {  /* |a| with the sign of s, for a >= 0 */
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a),
+        _mm512_and_si512(_mm512_castps_si512(s), _mm512_set1_epi32((int)0x80000000u))));
+}
+static inline vf vmaxm(vf a, vmask m, vf b) { return _mm512_mask_max_ps(a, m, a, b); }  /* lanes of m: max(a, b); else a */
+static inline vf vaddm(vf a, vmask m, vf b) { return _mm512_mask_add_ps(a, m, a, b); }  /* lanes of m: a + b; else a */
+static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
+static inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vscale2n(vf p, vf n) { return _mm512_scalef_ps(p, n); }  /* p 2^n, n integral */
 
-/* ---- exp, 16 at a time --------------------------------------------------------------
- * x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6 polynomial for e^r, and
- * 2^n applied by scalef (relative error about 2e-7). */
-
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+/* Lane i of the result: the lane sum of v[i], for VL vectors, by a transpose-and-add tree
+ * (about 45 instructions for 16 sums, against 8 each for one at a time). */
+static inline vf vreduce(const vf *v) {
+    __m512 u[8], w[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: that lane's sums of vectors 4i .. 4i+3 */
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))));
+    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
-/* 16 bf16 values widened to fp32 by a 16-bit shift (exact); lanes outside mask read as 0. */
-static inline __m512 widen_bf16(const uint16_t *p, __mmask16 mask) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+/* int8 weights against int16 activations: 2 VL of each a vector, pairwise products summed
+ * into VL int32 lanes (VNNI's vpdpwssd, else vpmaddwd and an add: the same integers). */
+typedef __mmask32 vimask;  /* which of the 2 VL int16 lanes are valid */
+static inline vi vi_zero(void) { return _mm512_setzero_si512(); }
+static inline vimask vi_lanes(long n) {  /* n >= 1; all but a loop's last vector are whole */
+    return __builtin_expect(n >= 32, 1) ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u);
+}
+static inline vi vi_w8(const int8_t *p, vimask m) { return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, p)); }
+static inline vi vi_x16(const int16_t *p, vimask m) { return _mm512_maskz_loadu_epi16(m, p); }
+#if defined(__AVX512VNNI__)
+static inline vi vi_dot(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
+#else
+static inline vi vi_dot(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+#endif
+static inline vf vi_float(vi a) { return _mm512_cvtepi32_ps(a); }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PC_ISA 2
+#define VL 8
+#include <immintrin.h>
+typedef __m256 vf;
+typedef __m256i vi;     /* 16 int16 lanes in, 8 int32 sums out (vi_dot) */
+typedef long vmask;     /* the number of leading lanes that are valid, 0 .. 8 */
+
+static inline vmask vlanes(long n) { return n >= 8 ? 8 : n <= 0 ? 0 : n; }
+/* _mm256_maskload_ps's lane mask for the first n lanes (0 <= n <= 8). */
+static inline __m256i lane_bits(vmask n) {
+    static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256((const __m256i *)(bits + 8 - n));
+}
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vloadm(const float *p, vmask m) {
+    return m >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_bits(m));  /* masked lanes are not read */
+}
+static inline void vstore(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline void vstorem(float *p, vmask m, vf v) {
+    if (m >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lane_bits(m), v);
+}
+static inline vf vwiden_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf vwiden_bf16m(const uint16_t *p, vmask m) {
+    if (m >= 8) return vwiden_bf16(p);
+    uint16_t t[8] = {0};
+    memcpy(t, p, (size_t)m * 2);
+    return vwiden_bf16(t);
+}
+static inline void vstore_bf16m(uint16_t *p, vmask m, vf v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));  /* 0 .. 65535: exact */
+    if (m >= 8) {
+        _mm_storeu_si128((__m128i *)p, h);
+    } else {
+        uint16_t t[8];
+        _mm_storeu_si128((__m128i *)t, h);
+        memcpy(p, t, (size_t)m * 2);
+    }
+}
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vfnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline vf vfmsub(vf a, vf b, vf c) { return _mm256_fmsub_ps(a, b, c); }
+static inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline vf vcopysign(vf a, vf s) { return _mm256_or_ps(a, _mm256_and_ps(s, _mm256_set1_ps(-0.0f))); }
+static inline vf vmaxm(vf a, vmask m, vf b) {
+    return _mm256_blendv_ps(a, _mm256_max_ps(a, b), _mm256_castsi256_ps(lane_bits(m)));
+}
+static inline vf vaddm(vf a, vmask m, vf b) {
+    return _mm256_add_ps(a, _mm256_and_ps(b, _mm256_castsi256_ps(lane_bits(m))));
+}
+static inline float vhsum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float vhmax(vf a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* p 2^n for integral n in [-127, 127] (vexp's range) through the exponent field; 2^-127 is
+ * flushed to 0 where scalef would give a denormal (an absolute difference below 1e-38). */
+static inline vf vscale2n(vf p, vf n) {
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static inline vf vreduce(const vf *v) {
+    __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  /* [a b c d | a b c d] halves */
+    __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  /* [e f g h | e f g h] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-/* 16 values from element i of p (bf16 if bf16 is set, else fp32) as fp32; lanes outside mask 0. */
-static inline __m512 load16(const void *p, int bf16, long i, __mmask16 mask) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i)), 16));
-    return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
+typedef long vimask;  /* the number of leading int16 lanes that are valid, 0 .. 16 */
+static inline vi vi_zero(void) { return _mm256_setzero_si256(); }
+static inline vimask vi_lanes(long n) { return n >= 16 ? 16 : n; }  /* n >= 1 */
+static inline vi vi_w8(const int8_t *p, vimask n) {
+    if (n >= 16) return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    int8_t t[16] = {0};
+    if (n > 0) memcpy(t, p, (size_t)n);
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)t));
 }
+static inline vi vi_x16(const int16_t *p, vimask n) {
+    if (n >= 16) return _mm256_loadu_si256((const __m256i *)p);
+    int16_t t[16] = {0};
+    if (n > 0) memcpy(t, p, (size_t)n * 2);
+    return _mm256_loadu_si256((const __m256i *)t);
+}
+#if defined(__AVXVNNI__)
+static inline vi vi_dot(vi acc, vi a, vi b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
+#else
+static inline vi vi_dot(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+#endif
+static inline vf vi_float(vi a) { return _mm256_cvtepi32_ps(a); }
 
 #else
-#define PC_AVX512 0
+#define PC_ISA 0
+#endif
+
+#if PC_ISA
+/* VL values from element i of p (bf16 if bf16 is set, else fp32) as fp32; lanes outside m 0. */
+static inline vf vloadx(const void *p, int bf16, long i, vmask m) {
+    return bf16 ? vwiden_bf16m((const uint16_t *)p + i, m) : vloadm((const float *)p + i, m);
+}
+
+/* VL values into element i of p (bf16, rounded to nearest even, or fp32), lanes of m only. */
+static inline void vstorex(void *p, int bf16, long i, vf v, vmask m) {
+    if (bf16) vstore_bf16m((uint16_t *)p + i, m, v);
+    else vstorem((float *)p + i, m, v);
+}
+
+/* ---- exp, VL at a time --------------------------------------------------------------
+ * x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6 polynomial for e^r, and
+ * 2^n applied by vscale2n (relative error about 2e-7). */
+static inline vf vexp(vf x) {
+    x = vmax(vmin(x, vset1(88.0f)), vset1(-88.0f));
+    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfnmadd(n, vset1(0.693359375f), x);
+    r = vfnmadd(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.3981999507e-3f);
+    p = vfmadd(p, r, vset1(8.3334519073e-3f));
+    p = vfmadd(p, r, vset1(4.1665795894e-2f));
+    p = vfmadd(p, r, vset1(1.6666665459e-1f));
+    p = vfmadd(p, r, vset1(5.0000001201e-1f));
+    p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    return vscale2n(p, n);
+}
 #endif
 
 #endif /* POLYCODER_KERNELS_COMMON_H */

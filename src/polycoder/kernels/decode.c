@@ -3,26 +3,28 @@
  * A decode step multiplies a few activation rows (M = 1..8) by every weight matrix of the
  * model once: the time goes into reading the weights, so the kernel's one job is to stream
  * W from memory at full bandwidth and do the arithmetic while it arrives. W is read row by
- * row in its natural [out, in] layout, four rows at a time, by every thread on its own
+ * row in its natural [out, in] layout, a few rows at a time, by every thread on its own
  * contiguous range of output rows; the activation rows stay in L1.
  *
  * Weight kinds: fp32; bf16 (widened to fp32 by a 16-bit shift: exact); int8 with one fp32
  * scale per output row (weight-only quantization: y = scale[n] * sum_k x * q). Activations
  * arrive as fp32 or bf16 and are widened to fp32 once per call, products and sums are
- * fp32; except for int8 weights on CPUs with AVX512_VNNI, where each activation row is
- * scaled to int16 (+-32767, one scale a row: 15 significant bits, finer than bf16's 8)
- * and multiplied exactly in integers, twice as fast as widening the weights to fp32.
- * The output is written as fp32 or bf16 (round to nearest even). Weights are prefetched
- * PF_BYTES ahead: without it one core's stream of misses ran at half the bandwidth.
+ * fp32; except for int8 weights, where each activation row is scaled to int16 (+-32767,
+ * one scale a row: 15 significant bits, finer than bf16's 8) and multiplied exactly in
+ * integers (VNNI's vpdpwssd where the CPU has it, else vpmaddwd), twice as fast as
+ * widening the weights to fp32. The output is written as fp32 or bf16 (round to nearest
+ * even). Weights are prefetched PF_BYTES ahead: without it one core's stream of misses ran
+ * at half the bandwidth.
  *
  * Threads come from the OpenMP runtime that PyTorch itself loads (libgomp.so.1), so our
  * parallel regions reuse PyTorch's worker threads instead of competing with them.
  *
  * This file holds the decode kernels (pc_available, pc_linear, pc_block, pc_blocks);
  * train.c the training kernels; kernels.h declares every exported function, common.h the
- * helpers both use. Built by polycoder/kernels/__init__.py (decode.c and train.c into one
- * library) with the host's compiler and -march=native; the AVX-512 path is compiled only
- * where the CPU has it (pc_available() says whether).
+ * helpers both use, among them the vector layer (AVX-512 or AVX2 + FMA, VL lanes) these
+ * kernels are written against. Built by polycoder/kernels/__init__.py (decode.c and train.c
+ * into one library) with the host's compiler and -march=native (or x86-64-v3); without
+ * either vector variant pc_available() is 0 and the functions are stubs.
  */
 #include "kernels.h"
 #include "common.h"
@@ -46,197 +48,184 @@ static inline float bias_at(const void *bias, int bias_bf16, long n) {
     return bias_bf16 ? bf16_to_f32(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
 }
 
-#if PC_AVX512
+#if PC_ISA
 
-int pc_available(void) { return 1; }
+int pc_available(void) { return PC_ISA; }
 
 /* Weights are prefetched about this many bytes ahead of the rows being read (enough to keep
  * a core's stream of misses full; a quarter of it measured half as fast for int8:
- * docs/benchmarks/README.md). */
+ * docs/benchmarks/README.md). One prefetch a row every 16 weights (32 int8): a cache line
+ * of fp32, half of one otherwise, whatever the vector width. */
 #define PF_BYTES 16384
 static inline long pf_rows(long K, long elsize) {
     long r = PF_BYTES / (K * elsize);
     return r < 4 ? 4 : r;
 }
 
-/* ---- activations, 16 at a time ------------------------------------------------------
- * exp: exp16 (common.h). erf: Abramowitz and Stegun 7.1.26 (absolute error under 1.5e-7);
+/* ---- activations, VL at a time ------------------------------------------------------
+ * exp: vexp (common.h). erf: Abramowitz and Stegun 7.1.26 (absolute error under 1.5e-7);
  * tanh(u) = 1 - 2 / (e^{2u} + 1). */
 
-static inline __m512 erf16(__m512 x) {
-    __m512 a = _mm512_abs_ps(x);
-    __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-    __m512 p = _mm512_set1_ps(1.061405429f);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-    p = _mm512_mul_ps(p, t);
-    __m512 e = _mm512_fnmadd_ps(p, exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)), _mm512_set1_ps(1.0f));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e),
-        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));  /* erf(-x) = -erf(x) */
+static inline vf verf(vf x) {
+    vf a = vabs(x);
+    vf t = vdiv(vset1(1.0f), vfmadd(a, vset1(0.3275911f), vset1(1.0f)));
+    vf p = vset1(1.061405429f);
+    p = vfmadd(p, t, vset1(-1.453152027f));
+    p = vfmadd(p, t, vset1(1.421413741f));
+    p = vfmadd(p, t, vset1(-0.284496736f));
+    p = vfmadd(p, t, vset1(0.254829592f));
+    p = vmul(p, t);
+    vf e = vfnmadd(p, vexp(vmul(vsub(vzero(), a), a)), vset1(1.0f));
+    return vcopysign(e, x);  /* erf(-x) = -erf(x) */
 }
 
-static inline __m512 act16(__m512 v, int act) {
-    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-    if (act == 1) return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)))));
+static inline vf vact(vf v, int act) {
+    const vf half = vset1(0.5f), one = vset1(1.0f);
+    if (act == 1) return vmul(vmul(half, v), vadd(one, verf(vmul(v, vset1(0.70710678118654752f)))));
     if (act == 2) {
-        __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));
-        __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
-        return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, th));
+        vf u = vmul(vset1(0.79788456080286536f), vfmadd(vmul(vset1(0.044715f), v), vmul(v, v), v));
+        vf th = vsub(one, vdiv(vset1(2.0f), vadd(vexp(vadd(u, u)), one)));
+        return vmul(vmul(half, v), vadd(one, th));
     }
     return v;
 }
 
+/* The activation applied to n fp32 values in place, VL at a time. */
 static void activate_all(float *v, long n, int act) {
-    for (long i = 0; i < n; i += 16) {
-        __mmask16 mask = lanes16(n - i);
-        _mm512_mask_storeu_ps(v + i, mask, act16(_mm512_maskz_loadu_ps(mask, v + i), act));
+    for (long i = 0; i < n; i += VL) {
+        vmask mask = vlanes(n - i);
+        vstorem(v + i, mask, vact(vloadm(v + i, mask), act));
     }
 }
 
-/* ---- reductions ------------------------------------------------------------------------
- * Every output is the sum of one accumulator's 16 lanes. Where a block has exactly 16
- * accumulators, they are reduced together by a transpose-and-add tree (about 45
- * instructions for 16 sums, against 8 each for one at a time). */
-
-static inline __m512 reduce16(const __m512 *v) {
-    __m512 u[8], w[4];
-    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
-        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) /* per 128-bit lane: that lane's sums of vectors 4i .. 4i+3 */
-        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[2 * i]), _mm512_castps_pd(u[2 * i + 1]))));
-    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
-/* out[r * MB + m] = the lane sum of acc[r * MB + m], for R * MB accumulators. */
-static inline __attribute__((always_inline)) void reduce_out(const __m512 *acc, int n, float *out) {
-    if (n == 16) _mm512_storeu_ps(out, reduce16(acc));
+/* out[i] = the lane sum of acc[i], for n accumulators; exactly VL of them are reduced
+ * together (vreduce: a transpose-and-add tree). */
+static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int n, float *out) {
+    if (n == VL) vstore(out, vreduce(acc));
     else
-        for (int i = 0; i < n; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+        for (int i = 0; i < n; i++) out[i] = vhsum(acc[i]);
 }
 
 /* A block is R weight rows (n .. n+R-1) against MB activation rows (m0 .. m0+MB-1): R * MB
- * accumulators in registers, each weight vector loaded (and widened) once for all MB
- * rows. R = 4 up to 4 rows; R = 2 from 5 to 8 rows, so that 8 rows take one pass over
- * the weights (4 x 8 accumulators would not fit in the 32 registers). */
+ * accumulators in registers, each weight vector loaded (and widened) once for all MB rows,
+ * so that 8 rows take one pass over the weights. R follows the register file: AVX-512's 32
+ * hold 4 x 4 or 2 x 8 accumulators with the weight vectors; AVX2's 16 hold 4 x 2, 2 x 4 or
+ * 1 x 8 (R * MB + R + 1 <= 14). */
+#if VL == 16
+#define R_OF(MB) ((MB) <= 4 ? 4 : 2)
+#else
+#define R_OF(MB) ((MB) <= 2 ? 4 : (MB) <= 4 ? 2 : 1)
+#endif
 
-/* ---- fp32 weights: 16 a load, FMA against fp32 activations ---------------------------- */
+/* ---- fp32 and bf16 weights: 16 a step (one prefetch a row), FMA against fp32
+ * activations, the columns past the last full step under a mask. bf16 widens by a 16-bit
+ * shift (exact). (AVX512_BF16's pairwise dot product measured slower on an AMD EPYC:
+ * docs/benchmarks/README.md.) ---- */
 
-static inline __attribute__((always_inline)) void block_f32(
-    const float *x, const float *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
-    const long pf = pf_rows(K, 4);
-    __m512 acc[16];
-    for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();
-    long k = k0;
-    for (; k + 16 <= k1; k += 16) {
-        __m512 wv[4];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
-            wv[r] = _mm512_loadu_ps(w + (n + r) * K + k);
-        }
-        for (int m = 0; m < MB; m++) {
-            __m512 xv = _mm512_loadu_ps(x + (m0 + m) * K + k);
-            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
-        }
-    }
-    if (k < k1) {
-        __mmask16 mask = lanes16(k1 - k);
-        __m512 wv[4];
-        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k);
-        for (int m = 0; m < MB; m++) {
-            __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);
-            for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]);
-        }
-    }
-    reduce_out(acc, R * MB, out);
-}
+/* The FMAs of one vector of columns at k: R weight vectors (prefetched PF rows ahead if
+ * PF) against MB activation rows. */
+#define FMA_STEP(LOAD, XLOAD, k, PF, ...)                                                          \
+    do {                                                                                           \
+        vf wv[4];                                                                                  \
+        for (int r = 0; r < R; r++) {                                                              \
+            if (PF) _mm_prefetch((const char *)(w + (n + pf + r) * K + (k)), _MM_HINT_T0);         \
+            wv[r] = LOAD(w + (n + r) * K + (k), ##__VA_ARGS__);                                    \
+        }                                                                                          \
+        for (int m = 0; m < MB; m++) {                                                             \
+            vf xv = XLOAD(x + (m0 + m) * K + (k), ##__VA_ARGS__);                                  \
+            for (int r = 0; r < R; r++) acc[r * MB + m] = vfmadd(wv[r], xv, acc[r * MB + m]);      \
+        }                                                                                          \
+    } while (0)
 
-/* ---- bf16 (and int8 without VNNI) weights: widened to fp32 16 at a time, FMA against
- * fp32 activations. bf16 widens by a 16-bit shift (exact). (AVX512_BF16's pairwise dot
- * product measured slower on an AMD EPYC: docs/benchmarks/README.md.) */
-
-/* widen_bf16 is in common.h: the training kernels use it too. */
-static inline __m512 widen_i8(const int8_t *p, __mmask16 mask) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-}
-
-#define DEFINE_WIDENING_BLOCK(NAME, WT, WIDEN)                                                     \
+#define DEFINE_FLOAT_BLOCK(NAME, WT, LOAD, LOADM)                                                  \
     static inline __attribute__((always_inline)) void NAME(                                        \
         const float *x, const WT *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) { \
-        __m512 acc[16];                                                                            \
-        for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_ps();                             \
         const long pf = pf_rows(K, sizeof(WT));                                                    \
-        for (long k = k0; k < k1; k += 16) {                                                       \
-            __mmask16 mask = lanes16(k1 - k);                                                       \
-            __m512 wv[4];                                                                          \
-            for (int r = 0; r < R; r++) {                                                          \
-                _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);               \
-                wv[r] = WIDEN(w + (n + r) * K + k, mask);                                          \
-            }                                                                                      \
-            for (int m = 0; m < MB; m++) {                                                         \
-                __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k);                     \
-                for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * MB + m]); \
-            }                                                                                      \
+        vf acc[16];                                                                                \
+        for (int i = 0; i < R * MB; i++) acc[i] = vzero();                                         \
+        long k = k0;                                                                               \
+        for (; k + 16 <= k1; k += 16) {                                                            \
+            FMA_STEP(LOAD, vload, k, 1);                                                           \
+            if (VL == 8) FMA_STEP(LOAD, vload, k + 8, 0);                                          \
+        }                                                                                          \
+        /* the last < 16 columns: a whole vector where VL is 8 and one is left, then masked   \
+         * (a branch, not a loop: with a loop here GCC stopped keeping wv in registers above) */ \
+        if (VL == 8 && k + 8 <= k1) {                                                              \
+            FMA_STEP(LOAD, vload, k, 0);                                                           \
+            k += 8;                                                                                \
+        }                                                                                          \
+        if (k < k1) {                                                                              \
+            const vmask mask = vlanes(k1 - k);                                                     \
+            FMA_STEP(LOADM, vloadm, k, 0, mask);                                                   \
         }                                                                                          \
         reduce_out(acc, R * MB, out);                                                              \
     }
 
-DEFINE_WIDENING_BLOCK(block_bf16, uint16_t, widen_bf16)
+DEFINE_FLOAT_BLOCK(block_f32, float, vload, vloadm)
+DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
 
-/* ---- int8 weights: 32 a load, widened to int16, multiplied with int16 activations
- * (each row scaled to +-32767 once a call) by VNNI's pairwise dot product into int32;
- * every 256 columns the int32 sums move into fp32 so they can never overflow
- * (256 * 32767 * 127 < 2^31). Without VNNI: widened to fp32 and FMA, as bf16. ---- */
+/* ---- int8 weights: 32 a step, widened to int16 and multiplied with int16 activations
+ * (each row scaled to +-32767 once a call) pairwise into int32 (vi_dot, common.h); every
+ * 256 columns the int32 sums move into fp32 so they can never overflow (a lane adds 32
+ * products of at most 32767 * 127 a chunk, under 2^31). ---- */
 
-#if defined(__AVX512VNNI__)
-#define I8_VNNI 1
 #define I8_CHUNK 256
+/* The integer products of one vector pair of columns at k (2 VL of them, lanes of mask). */
+#define DOT_STEP(k, mask, PF)                                                                      \
+    do {                                                                                           \
+        vi wv[4];                                                                                  \
+        for (int r = 0; r < R; r++) {                                                              \
+            if (PF) _mm_prefetch((const char *)(w + (n + pf + r) * K + (k)), _MM_HINT_T0);         \
+            wv[r] = vi_w8(w + (n + r) * K + (k), mask);                                            \
+        }                                                                                          \
+        for (int m = 0; m < MB; m++) {                                                             \
+            vi xv = vi_x16(x + (m0 + m) * K + (k), mask);                                          \
+            for (int r = 0; r < R; r++) acc[r * MB + m] = vi_dot(acc[r * MB + m], wv[r], xv);     \
+        }                                                                                          \
+    } while (0)
+
 static inline __attribute__((always_inline)) void block_i8(
     const int16_t *x, const int8_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
     const long pf = pf_rows(K, 1);
-    __m512 facc[16];
-    for (int i = 0; i < R * MB; i++) facc[i] = _mm512_setzero_ps();
+    vf facc[16];
+    for (int i = 0; i < R * MB; i++) facc[i] = vzero();
     for (long c = k0; c < k1; c += I8_CHUNK) {
-        long end = c + I8_CHUNK < k1 ? c + I8_CHUNK : k1;
-        __m512i acc[16];
-        for (int i = 0; i < R * MB; i++) acc[i] = _mm512_setzero_si512();
+        const long end = c + I8_CHUNK < k1 ? c + I8_CHUNK : k1;
+        vi acc[16];
+        for (int i = 0; i < R * MB; i++) acc[i] = vi_zero();
+#if VL == 16
+        /* one masked loop (masked loads are free here; a separate tail measured slower) */
         for (long k = c; k < end; k += 32) {
-            __mmask32 mask = end - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (end - k)) - 1u);
-            __m512i wv[4];
-            for (int r = 0; r < R; r++) {
-                _mm_prefetch((const char *)(w + (n + pf + r) * K + k), _MM_HINT_T0);
-                wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + (n + r) * K + k));
-            }
-            for (int m = 0; m < MB; m++) {
-                __m512i xv = _mm512_maskz_loadu_epi16(mask, x + (m0 + m) * K + k);
-                for (int r = 0; r < R; r++) acc[r * MB + m] = _mm512_dpwssd_epi32(acc[r * MB + m], wv[r], xv);
-            }
+            const vimask mask = vi_lanes(end - k);
+            DOT_STEP(k, mask, 1);
         }
-        for (int i = 0; i < R * MB; i++) facc[i] = _mm512_add_ps(facc[i], _mm512_cvtepi32_ps(acc[i]));
+#else
+        /* whole vectors, then the tail through vi_w8's zero-padded copy */
+        long k = c;
+        for (; k + 32 <= end; k += 32) {
+            DOT_STEP(k, 16, 1);  /* vi_lanes(16): all */
+            DOT_STEP(k + 16, 16, 0);
+        }
+        if (k + 16 <= end) {  /* branches, not a loop: as for FMA_STEP's tail */
+            DOT_STEP(k, 16, 0);
+            k += 16;
+        }
+        if (k < end) DOT_STEP(k, vi_lanes(end - k), 0);
+#endif
+        for (int i = 0; i < R * MB; i++) facc[i] = vadd(facc[i], vi_float(acc[i]));
     }
     reduce_out(facc, R * MB, out);
 }
-#else
-#define I8_VNNI 0
-DEFINE_WIDENING_BLOCK(block_i8, int8_t, widen_i8)
-#endif
 
-/* The activation applied to n fp32 values in place, 16 at a time (see act_vec). */
-static void activate_all(float *v, long n, int act);
-
-/* Rows [lo, hi) of the output for every activation row, R weight rows at a time (R = 4
- * for up to 4 activation rows, else 2, see above; MB activation rows a block, at most 8).
- * Where R does not divide the range, the last block starts earlier and overlaps the
- * previous one (those rows are computed twice, to the same values): no scalar tail.
+/* Rows [lo, hi) of the output for every activation row, R weight rows at a time (R_OF(MB),
+ * see above; MB activation rows a block, at most 8). Where R does not divide the range,
+ * the last block starts earlier and overlaps the previous one (those rows are computed
+ * twice, to the same values): no scalar tail.
  * The columns are taken in chunks that keep the MB activation rows in L1 (24 KB): with
  * 8 fp32 rows of 3072 columns (96 KB) every weight load would otherwise wait on L2 for
  * the activations; partial sums of a chunk collect in `part`. A fused activation runs
  * vectorized over a thread's finished fp32 outputs (scalar into bf16 outputs). */
-#define BLOCK_CASE(BLOCK, R, MB) BLOCK(x, w, nb, m0, R, MB, K, k0, k1, out); break
+#define BLOCK_CASE(BLOCK, MB) BLOCK(x, w, nb, m0, R_OF(MB), MB, K, k0, k1, out); break
 #define DEFINE_RANGE(NAME, BLOCK, XT, WT, KALIGN)                                                  \
     static int NAME(const XT *x, const WT *w, const float *scale, const float *xscale,            \
                     const void *bias, int bias_bf16, void *y, int y_bf16, int act,                \
@@ -246,7 +235,7 @@ static void activate_all(float *v, long n, int act);
         /* part's rows start at base: a range under 4 rows is the clamped last one (hi == N) */    \
         const long base = hi - lo >= 4 ? lo : (lo < N - 4 ? lo : N - 4);                           \
         for (long m0 = 0; m0 < M; m0 += 8) {                                                       \
-            const int MB = (int)(M - m0 < 8 ? M - m0 : 8), R = MB <= 4 ? 4 : 2;                    \
+            const int MB = (int)(M - m0 < 8 ? M - m0 : 8), R = R_OF(MB);                           \
             long KC = (24576 / ((long)sizeof(XT) * MB)) / KALIGN * KALIGN;                         \
             if (KC < KALIGN) KC = KALIGN;                                                          \
             if (KC < K && !part && !(part = (float *)malloc(sizeof(float) * 8 * (size_t)(hi - lo + 4)))) \
@@ -257,14 +246,14 @@ static void activate_all(float *v, long n, int act);
                 for (long n = lo; n < hi; n += R) {                                                \
                     long nb = n + R <= hi ? n : (hi - R >= lo ? hi - R : N - R);                   \
                     switch (MB) {                                                                  \
-                    case 1: BLOCK_CASE(BLOCK, 4, 1);                                               \
-                    case 2: BLOCK_CASE(BLOCK, 4, 2);                                               \
-                    case 3: BLOCK_CASE(BLOCK, 4, 3);                                               \
-                    case 4: BLOCK_CASE(BLOCK, 4, 4);                                               \
-                    case 5: BLOCK_CASE(BLOCK, 2, 5);                                               \
-                    case 6: BLOCK_CASE(BLOCK, 2, 6);                                               \
-                    case 7: BLOCK_CASE(BLOCK, 2, 7);                                               \
-                    default: BLOCK_CASE(BLOCK, 2, 8);                                              \
+                    case 1: BLOCK_CASE(BLOCK, 1);                                                  \
+                    case 2: BLOCK_CASE(BLOCK, 2);                                                  \
+                    case 3: BLOCK_CASE(BLOCK, 3);                                                  \
+                    case 4: BLOCK_CASE(BLOCK, 4);                                                  \
+                    case 5: BLOCK_CASE(BLOCK, 5);                                                  \
+                    case 6: BLOCK_CASE(BLOCK, 6);                                                  \
+                    case 7: BLOCK_CASE(BLOCK, 7);                                                  \
+                    default: BLOCK_CASE(BLOCK, 8);                                                 \
                     }                                                                              \
                     for (int r = 0; r < R; r++)                                                    \
                         for (int m = 0; m < MB; m++) {                                             \
@@ -289,11 +278,7 @@ static void activate_all(float *v, long n, int act);
 
 DEFINE_RANGE(range_f32, block_f32, float, float, 16)
 DEFINE_RANGE(range_bf16, block_bf16, float, uint16_t, 16)
-#if I8_VNNI
 DEFINE_RANGE(range_i8, block_i8, int16_t, int8_t, I8_CHUNK)
-#else
-DEFINE_RANGE(range_i8, block_i8, float, int8_t, 16)
-#endif
 
 static inline float x_at(const void *x, int x_bf16, long i) {
     return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
@@ -313,7 +298,7 @@ static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const
     float xscale[64];
     const float *xs = NULL;
     if (M > 64) return -1;
-    if (kind == W_I8 && I8_VNNI) {
+    if (kind == W_I8) {
         int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K));
         if (!q) return -2;
         for (long m = 0; m < M; m++) {
@@ -373,59 +358,58 @@ static inline float elem(const void *p, int bf16, long i) {
 }
 
 /* softmax(q . k_s * scale) over cache positions s < n of one (row, head), into scores[0 .. n).
- * 16 positions at a time: their dot products accumulate side by side and are reduced
- * together (reduce16); the exponentials are vectorized. Positions past n in the last group
- * are read with an all-zero mask (no memory is touched for them). */
+ * VL positions at a time: their dot products accumulate side by side and are reduced
+ * together (vreduce); the exponentials are vectorized. Positions past n in the last group
+ * are read with an empty mask (no memory is touched for them). */
 static inline void attend_scores(const float *q, const void *kc, int bf16, long row, long hs, long n,
                                  float scale, float *scores) {
-    __m512 mxv = _mm512_set1_ps(-INFINITY);
-    for (long s0 = 0; s0 < n; s0 += 16) {
-        const long cnt = n - s0 < 16 ? n - s0 : 16;
-        const __mmask16 valid = lanes16(cnt);
-        __m512 d[16];
-        for (int j = 0; j < 16; j++) d[j] = _mm512_setzero_ps();
-        for (long i = 0; i < hs; i += 16) {
-            const __mmask16 mask = lanes16(hs - i);
-            const __m512 qv = _mm512_maskz_loadu_ps(mask, q + i);
-            for (int j = 0; j < 16; j++)
-                d[j] = _mm512_fmadd_ps(qv, load16(kc, bf16, (row + s0 + j) * hs + i, j < cnt ? mask : 0), d[j]);
+    vf mxv = vset1(-INFINITY);
+    for (long s0 = 0; s0 < n; s0 += VL) {
+        const long cnt = n - s0 < VL ? n - s0 : VL;
+        const vmask valid = vlanes(cnt);
+        vf d[VL];
+        for (int j = 0; j < VL; j++) d[j] = vzero();
+        for (long i = 0; i < hs; i += VL) {
+            const vmask mask = vlanes(hs - i);
+            const vf qv = vloadm(q + i, mask);
+            for (int j = 0; j < VL; j++)
+                d[j] = vfmadd(qv, vloadx(kc, bf16, (row + s0 + j) * hs + i, j < cnt ? mask : vlanes(0)), d[j]);
         }
-        const __m512 sc = _mm512_mul_ps(reduce16(d), _mm512_set1_ps(scale));
-        _mm512_mask_storeu_ps(scores + s0, valid, sc);
-        mxv = _mm512_mask_max_ps(mxv, valid, mxv, sc);
+        const vf sc = vmul(vreduce(d), vset1(scale));
+        vstorem(scores + s0, valid, sc);
+        mxv = vmaxm(mxv, valid, sc);
     }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
-    __m512 sum = _mm512_setzero_ps();
-    for (long s0 = 0; s0 < n; s0 += 16) {
-        const __mmask16 valid = lanes16(n - s0);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + s0), mx));
-        _mm512_mask_storeu_ps(scores + s0, valid, e);
-        sum = _mm512_mask_add_ps(sum, valid, sum, e);
+    const vf mx = vset1(vhmax(mxv));
+    vf sum = vzero();
+    for (long s0 = 0; s0 < n; s0 += VL) {
+        const vmask valid = vlanes(n - s0);
+        const vf e = vexp(vsub(vloadm(scores + s0, valid), mx));
+        vstorem(scores + s0, valid, e);
+        sum = vaddm(sum, valid, e);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (long s0 = 0; s0 < n; s0 += 16) {
-        const __mmask16 valid = lanes16(n - s0);
-        _mm512_mask_storeu_ps(scores + s0, valid, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, scores + s0), inv));
+    const vf inv = vset1(1.0f / vhsum(sum));
+    for (long s0 = 0; s0 < n; s0 += VL) {
+        const vmask valid = vlanes(n - s0);
+        vstorem(scores + s0, valid, vmul(vloadm(scores + s0, valid), inv));
     }
 }
 
-/* out[i0 .. i0 + 16 NV) (within hs) = sum over s < n of scores[s] * v_s: NV accumulators of
- * 16 dims in registers for the whole pass over the positions. */
+/* out[i0 .. i0 + VL NV) (within hs) = sum over s < n of scores[s] * v_s: NV accumulators of
+ * VL dims in registers for the whole pass over the positions. */
 static inline __attribute__((always_inline)) void attend_values(const void *vc, int bf16, long row, long hs, long i0,
                                                                 long n, const float *scores, const int NV, float *out) {
-    __m512 a[8];
-    __mmask16 mk[8];
+    vf a[8];
+    vmask mk[8];
     for (int c = 0; c < NV; c++) {
-        const long i = i0 + 16 * c;
-        a[c] = _mm512_setzero_ps();
-        mk[c] = lanes16(hs - i);
+        a[c] = vzero();
+        mk[c] = vlanes(hs - (i0 + VL * c));
     }
     for (long s = 0; s < n; s++) {
-        const __m512 w = _mm512_set1_ps(scores[s]);
+        const vf w = vset1(scores[s]);
         for (int c = 0; c < NV; c++)
-            a[c] = _mm512_fmadd_ps(w, load16(vc, bf16, (row + s) * hs + i0 + 16 * c, mk[c]), a[c]);
+            a[c] = vfmadd(w, vloadx(vc, bf16, (row + s) * hs + i0 + VL * c, mk[c]), a[c]);
     }
-    for (int c = 0; c < NV; c++) _mm512_mask_storeu_ps(out + i0 + 16 * c, mk[c], a[c]);
+    for (int c = 0; c < NV; c++) vstorem(out + i0 + VL * c, mk[c], a[c]);
 }
 
 static int attend_impl(const float *qkv, void *kc, void *vc, int bf16, const float *cos_t,
@@ -463,8 +447,8 @@ static int attend_impl(const float *qkv, void *kc, void *vc, int bf16, const flo
             const long n = p + 1;
             attend_scores(q, kc, bf16, row, hs, n, scale, scores);
             float *out = y + b * C + h * hs;
-            for (long i0 = 0; i0 < hs; i0 += 128) {
-                if (hs - i0 <= 64) attend_values(vc, bf16, row, hs, i0, n, scores, 4, out);
+            for (long i0 = 0; i0 < hs; i0 += 8 * VL) {
+                if (hs - i0 <= 4 * VL) attend_values(vc, bf16, row, hs, i0, n, scores, 4, out);
                 else attend_values(vc, bf16, row, hs, i0, n, scores, 8, out);
             }
         }
@@ -535,7 +519,7 @@ int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void 
     return 0;
 }
 
-#else /* no AVX-512: the Python side keeps PyTorch's products */
+#else /* no vector variant: the Python side keeps PyTorch's products */
 
 int pc_available(void) { return 0; }
 

@@ -6,8 +6,8 @@
  * Conventions: tensors are contiguous, row-major; "bf16" flags say whether a buffer holds
  * bf16 (1) or fp32 (0) values; `threads` is the OpenMP thread count (PyTorch's pool).
  * Every function returns 0 on success; -1 for a bad argument, -2 when out of memory,
- * -3 where the library was built without AVX-512 (the stubs; pc_available gives 0), -4 for
- * pc_attention_grad_bf16 on an AVX-512 CPU without AVX512-BF16.
+ * -3 where the library was built without a vector variant (the stubs; pc_available gives 0),
+ * -4 for pc_attention_grad_bf16 on a CPU without AVX512-BF16 (the AVX2 variant included).
  *
  * Format (for the parser): one prototype a statement, `int pc_name(type name, ...);`,
  * with no macros in it.
@@ -17,8 +17,8 @@
 
 #include <stdint.h>
 
-/* 1 where the library was built with the AVX-512 paths (the CPU has AVX-512 F and BW),
- * else 0: the Python side then keeps PyTorch's operations. */
+/* The vector variant the library was built with (common.h's PC_ISA): 1 AVX-512 (F and BW),
+ * 2 AVX2 + FMA; 0 for neither (the stubs): the Python side then keeps PyTorch's operations. */
 int pc_available(void);
 
 /* y = act(x W^T * scale + bias) for a few rows (a decode step). x [M, K] fp32 or bf16

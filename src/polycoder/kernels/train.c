@@ -8,14 +8,16 @@
  * - pc_transpose_bf16_f32: a bf16 matrix transposed and widened to fp32 (the output
  *   head's weight gradient).
  * The decode kernels are in decode.c; kernels.h declares every exported function,
- * common.h the helpers both files use. Threads come from PyTorch's OpenMP runtime, as
- * for decode.c. AVX-512 only; without it every function here returns -3 (and
- * pc_attention_grad_bf16 returns -4 on AVX-512 without AVX512-BF16).
+ * common.h the helpers both files use, the vector layer among them: cross-entropy, rotary
+ * and transpose are written against it and run on both variants (AVX-512, AVX2 + FMA);
+ * the attention backward needs AVX512-BF16 and returns -4 without it (on AVX2 too), so
+ * that training keeps PyTorch's SDPA backward there. Threads come from PyTorch's OpenMP
+ * runtime, as for decode.c. Without a vector variant every function here returns -3.
  */
 #include "kernels.h"
 #include "common.h"
 
-#if PC_AVX512
+#if PC_ISA
 
 /* ---- cross-entropy over bf16 logits, in place (training's fused output head) ----------
  * For each row r of logits [R, V] (bf16), with target t[r] and row weight w[r] (1/n for
@@ -26,30 +28,23 @@
  * after the first; rows split across threads. Replaces the fp32 round trip of torch's
  * chunked softmax (upcast, exp, write-back); benchmarks/train_kernels.py times the two, and
  * tests/test_kernels.py checks the kernel against fp32 softmax. */
-static inline __m256i round_bf16x16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-
 int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, const float *w,
                           float *lse_out, float *picked_out, int grad, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < R; r++) {
         uint16_t *row = z + r * V;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (long v = 0; v < V; v += 16) {
-            __mmask16 m = lanes16(V - v);
-            mx = _mm512_mask_max_ps(mx, m, mx, widen_bf16(row + v, m));
+        vf mx = vset1(-INFINITY);
+        for (long v = 0; v < V; v += VL) {
+            vmask m = vlanes(V - v);
+            mx = vmaxm(mx, m, vwiden_bf16m(row + v, m));
         }
-        float zmax = _mm512_reduce_max_ps(mx);
-        __m512 vmax = _mm512_set1_ps(zmax), sum = _mm512_setzero_ps();
-        for (long v = 0; v < V; v += 16) {
-            __mmask16 m = lanes16(V - v);
-            sum = _mm512_mask_add_ps(sum, m, sum, exp16(_mm512_sub_ps(widen_bf16(row + v, m), vmax)));
+        float zmax = vhmax(mx);
+        vf zmaxv = vset1(zmax), sum = vzero();
+        for (long v = 0; v < V; v += VL) {
+            vmask m = vlanes(V - v);
+            sum = vaddm(sum, m, vexp(vsub(vwiden_bf16m(row + v, m), zmaxv)));
         }
-        float lse = zmax + logf(_mm512_reduce_add_ps(sum));
+        float lse = zmax + logf(vhsum(sum));
         long t = target[r];
         lse_out[r] = lse;
         picked_out[r] = bf16_to_f32(row[t]);
@@ -57,11 +52,10 @@ int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, co
         /* w * exp(z - lse), with w folded into the exponent where it is positive. */
         float wr = w[r];
         if (wr > 0.0f) {
-            __m512 shift = _mm512_set1_ps(lse - logf(wr));
-            for (long v = 0; v < V; v += 16) {
-                __mmask16 m = lanes16(V - v);
-                __m512 g = exp16(_mm512_sub_ps(widen_bf16(row + v, m), shift));
-                _mm256_mask_storeu_epi16(row + v, m, round_bf16x16(g));
+            vf shift = vset1(lse - logf(wr));
+            for (long v = 0; v < V; v += VL) {
+                vmask m = vlanes(V - v);
+                vstore_bf16m(row + v, m, vexp(vsub(vwiden_bf16m(row + v, m), shift)));
             }
             /* the target's entry: w * softmax - w, from the unrounded softmax */
             row[t] = f32_to_bf16(wr * expf(picked_out[r] - lse) - wr);
@@ -72,7 +66,7 @@ int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, co
     return 0;
 }
 
-#if defined(__AVX512BF16__)
+#if PC_ISA == 1 && defined(__AVX512BF16__)
 /* ---- causal attention backward, bf16: products and probabilities in one pass ---------
  * For n heads of bf16 q, dO [n, Tp, Dp] (rows and dimensions zero-padded to multiples of
  * 32 where T or D are not), O, k, v [n, T, D], and the forward's fp32 log-sum-exp lse
@@ -86,14 +80,21 @@ int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, co
  * - otherwise vdpbf16ps (pairs of bf16 products into fp32 lanes, 32 a cycle): 4 rows x
  *   32 keys for both products in 16 registers.
  * Either way the 16-key strips of s and dp go through `grad_strip` (exp, ds) to the outputs. */
+static inline __m256i round_bf16x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
 static inline void grad_strip(const float *s, const float *dp, long r, long c0, long T, float l, float d,
                               float scale, uint16_t *p_row, uint16_t *ds_row) {
     if (c0 >= T) return;
     const long vis = r + 1 - c0, cols = T - c0;
-    const __mmask16 m = lanes16(vis);
-    const __mmask16 st = lanes16(cols);
+    const __mmask16 m = vlanes(vis);
+    const __mmask16 st = vlanes(cols);
     const __m512 vs = _mm512_set1_ps(scale);
-    const __m512 pv = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, _mm512_set1_ps(l))));
+    const __m512 pv = _mm512_maskz_mov_ps(m, vexp(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, _mm512_set1_ps(l))));
     const __m512 g = _mm512_mul_ps(_mm512_mul_ps(pv, vs), _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_set1_ps(d)));
     _mm256_mask_storeu_epi16(p_row + c0, st, round_bf16x16(pv));
     _mm256_mask_storeu_epi16(ds_row + c0, st, round_bf16x16(g));
@@ -110,8 +111,8 @@ static void zero_beyond(uint16_t *p, uint16_t *ds, long at, long rows, long cend
 static float row_dot_bf16(const uint16_t *a, const uint16_t *b, long D) {
     __m512 acc = _mm512_setzero_ps();
     for (long e = 0; e < D; e += 16) {
-        __mmask16 m = lanes16(D - e);
-        acc = _mm512_fmadd_ps(widen_bf16(a + e, m), widen_bf16(b + e, m), acc);
+        __mmask16 m = vlanes(D - e);
+        acc = _mm512_fmadd_ps(vwiden_bf16m(a + e, m), vwiden_bf16m(b + e, m), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -261,11 +262,6 @@ int pc_attention_grad_bf16(const uint16_t *q, const uint16_t *dout, const uint16
  * -> dx, the transposed rotation. x and the outputs are fp32 or bf16 independently.
  * Replaces split + rotate + cat + transposed copies and their backward (timed against them
  * by benchmarks/train_kernels.py). */
-static inline void store16(void *p, int bf16, long i, __m512 v, __mmask16 m) {
-    if (bf16) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, round_bf16x16(v));
-    else _mm512_mask_storeu_ps((float *)p + i, m, v);
-}
-
 int pc_rotary_qkv(void *x, int x_bf16, void *q, void *k, void *v, int o_bf16, const float *cos_t, const float *sin_t,
                   long B, long T, long H, long hs, long rot, int grad, int threads) {
     const long half = rot / 2;
@@ -280,26 +276,26 @@ int pc_rotary_qkv(void *x, int x_bf16, void *q, void *k, void *v, int o_bf16, co
             void *o = outs[part];
             long i0 = 0;
             if (part < 2) {
-                for (long i = 0; i < half; i += 16) {
-                    const __mmask16 m = lanes16(half - i);
-                    const __m512 c1 = _mm512_maskz_loadu_ps(m, c + i), c2 = _mm512_maskz_loadu_ps(m, c + half + i);
-                    const __m512 s1 = _mm512_maskz_loadu_ps(m, sn + i), s2 = _mm512_maskz_loadu_ps(m, sn + half + i);
+                for (long i = 0; i < half; i += VL) {
+                    const vmask m = vlanes(half - i);
+                    const vf c1 = vloadm(c + i, m), c2 = vloadm(c + half + i, m);
+                    const vf s1 = vloadm(sn + i, m), s2 = vloadm(sn + half + i, m);
                     if (!grad) {  /* out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2 */
-                        const __m512 a = load16(x, x_bf16, xp + i, m), d = load16(x, x_bf16, xp + half + i, m);
-                        store16(o, o_bf16, oo + i, _mm512_fmsub_ps(a, c1, _mm512_mul_ps(d, s1)), m);
-                        store16(o, o_bf16, oo + half + i, _mm512_fmadd_ps(d, c2, _mm512_mul_ps(a, s2)), m);
+                        const vf a = vloadx(x, x_bf16, xp + i, m), d = vloadx(x, x_bf16, xp + half + i, m);
+                        vstorex(o, o_bf16, oo + i, vfmsub(a, c1, vmul(d, s1)), m);
+                        vstorex(o, o_bf16, oo + half + i, vfmadd(d, c2, vmul(a, s2)), m);
                     } else {      /* dx1 = d1 cos1 + d2 sin2, dx2 = d2 cos2 - d1 sin1 */
-                        const __m512 a = load16(o, o_bf16, oo + i, m), d = load16(o, o_bf16, oo + half + i, m);
-                        store16(x, x_bf16, xp + i, _mm512_fmadd_ps(a, c1, _mm512_mul_ps(d, s2)), m);
-                        store16(x, x_bf16, xp + half + i, _mm512_fmsub_ps(d, c2, _mm512_mul_ps(a, s1)), m);
+                        const vf a = vloadx(o, o_bf16, oo + i, m), d = vloadx(o, o_bf16, oo + half + i, m);
+                        vstorex(x, x_bf16, xp + i, vfmadd(a, c1, vmul(d, s2)), m);
+                        vstorex(x, x_bf16, xp + half + i, vfmsub(d, c2, vmul(a, s1)), m);
                     }
                 }
                 i0 = rot;
             }
-            for (long i = i0; i < hs; i += 16) {
-                const __mmask16 m = lanes16(hs - i);
-                if (!grad) store16(o, o_bf16, oo + i, load16(x, x_bf16, xp + i, m), m);
-                else store16(x, x_bf16, xp + i, load16(o, o_bf16, oo + i, m), m);
+            for (long i = i0; i < hs; i += VL) {
+                const vmask m = vlanes(hs - i);
+                if (!grad) vstorex(o, o_bf16, oo + i, vloadx(x, x_bf16, xp + i, m), m);
+                else vstorex(x, x_bf16, xp + i, vloadx(o, o_bf16, oo + i, m), m);
             }
         }
     }
@@ -309,32 +305,50 @@ int pc_rotary_qkv(void *x, int x_bf16, void *q, void *k, void *v, int o_bf16, co
 /* ---- dst[V, C] (fp32) = src[C, V] (bf16) transposed ------------------------------------
  * The output head's weight gradient is fastest as h^T g ([C, V], a plain product) and is
  * needed as the fp32 [V, C] gradient of the fp32 master weight. Per strip of 64 columns v
- * (src rows of the strip: C x 128 bytes, in L2): one 32-bit gather over 16 rows c picks
- * src[c, v] and src[c, v + 1] together; widened, they are 16 floats of dst rows v and v + 1. */
+ * (src rows of the strip: C x 128 bytes, in L2): one 32-bit gather over VL rows c picks
+ * src[c, v] and src[c, v + 1] together; widened, they are VL floats of dst rows v and v + 1. */
+#if PC_ISA == 1
+static inline vi gather_pairs(const uint16_t *p, vi rows, vmask m) {
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, p, 1);
+}
+static inline vf low_half(vi g) { return _mm512_castsi512_ps(_mm512_slli_epi32(g, 16)); }
+static inline vf high_half(vi g) { return _mm512_castsi512_ps(_mm512_and_si512(g, _mm512_set1_epi32((int)0xFFFF0000u))); }
+static inline vi row_offsets(long V) {
+    return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)(V * 2)));
+}
+#else
+static inline vi gather_pairs(const uint16_t *p, vi rows, vmask m) {
+    return _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)p, rows, lane_bits(m), 1);
+}
+static inline vf low_half(vi g) { return _mm256_castsi256_ps(_mm256_slli_epi32(g, 16)); }
+static inline vf high_half(vi g) { return _mm256_castsi256_ps(_mm256_and_si256(g, _mm256_set1_epi32((int)0xFFFF0000u))); }
+static inline vi row_offsets(long V) {
+    return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)(V * 2)));
+}
+#endif
+
 int pc_transpose_bf16_f32(const uint16_t *src, float *dst, long C, long V, int threads) {
     const long strips = (V + 63) / 64;
-    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32((int)(V * 2)));
-    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    const vi rows = row_offsets(V);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long st = 0; st < strips; st++) {
         const long v0 = st * 64, v1 = v0 + 64 < V ? v0 + 64 : V;
-        for (long c0 = 0; c0 < C; c0 += 16) {
-            const __mmask16 m = lanes16(C - c0);
+        for (long c0 = 0; c0 < C; c0 += VL) {
+            const vmask m = vlanes(C - c0);
             long v = v0;
             for (; v + 1 < v1; v += 2) {
-                const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, src + c0 * V + v, 1);
-                _mm512_mask_storeu_ps(dst + v * C + c0, m, _mm512_castsi512_ps(_mm512_slli_epi32(g, 16)));
-                _mm512_mask_storeu_ps(dst + (v + 1) * C + c0, m, _mm512_castsi512_ps(_mm512_and_si512(g, hi)));
+                const vi g = gather_pairs(src + c0 * V + v, rows, m);
+                vstorem(dst + v * C + c0, m, low_half(g));
+                vstorem(dst + (v + 1) * C + c0, m, high_half(g));
             }
             for (; v < v1; v++)  /* an odd last column: its pair would read past the row */
-                for (long c = c0; c < c0 + 16 && c < C; c++) dst[v * C + c] = bf16_to_f32(src[c * V + v]);
+                for (long c = c0; c < c0 + VL && c < C; c++) dst[v * C + c] = bf16_to_f32(src[c * V + v]);
         }
     }
     return 0;
 }
 
-#else /* no AVX-512: the Python side keeps PyTorch's operations */
+#else /* no vector variant: the Python side keeps PyTorch's operations */
 
 int pc_cross_entropy_bf16(uint16_t *z, long R, long V, const int64_t *target, const float *w,
                           float *lse_out, float *picked_out, int grad, int threads) { return -3; }
