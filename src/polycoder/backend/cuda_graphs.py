@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from polycoder.backend.decode import decode_one_token
+from polycoder.backend.decode import cached_forward, decode_one_token
 from polycoder.model import GPTNeoX, KVCache
 
 
@@ -36,6 +36,11 @@ class StaticDecode:
         self.model, self.cache, self.use_graphs, self.kv_block = model, cache, graphs, kv_block
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None  # one memory pool shared by every captured graph
+
+    def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The speculative check, eagerly (its shapes vary with every check): it writes only
+        the rows and positions it verifies, so the captured graphs' buffers stay valid."""
+        return cached_forward(self.model, x, pos, self.cache)
 
     def bucket(self, rows: int, kv_len: int) -> tuple[int, int]:
         b = 1

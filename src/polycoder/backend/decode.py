@@ -41,6 +41,17 @@ class DecodeStep(Protocol):
         written into cache rows 0..B-1, attending to positions 0..kv_len-1."""
         ...
 
+    def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) of tokens x [B, T] at positions pos [B, T] of cache rows
+        0..B-1 (each attending to its row's positions up to its own)."""
+        ...
+
+
+def cached_forward(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                   ops: Ops | None = None) -> torch.Tensor:
+    """Tokens x [B, T] at positions pos [B, T] through cache rows 0..B-1: logits [B, T, V] (fp32)."""
+    return model(x, pos=pos, cache=cache, kv_len=int(pos.max()) + 1, ops=ops).float()
+
 
 def decode_one_token(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len: int,
                      ops: Ops | None = None) -> torch.Tensor:
@@ -59,6 +70,9 @@ class EagerDecode:
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         with single_row_bf16_kernels(self.model, x.size(0)):
             return decode_one_token(self.model, x, pos, self.cache, kv_len, self.ops)
+
+    def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return cached_forward(self.model, x, pos, self.cache, self.ops)
 
 
 class CompiledDecode:
@@ -81,6 +95,9 @@ class CompiledDecode:
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         return CompiledDecode._compiled(self.model, x, pos, self.cache, kv_len)
+
+    def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return cached_forward(self.model, x, pos, self.cache)  # eager: T varies with every check
 
 
 def decode_layout(model: nn.Module) -> nn.Module:

@@ -64,6 +64,25 @@ class NativeDecode:
                 return FEW_ROW_OPS.linear(model.embed_out, trunk.final_layer_norm(y)).float()  # [B, V]
         return (self.fallback_few_rows if B <= kernels.MAX_ROWS else self.fallback)(x, pos, kv_len)
 
+    def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """T positions of each of B rows in one native call where B * T rows fit the kernels:
+        row b's positions share cache row b (the kernel writes every key before any row
+        attends); else the model's cached forward with the few-row products."""
+        B, T = x.shape
+        model, cache = self.model, self.cache
+        if (B * T <= kernels.MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and cache.max_len <= kernels.MAX_CACHE_LEN and kernels.available()):
+            trunk = model.gpt_neox
+            h = trunk.embed_in(x.reshape(B * T, 1))  # [B*T, 1, C]
+            stack = self._stack_plan(h.dtype)
+            if (stack is not None and cache.k[0].dtype == h.dtype
+                    and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
+                rows = torch.arange(B).repeat_interleave(T)  # [B*T]: each position's cache row
+                y = stack.run(h.view(B * T, -1), cache.k, cache.v, pos.reshape(-1), rows)  # [B*T, C]
+                logits = FEW_ROW_OPS.linear(model.embed_out, trunk.final_layer_norm(y)).float()  # [B*T, V]
+                return logits.view(B, T, -1)
+        return self.fallback_few_rows.verify(x, pos)
+
     def _stack_plan(self, dtype: torch.dtype):
         layers = self.model.gpt_neox.layers
         plans = [self._block_plan(b, dtype) for b in layers]

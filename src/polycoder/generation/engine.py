@@ -175,12 +175,17 @@ class Engine:
 
     def _drafts(self) -> list[list[int]]:
         """Each active row's prompt-lookup guesses, within its token budget and the cache."""
-        k = min(self.speculate, self.verify_positions // max(1, len(self.rows)) - 1)
-        if k < 1 or not self.rows:
+        if not self.rows:
+            return []
+        # Every row's padded positions (up to its last + k) must lie in the cache: k is bounded
+        # by the row nearest the cache's end too, so no position is clamped onto a real one.
+        k = min(self.speculate, self.verify_positions // len(self.rows) - 1,
+                min(self.max_len - s.length for s in self.rows))
+        if k < 1:
             return []
         out = []
         for s in self.rows:
-            room = min(k, s.params.max_new_tokens - len(s.token_ids), self.max_len - s.length)
+            room = min(k, s.params.max_new_tokens - len(s.token_ids))
             out.append(lookup_draft(s.prompt_ids + s.token_ids, room) if room > 0 else [])
         return out
 
@@ -195,10 +200,9 @@ class Engine:
             x.append([s.token_ids[-1], *d] + [d[-1] if d else s.token_ids[-1]] * (K - len(d)))
             # Padding positions hold junk keys past the row's end: later tokens overwrite them,
             # and the causal mask hides them from the real queries before them.
-            pos.append([min(last + i, self.max_len - 1) for i in range(K + 1)])
+            pos.append([last + i for i in range(K + 1)])
         xt, pt = torch.tensor(x, device=self.device), torch.tensor(pos, device=self.device)  # [B, K+1]
-        logits = self.model(xt, pos=pt, cache=CacheRows(self.cache, 0, len(self.rows)), kv_len=int(pt.max()) + 1,
-                            ops=self.prefill_ops).float()  # [B, K+1, V]
+        logits = self.decode_step.verify(xt, pt)  # [B, K+1, V], fp32
         logits = self._mask(logits.flatten(0, 1)).view(logits.shape)
         next_logits = []
         for b, (s, d) in enumerate(zip(self.rows, drafts)):

@@ -71,8 +71,8 @@ _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 SIGNATURES = {
     "pc_available": (_I, []),
     "pc_linear": (_I, [_P, _I, _P, _I, _P, _P, _I, _P, _I, _I, _L, _L, _L, _I]),
-    "pc_block": (_I, [_P, _I, _L, _L, _L, _P, _F, _P, _P, _I, _I, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I]),
-    "pc_blocks": (_I, [_P, _I, _L, _L, _L, _L, _P, _F, _P, _P, _I, _I, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I]),
+    "pc_block": (_I, [_P, _I, _L, _L, _L, _P, _F, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I]),
+    "pc_blocks": (_I, [_P, _I, _L, _L, _L, _L, _P, _F, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I]),
     "pc_cross_entropy_bf16": (_I, [_P, _L, _L, _P, _P, _P, _P, _I, _I]),
     "pc_attention_grad_bf16": (_I, [_P] * 8 + [_L] * 5 + [_P, _F, _P, _P, _I, _I]),
     "pc_rotary_qkv": (_I, [_P, _I, _P, _P, _P, _I, _P, _P, _L, _L, _L, _L, _L, _I, _I]),
@@ -346,6 +346,18 @@ def has_attention_grad_bf16() -> bool:
     return _attention_grad_runs
 
 
+def _cache_rows(cache_rows: torch.Tensor | None, B: int, rows: int) -> torch.Tensor | None:
+    """The int64 cache row of each of B rows (None: row b is cache row b), checked to lie in the cache."""
+    if cache_rows is None:
+        if B > rows:
+            raise ValueError(f"{B} rows for a cache of {rows}")
+        return None
+    crow = cache_rows.to(torch.int64).contiguous()
+    if crow.numel() != B or (B and not 0 <= int(crow.min()) <= int(crow.max()) < rows):
+        raise ValueError(f"cache rows {crow.tolist()} do not name rows of a cache of {rows}")
+    return crow
+
+
 class BlockPlan:
     """The constant arguments of one GPT-NeoX block's native decode step, prepared once.
 
@@ -374,19 +386,23 @@ class BlockPlan:
         self.cos, self.sin, self.rot = cos.data_ptr(), sin.data_ptr(), cos.shape[-1]
         self.n_head, self.intermediate, self.dtype = n_head, intermediate, ln[0].dtype
 
-    def run(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+            cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C] (the plan's dtype) -> the block's output [B, C]; writes k, v at pos [B].
 
-        Caches [B, H, max_len, hs] contiguous in the plan's dtype; every row's position must
-        lie inside the cache and the cos/sin tables.
+        Caches [rows, H, max_len, hs] contiguous in the plan's dtype; row b uses cache row
+        cache_rows[b] (default b: rows that share one are positions of one sequence, see
+        kernels.h); every row's position must lie inside the cache and the cos/sin tables.
         """
         B, C = x.shape
         _, H, max_len, hs = k_cache.shape
         y = x.clone(memory_format=torch.contiguous_format)
         pos = pos.to(torch.int64).contiguous()
+        crow = _cache_rows(cache_rows, B, k_cache.size(0))
         rc = _load().pc_block(y.data_ptr(), int(x.dtype == torch.bfloat16), B, C, self.intermediate, self.lns, self.eps,
                               self.lin, self.kinds, self.act, self.parallel, k_cache.data_ptr(), v_cache.data_ptr(),
-                              self.cos, self.sin, pos.data_ptr(), H, hs, self.rot, max_len, torch.get_num_threads())
+                              self.cos, self.sin, pos.data_ptr(), crow.data_ptr() if crow is not None else None,
+                              H, hs, self.rot, max_len, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"polycoder kernel pc_block failed with code {rc} (a position outside the cache?)")
         return y
@@ -420,17 +436,20 @@ class StackPlan:
         same = lambda p: (p.eps, p.act, p.parallel, p.dtype, p.cos, p.sin, p.rot, p.n_head, p.intermediate)  # noqa: E731
         return all(same(p) == same(f) for p in plans)
 
-    def run(self, x: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
-        """x [B, C] -> the last block's output [B, C]; caches as in `BlockPlan.run`, one a block."""
+    def run(self, x: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], pos: torch.Tensor,
+            cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C] -> the last block's output [B, C]; caches and cache_rows as in `BlockPlan.run`, one a block."""
         B, C = x.shape
         _, H, max_len, hs = k_caches[0].shape
         y = x.clone(memory_format=torch.contiguous_format)
         pos = pos.to(torch.int64).contiguous()
+        crow = _cache_rows(cache_rows, B, k_caches[0].size(0))
         kc = (ctypes.c_void_p * self.L)(*[t.data_ptr() for t in k_caches])
         vc = (ctypes.c_void_p * self.L)(*[t.data_ptr() for t in v_caches])
         rc = _load().pc_blocks(y.data_ptr(), int(x.dtype == torch.bfloat16), B, C, self.intermediate, self.L, self.lns,
                                self.eps, self.lin, self.kinds, self.act, self.parallel, kc, vc, self.cos, self.sin,
-                               pos.data_ptr(), H, hs, self.rot, max_len, torch.get_num_threads())
+                               pos.data_ptr(), crow.data_ptr() if crow is not None else None, H, hs, self.rot, max_len,
+                               torch.get_num_threads())
         if rc:
             raise RuntimeError(f"polycoder kernel pc_blocks failed with code {rc} (a position outside the cache?)")
         return y

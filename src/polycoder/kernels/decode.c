@@ -412,39 +412,48 @@ static inline __attribute__((always_inline)) void attend_values(const void *vc, 
     for (int c = 0; c < NV; c++) vstorem(out + i0 + VL * c, mk[c], a[c]);
 }
 
-static int attend_impl(const float *qkv, void *kc, void *vc, int bf16, const float *cos_t,
-                       const float *sin_t, const long *pos, float *y, long B, long H, long hs,
-                       long rot, long max_len, int threads) {
+static int attend_impl(float *qkv, void *kc, void *vc, int bf16, const float *cos_t,
+                       const float *sin_t, const long *pos, const long *crow, float *y, long B, long H,
+                       long hs, long rot, long max_len, int threads) {
     if (hs > 512 || rot > hs || rot % 2 || max_len > 32768) return -1;
     for (long b = 0; b < B; b++)
-        if (pos[b] < 0 || pos[b] >= max_len) return -1;
+        if (pos[b] < 0 || pos[b] >= max_len || (crow && crow[b] < 0)) return -1;
     const long C = H * hs;
     const float scale = 1.0f / sqrtf((float)hs);
     if (threads < 1) threads = 1;
     if (B * H < threads) threads = (int)(B * H);
+    /* Two passes: every row's rotated key and its value go into the cache before any row
+     * attends, so rows that share a cache row (crow: the positions of one sequence, as
+     * speculative decoding verifies them) each see the keys of the positions before them. */
 #pragma omp parallel num_threads(threads)
     {
-        float q[512], k[512], scores[32768];
+        float scores[32768];
 #pragma omp for schedule(static)
         for (long bh = 0; bh < B * H; bh++) {
             long b = bh / H, h = bh % H, p = pos[b];
-            const float *src = qkv + b * 3 * C + h * 3 * hs;
-            for (long i = 0; i < hs; i++) q[i] = src[i], k[i] = src[hs + i];
+            float *q = qkv + b * 3 * C + h * 3 * hs, *k = q + hs;
             const float *c = cos_t + p * rot, *sn = sin_t + p * rot;
             long half = rot / 2;
-            for (long i = 0; i < half; i++) {
+            for (long i = 0; i < half; i++) {  /* rotated in place: the buffer is the block's scratch */
                 float q1 = q[i], q2 = q[i + half], k1 = k[i], k2 = k[i + half];
                 q[i] = q1 * c[i] - q2 * sn[i];
                 q[i + half] = q2 * c[i + half] + q1 * sn[i + half];
                 k[i] = k1 * c[i] - k2 * sn[i];
                 k[i + half] = k2 * c[i + half] + k1 * sn[i + half];
             }
-            long row = (b * H + h) * max_len;
+            long row = ((crow ? crow[b] : b) * H + h) * max_len;
             for (long i = 0; i < hs; i++) {
                 store(kc, bf16, (row + p) * hs + i, k[i]);
-                store(vc, bf16, (row + p) * hs + i, src[2 * hs + i]);
+                store(vc, bf16, (row + p) * hs + i, k[hs + i]);
             }
-            const long n = p + 1;
+        }
+        /* the implicit barrier of `omp for`: all keys and values are written */
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * H; bh++) {
+            long b = bh / H, h = bh % H;
+            const float *q = qkv + b * 3 * C + h * 3 * hs;
+            long row = ((crow ? crow[b] : b) * H + h) * max_len;
+            const long n = pos[b] + 1;
             attend_scores(q, kc, bf16, row, hs, n, scale, scores);
             float *out = y + b * C + h * hs;
             for (long i0 = 0; i0 < hs; i0 += 8 * VL) {
@@ -482,7 +491,7 @@ static void layer_norm(const float *x, float *y, const void *w, const void *b, i
 int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *ln, float eps,
              const void *const *lin, const int *kinds, int act, int parallel_residual,
              void *kc, void *vc, const float *cos_t, const float *sin_t, const long *pos,
-             long H, long hs, long rot, long max_len, int threads) {
+             const long *crow, long H, long hs, long rot, long max_len, int threads) {
     if (B < 1 || B > 64 || H * hs != C) return -1;
     float *buf = (float *)malloc(sizeof(float) * (size_t)(B * (3 * C + 3 * C + inter)));
     if (!buf) return -2;
@@ -491,7 +500,7 @@ int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *l
     for (long i = 0; i < B * C; i++) xs[i] = elem(x, bf16, i);
     layer_norm(xs, h, ln[0], ln[1], bf16, eps, B, C);
     if ((rc = linear_impl(h, 0, lin[0], kinds[0], lin[1], lin[2], bf16, qkv, 0, 0, B, 3 * C, C, threads))) goto done;
-    if ((rc = attend_impl(qkv, kc, vc, bf16, cos_t, sin_t, pos, att, B, H, hs, rot, max_len, threads))) goto done;
+    if ((rc = attend_impl(qkv, kc, vc, bf16, cos_t, sin_t, pos, crow, att, B, H, hs, rot, max_len, threads))) goto done;
     /* the attention output's projection goes to qkv's buffer, free again */
     if ((rc = linear_impl(att, 0, lin[3], kinds[1], lin[4], lin[5], bf16, qkv, 0, 0, B, C, C, threads))) goto done;
     if (!parallel_residual)
@@ -510,10 +519,10 @@ done:
 int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void *const *ln, float eps,
               const void *const *lin, const int *kinds, int act, int parallel_residual,
               void *const *kc, void *const *vc, const float *cos_t, const float *sin_t, const long *pos,
-              long H, long hs, long rot, long max_len, int threads) {
+              const long *crow, long H, long hs, long rot, long max_len, int threads) {
     for (long l = 0; l < L; l++) {
         int rc = pc_block(x, bf16, B, C, inter, ln + 4 * l, eps, lin + 12 * l, kinds + 4 * l, act,
-                          parallel_residual, kc[l], vc[l], cos_t, sin_t, pos, H, hs, rot, max_len, threads);
+                          parallel_residual, kc[l], vc[l], cos_t, sin_t, pos, crow, H, hs, rot, max_len, threads);
         if (rc) return rc;
     }
     return 0;
@@ -530,11 +539,11 @@ int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *s
 int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *ln, float eps,
              const void *const *lin, const int *kinds, int act, int parallel_residual,
              void *kc, void *vc, const float *cos_t, const float *sin_t, const long *pos,
-             long H, long hs, long rot, long max_len, int threads) { return -3; }
+             const long *crow, long H, long hs, long rot, long max_len, int threads) { return -3; }
 
 int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void *const *ln, float eps,
               const void *const *lin, const int *kinds, int act, int parallel_residual,
               void *const *kc, void *const *vc, const float *cos_t, const float *sin_t, const long *pos,
-              long H, long hs, long rot, long max_len, int threads) { return -3; }
+              const long *crow, long H, long hs, long rot, long max_len, int threads) { return -3; }
 
 #endif

@@ -32,17 +32,20 @@ int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *s
 
 /* One GPT-NeoX block of a decode step, in place on the residual stream x [B, C] (fp32 or
  * bf16, bf16 flag; the model's dtype): LayerNorms, the four products, rotary, the cache
- * write at pos [B] (int64), attention over positions 0..pos[b], MLP and residuals
+ * write at pos [B] (int64) of cache row crow[b] (int64 [B]; NULL: row b), attention over
+ * positions 0..pos[b] of that cache row, MLP and residuals
  * (parallel_residual: GPT-J/Pythia form). ln: ln1 weight, ln1 bias, ln2 weight, ln2 bias;
  * lin: (weight, fp32 scale or NULL, bias or NULL) for qkv, dense, h_to_4h, 4h_to_h, 12
  * pointers; kinds: their 4 weight kinds (as pc_linear's); act: the MLP's activation;
  * kc, vc: caches [B, H, max_len, hs] in the model's dtype; cos_t, sin_t: fp32 [*, rot].
- * 1 <= B <= 64, H * hs == C, hs <= 512, rot even and <= hs, max_len <= 32768.
+ * 1 <= B <= 64, H * hs == C, hs <= 512, rot even and <= hs, max_len <= 32768. Every
+ * row's key and value is written before any row attends, so rows sharing a cache row (the
+ * positions of one sequence: a speculative draft being verified) see each other causally.
  * Returns 0, -1 (bad argument or a position outside the cache), -2 (out of memory). */
 int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *ln, float eps,
              const void *const *lin, const int *kinds, int act, int parallel_residual,
              void *kc, void *vc, const float *cos_t, const float *sin_t, const long *pos,
-             long H, long hs, long rot, long max_len, int threads);
+             const long *crow, long H, long hs, long rot, long max_len, int threads);
 
 /* L consecutive blocks of a decode step: pc_block for layer l with ln + 4 l, lin + 12 l,
  * kinds + 4 l, kc[l], vc[l] (kc, vc: L cache pointers); the first nonzero return code of
@@ -50,7 +53,7 @@ int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *l
 int pc_blocks(void *x, int bf16, long B, long C, long inter, long L, const void *const *ln, float eps,
               const void *const *lin, const int *kinds, int act, int parallel_residual,
               void *const *kc, void *const *vc, const float *cos_t, const float *sin_t, const long *pos,
-              long H, long hs, long rot, long max_len, int threads);
+              const long *crow, long H, long hs, long rot, long max_len, int threads);
 
 /* Cross-entropy over bf16 logits z [R, V], in place: lse_out[r] = log sum_v exp(z[r, v])
  * and picked_out[r] = z[r, target[r]] (fp32 [R]); with grad set, z is overwritten by
