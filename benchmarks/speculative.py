@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4"])
     ap.add_argument("--files", type=Path, default=Path(os.__file__).parent, help="real code the model was not trained on")
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--prompt-tokens", type=int, default=256)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, quantize=args.quantize)
     new_tokens = min(args.new_tokens, model.config.block_size - args.prompt_tokens - 1)
     prompts = real_prompts(tok, args.files, args.prompts, min(args.prompt_tokens, model.config.block_size - new_tokens - 1))
     ks = [0, *[int(k) for k in args.drafts.split(",")]]
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "tokens_per_forward": tokens_total / st["forwards"] if st["forwards"] else None,
                      "identical_to_plain": identical[k]})
     result = {"cpu": cpu_description(), "cpu_line": cpu_line(), "kernels": kernels.status(), "backend": repr(choose("cpu")),
-              "model": args.model or "bundled", "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "model": args.model or "bundled",
+              "dtype": args.dtype + (f" {args.quantize}" if args.quantize else ""), "threads": torch.get_num_threads(),
               "prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
               "files": str(args.files), "rows": rows}
     text = markdown(result)
