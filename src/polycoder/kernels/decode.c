@@ -219,8 +219,10 @@ static inline __attribute__((always_inline)) void block_i8(
 
 /* Rows [lo, hi) of the output for every activation row, R weight rows at a time (R_OF(MB),
  * see above; MB activation rows a block, at most 8). Where R does not divide the range,
- * the last block starts earlier and overlaps the previous one (those rows are computed
- * twice, to the same values): no scalar tail.
+ * the last block starts earlier and overlaps the previous one (or, in a range under R rows,
+ * another thread's): no scalar tail. Its rows before n are computed again but not written:
+ * written twice, a chunked sum added that chunk twice into `part`, and another thread's
+ * rows raced with that thread's fused activation (tests/kernels_check.c found both).
  * The columns are taken in chunks that keep the MB activation rows in L1 (24 KB): with
  * 8 fp32 rows of 3072 columns (96 KB) every weight load would otherwise wait on L2 for
  * the activations; partial sums of a chunk collect in `part`. A fused activation runs
@@ -255,7 +257,7 @@ static inline __attribute__((always_inline)) void block_i8(
                     case 7: BLOCK_CASE(BLOCK, 7);                                                  \
                     default: BLOCK_CASE(BLOCK, 8);                                                 \
                     }                                                                              \
-                    for (int r = 0; r < R; r++)                                                    \
+                    for (int r = nb < n ? (int)(n - nb) : 0; r < R; r++) /* see above */          \
                         for (int m = 0; m < MB; m++) {                                             \
                             float v = out[r * MB + m];                                             \
                             if (!(first && last)) {                                                \
