@@ -17,12 +17,15 @@ which declares every exported function; `SIGNATURES` below is its ctypes mirror
 (tests/test_kernels_header.py checks the two agree).
 
 Variants: the kernels are written once against a small vector layer (common.h) that the
-compiler's target picks: AVX-512 (F and BW; VNNI, BF16 and AMX used where present) or
-AVX2 + FMA (x86-64-v3: AMD before Zen 4, Intel client CPUs, many cloud VMs). `variant()`
-names the one in use. The AVX2 variant runs every decode kernel and the training kernels
-but the bf16 attention backward (it needs AVX512-BF16; training keeps PyTorch's there).
+compiler's target picks: AVX-512 (F and BW; VNNI, BF16 and AMX used where present),
+AVX2 + FMA (x86-64-v3: AMD before Zen 4, Intel client CPUs, many cloud VMs) or ARM64 NEON
+(Apple Silicon, Graviton, Ampere; int8 products by `sdot` where the CPU has the dot product
+extension). `variant()` names the one in use. The AVX2 and NEON variants run every decode
+kernel and the training kernels but the bf16 attention backward (it needs AVX512-BF16;
+training keeps PyTorch's there).
 
-Build: `cc -O3 -march=native -fopenmp -shared -fPIC decode.c train.c -lm` into one library in
+Build: `cc -O3 -march=native -fopenmp -shared -fPIC decode.c train.c -lm` (`-mcpu=native` on
+ARM64) into one library in
 `$POLYCODER_CACHE/kernels/<hash>/` (default ~/.cache/polycoder), keyed by every source and
 header, the compiler, its flags and the CPU's flags, written to a temporary name and renamed
 (a half-written library is never loaded); a few seconds, once a machine. `-march=native` is
@@ -36,8 +39,12 @@ both share one pool of threads.
 uses it to compare). Without a compiler or without AVX2 + FMA the kernels are unavailable
 and `status()` says why; nothing else changes.
 
-Limits: x86-64 only (AVX-512 or AVX2 + FMA; no ARM path yet); at most `MAX_ROWS` rows a
-call, beyond which PyTorch's blocked matrix products are the better tool.
+Limits: x86-64 (AVX-512 or AVX2 + FMA) and ARM64 (NEON). The NEON variant is checked for
+correctness only, under emulation (qemu-aarch64 runs tests/kernels_check.c against a scalar
+fp64 reference: tests/test_kernels_arm64.py); its speed is unmeasured until an ARM machine
+runs benchmarks/decode.py. On macOS, Apple's clang has no OpenMP without libomp, so the
+build fails there and PyTorch serves every step. At most `MAX_ROWS` rows a call, beyond
+which PyTorch's blocked matrix products are the better tool.
 """
 
 from __future__ import annotations
@@ -80,7 +87,7 @@ SIGNATURES = {
 }
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 # pc_available()'s codes (common.h's PC_ISA) -> the variant's name.
-VARIANTS = {1: "AVX-512", 2: "AVX2+FMA"}
+VARIANTS = {1: "AVX-512", 2: "AVX2+FMA", 3: "NEON"}
 # POLYCODER_KERNELS_ISA -> (the compiler's -march, the CPU flags it needs: x86-64-v3's).
 ISAS = {"native": ("native", ()),
         "avx2": ("x86-64-v3", ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"))}
@@ -125,7 +132,11 @@ def _build() -> Path:
     if not cc:
         raise OSError("no C compiler (cc/gcc/clang) on PATH; install one (e.g. apt-get install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
+    # ARM64 (Graviton, Ampere, Apple Silicon): -mcpu=native, which GCC and Clang accept there
+    # (Apple's clang too) and which also tunes for the core; NEON is in the base ISA and
+    # the dot product instructions come with the CPU's own features.
+    arm64 = platform.machine().lower() in ("aarch64", "arm64") and march == "native"
+    flags = ["-O3", "-mcpu=native" if arm64 else f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
     libs = ["-lm"]
     files = sorted([*FOLDER.glob("*.c"), *FOLDER.glob("*.h")])  # every source and header, by name
     texts = [f"{f.name}\n{f.read_text()}" for f in files]
@@ -160,7 +171,7 @@ def _load():
                 fn.restype, fn.argtypes = restype, argtypes
             code = dll.pc_available()
             if code not in VARIANTS:
-                _lib, _why = False, "this CPU has neither AVX-512 nor AVX2 + FMA (the kernels' paths so far)"
+                _lib, _why = False, "this CPU has none of AVX-512, AVX2 + FMA or ARM64 NEON (the kernels' paths so far)"
                 return None
             _variant = VARIANTS[code]
             chosen = "" if isa == "native" else f", POLYCODER_KERNELS_ISA={isa}"
@@ -182,7 +193,7 @@ def status() -> str:
 
 
 def variant() -> str | None:
-    """The variant in use ("AVX-512" or "AVX2+FMA"), None where the kernels are unavailable."""
+    """The variant in use ("AVX-512", "AVX2+FMA" or "NEON"), None where the kernels are unavailable."""
     _load()
     return _variant
 

@@ -10,8 +10,9 @@
  * scale per output row (weight-only quantization: y = scale[n] * sum_k x * q). Activations
  * arrive as fp32 or bf16 and are widened to fp32 once per call, products and sums are
  * fp32; except for int8 weights, where each activation row is scaled to int16 (+-32767,
- * one scale a row: 15 significant bits, finer than bf16's 8) and multiplied exactly in
- * integers (VNNI's vpdpwssd where the CPU has it, else vpmaddwd), twice as fast as
+ * one scale a row: 15 significant bits, finer than bf16's 8; +-32639 for ARM's sdot:
+ * common.h) and multiplied exactly in integers (VNNI's vpdpwssd where the CPU has it, else
+ * vpmaddwd; sdot or smlal on ARM64), twice as fast as
  * widening the weights to fp32. The output is written as fp32 or bf16 (round to nearest
  * even). Weights are prefetched PF_BYTES ahead: without it one core's stream of misses ran
  * at half the bandwidth.
@@ -21,10 +22,11 @@
  *
  * This file holds the decode kernels (pc_available, pc_linear, pc_block, pc_blocks);
  * train.c the training kernels; kernels.h declares every exported function, common.h the
- * helpers both use, among them the vector layer (AVX-512 or AVX2 + FMA, VL lanes) these
- * kernels are written against. Built by polycoder/kernels/__init__.py (decode.c and train.c
- * into one library) with the host's compiler and -march=native (or x86-64-v3); without
- * either vector variant pc_available() is 0 and the functions are stubs.
+ * helpers both use, among them the vector layer (AVX-512, AVX2 + FMA or ARM64 NEON, VL
+ * lanes) these kernels are written against. Built by polycoder/kernels/__init__.py (decode.c
+ * and train.c into one library) with the host's compiler and -march=native (or x86-64-v3;
+ * -mcpu=native on ARM64); without a vector variant pc_available() is 0 and the functions
+ * are stubs.
  */
 #include "kernels.h"
 #include "common.h"
@@ -128,7 +130,7 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
     do {                                                                                           \
         vf wv[4];                                                                                  \
         for (int r = 0; r < R; r++) {                                                              \
-            if (PF) _mm_prefetch((const char *)(w + (n + pf + r) * K + (k)), _MM_HINT_T0);         \
+            if (PF) vprefetch(w + (n + pf + r) * K + (k));                                         \
             wv[r] = LOAD(w + (n + r) * K + (k), ##__VA_ARGS__);                                    \
         }                                                                                          \
         for (int m = 0; m < MB; m++) {                                                             \
@@ -175,7 +177,7 @@ DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
     do {                                                                                           \
         vi wv[4];                                                                                  \
         for (int r = 0; r < R; r++) {                                                              \
-            if (PF) _mm_prefetch((const char *)(w + (n + pf + r) * K + (k)), _MM_HINT_T0);         \
+            if (PF) vprefetch(w + (n + pf + r) * K + (k));                                         \
             wv[r] = vi_w8(w + (n + r) * K + (k), mask);                                            \
         }                                                                                          \
         for (int m = 0; m < MB; m++) {                                                             \
@@ -219,8 +221,10 @@ static inline __attribute__((always_inline)) void block_i8(
 
 /* Rows [lo, hi) of the output for every activation row, R weight rows at a time (R_OF(MB),
  * see above; MB activation rows a block, at most 8). Where R does not divide the range,
- * the last block starts earlier and overlaps the previous one (those rows are computed
- * twice, to the same values): no scalar tail.
+ * the last block starts earlier and overlaps the previous one (or, in a range under R rows,
+ * another thread's): no scalar tail. Its rows before n are computed again but not written:
+ * written twice, a chunked sum added that chunk twice into `part`, and another thread's
+ * rows raced with that thread's fused activation (tests/kernels_check.c found both).
  * The columns are taken in chunks that keep the MB activation rows in L1 (24 KB): with
  * 8 fp32 rows of 3072 columns (96 KB) every weight load would otherwise wait on L2 for
  * the activations; partial sums of a chunk collect in `part`. A fused activation runs
@@ -255,7 +259,7 @@ static inline __attribute__((always_inline)) void block_i8(
                     case 7: BLOCK_CASE(BLOCK, 7);                                                  \
                     default: BLOCK_CASE(BLOCK, 8);                                                 \
                     }                                                                              \
-                    for (int r = 0; r < R; r++)                                                    \
+                    for (int r = nb < n ? (int)(n - nb) : 0; r < R; r++) /* see above */          \
                         for (int m = 0; m < MB; m++) {                                             \
                             float v = out[r * MB + m];                                             \
                             if (!(first && last)) {                                                \
@@ -307,7 +311,7 @@ static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const
                 float v = x_at(x, x_bf16, m * K + k);
                 amax = v > amax ? v : (-v > amax ? -v : amax);
             }
-            float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+            float s = amax > 0.0f ? amax / (float)VI_XMAX : 1.0f, inv = 1.0f / s;
             for (long k = 0; k < K; k++) {
                 float v = x_at(x, x_bf16, m * K + k) * inv;
                 q[m * K + k] = (int16_t)(v >= 0.0f ? v + 0.5f : v - 0.5f);

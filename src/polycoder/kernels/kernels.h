@@ -7,7 +7,8 @@
  * bf16 (1) or fp32 (0) values; `threads` is the OpenMP thread count (PyTorch's pool).
  * Every function returns 0 on success; -1 for a bad argument, -2 when out of memory,
  * -3 where the library was built without a vector variant (the stubs; pc_available gives 0),
- * -4 for pc_attention_grad_bf16 on a CPU without AVX512-BF16 (the AVX2 variant included).
+ * -4 for pc_attention_grad_bf16 on a CPU without AVX512-BF16 (the AVX2 and NEON variants
+ * included).
  *
  * Format (for the parser): one prototype a statement, `int pc_name(type name, ...);`,
  * with no macros in it.
@@ -18,7 +19,8 @@
 #include <stdint.h>
 
 /* The vector variant the library was built with (common.h's PC_ISA): 1 AVX-512 (F and BW),
- * 2 AVX2 + FMA; 0 for neither (the stubs): the Python side then keeps PyTorch's operations. */
+ * 2 AVX2 + FMA, 3 ARM64 NEON; 0 for none (the stubs): the Python side then keeps PyTorch's
+ * operations. */
 int pc_available(void);
 
 /* y = act(x W^T * scale + bias) for a few rows (a decode step). x [M, K] fp32 or bf16

@@ -9,9 +9,11 @@
  *   head's weight gradient).
  * The decode kernels are in decode.c; kernels.h declares every exported function,
  * common.h the helpers both files use, the vector layer among them: cross-entropy, rotary
- * and transpose are written against it and run on both variants (AVX-512, AVX2 + FMA);
- * the attention backward needs AVX512-BF16 and returns -4 without it (on AVX2 too), so
- * that training keeps PyTorch's SDPA backward there. Threads come from PyTorch's OpenMP
+ * and transpose are written against it and run on every variant (AVX-512, AVX2 + FMA,
+ * ARM64 NEON; the transpose's gather is one load a lane on NEON); the attention backward
+ * needs AVX512-BF16 and returns -4 without it (on AVX2 and NEON too: a NEON version would
+ * be a new kernel, bf16 products by widening or BFMMLA, not a port), so that training
+ * keeps PyTorch's SDPA backward there. Threads come from PyTorch's OpenMP
  * runtime, as for decode.c. Without a vector variant every function here returns -3.
  */
 #include "kernels.h"
@@ -316,7 +318,7 @@ static inline vf high_half(vi g) { return _mm512_castsi512_ps(_mm512_and_si512(g
 static inline vi row_offsets(long V) {
     return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)(V * 2)));
 }
-#else
+#elif PC_ISA == 2
 static inline vi gather_pairs(const uint16_t *p, vi rows, vmask m) {
     return _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)p, rows, lane_bits(m), 1);
 }
@@ -324,6 +326,28 @@ static inline vf low_half(vi g) { return _mm256_castsi256_ps(_mm256_slli_epi32(g
 static inline vf high_half(vi g) { return _mm256_castsi256_ps(_mm256_and_si256(g, _mm256_set1_epi32((int)0xFFFF0000u))); }
 static inline vi row_offsets(long V) {
     return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)(V * 2)));
+}
+#else /* NEON has no gather: the pairs are read one by one (memcpy: a pair need not be 4-byte aligned) */
+static inline vi gather_pairs(const uint16_t *p, vi rows, vmask m) {
+    int32_t off[8];
+    uint32_t g[8] = {0};
+    vst1q_s32(off, rows.a);
+    vst1q_s32(off + 4, rows.b);
+    for (long i = 0; i < m; i++) memcpy(g + i, (const char *)p + off[i], 4);
+    vi r = {vreinterpretq_s32_u32(vld1q_u32(g)), vreinterpretq_s32_u32(vld1q_u32(g + 4))};
+    return r;
+}
+static inline vf low_half(vi g) {
+    return vpair(vreinterpretq_f32_s32(vshlq_n_s32(g.a, 16)), vreinterpretq_f32_s32(vshlq_n_s32(g.b, 16)));
+}
+static inline vf high_half(vi g) {
+    const int32x4_t top = vdupq_n_s32((int32_t)0xFFFF0000u);
+    return vpair(vreinterpretq_f32_s32(vandq_s32(g.a, top)), vreinterpretq_f32_s32(vandq_s32(g.b, top)));
+}
+static inline vi row_offsets(long V) {
+    const int32x4_t idx = {0, 1, 2, 3}, step = vdupq_n_s32((int32_t)(V * 2));
+    vi r = {vmulq_s32(idx, step), vmulq_s32(vaddq_s32(idx, vdupq_n_s32(4)), step)};
+    return r;
 }
 #endif
 
