@@ -356,7 +356,7 @@ static void check_block(const struct block_case *bc) {
     /* the kernel */
     const int kinds[4] = {bc->kinds[0], bc->kinds[1], bc->kinds[2], bc->kinds[3]};
     const int rc = pc_block(x, bf, B, C, I, (const void *const *)ln, (float)eps, lin, kinds, bc->act, bc->parallel,
-                            kc, vc, cos_t, sin_t, bc->pos, H, hs, rot, T, bc->threads);
+                            kc, vc, cos_t, sin_t, bc->pos, NULL, H, hs, rot, T, bc->threads);
     struct tally tx = {0}, tk = {0};
     if (rc == 0) {
         for (long i = 0; i < B * C; i++)
