@@ -198,3 +198,15 @@ def test_an_adapter_s_identity_includes_its_base(tmp_path, tiny_folder):
     weights.write_bytes(bytes(data))
     after = model_identity(ModelOptions(model=str(adapter)))
     assert before["files"] == after["files"] and before["base"] != after["base"]
+
+
+def test_a_cut_line_neither_hides_the_rows_after_it_nor_swallows_the_next(tmp_path):
+    """An interrupted run leaves a half-written last line: rows appended later start on a line
+    of their own and are read; only the cut row is redone."""
+    from polycoder.eval.humaneval import _append_jsonl, _read_jsonl
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"a": 1}\n{"b": ')  # killed mid-row
+    _append_jsonl(path, [{"c": 3}])
+    _append_jsonl(path, [{"d": 4}])
+    assert _read_jsonl(path) == [{"a": 1}, {"c": 3}, {"d": 4}]

@@ -108,3 +108,15 @@ def fsync_dir(folder: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def end_cut_line(path: Path) -> None:
+    """End the last line of a line-per-record file cut by an interruption (no final newline),
+    so that records appended after it start on a line of their own (the cut record stays
+    unreadable; its readers skip it and redo its work)."""
+    try:
+        with open(path, "rb+") as f:
+            if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass

@@ -155,6 +155,8 @@ def model_identity(options: ModelOptions) -> dict:
             identity["tokenizer"] = "byte-level"  # what checkpoint.load gives a preset
         else:
             folder = resolve(options.model)
+            if options.random_init and is_adapter(folder):
+                folder = adapter_base(folder)  # random weights in the base's architecture, as checkpoint loads them
             files = _model_files(folder)
             if options.random_init:
                 identity["architecture"] = _files_digest([folder / "config.json"], memo)

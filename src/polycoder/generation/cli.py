@@ -56,7 +56,8 @@ def cli_generate(
         threads: CPU threads (0: one a physical core).
         compile: torch.compile the decode step (minutes to compile on a CPU; pays only for long runs, if at all).
         speculate: guess up to N tokens a step from the prompt and the text so far (prompt lookup) and verify
-            them in one forward pass: same output, faster where the text repeats its context (0: off).
+            them in one forward pass: the same greedy output, faster where the text repeats its context
+            (0: off; sampling, --temperature > 0, is not speculated).
     """
     from polycoder.backend import set_threads
     from polycoder.checkpoint import device_of, load

@@ -26,7 +26,7 @@ import torch
 from polycoder.backend import Backend, choose
 from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import sample_tokens
-from polycoder.generation.speculative import accept, draw_without, lookup_draft
+from polycoder.generation.speculative import accept, lookup_draft
 from polycoder.generation.text import Sequence
 from polycoder.model import GPTNeoX, KVCache
 from polycoder.ops import Ops
@@ -85,9 +85,10 @@ class Engine:
         self.rows: list[Sequence] = []
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of each active row
         self.real_vocab = tokenizer.vocab_size
+        if speculate < 0:
+            raise PolycoderError(f"speculate must be >= 0 (draft tokens a step; 0: off), got {speculate}")
         self.speculate = speculate
         self.verify_positions = self.backend.verify_positions(self.device)
-        self.refused: dict[int, int] = {}  # id(sequence) -> the draft its next token must not be
         self.stats = {"forwards": 0, "drafted": 0, "accepted": 0}
 
     @property
@@ -174,7 +175,8 @@ class Engine:
     # ---- speculative decoding ----------------------------------------------------------------
 
     def _drafts(self) -> list[list[int]]:
-        """Each active row's prompt-lookup guesses, within its token budget and the cache."""
+        """Each active row's prompt-lookup guesses, within its token budget and the cache (none
+        for a sampling row: `polycoder.generation.speculative` says why)."""
         if not self.rows:
             return []
         # Every row's padded positions (up to its last + k) must lie in the cache: k is bounded
@@ -185,7 +187,7 @@ class Engine:
             return []
         out = []
         for s in self.rows:
-            room = min(k, s.params.max_new_tokens - len(s.token_ids))
+            room = min(k, s.params.max_new_tokens - len(s.token_ids)) if s.params.temperature == 0 else 0
             out.append(lookup_draft(s.prompt_ids + s.token_ids, room) if room > 0 else [])
         return out
 
@@ -206,7 +208,7 @@ class Engine:
         logits = self._mask(logits.flatten(0, 1)).view(logits.shape)
         next_logits = []
         for b, (s, d) in enumerate(zip(self.rows, drafts)):
-            kept, refused = accept(logits[b], d, s.params, s.generator)
+            kept = accept(logits[b], d)
             self.stats["drafted"] += len(d)
             self.stats["accepted"] += kept
             event = events.setdefault(id(s), Event(s, "", False))
@@ -215,18 +217,12 @@ class Engine:
                 if s.done:
                     break
             event.finished = s.done
-            if refused is not None and not s.done:
-                self.refused[id(s)] = refused
             next_logits.append(logits[b, min(kept, len(d))])
         self.logits = torch.stack(next_logits)
         self._retire([i for i, s in enumerate(self.rows) if s.done])
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token for each of `rows` from its logits, with its own settings and generator."""
-        if self.refused and any(id(s) in self.refused for s in rows):
-            # After a rejected draft the token comes from the target without it (exactness).
-            return [draw_without(logits[i], s.params, s.generator, self.refused.pop(id(s))) if id(s) in self.refused
-                    else self._sample([s], logits[i : i + 1])[0] for i, s in enumerate(rows)]
         device = logits.device
         temps = torch.tensor([s.params.temperature for s in rows], device=device)
         # A k above the vocabulary is no limit at all; clamped here so no k can overflow.
@@ -250,8 +246,6 @@ class Engine:
         if not finished:
             return
         gone = set(finished)
-        for i in finished:
-            self.refused.pop(id(self.rows[i]), None)
         keep = [i for i in range(len(self.rows)) if i not in gone]
         new_b = len(keep)
         holes = [i for i in finished if i < new_b]

@@ -8,15 +8,19 @@ model in one forward pass (k + 1 positions of the same row: on a CPU that is abo
 cost of one token, since the weights are read once) and keeps the guesses the model
 agrees with.
 
-Exactness (Leviathan et al., 2023, "Fast Inference from Transformers via Speculative
-Decoding"; Chen et al., 2023): the draft is a point mass q on the guessed token d.
-- Greedy: keep d while it is the argmax; the first disagreement's argmax is the next
-  token. The output is token for token that of plain greedy decoding.
-- Sampling: keep d with probability min(1, p(d)/q(d)) = p(d), where p is the row's target
-  distribution after temperature, top-k and top-p; after a rejection the next token is
-  drawn from max(0, p - q) normalised, which is p without d. The tokens are distributed
-  as plain sampling's (the draws differ, so a seed gives another sample than without
-  speculation).
+Exactness, for greedy rows: the engine keeps a guess while it is the model's argmax, and
+the first disagreement's argmax is the next token, so the tokens are those plain greedy
+decoding picks. One caveat of floating point: the check computes k + 1 positions in one
+pass, whose sums run in another order than k + 1 single steps (other kernel block shapes),
+so two tokens whose logits tie to within that rounding could be ordered the other way; in
+our runs (benchmarks/speculative.py, tests) every completion was the plain one.
+
+Sampling rows are not speculated. The standard rule (Leviathan et al., 2023; Chen et al.,
+2023: keep a guess d with probability p(d), else draw from p without d) keeps the
+distribution, but it draws from a row's generator once a guess, and the number of guesses
+a row gets depends on what else shares the batch (the engine shares one verifying pass
+among the rows): a seed would then give another sample in another batch, which seeded
+evaluation and the server's `seed` promise not to do.
 """
 
 from __future__ import annotations
@@ -24,9 +28,6 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 import torch
-import torch.nn.functional as F
-
-from polycoder.generation.sampling import SamplingParams
 
 MAX_NGRAM = 3
 """Longest tail searched for; longer tails match less often and gained nothing in our runs."""
@@ -47,43 +48,10 @@ def lookup_draft(tokens: Seq[int], k: int, max_ngram: int = MAX_NGRAM) -> list[i
     return []
 
 
-def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a sampling row draws from [V]: softmax(logits / T) restricted to its
-    top_k and top_p set (the set `sampling.sample_tokens` keeps), renormalised."""
-    probs = F.softmax(logits.float() / params.temperature, dim=-1)
-    sorted_p, order = probs.sort(descending=True)
-    remove = (sorted_p.cumsum(0) - sorted_p) >= params.top_p  # the first token always stays
-    if params.top_k > 0:
-        remove[params.top_k :] = True
-    kept = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(remove, 0.0))
-    return kept / kept.sum()
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from probs [V] by inverting its CDF at a uniform draw of `generator`."""
-    cdf = probs.cumsum(0)
-    u = torch.rand((), generator=generator).to(cdf.dtype) * cdf[-1]
-    return int(torch.searchsorted(cdf, u[None], right=True).clamp_max(probs.numel() - 1))
-
-
-def accept(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
-           generator: torch.Generator) -> tuple[int, int | None]:
-    """How many of `drafts` the target keeps, given logits [len(drafts) + 1, V] of the row's
-    last token and each draft; and for sampling, the draft refused at that point (the next
-    token is drawn without it), else None."""
+def accept(logits: torch.Tensor, drafts: list[int]) -> int:
+    """How many of `drafts` a greedy row keeps, given logits [len(drafts) + 1, V] of its last
+    token and of each draft: the guesses up to the first that is not the argmax."""
     for i, d in enumerate(drafts):
-        if params.temperature == 0:
-            if int(logits[i].argmax()) != d:
-                return i, None
-        elif torch.rand((), generator=generator) >= target_probs(logits[i], params)[d]:
-            return i, d
-    return len(drafts), None
-
-
-def draw_without(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, refused: int) -> int:
-    """The next token after the draft `refused` was rejected: from p without it, renormalised."""
-    probs = target_probs(logits, params)
-    probs[refused] = 0.0
-    if float(probs.sum()) <= 0.0:  # p was all on the refused token: it cannot have been refused
-        raise RuntimeError("speculative sampling: a draft with probability 1 was rejected")
-    return draw(probs / probs.sum(), generator)
+        if int(logits[i].argmax()) != d:
+            return i
+    return len(drafts)

@@ -43,6 +43,9 @@ int pc_linear(const void *x, int x_bf16, const void *w, int kind, const float *s
  * 1 <= B <= 64, H * hs == C, hs <= 512, rot even and <= hs, max_len <= 32768. Every
  * row's key and value is written before any row attends, so rows sharing a cache row (the
  * positions of one sequence: a speculative draft being verified) see each other causally.
+ * The caller guarantees that crow[b] names a row of the caches (only crow[b] >= 0 is
+ * checked here: the caches' row count is not passed) and that rows sharing a cache row
+ * have distinct positions (two would write one slot at once).
  * Returns 0, -1 (bad argument or a position outside the cache), -2 (out of memory). */
 int pc_block(void *x, int bf16, long B, long C, long inter, const void *const *ln, float eps,
              const void *const *lin, const int *kinds, int act, int parallel_residual,

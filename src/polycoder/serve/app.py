@@ -5,8 +5,9 @@ One process, one engine thread a served model doing continuous batching
 server may serve LoRA adapters over it (`--adapter NAME=FOLDER`, repeatable); a request's
 `model` field picks one (no `model`: the base). Each adapter is merged into its own copy
 of the base and gets its own engine and KV cache: memory grows by a whole model and a
-cache per adapter (simple and as fast as the base; a shared base that applies each row's
-adapter at run time, as vLLM does, would save that memory):
+cache per adapter (simple; the engines share the CPU's cores, each with PyTorch's thread
+count, so requests to several models at once compete for them; a shared base that applies
+each row's adapter at run time, as vLLM does, would save the memory and the contention):
 
     GET  /                  playground page (type code, pick settings, watch it stream)
     GET  /health            {"status": "ok", ...} while the engine runs (503 otherwise)
@@ -239,9 +240,10 @@ def serve(
         max_queue: requests that may wait for a row; more are answered 429.
         max_context: tokens a row holds (prompt + completion); default the model's context. Lower it to save memory.
         prefill_budget: prompt tokens prefilled between two decode steps (lower: smoother streams; higher: faster admission).
-        speculate: guess up to N tokens a row from its prompt and text (prompt lookup) and verify them in the
-            decode step's forward pass: the same completions in fewer steps where text repeats its context
-            (0: off); fewer drafts a row in a larger batch (polycoder_speculative_* metrics count them).
+        speculate: guess up to N tokens a greedy row from its prompt and text (prompt lookup) and verify them in
+            the decode step's forward pass: the same completions in fewer steps where text repeats its context
+            (0: off; sampling rows are not speculated); fewer drafts a row in a larger batch
+            (polycoder_speculative_* metrics count them).
         model_name: the model id clients use (default: the last part of --model: a folder's or hub id's name).
         adapter: also serve a LoRA adapter over --model as NAME=FOLDER (or FOLDER, named after it; repeatable);
             a request's model field picks it. Each is merged into its own copy of the model: memory grows by
