@@ -78,7 +78,8 @@ def test_a_negative_draft_count_is_refused(model):
         Engine(net, tok, max_rows=1, max_len=32, speculate=-1)
 
 
-def test_the_server_speculates_with_the_same_completions_and_counts_acceptance(tiny_folder, tmp_path):
+@pytest.mark.parametrize("draft", [[], ["--draft-model", "TINY"]], ids=["prompt-lookup", "draft-model"])
+def test_the_server_speculates_with_the_same_completions_and_counts_acceptance(tiny_folder, tmp_path, draft):
     """`serve --speculate 5`: every greedy completion is the plain one, for requests alone and
     side by side in a batch, and /metrics counts the drafted and kept tokens."""
     import concurrent.futures
@@ -87,9 +88,10 @@ def test_the_server_speculates_with_the_same_completions_and_counts_acceptance(t
     import httpx
     from serve_server import Server
 
+    draft = [str(tiny_folder) if a == "TINY" else a for a in draft]
     net, tok = load_model(tiny_folder)
     expected = [c[0].text for c in generate(net, tok, PROMPTS, SamplingParams(max_new_tokens=30))]
-    server = Server(tiny_folder, "--speculate", "5", "--max-batch-size", "4", log=tmp_path / "server.log")
+    server = Server(tiny_folder, "--speculate", "5", "--max-batch-size", "4", *draft, log=tmp_path / "server.log")
     try:
         def complete(prompt: str) -> str:
             r = httpx.post(server.url + "/v1/completions", timeout=120, json={
@@ -136,3 +138,39 @@ def test_verifying_positions_equals_decoding_them_one_by_one(model, native):
         apart = torch.stack([engines[1].decode(x[:, i].tolist(), pos[:, i].tolist()) for i in range(3)], dim=1)
     scale = apart.abs().max()
     assert (together - apart).abs().max() <= 1e-3 * scale
+
+
+@pytest.mark.parametrize("draft_is_target", [True, False])
+def test_a_draft_model_s_guesses_leave_greedy_output_unchanged(model, tiny_config, code_tokenizer, draft_is_target):
+    """Guesses from a draft model with the same tokenizer: the model itself (every guess kept)
+    or another random model (most refused); the output is plain greedy decoding's either way,
+    alone, batched, and with rows joining and leaving (more prompts than rows)."""
+    from polycoder.checkpoint import build_model
+
+    net, tok = model
+    draft = net if draft_is_target else build_model(tiny_config, seed=7)
+    params = SamplingParams(max_new_tokens=30)
+    plain = generate(net, tok, PROMPTS, params)
+    for max_rows in (1, 2, 3):
+        fast = generate(net, tok, PROMPTS, params, speculate=3, draft_model=draft, max_rows=max_rows)
+        assert [c[0].token_ids for c in fast] == [c[0].token_ids for c in plain]
+    engine = Engine(net, tok, max_rows=1, max_len=net.config.block_size, speculate=3, draft_model=draft)
+    engine.add([Sequence(tok.encode(PROMPTS[0]), params, tok, sample_generator(0, 0, 0))])
+    while engine.rows:
+        engine.step()
+    if draft_is_target:
+        assert engine.stats["accepted"] == engine.stats["drafted"] > 0
+
+
+def test_generate_takes_a_draft_model_on_the_command_line(tiny_folder):
+    import subprocess
+    import sys
+
+    common = [sys.executable, "-m", "polycoder", "generate", "--model", str(tiny_folder), "--prompt", PROMPTS[1],
+              "--max-new-tokens", "20"]
+    plain = subprocess.run(common, capture_output=True, text=True, timeout=300, check=True).stdout
+    fast = subprocess.run([*common, "--speculate", "3", "--draft-model", str(tiny_folder)], capture_output=True,
+                          text=True, timeout=300, check=True).stdout
+    assert fast == plain
+    bad = subprocess.run([*common, "--draft-model", str(tiny_folder)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--speculate" in bad.stderr

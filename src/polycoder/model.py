@@ -67,6 +67,15 @@ class KVCache(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class CacheRows:
+    """A view of rows [start, stop) of a KV cache (shares its storage): a forward pass with it
+    writes and reads those rows as its rows 0..stop-start-1."""
+
+    def __init__(self, cache: KVCache, start: int, stop: int):
+        self.k = [t[start:stop] for t in cache.k]
+        self.v = [t[start:stop] for t in cache.v]
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for GPT-NeoX rotary embeddings, indexed by absolute position."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from polycoder.errors import PolycoderError
@@ -34,6 +35,7 @@ def cli_generate(
     threads: int = 0,
     compile: bool = False,
     speculate: int = 0,
+    draft_model: str | None = None,
 ) -> None:
     """Complete a prompt with a model and print the completion (streamed for one sample).
 
@@ -58,6 +60,8 @@ def cli_generate(
         speculate: guess up to N tokens a step from the prompt and the text so far (prompt lookup) and verify
             them in one forward pass: the same greedy output, faster where the text repeats its context
             (0: off; sampling, --temperature > 0, is not speculated).
+        draft_model: with --speculate, guess with this small model of the same tokenizer (a folder, hub id, run or
+            adapter folder, polycoder-tiny) instead of prompt lookup, e.g. PolyCoder-160M for PolyCoder-2.7B.
     """
     from polycoder.backend import set_threads
     from polycoder.checkpoint import device_of, load
@@ -72,9 +76,14 @@ def cli_generate(
     if device_of(model_options.device) == "cpu":
         set_threads(threads or None)
     net, tok = load(model_options)
+    draft = None
+    if draft_model is not None:
+        if speculate < 1:
+            raise PolycoderError("--draft-model guesses the tokens --speculate N verifies: add --speculate N (e.g. 4)")
+        draft, _ = load(replace(model_options, model=draft_model, quantize=None, random_init=False))
     out = sys.stdout
     if json_output:
-        completions = generate(net, tok, [text], params, compile=compile, speculate=speculate)[0]
+        completions = generate(net, tok, [text], params, compile=compile, speculate=speculate, draft_model=draft)[0]
         out.write(json.dumps([{"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
                               for c in completions], ensure_ascii=False) + "\n")
         return
@@ -83,12 +92,12 @@ def cli_generate(
         sys.stdout.buffer.write(text.encode("utf-8", errors="surrogateescape"))
         sys.stdout.buffer.flush()
     if num_samples == 1 and num_beams == 1:
-        for piece in stream(net, tok, text, params, compile=compile, speculate=speculate):
+        for piece in stream(net, tok, text, params, compile=compile, speculate=speculate, draft_model=draft):
             out.write(piece)
             out.flush()
         _end_line(out)
         return
-    for i, c in enumerate(generate(net, tok, [text], params, compile=compile, speculate=speculate)[0]):
+    for i, c in enumerate(generate(net, tok, [text], params, compile=compile, speculate=speculate, draft_model=draft)[0]):
         if num_samples > 1:
             out.write(f"\n===== sample {i + 1} ({c.finish_reason}) =====\n{c.text}\n")
         else:

@@ -28,9 +28,11 @@ def generate(
     compile: bool = False,
     backend: Backend | None = None,
     speculate: int = 0,
+    draft_model: GPTNeoX | None = None,
 ) -> list[list[Completion]]:
     """Complete each prompt `params.num_samples` times; one list of completions a prompt.
-    `speculate`: prompt-lookup draft tokens verified a step (`polycoder.generation.speculative`)."""
+    `speculate`: draft tokens verified a step, guessed by prompt lookup or by `draft_model`
+    (a small model with the same tokenizer; `polycoder.generation.speculative`)."""
     params = params or SamplingParams()
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -42,7 +44,7 @@ def generate(
     max_len = min(block, max(len(p) for p in ids) + params.max_new_tokens + 1)
     total = len(ids) * params.num_samples
     engine = Engine(model, tokenizer, max_rows=max(1, min(max_rows, total)), max_len=max_len, compile=compile,
-                    backend=backend, speculate=speculate)
+                    backend=backend, speculate=speculate, draft_model=draft_model)
     pending = [(p, j) for p in range(len(ids)) for j in range(params.num_samples)]
     done: list[Sequence] = []
     while pending or engine.rows:
@@ -67,7 +69,8 @@ def generate(
 
 
 def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams | None = None,
-           compile: bool = False, backend: Backend | None = None, speculate: int = 0) -> Iterator[str]:
+           compile: bool = False, backend: Backend | None = None, speculate: int = 0,
+           draft_model: GPTNeoX | None = None) -> Iterator[str]:
     """Yield the completion of one prompt piece by piece (whole UTF-8 characters only)."""
     params = params or SamplingParams()
     if params.num_samples != 1 or params.num_beams != 1:
@@ -76,7 +79,7 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[int], params
     if params.max_new_tokens == 0:
         return
     engine = Engine(model, tokenizer, max_rows=1, max_len=min(model.config.block_size, len(ids) + params.max_new_tokens + 1),
-                    compile=compile, backend=backend, speculate=speculate)
+                    compile=compile, backend=backend, speculate=speculate, draft_model=draft_model)
     engine.add([Sequence(ids, params, tokenizer, sample_generator(resolve_seed(params.seed), 0, 0))])
     while engine.rows:
         for event in engine.step():

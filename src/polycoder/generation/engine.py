@@ -26,9 +26,9 @@ import torch
 from polycoder.backend import Backend, choose
 from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import sample_tokens
-from polycoder.generation.speculative import accept, lookup_draft
+from polycoder.generation.speculative import DraftModel, accept, lookup_draft
 from polycoder.generation.text import Sequence
-from polycoder.model import GPTNeoX, KVCache
+from polycoder.model import CacheRows, GPTNeoX
 from polycoder.ops import Ops
 from polycoder.tokenizer import Tokenizer
 
@@ -40,14 +40,6 @@ class Event:
     sequence: Sequence
     text: str
     finished: bool
-
-
-class CacheRows:
-    """A view of rows [start, stop) of a KV cache (shares its storage)."""
-
-    def __init__(self, cache: KVCache, start: int, stop: int):
-        self.k = [t[start:stop] for t in cache.k]
-        self.v = [t[start:stop] for t in cache.v]
 
 
 def prefill(model: GPTNeoX, x: torch.Tensor, cache, ops: Ops | None = None) -> torch.Tensor:
@@ -64,7 +56,8 @@ class Engine:
     `backend`: the fast paths to use (default `polycoder.backend.choose` for the model's
     device); `compile`: torch.compile the decode step (off by default: it did not pay on a
     2-core CPU); `static_shapes`: the CUDA-graph step's padded shapes, run eagerly on the CPU
-    when True (tests); `speculate`: draft tokens a row verifies a step (0: plain decoding);
+    when True (tests); `speculate`: draft tokens a row verifies a step (0: plain decoding),
+    guessed by prompt lookup or, given a `draft_model` (same tokenizer), by that model;
     `stats` counts the forward passes and the drafted and accepted tokens.
 
     Speculation pays while the verifying pass costs about what one decode step does: while
@@ -74,7 +67,8 @@ class Engine:
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False,
-                 static_shapes: bool | None = None, backend: Backend | None = None, speculate: int = 0):
+                 static_shapes: bool | None = None, backend: Backend | None = None, speculate: int = 0,
+                 draft_model: GPTNeoX | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = model.new_cache(max_rows, max_len)
@@ -89,6 +83,8 @@ class Engine:
             raise PolycoderError(f"speculate must be >= 0 (draft tokens a step; 0: off), got {speculate}")
         self.speculate = speculate
         self.verify_positions = self.backend.verify_positions(self.device)
+        # Guesses from a small model with the same tokenizer instead of prompt lookup.
+        self.drafter = DraftModel(draft_model, tokenizer, max_rows, max_len, self.backend) if draft_model else None
         self.stats = {"forwards": 0, "drafted": 0, "accepted": 0}
 
     @property
@@ -128,6 +124,8 @@ class Engine:
         if n > self.free_rows:
             raise ValueError(f"{n} rows asked, {self.free_rows} free")
         logits = self._mask(self.prefill(sequences[0].prompt_ids, r, copies=n)).expand(n, -1)
+        if self.drafter is not None:
+            self.drafter.start(r, sequences[0].prompt_ids, n, self.prefill_ops)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.rows.extend(sequences)
 
@@ -185,11 +183,12 @@ class Engine:
                 min(self.max_len - s.length for s in self.rows))
         if k < 1:
             return []
-        out = []
-        for s in self.rows:
-            room = min(k, s.params.max_new_tokens - len(s.token_ids)) if s.params.temperature == 0 else 0
-            out.append(lookup_draft(s.prompt_ids + s.token_ids, room) if room > 0 else [])
-        return out
+        rooms = [min(k, s.params.max_new_tokens - len(s.token_ids)) if s.params.temperature == 0 else 0
+                 for s in self.rows]
+        if self.drafter is not None:
+            return self.drafter.propose([s.prompt_ids + s.token_ids for s in self.rows], rooms)
+        return [lookup_draft(s.prompt_ids + s.token_ids, room) if room > 0 else []
+                for s, room in zip(self.rows, rooms)]
 
     @torch.inference_mode()
     def _verify(self, drafts: list[list[int]], events: dict[int, Event]) -> None:
@@ -252,6 +251,8 @@ class Engine:
         movers = [i for i in keep if i >= new_b]
         for dst, src in zip(holes, movers):
             self.cache.copy_rows([src], [dst], self.rows[src].length)
+            if self.drafter is not None:
+                self.drafter.move(src, dst)
         order = list(range(new_b))
         for dst, src in zip(holes, movers):
             order[dst] = src

@@ -29,6 +29,11 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from polycoder.backend import Backend
+from polycoder.errors import PolycoderError
+from polycoder.model import CacheRows, GPTNeoX
+from polycoder.tokenizer import Tokenizer
+
 MAX_NGRAM = 3
 """Longest tail searched for; longer tails match less often and gained nothing in our runs."""
 
@@ -55,3 +60,76 @@ def accept(logits: torch.Tensor, drafts: list[int]) -> int:
         if int(logits[i].argmax()) != d:
             return i
     return len(drafts)
+
+
+class DraftModel:
+    """Drafts from a small model with the same tokenizer (e.g. PolyCoder-160M for 2.7B): its
+    own KV cache, row r of it mirroring the engine's row r. Each step it first catches up on
+    the tokens its cache has not seen (the last token, and what the target kept or chose
+    differently), in one pass, then guesses k tokens greedily, a decode step each.
+
+    Which tokens its cache holds is kept a row (`seen`), so a rejected guess is simply
+    overwritten: only the prefix it shares with the row's tokens counts.
+    """
+
+    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, backend: Backend):
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise PolycoderError(f"the draft model has {model.config.vocab_size} vocabulary rows but the tokenizer "
+                                 f"{tokenizer.vocab_size} tokens: a draft model needs the target's tokenizer")
+        self.model, self.real_vocab, self.max_len = model, tokenizer.vocab_size, max_len
+        self.cache = model.new_cache(max_rows, max_len)
+        self.step = backend.decode_step(model, self.cache)
+        self.seen: list[list[int]] = [[] for _ in range(max_rows)]
+
+    def start(self, row: int, prompt: list[int], copies: int, ops) -> None:
+        """The prompt of rows row .. row + copies - 1, but its last token (fed with the first guesses)."""
+        T = len(prompt) - 1
+        if T > 0:
+            x = torch.tensor([prompt[:-1]], device=self.cache.k[0].device)
+            self.model(x, pos=torch.arange(T, device=x.device)[None], cache=CacheRows(self.cache, row, row + 1), kv_len=T,
+                       select=torch.tensor([T - 1], device=x.device), ops=ops)
+            for t in self.cache.k + self.cache.v:
+                t[row + 1 : row + copies, :, :T] = t[row : row + 1, :, :T]
+        for r in range(row, row + copies):
+            self.seen[r] = list(prompt[:-1])
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.copy_rows([src], [dst], len(self.seen[src]))
+        self.seen[dst] = self.seen[src]
+
+    def propose(self, rows: list[list[int]], ks: list[int]) -> list[list[int]]:
+        """Up to ks[b] greedy guesses after the tokens of each row b (rows 0..B-1 of the cache)."""
+        k = max(ks)
+        if k < 1:
+            return [[] for _ in rows]
+        valid = [_common_prefix(self.seen[b], toks) for b, toks in enumerate(rows)]
+        missing = [toks[v:] for toks, v in zip(rows, valid)]
+        T = max(len(m) for m in missing)
+        # Padded positions run past a row's end (junk that later tokens overwrite); the last
+        # guess is fed too, so every position up to len + k - 2 must lie in the cache.
+        if any(v + T > self.max_len or len(toks) + k - 1 > self.max_len for toks, v in zip(rows, valid)):
+            return [[] for _ in rows]
+        device = self.cache.k[0].device
+        x = torch.tensor([m + [m[-1]] * (T - len(m)) for m in missing], device=device)  # [B, T]
+        pos = torch.tensor([[v + i for i in range(T)] for v in valid], device=device)  # [B, T]
+        logits = self.step.verify(x, pos)  # [B, T, V]
+        last = torch.tensor([len(m) - 1 for m in missing], device=device)
+        guess = logits[torch.arange(len(rows), device=device), last, : self.real_vocab].argmax(-1)  # [B]
+        drafts = [guess.tolist()]
+        for j in range(1, k):
+            p = [len(toks) - 1 + j for toks in rows]
+            step = self.step(guess[:, None], torch.tensor(p, device=device)[:, None], max(p) + 1)  # [B, V]
+            guess = step[:, : self.real_vocab].argmax(-1)
+            drafts.append(guess.tolist())
+        per_row = [list(d) for d in zip(*drafts)]  # [B][k]
+        for b, toks in enumerate(rows):
+            self.seen[b] = list(toks) + per_row[b][: k - 1]
+        return [d[: kb] for d, kb in zip(per_row, ks)]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -104,7 +104,8 @@ def _route(path: str) -> str:
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
 
-def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metrics: Metrics) -> "ServerState":
+def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metrics: Metrics,
+            draft_model=None) -> "ServerState":
     """One served model: its engine thread (not started) and state."""
     from polycoder.serve.common import ServerState
     from polycoder.serve.engine_loop import EngineLoop
@@ -112,11 +113,11 @@ def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metri
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
     engine = EngineLoop(model, tokenizer, max_rows=settings.max_batch_size, max_len=context,
                         max_queue=settings.max_queue, metrics=metrics, prefill_budget=settings.prefill_budget,
-                        speculate=settings.speculate)
+                        speculate=settings.speculate, draft_model=draft_model)
     return ServerState(model, tokenizer, settings, engine, metrics, context, model_path)
 
 
-def create_app(model, tokenizer, settings=None, model_path: str = "", more: list[tuple] = ()):
+def create_app(model, tokenizer, settings=None, model_path: str = "", more: list[tuple] = (), draft_model=None):
     """The FastAPI app serving `model` (and `more`: (name, model, tokenizer, path) tuples, each
     served under its name); the engine threads run while the app's lifespan does.
 
@@ -127,8 +128,9 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
 
     settings = settings or ServerSettings()
     metrics = Metrics()
-    served = ServedModels([_served(model, tokenizer, settings, model_path, metrics)]
-                          + [_served(m, t, replace(settings, model_name=n), p, metrics) for n, m, t, p in more])
+    served = ServedModels([_served(model, tokenizer, settings, model_path, metrics, draft_model)]
+                          + [_served(m, t, replace(settings, model_name=n), p, metrics, draft_model)
+                             for n, m, t, p in more])
     state = served.default
     engine, context = state.engine, state.context
 
@@ -223,6 +225,7 @@ def serve(
     max_context: int | None = None,
     prefill_budget: int = 512,
     speculate: int = 0,
+    draft_model: str | None = None,
     model_name: str | None = None,
     adapter: list[str] | None = None,
     cors_origin: list[str] | None = None,
@@ -244,6 +247,8 @@ def serve(
             the decode step's forward pass: the same completions in fewer steps where text repeats its context
             (0: off; sampling rows are not speculated); fewer drafts a row in a larger batch
             (polycoder_speculative_* metrics count them).
+        draft_model: with --speculate, guess with this small model of the same tokenizer instead of prompt lookup
+            (one copy, shared by the served models' engines).
         model_name: the model id clients use (default: the last part of --model: a folder's or hub id's name).
         adapter: also serve a LoRA adapter over --model as NAME=FOLDER (or FOLDER, named after it; repeatable);
             a request's model field picks it. Each is merged into its own copy of the model: memory grows by
@@ -270,13 +275,20 @@ def serve(
                               max_context=max_context, prefill_budget=prefill_budget, speculate=speculate, api_key=api_key,
                               cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes)
     adapters = _adapters(adapter or [], settings.model_name, options)  # checked before any model is loaded
+    if draft_model is not None and speculate < 1:
+        raise PolycoderError("--draft-model guesses the tokens --speculate N verifies: add --speculate N (e.g. 4)")
+    if draft_model is not None:
+        resolve(draft_model)  # checked before any model is loaded, too
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     net, tok = load(options)
     more = []
     for name, folder in adapters:
         m, t = load_model(**asdict(replace(options, model=str(folder))), base=path)
         more.append((name, m, t, str(folder)))
-    app = create_app(net, tok, settings, model_path=path, more=more)
+    draft = None
+    if draft_model is not None:
+        draft, _ = load(replace(options, model=draft_model, quantize=None, random_init=False))
+    app = create_app(net, tok, settings, model_path=path, more=more, draft_model=draft)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -192,13 +192,14 @@ class EngineLoop:
     """Runs `Engine` in a thread and serves `Job`s submitted from an asyncio loop."""
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, max_queue: int,
-                 metrics: Any = None, prefill_budget: int = 512, speculate: int = 0):
+                 metrics: Any = None, prefill_budget: int = 512, speculate: int = 0, draft_model: Any = None):
         self.model, self.tokenizer = model, tokenizer
         # Prompt tokens prefilled between two decode steps (at least one prompt always joins):
         # admitting a burst of 32 prompts at once would stall every running stream for the
         # whole burst; spreading them keeps tokens flowing to those already admitted.
         self.prefill_budget = prefill_budget
-        self.engine = Engine(model, tokenizer, max_rows=max_rows, max_len=max_len, speculate=speculate)
+        self.engine = Engine(model, tokenizer, max_rows=max_rows, max_len=max_len, speculate=speculate,
+                             draft_model=draft_model)
         self._counted = dict(self.engine.stats)  # the engine's speculation counters already in the metrics
         self.max_queue = max_queue
         self.metrics = metrics
