@@ -49,7 +49,6 @@ Writes JSON (and Markdown next to it); prints a table. Speed is never asserted i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -60,6 +59,7 @@ from pathlib import Path
 
 import torch
 from machine import cpu_description
+from report import publish
 from transformers import GPTNeoXForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,11 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["quality"] = quality(args.quality_model, args.quality_files, args.quality_tokens)
     _add_ratios(results["rows"])
     text = markdown(results)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(text)
+    publish(results, text, args.json)
     return results
 
 

@@ -24,13 +24,13 @@ with the same construction is tests/test_data_dedup.py.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 from machine import cpu_description
+from report import publish
 
 from polycoder.data.dedup import (
     MinHashParams,
@@ -140,10 +140,7 @@ def main() -> None:
               "Below the threshold that share is a false join; above it, recall. "
               "No unrelated file was merged: " + str(all(r["unrelated_merged"] == 0 for r in results["runs"])) + "."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(text)
+    publish(results, text, args.json)
 
 
 if __name__ == "__main__":

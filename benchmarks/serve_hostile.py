@@ -38,6 +38,7 @@ from pathlib import Path
 
 import httpx
 from machine import cpu_description
+from report import publish
 from server import start_server
 
 KEY = "bench-key"
@@ -221,10 +222,7 @@ def main() -> None:
         lines.append(f"| {c['class']} | {c['route']} | {c['request']} | "
                      + ", ".join(f"{k}: {v}" for k, v in c["statuses"].items()) + f" | {c['as_expected']} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(text)
+    publish(res, text, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes JSON (and Markdown next to it); prints a table. Speed is never asserted i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 from machine import cpu_description, cpu_line
+from report import publish
 
 from polycoder import kernels
 from polycoder.backend import choose
@@ -122,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
               "prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
               "files": str(args.files), "rows": rows}
     text = markdown(result)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(text)
+    publish(result, text, args.json)
     return result
 
 

@@ -27,7 +27,6 @@ Writes JSON (and Markdown next to it); prints a table. Speed is never asserted i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 from machine import cpu_description
+from report import publish
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):"
@@ -207,11 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["llama_inside"] = {name: statistics.median(x[i] for x in inside)
                                    for i, name in enumerate(("import_s", "load_s", "token_s"))}
     text = markdown(results)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(text)
+    publish(results, text, args.json)
     return results
 
 

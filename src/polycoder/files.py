@@ -120,3 +120,10 @@ def end_cut_line(path: Path) -> None:
                 f.write(b"\n")
     except FileNotFoundError:
         pass
+
+
+def cache_root() -> Path:
+    """The user's cache folder for polycoder: $POLYCODER_CACHE, else $XDG_CACHE_HOME/polycoder,
+    else ~/.cache/polycoder (compiled kernels, model fingerprints)."""
+    return Path(os.environ.get("POLYCODER_CACHE")
+                or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "polycoder"))

@@ -35,13 +35,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from polycoder.config import PRESETS, ModelConfig
-from polycoder.files import write_text
+from polycoder.files import cache_root, write_text
 from polycoder.locate import HUB_PATTERNS, adapter_base, is_adapter, resolve
 from polycoder.options import ModelOptions
 
@@ -54,12 +53,6 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "code-vocab.jso
 """What `Tokenizer.from_pretrained` may read in a folder (and the settings files beside them)."""
 LOUD_BYTES = 1 << 30
 """Files at least this big are announced on stderr when hashed (it takes seconds)."""
-
-
-def cache_root() -> Path:
-    """The user's cache folder for polycoder."""
-    return Path(os.environ.get("POLYCODER_CACHE")
-                or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "polycoder"))
 
 
 def memo_path() -> Path:

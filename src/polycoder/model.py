@@ -63,6 +63,12 @@ class KVCache(nn.Module):
         for t in self.k + self.v:
             t[dst, :, :length] = t[src, :, :length]
 
+    def repeat_row(self, row: int, copies: int, length: int) -> None:
+        """Positions 0..length-1 of `row` copied into the next copies - 1 rows (a broadcast, no gather):
+        a prompt prefilled once for all its samples."""
+        for t in self.k + self.v:
+            t[row + 1 : row + copies, :, :length] = t[row : row + 1, :, :length]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 

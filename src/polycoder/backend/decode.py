@@ -47,6 +47,14 @@ class DecodeStep(Protocol):
         ...
 
 
+def prefill(model: GPTNeoX, x: torch.Tensor, cache, ops: Ops | None = None) -> torch.Tensor:
+    """Run prompt ids x [1, T] into cache rows at positions 0..T-1; next-token logits [1, V].
+    `ops`: the model's operations for it (default its own; the engine's backend chooses)."""
+    T = x.size(1)
+    pos = torch.arange(T, device=x.device)[None]
+    return model(x, pos=pos, cache=cache, kv_len=T, select=torch.tensor([T - 1], device=x.device), ops=ops)[:, 0]
+
+
 def cached_forward(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                    ops: Ops | None = None) -> torch.Tensor:
     """Tokens x [B, T] at positions pos [B, T] through cache rows 0..B-1: logits [B, T, V] (fp32)."""

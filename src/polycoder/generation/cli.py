@@ -78,8 +78,6 @@ def cli_generate(
     net, tok = load(model_options)
     draft = None
     if draft_model is not None:
-        if speculate < 1:
-            raise PolycoderError("--draft-model guesses the tokens --speculate N verifies: add --speculate N (e.g. 4)")
         draft, _ = load(replace(model_options, model=draft_model, quantize=None, random_init=False))
     out = sys.stdout
     if json_output:

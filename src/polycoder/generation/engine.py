@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from polycoder.backend import Backend, choose
+from polycoder.backend.decode import prefill
 from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import sample_tokens
 from polycoder.generation.speculative import DraftModel, accept, lookup_draft
 from polycoder.generation.text import Sequence
 from polycoder.model import CacheRows, GPTNeoX
-from polycoder.ops import Ops
 from polycoder.tokenizer import Tokenizer
 
 
@@ -40,14 +40,6 @@ class Event:
     sequence: Sequence
     text: str
     finished: bool
-
-
-def prefill(model: GPTNeoX, x: torch.Tensor, cache, ops: Ops | None = None) -> torch.Tensor:
-    """Run prompt ids x [1, T] into cache rows at positions 0..T-1; next-token logits [1, V].
-    `ops`: the model's operations for it (default its own; the engine's backend chooses)."""
-    T = x.size(1)
-    pos = torch.arange(T, device=x.device)[None]
-    return model(x, pos=pos, cache=cache, kv_len=T, select=torch.tensor([T - 1], device=x.device), ops=ops)[:, 0]
 
 
 class Engine:
@@ -81,6 +73,9 @@ class Engine:
         self.real_vocab = tokenizer.vocab_size
         if speculate < 0:
             raise PolycoderError(f"speculate must be >= 0 (draft tokens a step; 0: off), got {speculate}")
+        if draft_model is not None and speculate < 1:
+            raise PolycoderError("a draft model guesses the tokens speculation verifies: add --speculate N "
+                                 "(speculate=N, e.g. 4)")
         self.speculate = speculate
         self.verify_positions = self.backend.verify_positions(self.device)
         # Guesses from a small model with the same tokenizer instead of prompt lookup.
@@ -102,8 +97,7 @@ class Engine:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
         logits = prefill(self.model, torch.tensor([ids], device=self.device), CacheRows(self.cache, row, row + 1),
                          self.prefill_ops)
-        for t in self.cache.k + self.cache.v:  # the other samples copy the prefill (a broadcast, no gather)
-            t[row + 1 : row + copies, :, :T] = t[row : row + 1, :, :T]
+        self.cache.repeat_row(row, copies, T)  # the other samples copy the prefill
         return logits.float()
 
     @torch.inference_mode()

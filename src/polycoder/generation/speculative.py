@@ -30,6 +30,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from polycoder.backend import Backend
+from polycoder.backend.decode import prefill
 from polycoder.errors import PolycoderError
 from polycoder.model import CacheRows, GPTNeoX
 from polycoder.tokenizer import Tokenizer
@@ -86,10 +87,8 @@ class DraftModel:
         T = len(prompt) - 1
         if T > 0:
             x = torch.tensor([prompt[:-1]], device=self.cache.k[0].device)
-            self.model(x, pos=torch.arange(T, device=x.device)[None], cache=CacheRows(self.cache, row, row + 1), kv_len=T,
-                       select=torch.tensor([T - 1], device=x.device), ops=ops)
-            for t in self.cache.k + self.cache.v:
-                t[row + 1 : row + copies, :, :T] = t[row : row + 1, :, :T]
+            prefill(self.model, x, CacheRows(self.cache, row, row + 1), ops)
+            self.cache.repeat_row(row, copies, T)
         for r in range(row, row + copies):
             self.seen[r] = list(prompt[:-1])
 

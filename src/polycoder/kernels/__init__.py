@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 
 from polycoder.errors import PolycoderError
-from polycoder.files import atomic_path
+from polycoder.files import atomic_path, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,7 @@ _variant: str | None = None
 
 
 def cache_dir() -> Path:
-    root = (os.environ.get("POLYCODER_CACHE")
-            or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "polycoder"))
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:

@@ -275,8 +275,6 @@ def serve(
                               max_context=max_context, prefill_budget=prefill_budget, speculate=speculate, api_key=api_key,
                               cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes)
     adapters = _adapters(adapter or [], settings.model_name, options)  # checked before any model is loaded
-    if draft_model is not None and speculate < 1:
-        raise PolycoderError("--draft-model guesses the tokens --speculate N verifies: add --speculate N (e.g. 4)")
     if draft_model is not None:
         resolve(draft_model)  # checked before any model is loaded, too
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
