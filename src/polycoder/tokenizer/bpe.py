@@ -33,6 +33,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from polycoder.errors import PolycoderError
+from polycoder.fim import FIM_TOKENS, FimIds
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -83,11 +84,13 @@ class Tokenizer:
         self.vocab_size = max(vocab.values()) + 1
         self.eod_id = vocab.get(EOD_TOKEN, 0)
         self.pad_id = vocab.get(PAD_TOKEN, self.eod_id)
-        self.special_ids = {vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+        self.special_ids = {vocab[t] for t in (*SPECIAL_TOKENS, *FIM_TOKENS) if t in vocab}
+        self.fim = FimIds.of(vocab)
+        """The fill-in-the-middle sentinels' ids (polycoder.fim), or None for a left-to-right tokenizer."""
         byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
         table: list[bytes] = [b""] * self.vocab_size
         for token, i in vocab.items():
-            if i in self.special_ids or token in SPECIAL_TOKENS:
+            if i in self.special_ids:
                 table[i] = token.encode("utf-8")
             else:
                 table[i] = bytes(byte_decoder[c] for c in token) if all(c in byte_decoder for c in token) else token.encode()
@@ -151,6 +154,16 @@ class Tokenizer:
         for _, ch in sorted(bytes_to_unicode().items()):
             vocab[ch] = len(vocab)
         return cls.from_vocab_and_merges(vocab, [])
+
+    def with_fim_tokens(self) -> Tokenizer:
+        """This tokenizer with the four FIM sentinels added as special tokens after its
+        last id (a tokenizer that has them already is returned as it is); every existing
+        id keeps its meaning, so a model's embeddings only grow."""
+        if self.fim is not None:
+            return self
+        backend = HFTokenizer.from_str(self.backend.to_str())
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in FIM_TOKENS])
+        return Tokenizer(backend)
 
     # ---- encoding -----------------------------------------------------------------------
 
@@ -244,9 +257,12 @@ class Tokenizer:
             "model_max_length": 2048,
             "clean_up_tokenization_spaces": False,
         }
+        if self.fim is not None:
+            config["additional_special_tokens"] = list(FIM_TOKENS)
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (folder / "special_tokens_map.json").write_text(
-            json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2) + "\n",
+            json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token",
+                                               "additional_special_tokens") if k in config}, indent=2) + "\n",
             encoding="utf-8",
         )
 

@@ -1,0 +1,61 @@
+"""Fill-in-the-middle: the sentinel tokens and how a prefix, middle and suffix are laid out.
+
+Bavarian et al. (2022), "Efficient Training of Language Models to Fill in the Middle"
+(arXiv:2207.14255): a document cut into prefix P, middle M and suffix S is trained as
+one of two orders, and a model so trained completes at a cursor by reading the prompt
+without M and generating it:
+
+    PSM  <fim_prefix> P <fim_suffix> S <fim_middle> M
+    SPM  <fim_prefix> <fim_suffix> S <fim_middle> P M      (StarCoder's variant)
+
+SPM puts the prefix last, so an editor's growing prefix stays at the end of the prompt and
+everything before it (the suffix) stays in a prompt cache while the user types; in PSM
+every keystroke changes the prompt right after the prefix. The sentinel names are
+StarCoder's, so editors' StarCoder templates work unchanged. `<fim_pad>` fills a training
+window that a rearranged document no longer fills exactly.
+
+Every part is tokenized on its own (`Tokenizer.encode` of P, of S, of M), in training and
+at serving time alike, so the token boundaries at the cuts are the same in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+FIM_PREFIX = "<fim_prefix>"
+FIM_MIDDLE = "<fim_middle>"
+FIM_SUFFIX = "<fim_suffix>"
+FIM_PAD = "<fim_pad>"
+FIM_TOKENS = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD)
+
+ORDERS = ("psm", "spm")
+
+
+@dataclass(frozen=True)
+class FimIds:
+    """The ids of the four sentinels in one tokenizer."""
+
+    prefix: int
+    middle: int
+    suffix: int
+    pad: int
+
+    @classmethod
+    def of(cls, vocab: dict[str, int]) -> FimIds | None:
+        """The sentinels' ids in `vocab` (added tokens included), or None where any is missing."""
+        ids = [vocab.get(t) for t in FIM_TOKENS]
+        return None if None in ids else cls(*ids)
+
+
+def arrange(fim: FimIds, prefix: Sequence[int], middle: Sequence[int], suffix: Sequence[int],
+            order: str) -> list[int]:
+    """The token ids of a document cut into (prefix, middle, suffix), in PSM or SPM order.
+
+    With an empty `middle` this is the prompt a model completes at the cursor: it generates
+    the middle and then, as trained, the end-of-document token."""
+    if order == "psm":
+        return [fim.prefix, *prefix, fim.suffix, *suffix, fim.middle, *middle]
+    if order == "spm":
+        return [fim.prefix, fim.suffix, *suffix, fim.middle, *prefix, *middle]
+    raise ValueError(f"FIM order must be one of {', '.join(ORDERS)}, got {order!r}")
