@@ -6,6 +6,7 @@ its report with both modes side by side (a model without FIM tokens: prefix-only
 note), and endpoint requests carry the suffix as OpenAI's and Ollama's APIs want it (a real
 HTTP server on loopback that records what it is sent)."""
 
+import importlib.util
 import json
 import random
 import subprocess
@@ -327,3 +328,31 @@ def test_ollama_requests_carry_the_suffix_and_refusals_are_recorded(tmp_path, re
     fim = next(x for x in r["runs"] if x["mode"] == "fim")
     assert fim["refused"] == 2 and fim["pass@1"] == 0.0
     assert "2 samples were refused" in (tmp_path / "b" / "infilling.md").read_text()
+
+
+def _server_infills() -> bool:
+    return importlib.util.find_spec("polycoder.serve.infill_api") is not None
+
+
+@pytest.mark.skipif(not _server_infills(), reason="this checkout's `polycoder serve` takes no suffix yet "
+                                                   "(it comes with polycoder.serve.infill_api)")
+def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
+    """Both APIs of a real `polycoder serve` (FIM order spm, as ours) give the local model's greedy answers."""
+    pytest.importorskip("fastapi")
+    from serve_server import Server
+
+    args = dict(tasks=["single-line"], max_tasks=3, max_new_tokens=12)
+    server = Server(fim_tiny)
+    try:
+        infilling(out=tmp_path / "openai", endpoint=server.url + "/v1", **args)
+        infilling(out=tmp_path / "ollama", endpoint=server.url, endpoint_api="ollama", endpoint_model="tiny", **args)
+    finally:
+        server.stop()
+    infilling(out=tmp_path / "local", model=[str(fim_tiny)], **args)
+
+    def answers(name: str) -> dict:
+        rows = [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+        return {(r["task_id"], r["mode"]): r["completion"] for r in rows}
+
+    assert len(answers("local")) == 6 and {m for _, m in answers("local")} == set(MODES)
+    assert answers("openai") == answers("local") == answers("ollama")
