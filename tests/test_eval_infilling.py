@@ -73,10 +73,11 @@ def heldout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fim_tiny(tmp_path_factory, code_tokenizer):
-    """A random test-tiny model whose tokenizer has the FIM sentinels, embeddings sized for it."""
+    """A random test-tiny model whose tokenizer has the FIM sentinels, embeddings sized for it, and a
+    context that holds every HumanEval problem (a server refuses what does not fit)."""
     tok = code_tokenizer.with_fim_tokens()
     folder = tmp_path_factory.mktemp("fim") / "fim-tiny"
-    config = ModelConfig.from_preset("test-tiny").replace(vocab_size=pad_vocab(tok.vocab_size + 1))
+    config = ModelConfig.from_preset("test-tiny").replace(vocab_size=pad_vocab(tok.vocab_size + 1), block_size=2048)
     save_checkpoint(build_model(config, seed=1), tok, folder)
     return folder
 
