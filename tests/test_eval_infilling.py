@@ -23,7 +23,7 @@ from polycoder.checkpoint import build_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
 from polycoder.errors import PolycoderError  # noqa: E402
 from polycoder.eval.humaneval import load_problems  # noqa: E402
-from polycoder.eval.infilling import infilling, prompt_ids  # noqa: E402
+from polycoder.eval.infilling import infilling  # noqa: E402
 from polycoder.eval.infilling_tasks import (  # noqa: E402
     HUMANEVAL_SETS,
     MODES,
@@ -33,6 +33,7 @@ from polycoder.eval.infilling_tasks import (  # noqa: E402
     humaneval_tasks,
     levenshtein,
     line_tasks,
+    prompt_ids,
     subset,
 )
 from polycoder.eval.perplexity import LANGUAGES, read_documents  # noqa: E402

@@ -19,10 +19,6 @@ tasks and how answers are read: `polycoder.eval.infilling_tasks`):
   the server lays out the prompt; a server that refuses it has those samples recorded as
   refused (failed), and the run goes on.
 
-A prompt longer than the context keeps the end of the prefix and the start of the suffix
-(the suffix at most what the prefix leaves, and at least a quarter of the room): the
-text near the cursor.
-
 Files in OUT: samples.jsonl (every sample: model, key, task, mode, the model's text and the
 answer read from it; a cache keyed as `eval humaneval`'s: the model's identity and the
 settings that change samples, and the prompt's hash), results.jsonl (verdicts),
@@ -65,14 +61,15 @@ from polycoder.eval.infilling_tasks import (
     line_tasks,
     one_line,
     program_of,
+    prompt_ids,
     subset,
 )
 from polycoder.eval.perplexity import read_documents
 from polycoder.eval.sandbox import Limits, Sandbox
-from polycoder.fim import FIM_TOKENS, ORDERS, arrange
+from polycoder.fim import FIM_TOKENS, ORDERS
 from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names
 from polycoder.options import ModelOptions
-from polycoder.tokenizer import Tokenizer, load_tokenizer
+from polycoder.tokenizer import load_tokenizer
 
 Mode = Literal["fim", "prefix-only", "both"]
 FAILED = "error"
@@ -92,20 +89,6 @@ class Source:
     """() -> a context manager yielding (fn(pairs, seed) -> [[(text, finish_reason)]], pairs a call)."""
 
 
-def prompt_ids(tokenizer: Tokenizer, task: Task, mode: str, order: str, room: int) -> list[int]:
-    """The prompt of one task for a local model, at most `room` tokens (see the module docstring)."""
-    # A token rarely covers more than 32 characters: the texts are cut before tokenizing so that
-    # a 1 MB held-out file is not tokenized whole for one line.
-    prefix = tokenizer.encode(task.prefix[-32 * room:])
-    if mode != "fim":
-        return prefix[-room:] if room else []
-    suffix = tokenizer.encode(task.suffix[: 32 * room])
-    room -= 3  # the sentinels
-    keep_suffix = min(len(suffix), max(room // 4, room - len(prefix)))
-    keep_prefix = min(len(prefix), room - keep_suffix)
-    return arrange(tokenizer.fim, prefix[len(prefix) - keep_prefix:], [], suffix[:keep_suffix], order)
-
-
 @contextmanager
 def _local_sampler(options: ModelOptions, settings: dict, order: str, max_rows: int):
     # Deferred: this module is a verb's, and `eval infilling --help` must not import torch.
@@ -120,7 +103,7 @@ def _local_sampler(options: ModelOptions, settings: dict, order: str, max_rows: 
 
     def fn(pairs: list[tuple[Task, str]], seed: int) -> list[list[tuple[str, str]]]:
         if any(mode == "fim" for _, mode in pairs) and tokenizer.fim is None:
-            raise PolycoderError(f"{options.model}: the loaded tokenizer {NO_FIM.split(':')[0]}; use --mode prefix-only")
+            raise PolycoderError(f"{options.model}: its tokenizer has no FIM tokens; use --mode prefix-only")
         results: list = [None] * len(pairs)
         for line in (True, False):  # the stop strings differ: one call each
             idx = [i for i, (task, _) in enumerate(pairs) if one_line(task) == line]
@@ -174,7 +157,7 @@ def sample(source: Source, pairs: list[tuple[Task, str]], out: Path, num_samples
                 and s.get("sample_index", num_samples) < num_samples):
             mine.setdefault((*k, s["sample_index"]), {**s, "model": source.label})
     if mine:
-        print(f"{source.label}: reusing {len(mine)} samples from {out} (same model, same settings)", file=sys.stderr)
+        print(f"{source.label}: reusing {len(mine)} samples from {out} (same model, settings, prompts)", file=sys.stderr)
     have = Counter(k[:2] for k in mine)
     todo = [(t, m) for t, m in pairs if have[(t.task_id, m)] < num_samples]
     new: list[dict] = []

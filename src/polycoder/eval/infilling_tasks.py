@@ -1,4 +1,4 @@
-"""The tasks of `eval infilling`, and how an answer to one is read and scored.
+"""The tasks of `eval infilling`: how one is built, asked of a local model, and its answer read and scored.
 
 What it implements:
 - HumanEval infilling as Fried et al. (2022, InCoder, arXiv:2204.05999, sec. 4.1) built it and
@@ -22,6 +22,9 @@ What it implements:
   seeded with the seed, language and file's SHA-256; scored by exact match and edit
   similarity (1 - Levenshtein distance / longer length), both after trailing whitespace is
   stripped (every line's, and the text's end).
+- How a task is asked of a local model (`prompt_ids`): `polycoder.fim.arrange(tokenizer.fim,
+  prefix_ids, [], suffix_ids, order)`, or the prefix alone for the left-to-right baseline;
+  what does not fit the context is cut away from the cursor.
 - How a model's text becomes an answer (`answer`), as in their evaluations: single-line and
   line tasks take the first line; a FIM prompt's multi-line and random-span middles end
   where the model ends them (end of document or a FIM sentinel, applied while sampling);
@@ -39,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from polycoder.errors import PolycoderError
+from polycoder.fim import arrange
+from polycoder.tokenizer import Tokenizer
 
 HUMANEVAL_SETS = ("single-line", "multi-line", "random-span")
 TASK_SETS = (*HUMANEVAL_SETS, "lines")
@@ -119,6 +124,23 @@ def subset(tasks: list[Task], max_tasks: int) -> list[Task]:
         return tasks
     keep = set(sorted((hashlib.sha256(t.task_id.encode()).hexdigest(), t.task_id) for t in tasks)[:max_tasks])
     return [t for t in tasks if (hashlib.sha256(t.task_id.encode()).hexdigest(), t.task_id) in keep]
+
+
+def prompt_ids(tokenizer: Tokenizer, task: Task, mode: str, order: str, room: int) -> list[int]:
+    """The prompt of one task for a local model, at most `room` tokens: FIM's `arrange` of the
+    prefix's and the suffix's tokens (each part tokenized on its own), or the prefix alone. What
+    does not fit is cut away from the cursor: the prefix keeps its end, the suffix its start
+    (at most what the prefix leaves, and at least a quarter of the room)."""
+    # A token rarely covers more than 32 characters: the texts are cut before tokenizing so that
+    # a 1 MB held-out file is not tokenized whole for one line.
+    prefix = tokenizer.encode(task.prefix[-32 * room:])
+    if mode != "fim":
+        return prefix[-room:] if room else []
+    suffix = tokenizer.encode(task.suffix[: 32 * room])
+    room -= 3  # the sentinels
+    keep_suffix = min(len(suffix), max(room // 4, room - len(prefix)))
+    keep_prefix = min(len(prefix), room - keep_suffix)
+    return arrange(tokenizer.fim, prefix[len(prefix) - keep_prefix:], [], suffix[:keep_suffix], order)
 
 
 def program_of(task: Task, completion: str, problem: dict) -> str:
