@@ -73,6 +73,7 @@ from polycoder.tokenizer import load_tokenizer
 
 Mode = Literal["fim", "prefix-only", "both"]
 FAILED = "error"
+"""finish_reason of a sample an endpoint refused ("error: WHY"), as in `eval humaneval`."""
 NO_FIM = "has no FIM tokens (<fim_prefix>, <fim_middle>, <fim_suffix>, <fim_pad>): asked prefix-only"
 
 
@@ -222,7 +223,7 @@ def judge(samples: list[dict], tasks: dict[str, Task], problems: dict[str, dict]
         rows.append({"model": s["model"], "task_set": task.task_set, "task_id": task.task_id, "mode": s["mode"],
                      "language": task.language, "exact_match": exact_match(s["completion"], task.middle),
                      "edit_similarity": edit_similarity(s["completion"], task.middle),
-                     "refused": str(s.get("finish_reason") or "").startswith(FAILED), **by_index.get(i, {})})
+                     "refused": str(s.get("finish_reason") or "").startswith(f"{FAILED}:"), **by_index.get(i, {})})
     return rows
 
 
