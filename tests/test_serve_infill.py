@@ -255,6 +255,8 @@ def test_disconnect_frees_the_row(server):
     ("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": [{"filename": "a.py"}]}, "text"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": [{"text": "", "filename": 1}]}, "filename"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": "many"}, "n_predict"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": 10**6}, "n_predict"),
+    ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"num_predict": 10**6}}, "num_predict"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "prompt": ["x"]}, "prompt"),
     ("/infill", b'{"input_prefix": "a", "input_suffix": "\\ud800"}', "input_suffix"),  # a lone surrogate
     ("/infill", {"input_prefix": "x" * 100_000, "input_suffix": ""}, "context"),

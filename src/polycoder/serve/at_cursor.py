@@ -75,10 +75,11 @@ def falls_back(state: ServerState) -> bool:
 
 async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens: int, *, middle: str = "",
                         extra: list[str] = (), before: list[int] = (), stop_at_suffix: bool = True,
-                        request_id: str = "") -> CursorPrompt:
+                        request_id: str = "", limit_name: str = "max_tokens") -> CursorPrompt:
     """The prompt ids for a cursor between `prefix` and `suffix` (a 400 when they cannot fit the
-    context with max_tokens), `before` ids (Ollama's `context`) first. The caller has checked
-    that the model can infill or that the server falls back (`can_infill`, `falls_back`)."""
+    context with max_tokens, which the API calls `limit_name`), `before` ids (Ollama's
+    `context`) first. The caller has checked that the model can infill or that the server
+    falls back (`can_infill`, `falls_back`)."""
     rule = SuffixStop.of(prefix + middle, suffix) if stop_at_suffix else None
     fim = state.tokenizer.fim
     if fim is None:
@@ -90,15 +91,15 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
                             headers={WARNING_HEADER: SUFFIX_IGNORED} if ignored else {})
     C, tok = state.context, state.tokenizer
     if max_tokens >= C:
-        raise APIError(400, f"max_tokens {max_tokens} leaves no room for a prompt: this server's context is {C} "
-                       "tokens (prompt + max_tokens); lower max_tokens", param="max_tokens",
+        raise APIError(400, f"{limit_name} {max_tokens} leaves no room for a prompt: this server's context is {C} "
+                       f"tokens (prompt + {limit_name}); lower {limit_name}", param=limit_name,
                        code="context_length_exceeded")
     parts = (prefix, suffix, middle)
     least = len(before) + 3 + sum(tok.min_tokens(p) for p in parts)
     if least + max_tokens > C:
         raise APIError(400, f"this server's context is {C} tokens, but the prefix and suffix have at least {least} "
-                       f"tokens ({len(prefix)} + {len(suffix)} characters) and max_tokens asks for {max_tokens} more; "
-                       "send less code around the cursor or lower max_tokens", param="prompt",
+                       f"tokens ({len(prefix)} + {len(suffix)} characters) and {limit_name} asks for {max_tokens} more; "
+                       f"send less code around the cursor or lower {limit_name}", param="prompt",
                        code="context_length_exceeded")
     p_ids, s_ids, m_ids = await _encode(state, list(parts))  # each part on its own, as in training
     ids = list(before) + arrange(fim, p_ids, m_ids, s_ids, state.settings.fim_order)

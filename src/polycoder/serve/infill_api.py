@@ -108,6 +108,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         stream = get_bool(body, "stream", False)
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
         at = await cursor_prompt(state, prefix, suffix, max(n_predict, 0), middle=middle, extra=extra, request_id=rid,
+                                 limit_name="n_predict",
                                  stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
         if n_predict < 0:  # until the end of the document or a full context
             n_predict = max(1, state.context - len(at.ids))

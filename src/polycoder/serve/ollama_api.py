@@ -141,6 +141,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         at = None
         if suffix:
             at = await cursor_prompt(state, prompt, suffix, max(num_predict, 0), before=context, request_id=rid,
+                                     limit_name="num_predict",
                                      stop_at_suffix=get_bool(options, "stop_at_suffix", state.settings.stop_at_suffix))
             ids = at.ids
         else:
