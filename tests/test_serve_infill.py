@@ -57,6 +57,11 @@ def server(fim_folder):
     s.stop()
 
 
+def expected_ids(local, prefix=PREFIX, suffix=SUFFIX, order="spm"):
+    tok = local[1]
+    return arrange(tok.fim, tok.encode(prefix), [], tok.encode(suffix), order)
+
+
 def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), middle="", rule=True, stop=()):
     """What the server must answer, greedy: arrange + our plain generation."""
     model, tok = local
@@ -109,12 +114,11 @@ def test_sequence_cuts_and_streams_what_it_keeps(code_tokenizer):
 # ---- the three routes, FIM model -------------------------------------------------------------
 
 def test_greedy_answer_is_the_same_on_every_route(server, local):
-    ollama = pytest.importorskip("ollama")
     openai = pytest.importorskip("openai")
     want = expected(local)
-    r = ollama.Client(host=server.url).generate(model="tiny", prompt=PREFIX, suffix=SUFFIX,
-                                                options={"temperature": 0, "num_predict": N})
-    assert r.response == want.text and r.done
+    r = post(server, {"model": "tiny", "prompt": PREFIX, "suffix": SUFFIX, "stream": False,
+                      "options": {"temperature": 0, "num_predict": N}}, "/api/generate").json()
+    assert r["response"] == want.text and r["done"] is True
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     c = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=N, temperature=0)
     assert c.choices[0].text == want.text
@@ -124,13 +128,20 @@ def test_greedy_answer_is_the_same_on_every_route(server, local):
     assert i.json()["tokens_evaluated"] == c.usage.prompt_tokens
 
 
-def test_every_route_streams_the_same_text(server, local):
+def test_the_ollama_package_generates_with_a_suffix(server, local):
     ollama = pytest.importorskip("ollama")
+    want = expected(local)
+    client = ollama.Client(host=server.url)
+    r = client.generate(model="tiny", prompt=PREFIX, suffix=SUFFIX, options={"temperature": 0, "num_predict": N})
+    assert r.response == want.text and r.done and r.prompt_eval_count == len(expected_ids(local))
+    parts = list(client.generate(model="tiny", prompt=PREFIX, suffix=SUFFIX, stream=True,
+                                 options={"temperature": 0, "num_predict": N}))
+    assert "".join(p.response for p in parts) == want.text and parts[-1].done
+
+
+def test_every_route_streams_the_same_text(server, local):
     openai = pytest.importorskip("openai")
     want = expected(local)
-    parts = list(ollama.Client(host=server.url).generate(model="tiny", prompt=PREFIX, suffix=SUFFIX, stream=True,
-                                                         options={"temperature": 0, "num_predict": N}))
-    assert "".join(p.response for p in parts) == want.text and parts[-1].done
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     chunks = list(client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=N, temperature=0,
                                             stream=True))
@@ -207,7 +218,6 @@ def test_stop_at_suffix_by_default_and_per_request(server, local):
 def test_mid_line_rule_cuts_a_sampled_newline_on_every_route(server, local):
     """Seeded sampling (the same draws on the server as here) until a sample writes a newline:
     the server's answer ends just before it, on each route."""
-    ollama = pytest.importorskip("ollama")
     model, tok = local
     prefix, suffix = "total = add(", ")\nprint(total)\n"
     ids = arrange(tok.fim, tok.encode(prefix), [], tok.encode(suffix), "spm")
@@ -227,9 +237,9 @@ def test_mid_line_rule_cuts_a_sampled_newline_on_every_route(server, local):
     assert (i["content"], i["stop_type"]) == (want.text, "word")
     c = post(server, {"prompt": prefix, "suffix": suffix, "max_tokens": 40, **sampling}).json()["choices"][0]
     assert (c["text"], c["finish_reason"]) == (want.text, "stop")
-    o = ollama.Client(host=server.url).generate(model="tiny", prompt=prefix, suffix=suffix,
-                                                options={"num_predict": 40, **sampling})
-    assert o.response == want.text and o.done_reason == "stop"
+    o = post(server, {"model": "tiny", "prompt": prefix, "suffix": suffix, "stream": False,
+                      "options": {"num_predict": 40, **sampling}}, "/api/generate").json()
+    assert (o["response"], o["done_reason"]) == (want.text, "stop")
 
 
 def test_disconnect_frees_the_row(server):
