@@ -15,11 +15,12 @@ the server's `--stop-at-suffix`) switches the suffix's stop rule per request). A
 without FIM tokens refuses a suffix with a 400 naming the fix, unless the server falls
 back to the prefix alone (`--suffix-fallback prefix-only`: the `warning` field says so).
 
-Refused with a 400 that says why: `best_of` other than n, non-zero presence/frequency penalties, `logit_bias`, and
-`logprobs` together with `stream`. `finish_reason` is "stop" for a stop string or the end
-of a document and "length" for max_tokens or a full context. Log-probabilities are those
-of the raw model over its whole vocabulary (before temperature and top-p), and a token
-that is part of a UTF-8 character shows as U+FFFD in `tokens`.
+Refused with a 400 that says why: `best_of` other than n, non-zero presence/frequency
+penalties, `logit_bias`, and `logprobs` together with `stream`. `finish_reason` is "stop"
+for a stop string, the end of a document or the suffix's stop rule, and "length" for
+max_tokens or a full context. Log-probabilities are those of the raw model over its whole
+vocabulary (before temperature and top-p), and a token that is part of a UTF-8 character
+shows as U+FFFD in `tokens`.
 """
 
 from __future__ import annotations
