@@ -11,6 +11,8 @@ the same completion on every route:
 with P, S and M (text after the prefix: llama.cpp's `prompt`) each tokenized on its own,
 as in training (`polycoder.fim`), and the order the server's `--fim-order` (SPM by
 default: the prefix last, so a prompt cache keeps all the rest while the user types).
+An empty `suffix` on /v1/completions and /api/generate is no suffix (a plain completion,
+as Ollama does); /infill always builds the FIM prompt, whatever `input_suffix` holds.
 
 Extra context (llama.cpp's `input_extra`, chunks of other files): llama.cpp lays it out
 with `<|file_sep|>` and file names where the model has such tokens. PolyCoder has none and
