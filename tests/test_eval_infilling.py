@@ -6,7 +6,6 @@ its report with both modes side by side (a model without FIM tokens: prefix-only
 note), and endpoint requests carry the suffix as OpenAI's and Ollama's APIs want it (a real
 HTTP server on loopback that records what it is sent)."""
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -332,12 +331,6 @@ def test_ollama_requests_carry_the_suffix_and_refusals_are_recorded(tmp_path, re
     assert "2 samples were refused" in (tmp_path / "b" / "infilling.md").read_text()
 
 
-def _server_infills() -> bool:
-    return importlib.util.find_spec("polycoder.serve.infill_api") is not None
-
-
-@pytest.mark.skipif(not _server_infills(), reason="this checkout's `polycoder serve` takes no suffix yet "
-                                                   "(it comes with polycoder.serve.infill_api)")
 def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
     """Both APIs of a real `polycoder serve` (FIM order spm, as ours) give the local model's greedy answers."""
     pytest.importorskip("fastapi")
