@@ -24,6 +24,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 from serve_server import Server  # noqa: E402
 
+from polycoder.checkpoint import build_model, save_checkpoint  # noqa: E402
 from polycoder.serve.common import APIError  # noqa: E402
 from polycoder.serve.playground import highlight  # noqa: E402
 
@@ -304,6 +305,50 @@ def test_the_api_key_is_asked_for_and_sent(browser, guarded):
     assert wait_for_state(browser, "done", "error") == "done", browser.find_element(By.ID, "status").text
     assert ghost(browser)
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#highlight span.k"))
+
+
+@pytest.fixture(scope="module")
+def fim_server(tmp_path_factory, tiny_config, code_tokenizer):
+    """A tiny random model whose tokenizer has the FIM sentinels (in rows of the padded embedding)."""
+    tokenizer = code_tokenizer.with_fim_tokens()
+    assert tokenizer.vocab_size <= tiny_config.vocab_size
+    folder = tmp_path_factory.mktemp("fim") / "model"
+    save_checkpoint(build_model(tiny_config, seed=1), tokenizer, folder)
+    s = Server(folder)
+    yield s
+    s.stop()
+
+
+@slow
+def test_a_model_that_fills_in_the_middle_gets_the_text_after_the_caret(browser, fim_server):
+    open_page(browser, fim_server, max_tokens=12)
+    text = "def greet(name):\n    \n\nprint(greet('you'))\n"
+    at = text.index("\n\n")
+    put(browser, text, at)
+    editor(browser).send_keys("ret")
+    shown = completed_at_caret(browser, fim_server, 12, fim=True)  # the API's answer for prompt + suffix
+    assert browser.find_element(By.ID, "mode").text == ""
+    assert api_completion(fim_server, text[:at] + "ret", 12) != shown  # the suffix made a difference
+    editor(browser).send_keys(Keys.TAB)
+    assert editor(browser).get_attribute("value") == text[:at] + "ret" + shown + text[at:]
+
+
+@pytest.fixture(scope="module")
+def lenient(tiny_folder):
+    """A model without FIM tokens on a server that completes the prefix alone when sent a suffix."""
+    s = Server(tiny_folder, "--suffix-fallback", "prefix-only")
+    yield s
+    s.stop()
+
+
+@slow
+def test_the_servers_own_prefix_only_fallback_is_said_once(browser, lenient):
+    open_page(browser, lenient, max_tokens=12)
+    text = "int f(int x) {\n    \n}\n"
+    put(browser, text, text.index("\n}"))
+    editor(browser).send_keys("return")
+    completed_at_caret(browser, lenient, 12, fim=True)  # the page sent the suffix, the server ignored it
+    assert "suffix was ignored" in browser.find_element(By.ID, "mode").text
 
 
 # ---- the highlight route, without a browser --------------------------------------------------------

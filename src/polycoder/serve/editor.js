@@ -10,7 +10,8 @@
 // flight (AbortController: the server frees its row at once, and its prompt cache keeps what
 // the next request shares) and asks again after a pause in typing (DEBOUNCE_MS). A model
 // without FIM tokens answers 400 for `suffix`: from then on the page sends the prefix alone
-// and says so once, beside the status line.
+// and says so once, beside the status line (as it does when the server itself falls back to
+// the prefix, `--suffix-fallback prefix-only`, which it says in an X-Polycoder-Warning header).
 //
 // window.playgroundStats counts requests and aborts, for the tests (tests/test_serve_playground.py).
 "use strict";
@@ -204,12 +205,15 @@ async function complete() {
       const err = await errorMessage(response);
       if (err.param !== "suffix") throw new Error(err.message);
       sendSuffix = false;  // the model has no FIM tokens: the text before the caret alone from now on
-      $("mode").textContent = "prefix only: this model cannot fill in the middle, so the text after the caret is not sent";
+      note("prefix only: this model cannot fill in the middle, so the text after the caret is not sent");
       body = requestBody(prefix, suffix);
       stats.lastBody = body;
       response = await post(body, controller.signal);
     }
     if (!response.ok) throw new Error((await errorMessage(response)).message);
+    // A server started with --suffix-fallback prefix-only completes the prefix alone and says so here.
+    const warning = response.headers.get("X-Polycoder-Warning");
+    if (warning) note(warning);
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       for (const choice of chunk.choices) {
@@ -230,6 +234,11 @@ async function complete() {
   } finally {
     if (inFlight === controller) inFlight = null;
   }
+}
+
+// Said once, beside the status line, and left there.
+function note(text) {
+  if (!$("mode").textContent) $("mode").textContent = text;
 }
 
 function post(body, signal) {
