@@ -265,6 +265,18 @@ def test_the_servers_error_is_shown(browser, server):
 
 
 @slow
+def test_code_longer_than_the_context_is_sent_as_a_window_around_the_caret(browser, server):
+    open_page(browser, server, max_tokens=8)
+    text = "".join(f"x{i} = {i}\n" for i in range(2000))  # far over the tiny model's 256 tokens
+    put(browser, text + "\n" + text, len(text))
+    editor(browser).send_keys("y")
+    assert wait_for_state(browser, "done", "error") == "done", browser.find_element(By.ID, "status").text
+    prompt = stats(browser)["lastBody"]["prompt"]
+    assert (text + "y").endswith(prompt) and len(prompt) < len(text) and (text + "y")[-len(prompt) - 1] == "\n"
+    assert ghost(browser) == api_completion(server, prompt, 8)
+
+
+@slow
 def test_the_page_asks_nothing_but_our_server(browser, server):
     browser.get_log("performance")  # drop what earlier tests logged
     open_page(browser, server, max_tokens=8, language="c")

@@ -19,6 +19,7 @@
 const DEBOUNCE_MS = 200;
 const HIGHLIGHT_DEBOUNCE_MS = 60;
 const MAX_HIGHLIGHT_CHARS = 200000;  // the server's limit (playground.MAX_HIGHLIGHT_CHARS)
+const MIN_BUDGET = 256;    // characters around the caret below which a too-long prompt is the user's to fix
 
 const $ = (id) => document.getElementById(id);
 const code = $("code"), view = $("highlight"), editorBox = $("editor");
@@ -34,6 +35,7 @@ let completeTimer = null;
 let colours = { text: "", tokens: [] };  // the last highlight answer and the text it was for
 let highlightController = null, highlightTimer = null;
 let lastValue = code.value;
+let budget = 16000;       // characters of code sent around the caret (see around)
 let sendSuffix = true;     // false once the server refused `suffix` (a model without FIM tokens)
 let escaped = false;       // Esc with nothing to dismiss: the next Tab leaves the editor
 
@@ -160,7 +162,28 @@ function setState(state, message) {
 async function errorMessage(response) {
   const err = await response.json().catch(() => ({}));
   return { message: (err.error && err.error.message) || response.statusText || `HTTP ${response.status}`,
-           param: err.error && err.error.param };
+           param: err.error && err.error.param, code: err.error && err.error.code };
+}
+
+// The code sent around the caret: up to 3/4 of `budget` characters before it and 1/4 after it,
+// cut at line boundaries. The start before the caret moves in steps of a quarter of its share,
+// not with every key, so that the prompt's start (and the server's prompt cache) stays the same
+// while the user types. `budget` halves when the server finds the prompt too long for its context.
+function around(text, at) {
+  const before = Math.floor(budget * 3 / 4), after = budget - before;
+  let from = 0;
+  if (at > before) {
+    const step = Math.max(1, Math.floor(before / 4));
+    from = Math.ceil((at - before) / step) * step;
+    const newline = text.indexOf("\n", from - 1);
+    if (newline >= 0 && newline < at) from = newline + 1;
+  }
+  let to = Math.min(text.length, at + after);
+  if (to < text.length) {
+    const newline = text.lastIndexOf("\n", to);
+    if (newline > at) to = newline;
+  }
+  return [text.slice(from, at), text.slice(at, to)];
 }
 
 function abortCompletion() {
@@ -188,29 +211,32 @@ function scheduleCompletion() {
 // so far stays until the new one's first piece arrives (no flicker while typing through it).
 async function complete() {
   abortCompletion();
-  const at = code.selectionStart;
+  const at = code.selectionStart, text = code.value;
   if (at !== code.selectionEnd) { setState("idle", "no completion over a selection"); return; }
   if (NEEDS_KEY && !$("api_key").value) { setState("error", "enter the API key to get completions"); return; }
-  const prefix = code.value.slice(0, at), suffix = code.value.slice(at);
   const controller = inFlight = new AbortController();
   stats.requests += 1;
   setState("waiting", "asking…");
   const t0 = performance.now();
   let pieces = 0, finish = null, started = false;
   try {
-    let body = requestBody(prefix, suffix);
-    stats.lastBody = body;
-    let response = await post(body, controller.signal);
-    if (response.status === 400 && "suffix" in body) {
-      const err = await errorMessage(response);
-      if (err.param !== "suffix") throw new Error(err.message);
-      sendSuffix = false;  // the model has no FIM tokens: the text before the caret alone from now on
-      note("prefix only: this model cannot fill in the middle, so the text after the caret is not sent");
-      body = requestBody(prefix, suffix);
+    let response;
+    for (;;) {  // at most a few tries: each changes what is sent, or gives up
+      const body = requestBody(...around(text, at));
       stats.lastBody = body;
       response = await post(body, controller.signal);
+      if (response.ok) break;
+      const err = await errorMessage(response);
+      if (response.status === 400 && err.param === "suffix" && "suffix" in body) {
+        sendSuffix = false;  // the model has no FIM tokens: the text before the caret alone from now on
+        note("prefix only: this model cannot fill in the middle, so the text after the caret is not sent");
+      } else if (response.status === 400 && err.code === "context_length_exceeded" && err.param !== "max_tokens"
+                 && budget > MIN_BUDGET) {
+        budget = Math.floor(budget / 2);  // kept for the next requests too
+      } else {
+        throw new Error(err.message);
+      }
     }
-    if (!response.ok) throw new Error((await errorMessage(response)).message);
     // A server started with --suffix-fallback prefix-only completes the prefix alone and says so here.
     const warning = response.headers.get("X-Polycoder-Warning");
     if (warning) note(warning);
