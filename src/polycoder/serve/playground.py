@@ -23,6 +23,7 @@ keeps serving the streams meanwhile.
 from __future__ import annotations
 
 import asyncio
+import html
 from importlib import resources
 
 from fastapi import APIRouter, Depends, Request
@@ -82,7 +83,7 @@ def router(state: ServerState, auth) -> APIRouter:
     settings = state.settings
     # A border would widen an error token and shift the text after it against the textarea's.
     colours = "\n".join(HtmlFormatter(style=STYLE).get_token_style_defs(".code") + [".code .err { border: none }"])
-    page = (_asset("playground.html").replace("{{MODEL}}", settings.model_name)
+    page = (_asset("playground.html").replace("{{MODEL}}", html.escape(settings.model_name))
             .replace("{{AUTH}}", "true" if settings.api_key else "false").replace("{{HIGHLIGHT_CSS}}", colours))
     script = _asset("editor.js")
     api = APIRouter()
