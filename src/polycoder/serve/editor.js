@@ -373,7 +373,13 @@ code.addEventListener("keydown", (e) => {
   }
   escaped = false;
   if (e.key === "Escape") {
-    if (ghost || inFlight) { e.preventDefault(); dismiss(); setState("idle", "dismissed"); } else escaped = true;
+    if (ghost || inFlight || editorBox.dataset.state === "pending") {
+      e.preventDefault();
+      dismiss();
+      setState("idle", "dismissed");
+    } else {
+      escaped = true;
+    }
   } else if (e.key === "Enter" && plain && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
     newline();
