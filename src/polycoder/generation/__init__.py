@@ -4,6 +4,7 @@
   logits with per-row seeded generators;
 - `text`: a sample's text (`Sequence`): stop strings, the end of the document, UTF-8
   held back until whole; `encode_prompt` fits a prompt to the context;
+- `suffix_stop`: where a completion at the cursor ends, from the code after the cursor;
 - `engine`: `Engine`, continuous batching over one preallocated KV cache with the decode
   step of `polycoder.backend` (native CPU kernels, CUDA graphs or PyTorch);
 - `beam`: beam search on the engine's prefill, decode and cache-row copies;
@@ -27,6 +28,7 @@ _WHERE = {
     "CacheRows": "engine", "Engine": "engine", "Event": "engine", "prefill": "engine",
     "SamplingParams": "sampling", "resolve_seed": "sampling", "sample_generator": "sampling", "sample_tokens": "sampling",
     "Completion": "text", "FinishReason": "text", "Sequence": "text", "encode_prompt": "text",
+    "SuffixStop": "suffix_stop",
 }
 __all__ = list(_WHERE)
 

@@ -14,6 +14,14 @@ each row's adapter at run time, as vLLM does, would save the memory and the cont
     GET  /metrics           Prometheus text format
     GET  /v1/models         POST /v1/completions          (OpenAI, see openai_api)
     POST /api/generate      GET /api/tags  POST /api/show  GET /api/version  (Ollama, see ollama_api)
+    POST /infill            llama.cpp's fill-in-the-middle route (llama.vscode, llama.vim; see infill_api)
+
+At the cursor: `suffix` on /v1/completions and /api/generate, and /infill, fill in the
+middle on a model with FIM tokens (`polycoder finetune --fim`); the prompt is laid out by
+`--fim-order` (SPM by default, the prefix last), ends on EOD or any FIM sentinel and, by
+default, where the code after the cursor starts (`--stop-at-suffix`; the rule is in
+polycoder.generation.suffix_stop). A model without FIM tokens refuses a suffix as each API
+does, unless `--suffix-fallback prefix-only` (see at_cursor).
 
 Bound to 127.0.0.1 unless told otherwise. With an API key (`--api-key`, or the
 POLYCODER_API_KEY environment variable so it stays out of `ps`), every model route needs
@@ -39,7 +47,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -98,7 +106,7 @@ class RequestContext:
 
 def _route(path: str) -> str:
     """Metric label of a path (known routes only, so labels stay few)."""
-    known = ("/v1/completions", "/v1/models", "/api/generate", "/api/tags", "/api/show", "/api/version",
+    known = ("/v1/completions", "/v1/models", "/infill", "/api/generate", "/api/tags", "/api/show", "/api/version",
              "/api/ps", "/health", "/metrics", "/", "/playground/editor.js", "/playground/highlight")
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
@@ -122,7 +130,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
 
     Limit: the models share one metrics registry, so the queue-depth and active-row gauges
     show whichever engine stepped last; the counters and histograms add up all of them."""
-    from polycoder.serve import ollama_api, openai_api, playground
+    from polycoder.serve import infill_api, ollama_api, openai_api, playground
     from polycoder.serve.common import APIError, ServedModels, ServerSettings
 
     settings = settings or ServerSettings()
@@ -161,6 +169,9 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     def render(request: Request, e: APIError) -> JSONResponse:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+        if request.url.path == "/infill":  # llama.cpp's error object
+            return JSONResponse({"error": {"code": e.status, "message": e.message, "type": e.kind}},
+                                status_code=e.status, headers=e.headers)
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},
                             status_code=e.status, headers=e.headers)
 
@@ -200,6 +211,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     app.include_router(playground.router(state, auth))
     app.include_router(openai_api.router(served, auth))
     app.include_router(ollama_api.router(served, auth))
+    app.include_router(infill_api.router(served, auth))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
@@ -223,6 +235,9 @@ def serve(
     adapter: list[str] | None = None,
     cors_origin: list[str] | None = None,
     max_request_bytes: int = 2 << 20,
+    fim_order: Literal["spm", "psm"] = "spm",
+    stop_at_suffix: bool = True,
+    suffix_fallback: Literal["off", "prefix-only"] = "off",
     log_level: str = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI- and Ollama-compatible completions with continuous batching.
@@ -248,6 +263,12 @@ def serve(
             one model and one KV cache per adapter.
         cors_origin: allow browser pages from this origin (repeatable; default: no CORS).
         max_request_bytes: largest request body in bytes; larger ones get a 413 before they are read.
+        fim_order: how at-cursor prompts (suffix, /infill) lay out prefix and suffix: spm puts the prefix last,
+            so the rest of the prompt stays the same while the user types; psm.
+        stop_at_suffix: end at-cursor completions at the first newline when the cursor is mid-line, else before a
+            generated line equal to the suffix's first non-blank line (a request's stop_at_suffix overrides).
+        suffix_fallback: a model without FIM tokens given a suffix: off refuses it (as Ollama and llama.cpp do);
+            prefix-only completes the prefix alone and says the suffix was ignored.
         log_level: debug, info, warning or error.
     """
     from polycoder.checkpoint import load, load_model
@@ -266,7 +287,8 @@ def serve(
         options = replace(options, model=path)  # a hub id is fetched once, here
     settings = ServerSettings(model_name=model_name or name, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_context=max_context, prefill_budget=prefill_budget, speculate=speculate, api_key=api_key,
-                              cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes)
+                              cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes,
+                              fim_order=fim_order, stop_at_suffix=stop_at_suffix, suffix_fallback=suffix_fallback)
     adapters = _adapters(adapter or [], settings.model_name, options)  # checked before any model is loaded
     if draft_model is not None:
         resolve(draft_model)  # checked before any model is loaded, too
