@@ -9,7 +9,7 @@ cache per adapter (simple; the engines share the CPU's cores, each with PyTorch'
 count, so requests to several models at once compete for them; a shared base that applies
 each row's adapter at run time, as vLLM does, would save the memory and the contention):
 
-    GET  /                  playground page (type code, pick settings, watch it stream)
+    GET  /                  playground: a small code editor completing at the caret (see playground)
     GET  /health            {"status": "ok", ...} while the engine runs (503 otherwise)
     GET  /metrics           Prometheus text format
     GET  /v1/models         POST /v1/completions          (OpenAI, see openai_api)
@@ -46,7 +46,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -54,7 +53,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polycoder.config import PRESETS
@@ -108,7 +107,7 @@ class RequestContext:
 def _route(path: str) -> str:
     """Metric label of a path (known routes only, so labels stay few)."""
     known = ("/v1/completions", "/v1/models", "/infill", "/api/generate", "/api/tags", "/api/show", "/api/version",
-             "/api/ps", "/health", "/metrics", "/")
+             "/api/ps", "/health", "/metrics", "/", "/playground/editor.js", "/playground/highlight")
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
 
@@ -131,7 +130,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
 
     Limit: the models share one metrics registry, so the queue-depth and active-row gauges
     show whichever engine stepped last; the counters and histograms add up all of them."""
-    from polycoder.serve import infill_api, ollama_api, openai_api
+    from polycoder.serve import infill_api, ollama_api, openai_api, playground
     from polycoder.serve.common import APIError, ServedModels, ServerSettings
 
     settings = settings or ServerSettings()
@@ -209,13 +208,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    page = resources.files("polycoder.serve").joinpath("playground.html").read_text(encoding="utf-8")
-
-    @app.get("/", response_class=HTMLResponse)
-    async def playground():
-        return HTMLResponse(page.replace("{{MODEL}}", settings.model_name)
-                            .replace("{{AUTH}}", "true" if settings.api_key else "false"))
-
+    app.include_router(playground.router(state, auth))
     app.include_router(openai_api.router(served, auth))
     app.include_router(ollama_api.router(served, auth))
     app.include_router(infill_api.router(served, auth))
