@@ -191,6 +191,7 @@ def test_speculation_with_a_draft_model_is_unchanged_by_the_cache(model, tiny_co
     cold = engine_for(model, backend, mb=0)
     warm = engine_for(model, backend, speculate=3, draft_model=draft)
     itself = engine_for(model, backend, speculate=3, draft_model=net)  # every guess kept
+    lookup = engine_for(model, backend, speculate=3)  # prompt lookup: no cache of its own
     assert warm.drafter.pool is not None and warm.drafter.pool.max_bytes > 0
     assert warm.prompt_cache.max_bytes + warm.drafter.pool.max_bytes == 64 * 2**20  # one bound for both
     for text in [BUFFER] + [BUFFER + k for k in KEYSTROKES]:
@@ -198,6 +199,7 @@ def test_speculation_with_a_draft_model_is_unchanged_by_the_cache(model, tiny_co
         plain = run(cold, ids, max_new=24)
         assert run(warm, ids, max_new=24) == plain
         assert run(itself, ids, max_new=24) == plain
+        assert run(lookup, ids, max_new=24) == plain
     assert warm.stats["drafted"] > 0 and itself.stats["accepted"] > 0
     assert warm.drafter.pool.stats["hits"] == len(KEYSTROKES)
 

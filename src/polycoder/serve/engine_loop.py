@@ -396,13 +396,17 @@ class EngineLoop:
             job._emit(("error", message))
         self._gauge()
 
+    def _pools(self) -> list:
+        """The prompt caches: the engine's, and its draft model's if it has one."""
+        drafter = self.engine.drafter
+        return [p for p in (self.engine.prompt_cache, drafter.pool if drafter else None) if p is not None]
+
     def _counters(self) -> dict[str, int]:
         """The engine's running counts that the metrics export (speculation, prefill, prompt cache)."""
         counts = dict(self.engine.stats)
-        pools = [p for p in (self.engine.prompt_cache, self.engine.drafter and self.engine.drafter.pool) if p]
-        for key in ("hits", "misses", "evictions"):  # the target model's pool decides what is a hit
-            counts[key] = self.engine.prompt_cache.stats[key] if self.engine.prompt_cache else 0
-        counts["evictions"] = sum(p.stats["evictions"] for p in pools)
+        pool = self.engine.prompt_cache  # the target model's pool decides what is a hit
+        counts["hits"], counts["misses"] = (pool.stats["hits"], pool.stats["misses"]) if pool else (0, 0)
+        counts["evictions"] = sum(p.stats["evictions"] for p in self._pools())
         return counts
 
     def _gauge(self) -> None:
@@ -423,6 +427,5 @@ class EngineLoop:
                           ("prompt_cache_evictions", "evictions")):
             getattr(m, name).inc(counts[key] - self._counted[key])
         self._counted = counts
-        pools = [p for p in (self.engine.prompt_cache, self.engine.drafter and self.engine.drafter.pool) if p]
-        m.prompt_cache_bytes.set(sum(p.nbytes for p in pools))
+        m.prompt_cache_bytes.set(sum(p.nbytes for p in self._pools()))
         m.prompt_cache_entries.set(len(self.engine.prompt_cache or ()))
