@@ -204,6 +204,28 @@ def test_speculation_with_a_draft_model_is_unchanged_by_the_cache(model, tiny_co
     assert warm.drafter.pool.stats["hits"] == len(KEYSTROKES)
 
 
+def test_fim_prompts_spm_keeps_the_prompt_cached_psm_recomputes_after_the_cursor(model):
+    """Typing at the cursor of an FIM prompt: in SPM order (the prefix last) only the typed
+    tail runs again; in PSM the suffix follows the prefix, so it runs again every keystroke."""
+    from polycoder.fim import arrange
+
+    net, tok = model
+    fim = tok.with_fim_tokens().fim
+    assert max(fim.prefix, fim.middle, fim.suffix, fim.pad) < net.config.vocab_size
+    before, after = BUFFER, "\n\nif __name__ == '__main__':\n    main(sys.argv)\n"
+    suffix = tok.encode(after)
+    computed = {}
+    for order in ("spm", "psm"):
+        cold, warm = engine_for(model, PLAIN, mb=0), engine_for(model, PLAIN)
+        run(warm, arrange(fim, tok.encode(before), [], suffix, order), max_new=4)
+        start = warm.stats["prefilled"]
+        for typed in KEYSTROKES:
+            ids = arrange(fim, tok.encode(before + typed), [], suffix, order)
+            assert run(warm, ids, max_new=4) == run(cold, ids, max_new=4)
+        computed[order] = (warm.stats["prefilled"] - start) / len(KEYSTROKES)
+    assert computed["spm"] < 10 and computed["psm"] > len(suffix)
+
+
 def test_bf16_keystrokes_are_close_to_cold(tiny_folder):
     """bf16 sums in other block shapes round otherwise (the module says why): not a token
     for token promise, but the cached prefill's logits stay within bf16's rounding."""
