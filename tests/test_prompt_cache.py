@@ -194,14 +194,14 @@ def test_speculation_with_a_draft_model_is_unchanged_by_the_cache(model, tiny_co
     lookup = engine_for(model, backend, speculate=3)  # prompt lookup: no cache of its own
     assert warm.drafter.pool is not None and warm.drafter.pool.max_bytes > 0
     assert warm.prompt_cache.max_bytes + warm.drafter.pool.max_bytes == 64 * 2**20  # one bound for both
-    for text in [BUFFER] + [BUFFER + k for k in KEYSTROKES]:
+    for text in [BUFFER, BUFFER + KEYSTROKES[1], BUFFER + KEYSTROKES[3]]:
         ids = tok.encode(text)
-        plain = run(cold, ids, max_new=24)
-        assert run(warm, ids, max_new=24) == plain
-        assert run(itself, ids, max_new=24) == plain
-        assert run(lookup, ids, max_new=24) == plain
+        plain = run(cold, ids, max_new=16)
+        assert run(warm, ids, max_new=16) == plain
+        assert run(itself, ids, max_new=16) == plain
+        assert run(lookup, ids, max_new=16) == plain
     assert warm.stats["drafted"] > 0 and itself.stats["accepted"] > 0
-    assert warm.drafter.pool.stats["hits"] == len(KEYSTROKES)
+    assert warm.drafter.pool.stats["hits"] == 2 and warm.prompt_cache.stats["hits"] == 2
 
 
 def test_fim_prompts_spm_keeps_the_prompt_cached_psm_recomputes_after_the_cursor(model):
