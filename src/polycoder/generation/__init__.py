@@ -7,6 +7,8 @@
 - `suffix_stop`: where a completion at the cursor ends, from the code after the cursor;
 - `engine`: `Engine`, continuous batching over one preallocated KV cache with the decode
   step of `polycoder.backend` (native CPU kernels, CUDA graphs or PyTorch);
+- `prompt_cache`: recent prompts' KV in a bounded pool, reused by a prompt that shares
+  their token prefix (the server's `--prompt-cache-mb`);
 - `beam`: beam search on the engine's prefill, decode and cache-row copies;
 - `complete`: `generate` and `stream`, the functions to call;
 - `cli`: the `polycoder generate` verb.

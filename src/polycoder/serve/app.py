@@ -66,6 +66,9 @@ if TYPE_CHECKING:
     from polycoder.serve.common import ServerSettings, ServerState
 
 log = logging.getLogger("polycoder.serve")
+PROMPT_CACHE_MB = 1024
+"""Default prompt cache a served model: 1 GiB holds about 14,000 tokens of PolyCoder-160M in fp32
+(72 KiB a token), 3,200 of PolyCoder-2.7B in fp16 (320 KiB a token): an editor's file and a few more."""
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -112,7 +115,7 @@ def _route(path: str) -> str:
 
 
 def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metrics: Metrics,
-            draft_model=None) -> "ServerState":
+            draft_model=None, prompt_cache_mb: float = 0) -> "ServerState":
     """One served model: its engine thread (not started) and state."""
     from polycoder.serve.common import ServerState
     from polycoder.serve.engine_loop import EngineLoop
@@ -120,13 +123,15 @@ def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metri
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
     engine = EngineLoop(model, tokenizer, max_rows=settings.max_batch_size, max_len=context,
                         max_queue=settings.max_queue, metrics=metrics, prefill_budget=settings.prefill_budget,
-                        speculate=settings.speculate, draft_model=draft_model)
+                        speculate=settings.speculate, draft_model=draft_model, prompt_cache_mb=prompt_cache_mb)
     return ServerState(model, tokenizer, settings, engine, metrics, context, model_path)
 
 
-def create_app(model, tokenizer, settings=None, model_path: str = "", more: list[tuple] = (), draft_model=None):
+def create_app(model, tokenizer, settings=None, model_path: str = "", more: list[tuple] = (), draft_model=None,
+               prompt_cache_mb: float = PROMPT_CACHE_MB):
     """The FastAPI app serving `model` (and `more`: (name, model, tokenizer, path) tuples, each
     served under its name); the engine threads run while the app's lifespan does.
+    `prompt_cache_mb`: each served model's prompt cache (`serve --prompt-cache-mb`).
 
     Limit: the models share one metrics registry, so the queue-depth and active-row gauges
     show whichever engine stepped last; the counters and histograms add up all of them."""
@@ -135,8 +140,8 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
 
     settings = settings or ServerSettings()
     metrics = Metrics()
-    served = ServedModels([_served(model, tokenizer, settings, model_path, metrics, draft_model)]
-                          + [_served(m, t, replace(settings, model_name=n), p, metrics, draft_model)
+    served = ServedModels([_served(model, tokenizer, settings, model_path, metrics, draft_model, prompt_cache_mb)]
+                          + [_served(m, t, replace(settings, model_name=n), p, metrics, draft_model, prompt_cache_mb)
                              for n, m, t, p in more])
     state = served.default
     engine, context = state.engine, state.context
@@ -231,6 +236,7 @@ def serve(
     prefill_budget: int = 512,
     speculate: int = 0,
     draft_model: str | None = None,
+    prompt_cache_mb: float = PROMPT_CACHE_MB,
     model_name: str | None = None,
     adapter: list[str] | None = None,
     cors_origin: list[str] | None = None,
@@ -257,6 +263,10 @@ def serve(
             (polycoder_speculative_* metrics count them).
         draft_model: with --speculate, guess with this small model of the same tokenizer instead of prompt lookup
             (one copy, shared by the served models' engines).
+        prompt_cache_mb: megabytes of recent prompts' keys and values kept so that a prompt sharing a
+            prefix with one of them (an editor's next keystroke) prefills only the rest (0: off; least
+            recently used evicted; on the model's device, for each served model; a draft model's share
+            included; polycoder_prompt_cache_* metrics).
         model_name: the model id clients use (default: the last part of --model: a folder's or hub id's name).
         adapter: also serve a LoRA adapter over --model as NAME=FOLDER (or FOLDER, named after it; repeatable);
             a request's model field picks it. Each is merged into its own copy of the model: memory grows by
@@ -279,6 +289,8 @@ def serve(
         raise PolycoderError(f"unknown log level {log_level!r}; choose debug, info, warning or error")
     if not 0 <= port < 65536:
         raise PolycoderError(f"port must be in 0..65535, got {port}")
+    if prompt_cache_mb < 0:
+        raise PolycoderError(f"--prompt-cache-mb must be >= 0 (0: off), got {prompt_cache_mb}")
     api_key = api_key if api_key is not None else (os.environ.get("POLYCODER_API_KEY") or None)
     if options.random_init and options.model is not None and str(options.model) in PRESETS:
         path, name = str(options.model), str(options.model)
@@ -301,7 +313,7 @@ def serve(
     draft = None
     if draft_model is not None:
         draft, _ = load(replace(options, model=draft_model, quantize=None, random_init=False))
-    app = create_app(net, tok, settings, model_path=path, more=more, draft_model=draft)
+    app = create_app(net, tok, settings, model_path=path, more=more, draft_model=draft, prompt_cache_mb=prompt_cache_mb)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
