@@ -282,6 +282,18 @@ def test_server_keystrokes_give_the_cold_answers_and_count_hits(servers, code_to
 
 
 @pytest.mark.slow
+def test_server_usage_counts_cached_tokens_only_with_the_cache_on(servers, code_tokenizer):
+    on, off = servers
+    n = len(code_tokenizer.encode(BUFFER))
+    for s in servers:
+        complete(s, BUFFER, max_tokens=1)
+    typed = {"prompt": BUFFER + KEYSTROKES[0], "max_tokens": 1, "temperature": 0}
+    u = post(on, typed).json()["usage"]
+    assert n - 2 <= u["prompt_tokens_details"]["cached_tokens"] < u["prompt_tokens"]
+    assert post(off, typed).json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+@pytest.mark.slow
 def test_server_concurrent_clients_sharing_and_not_sharing_prefixes(servers):
     on, off = servers
     prompts = [BUFFER + k for k in KEYSTROKES] + ["#include <stdio.h>\nint main(void) {\n", "def f(x):\n    return"] * 2
