@@ -43,13 +43,17 @@ Models (temporary folders; the weights are untrained for the sentinels, fine for
 
 Usage:
     .venv/bin/python benchmarks/editor.py [--models tiny 160m] [--data RAW/heldout] [--sessions 3]
-        [--chars 24] [--every 3] [--route infill|completions] [--window-160m 1024] [--url URL]
-        [--json out/benchmarks/editor.json]
+        [--chars 18] [--every 3] [--routes infill completions] [--window-160m 768] [--url URL]
+        [--note TEXT] [--json out/benchmarks/editor.json]
+
+The default run (both models, 3 sessions of 18 characters) takes about 3 minutes on 2 cores;
+`--sessions 12 --chars 60 --window-160m 2000` is a bigger one.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import re
@@ -68,13 +72,14 @@ from server import start_server
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from polycoder import checkpoint  # noqa: E402
+from polycoder import checkpoint, kernels  # noqa: E402
 from polycoder.config import pad_vocab  # noqa: E402
 from polycoder.locate import BUNDLED_DIR  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 EXTENSIONS = {".c", ".h", ".cs", ".cpp", ".cc", ".hpp", ".go", ".java", ".js", ".php", ".py", ".rb", ".rs", ".scala",
               ".ts"}
+ROUTES = {"infill": "/infill", "completions": "/v1/completions + suffix"}
 LINES_BEFORE, LINES_AFTER = 256, 64
 """llama.vscode's defaults (n_prefix, n_suffix): lines sent before and after the cursor."""
 
@@ -170,11 +175,12 @@ def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens
     out = {"ttft_s": [], "prefill": [], "cached": [], "first_ttft_s": [], "first_prefill": []}
     with httpx.Client() as client:
         request(client, url, route, "def warm_up():\n    ", "\n", 1, 0)
+        time.sleep(0.1)
         for s in sessions:
             for k in range(0, len(s.typed) + 1, every):
                 before = counts(client, url)
                 ttft = request(client, url, route, s.before + s.typed[:k], s.after, max_tokens, dwell)
-                time.sleep(0.05)  # the engine thread exports its counts after the step that answered
+                time.sleep(0.1)  # the engine thread exports its counts after the step that answered
                 after = counts(client, url)
                 prefill, cached = after[0] - before[0], after[1] - before[1]
                 if k == 0:  # the session's first request: the file is new to the cache
@@ -185,6 +191,22 @@ def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens
                     out["prefill"].append(prefill)
                     out["cached"].append(cached)
     return out
+
+
+def summary(label: str, context: int, cache: str, order: str | None, route: str, res: dict, tok: Tokenizer,
+            sessions: list[Session]) -> dict:
+    """One row of the table: a model, a server configuration and a route."""
+    ttft = sorted(res["ttft_s"])
+    return {"model": label, "context": context, "prompt_cache": cache, "fim_order": order or "as served",
+            "route": route, "requests": len(ttft), "ttft_p50_s": statistics.median(ttft),
+            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+            "prefill_tokens_median": statistics.median(res["prefill"]),
+            "prefill_tokens_mean": statistics.fmean(res["prefill"]),
+            "cached_tokens_median": statistics.median(res["cached"]),
+            "first_request_ttft_s": statistics.median(res["first_ttft_s"]),
+            "first_request_prefill": statistics.median(res["first_prefill"]),
+            "prompt_tokens": [len(tok.encode(s.before)) + len(tok.encode(s.after)) for s in sessions],
+            "sessions": [s.name for s in sessions], "raw": res}
 
 
 def fim_tiny(folder: Path) -> Path:
@@ -223,22 +245,31 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None,
                     help="RAW/heldout (polycoder data fetch's layout); without it, this repository's src/ files")
     ap.add_argument("--sessions", type=int, default=3, help="files edited, one session each")
-    ap.add_argument("--chars", type=int, default=24, help="characters typed a session")
+    ap.add_argument("--chars", type=int, default=18, help="characters typed a session")
     ap.add_argument("--every", type=int, default=3, help="keystrokes between requests (K)")
     ap.add_argument("--max-tokens", type=int, default=16, help="n_predict / max_tokens of each request")
     ap.add_argument("--dwell", type=float, default=0.1, help="seconds a request streams after its first token")
-    ap.add_argument("--route", choices=["infill", "completions"], default="infill")
-    ap.add_argument("--window-160m", type=int, default=1024,
+    ap.add_argument("--routes", nargs="+", choices=["infill", "completions"], default=["infill"],
+                    help="/infill (llama.vscode's shape) and/or /v1/completions with suffix (Continue's / OpenAI's)")
+    ap.add_argument("--window-160m", type=int, default=768,
                     help="prompt tokens of the 160M shape's window (its context is 2048; the full one is slow here)")
     ap.add_argument("--url", help="measure this running server instead (as configured; tokenizer: --tokenizer)")
     ap.add_argument("--context", type=int, default=512, help="with --url: the server's context")
     ap.add_argument("--tokenizer", type=Path, default=BUNDLED_DIR, help="with --url: the server's tokenizer folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="a line under the table (how loaded the machine was, ...)")
     ap.add_argument("--json", type=Path, default=None, help="write FILE.json and FILE.md")
     args = ap.parse_args()
     files, source = source_files(args.data, args.sessions, args.seed)
     print(f"sessions over {source}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="polycoder-editor-bench-"))
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="polycoder-editor-bench-") as tmp:
+        rows = measure(args, files, Path(tmp))
+    report(args, files, source, rows, load)
+
+
+def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict]:
+    """Every model and server configuration's row (servers started in turn, models built in `tmp`)."""
     runs = []  # (model label, context, window tokens, serve args or None, tokenizer)
     if args.url:
         runs.append(("the server at --url", args.context, args.context - args.max_tokens - 8, None,
@@ -258,55 +289,52 @@ def main() -> None:
         sessions = [session(f, tok, window, args.chars, rng) for f in files]
         configs = [("given", None, None)] if serve_args is None else [("on", "spm", None), ("on", "psm", None),
                                                                       ("off", "spm", "0")]
-        for cache, order, cache_mb in configs:
+        for (cache, order, cache_mb), route in itertools.product(configs, args.routes):
             proc = None
             url = args.url
-            if serve_args is not None:
+            if serve_args is not None:  # a fresh server a route: each starts with an empty prompt cache
                 extra = ["--fim-order", order] + (["--prompt-cache-mb", cache_mb] if cache_mb else [])
                 proc, url = start_server(*serve_args, "--max-context", str(context), "--max-batch-size", "4",
                                          "--log-level", "warning", *extra)
             try:
-                res = replay(url, sessions, args.route, args.every, args.max_tokens, args.dwell)
+                res = replay(url, sessions, route, args.every, args.max_tokens, args.dwell)
             finally:
                 if proc is not None:
                     proc.terminate()
                     proc.wait(30)
-            ttft = sorted(res["ttft_s"])
-            row = {"model": label, "context": context, "prompt_cache": cache, "fim_order": order or "as served",
-                   "requests": len(ttft), "ttft_p50_s": statistics.median(ttft),
-                   "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
-                   "prefill_tokens_median": statistics.median(res["prefill"]),
-                   "prefill_tokens_mean": statistics.fmean(res["prefill"]),
-                   "cached_tokens_median": statistics.median(res["cached"]),
-                   "first_request_ttft_s": statistics.median(res["first_ttft_s"]),
-                   "first_request_prefill": statistics.median(res["first_prefill"]),
-                   "prompt_tokens": [len(tok.encode(s.before)) + len(tok.encode(s.after)) for s in sessions],
-                   "raw": res}
-            rows.append(row)
-            print(f"  {label}, cache {cache}, {row['fim_order']}: TTFT p50 {row['ttft_p50_s']:.3f} s, "
+            rows.append(summary(label, context, cache, order, route, res, tok, sessions))
+            row = rows[-1]
+            print(f"  {label}, cache {cache}, {row['fim_order']}, {route}: TTFT p50 {row['ttft_p50_s']:.3f} s, "
                   f"p95 {row['ttft_p95_s']:.3f} s, prefill {row['prefill_tokens_median']:.0f} tokens", flush=True)
+    return rows
+
+
+def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[dict], load: tuple) -> None:
     n_req = len(range(0, args.chars + 1, args.every)) - 1
+    names = rows[0]["sessions"] if rows else []
     lines = [f"CPU: {cpu_line()}; {os.cpu_count()} logical CPUs; load average before: "
-             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; code path: the server's default (native kernels "
-             f"unless POLYCODER_KERNELS=0: {os.environ.get('POLYCODER_KERNELS', 'unset')})",
-             f"{len(files)} sessions over {source} ({', '.join(s.name for s in sessions)}); {args.chars} characters "
-             f"typed a session, a request every {args.every} keystrokes ({n_req} after the session's first); route "
-             f"{'/infill' if args.route == 'infill' else '/v1/completions + suffix'}; n_predict {args.max_tokens}, "
+             f"{', '.join(f'{x:.2f}' for x in load)}, after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+             "code path: the server's default backend, fp32, native "
+             f"kernels {kernels.status()}",
+             f"{len(files)} sessions over {source} ({', '.join(names)}); {args.chars} characters "
+             f"typed a session, a request every {args.every} keystrokes ({n_req} after the session's first); "
+             f"n_predict {args.max_tokens}, "
              f"greedy, streamed, each aborted {args.dwell} s after its first token by the next",
              "TTFT and prefill tokens are per typing request (the session's first request, cold, apart); "
              "prefill tokens from the server's /metrics deltas", "",
-             "| model | context | prompt cache | FIM order | window prompt tokens (median) | requests | TTFT p50 s "
+             "| model | context | prompt cache | FIM order | route | window prompt tokens (median) | requests | TTFT p50 s "
              "| TTFT p95 s | prefill tokens a request (median) | cached tokens a request (median) "
              "| first request TTFT s | first request prefill |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['context']} | {r['prompt_cache']} | {r['fim_order']} "
+        lines.append(f"| {r['model']} | {r['context']} | {r['prompt_cache']} | {r['fim_order']} | {ROUTES[r['route']]} "
                      f"| {statistics.median(r['prompt_tokens']):.0f} | {r['requests']} | {r['ttft_p50_s']:.3f} "
                      f"| {r['ttft_p95_s']:.3f} | {r['prefill_tokens_median']:.0f} | {r['cached_tokens_median']:.0f} "
                      f"| {r['first_request_ttft_s']:.3f} | {r['first_request_prefill']:.0f} |")
-    publish({"cpu": cpu_line(), "source": source, "files": [str(f) for f in files], "chars": args.chars,
-             "every": args.every, "route": args.route, "max_tokens": args.max_tokens, "dwell_s": args.dwell,
-             "rows": rows}, "\n".join(lines) + "\n", args.json)
+    publish({"cpu": cpu_line(), "kernels": kernels.status(), "source": source, "files": [str(f) for f in files],
+             "chars": args.chars, "every": args.every, "routes": args.routes, "max_tokens": args.max_tokens,
+             "dwell_s": args.dwell, "note": args.note, "rows": rows},
+            "\n".join(lines + (["", args.note] if args.note else [])) + "\n", args.json)
 
 
 if __name__ == "__main__":
