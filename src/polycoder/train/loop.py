@@ -1,7 +1,8 @@
 """The training loop shared by pretraining and fine-tuning.
 
 One optimizer step: for each accumulation step, take this rank's rows of the step's batch
-(`loader.WindowLoader`), run the model under autocast, add cross-entropy / accumulation to
+(`loader.WindowLoader`, rearranged for fill-in-the-middle where asked:
+`fim_transform`), run the model under autocast, add cross-entropy / accumulation to
 the gradients (DDP or FSDP averages them over ranks on the last accumulation step), unscale
 (fp16), clip the global norm, set the learning rate of the step (cosine with linear
 warm-up, a pure function of the step), and take an AdamW step.
@@ -65,6 +66,7 @@ from polycoder.files import write_text
 from polycoder.model import GPTNeoX
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist, wrap_model
+from polycoder.train.fim_transform import FimTransform
 from polycoder.train.loader import LoaderState, WindowLoader, eval_windows, gather_windows
 from polycoder.train.metrics import MetricsLogger, plot_loss_curve
 from polycoder.train.schedule import CosineSchedule, resumed_schedule
@@ -225,6 +227,7 @@ class Trainer:
         description: str = "train",
         backend: Backend | None = None,
         valid_note: str = "no validation tokens were given",
+        fim: FimTransform | None = None,
     ):
         self.raw = model
         self.s = settings
@@ -241,7 +244,7 @@ class Trainer:
         self.grad_accum = settings.data.grad_accum(dist.world_size)
         self.micro = settings.data.micro(dist.world_size)
         self.loader = WindowLoader(train_arrays, seq_len, settings.data.batch_size,
-                                   settings.data.sampling, settings.data.seed)
+                                   settings.data.sampling, settings.data.seed, transform=fim)
         n_eval = settings.run.eval_batches * self.micro * dist.world_size
         self.valid_arrays = list(valid_arrays)
         self.eval_starts = eval_windows(self.valid_arrays, seq_len, n_eval) if self.valid_arrays else []
