@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_train_helpers import cli_env, free_port, losses, polycoder_cmd, run_cli
 
-from polycoder.checkpoint import build_model, grow_vocabulary, load_model, save_checkpoint
+from polycoder.checkpoint import build_model, grow_vocabulary, load_model, load_weights, save_checkpoint
 from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
 from polycoder.fim import arrange
+from polycoder.token_shards import write_shard
 from polycoder.tokenizer import Tokenizer
+from polycoder.train import checkpointing as ckpt
+from polycoder.train.distributed import Dist
 from polycoder.train.fim_transform import FimTransform, make_fim_transform
 from polycoder.train.finetune import finetune
-from polycoder.train.loader import WindowLoader
+from polycoder.train.loader import WindowLoader, open_split
+from polycoder.train.loop import Trainer
 from polycoder.train.metrics import read_metrics
 from polycoder.train.settings import load_settings
 
@@ -296,3 +302,119 @@ def test_finetune_fim_result_opens_in_transformers_with_our_logits(fim_run):
 def test_fim_rate_without_sentinels_is_a_clear_error(full_base, jsonl, tmp_path):
     with pytest.raises(PolycoderError, match="finetune --fim"):
         finetune(model=str(full_base), data=str(jsonl), out=str(tmp_path), fim_rate=0.5, max_steps=1)
+
+
+# ---- polycoder train: settings, resume, processes -----------------------------------------
+
+
+def make_fim_token_dir(root: Path, tokenizer: Tokenizer, n_docs: int = 300, seed: int = 0) -> Path:
+    """A token folder as `polycoder data tokenize` writes it, of code texts, with `tokenizer`."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_docs), ("valid", n_docs // 10)):
+        docs = [tokenizer.encode("".join(CODE[i] for i in rng.integers(0, 4, size=int(rng.integers(1, 4)))))
+                for _ in range(n)]
+        (root / split).mkdir(parents=True, exist_ok=True)
+        write_shard(root / split / "shard_00000.bin", docs, tokenizer.vocab_size)
+    tokenizer.save(root / "tokenizer")
+    return root
+
+
+def fim_settings(**kw):
+    base = {"run.max_steps": 12, "data.seq_len": 48, "data.batch_size": 8, "optim.lr": 3e-3, "run.precision": "fp32",
+            "run.eval_every": 0, "run.save_every": 0, "run.tensorboard": False, "data.fim_rate": 0.5}
+    base.update(kw)
+    return load_settings(None, None, base)
+
+
+@pytest.fixture(scope="module")
+def byte_fim() -> Tokenizer:
+    return Tokenizer.byte_level().with_fim_tokens()
+
+
+@pytest.fixture(scope="module")
+def byte_fim_stream(byte_fim, tmp_path_factory) -> np.ndarray:
+    root = make_fim_token_dir(tmp_path_factory.mktemp("fimtok"), byte_fim)
+    arrays, _ = open_split(root, "train")
+    return arrays[0]
+
+
+def tiny_fim_model(seed: int = 0):
+    return build_model(ModelConfig.from_preset("test-tiny").replace(vocab_size=384), seed=seed).requires_grad_(True)
+
+
+def _write(m, folder):
+    save_checkpoint(m, Tokenizer.byte_level().with_fim_tokens(), folder)
+
+
+def test_resume_with_fim_equals_uninterrupted(byte_fim, byte_fim_stream, tmp_path):
+    def transform(s):
+        return make_fim_transform(byte_fim, s.data.fim_rate, s.data.fim_spm_rate, s.data.seed)
+
+    s = fim_settings()
+    full = Trainer(tiny_fim_model(), s, Dist(), [byte_fim_stream], [], tmp_path / "a", _write, 48,
+                   fim=transform(s)).fit()
+    s = fim_settings(**{"run.save_every": 5})
+    Trainer(tiny_fim_model(), s, Dist(), [byte_fim_stream], [], tmp_path / "b", _write, 48, fim=transform(s)).fit()
+    folder = ckpt.checkpoint_dir(tmp_path / "b", 5)
+    model = tiny_fim_model(seed=9)
+    load_weights(model, folder)
+    resumed = Trainer(model, s, Dist(), [byte_fim_stream], [], tmp_path / "b", _write, 48, fim=transform(s)).fit(folder)
+    np.testing.assert_allclose(resumed.losses, full.losses[5:], rtol=0, atol=1e-6)
+    other = fim_settings(**{"run.save_every": 5, "data.fim_rate": 0.9})
+    t = Trainer(tiny_fim_model(), other, Dist(), [byte_fim_stream], [], tmp_path / "b", _write, 48,
+                fim=transform(other))
+    with pytest.raises(PolycoderError, match="fim_rate"):
+        t.load_state(folder)  # other FIM rates: not the run that was saved
+
+
+def test_accumulated_micro_batches_equal_one_batch_with_fim_padding(byte_fim, byte_fim_stream, tmp_path):
+    """The loss is the mean over every counted target of the batch however it is split (the
+    micro-batches count different numbers of <fim_pad> targets): 4 x 2 rows = 8 rows."""
+    def run(micro, out):
+        s = fim_settings(**{"data.micro_batch": micro, "run.max_steps": 6})
+        t = Trainer(tiny_fim_model(), s, Dist(), [byte_fim_stream], [], out, _write, 48,
+                    fim=make_fim_transform(byte_fim, 0.5, 0.5, s.data.seed))
+        return t.fit().losses
+
+    np.testing.assert_allclose(run(2, tmp_path / "a"), run(8, tmp_path / "b"), rtol=0, atol=2e-6)
+
+
+def test_train_verb_defaults_to_fim_with_sentinels(byte_fim, tmp_path):
+    from polycoder.train.pretrain import train
+
+    data = make_fim_token_dir(tmp_path / "tokens", byte_fim, n_docs=120)
+    out = tmp_path / "run"
+    assert train(data=str(data), out=str(out), preset="test-tiny", max_steps=3, seq_len=32, batch_size=4,
+                 dtype="fp32", set=["run.tensorboard=false"]) == 0
+    state = json.loads((ckpt.latest_checkpoint(out) / "training_state" / "state.json").read_text())
+    assert state["loader"]["fim_rate"] == 0.5 and state["loader"]["fim_spm_rate"] == 0.5
+    model, tok = load_model(out / "final")
+    assert model.config.vocab_size == 384 and tok.fim == byte_fim.fim
+    plain = make_fim_token_dir(tmp_path / "plain", Tokenizer.byte_level(), n_docs=120)
+    assert train(data=str(plain), out=str(tmp_path / "ltr"), preset="test-tiny", max_steps=1, seq_len=32,
+                 batch_size=4, dtype="fp32", set=["run.tensorboard=false"]) == 0
+    state = json.loads((ckpt.latest_checkpoint(tmp_path / "ltr") / "training_state" / "state.json").read_text())
+    assert state["loader"]["fim_rate"] == 0.0  # a left-to-right tokenizer trains as before
+    p = subprocess.run(polycoder_cmd("train", "--data", str(plain), "--out", str(tmp_path / "x"), "--preset",
+                                     "test-tiny", "--fim-rate", "0.5", "--max-steps", "1"),
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "finetune --fim" in p.stderr and "Traceback" not in p.stderr
+    helps = run_cli("train", "--help").stdout + run_cli("finetune", "--help").stdout
+    assert helps.count("--fim-rate") >= 2 and helps.count("--fim-spm-rate") >= 2 and "--fim " in helps
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_with_fim(byte_fim, tmp_path):
+    data = make_fim_token_dir(tmp_path / "tokens", byte_fim, n_docs=400)
+    common = ["--data", str(data), "--preset", "test-tiny", "--max-steps", "6", "--seq-len", "48", "--batch-size", "8",
+              "--micro-batch", "4", "--lr", "3e-3", "--dtype", "fp32", "--threads", "1", "--fim-rate", "0.7",
+              "--set", "run.tensorboard=false"]
+    run_cli("train", "--out", str(tmp_path / "one"), *common)
+    cmd = [polycoder_cmd()[0], "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "polycoder", "train", "--out", str(tmp_path / "two"), *common]
+    p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=0, atol=1e-5)

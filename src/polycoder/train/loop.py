@@ -345,13 +345,16 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         total = 0.0
-        for m in range(self.grad_accum):
-            x, y = self.loader.micro_batch(self.step, self.d.rank, self.d.world_size, self.micro, m)
+        batches = [self.loader.micro_batch(self.step, self.d.rank, self.d.world_size, self.micro, m)
+                   for m in range(self.grad_accum)]
+        weights = self._loss_weights([y for _, y in batches])
+        for m, (x, y) in enumerate(batches):
             x, y = x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
             last = m == self.grad_accum - 1
             with self._sync(last):  # around forward and backward, as DDP's no_sync requires
                 with autocast(self.precision, self.d.device):
-                    loss = model_loss(model, x, y, self.fused_loss) / self.grad_accum
+                    loss = model_loss(model, x, y, self.fused_loss)
+                    loss = loss / self.grad_accum if weights is None else loss * weights[m]
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         if self.scaler:
@@ -367,6 +370,20 @@ class Trainer:
         self.step += 1
         self.tokens += self.s.data.batch_size * self.seq_len
         return self.d.mean(total)
+
+    def _loss_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
+        """Weights of the micro-batches' mean losses that make the step's loss the mean over
+        every counted target of the global batch; None: all count alike (1 / grad_accum).
+
+        With ignored targets (FIM padding) the micro-batches count different numbers of
+        targets, and a mean of their means would depend on how the batch is split: weighting
+        each by its share of the global count (summed over ranks; DDP then averages over
+        ranks, hence the world size) keeps N processes equal to one."""
+        if self.loader.transform is None:
+            return None
+        counts = [int((y != IGNORE_INDEX).sum()) for y in targets]
+        total = self.d.mean(float(sum(counts))) * self.d.world_size
+        return [self.d.world_size * c / max(total, 1.0) for c in counts]
 
     def _sync(self, last: bool):
         """Skip the gradient all-reduce on all but the last accumulation step."""
