@@ -418,3 +418,54 @@ def test_two_gloo_processes_equal_one_with_fim(byte_fim, tmp_path):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 7))
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=0, atol=1e-5)
+
+
+# ---- LoRA with the new rows ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fim_lora_run(full_base, jsonl, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fimlora")
+    assert finetune(model=str(full_base), data=str(jsonl), out=str(out), fim=True, lora=True, merge=True, lora_r=4,
+                    max_steps=8, lr=1e-2, batch_size=4, seq_len=64, dtype="fp32", set=["run.tensorboard=false"]) == 0
+    return out
+
+
+def test_lora_fim_trains_and_saves_the_new_rows(fim_lora_run, full_base, code_tokenizer):
+    n = code_tokenizer.vocab_size
+    cfg = json.loads((fim_lora_run / "final" / "adapter_config.json").read_text())
+    # transformers 5's names for the two embeddings, so that peft finds them in GPTNeoXForCausalLM
+    assert cfg["trainable_token_indices"] == {"embed_in": list(range(n, n + 4)), "lm_head": list(range(n, n + 4))}
+    assert Path(cfg["base_model_name_or_path"]) == full_base.resolve()  # the original base, not a grown copy
+    from safetensors.torch import load_file
+
+    saved = load_file(fim_lora_run / "final" / "adapter_model.safetensors")
+    rows = {k: v for k, v in saved.items() if "trainable_tokens" in k}
+    assert len(rows) == 2 and all(v.shape == (4, 64) for v in rows.values())  # 4 rows each, not whole matrices
+    base, _ = load_model(full_base)
+    mean = base.gpt_neox.embed_in.weight.mean(0)
+    assert sorted(k.split(".trainable_tokens")[0] for k in rows) == [
+        "base_model.model.gpt_neox.embed_in.token_adapter", "base_model.model.lm_head.token_adapter"]
+    row_in = next(v for k, v in rows.items() if "embed_in" in k)
+    row_out = next(v for k, v in rows.items() if "lm_head" in k)
+    assert (row_in - mean).abs().max() > 1e-3  # trained away from their mean start
+    assert (row_out - base.embed_out.weight.mean(0)).abs().max() > 1e-3
+    assert not any("embed_in.weight" in k or "embed_out.weight" in k for k in saved)
+
+
+def test_lora_fim_adapter_opens_in_our_verbs_peft_and_merged_alike(fim_lora_run, full_base, code_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    ours, tok = load_model(fim_lora_run / "final")  # the adapter folder as a model: base grown, adapter merged
+    merged, _ = load_model(fim_lora_run / "merged")
+    assert tok.fim is not None and ours.config.vocab_size == merged.config.vocab_size == code_tokenizer.vocab_size + 64
+    x = torch.tensor([arrange(tok.fim, tok.encode("def f(x):\n"), [], tok.encode("\n"), "spm")])
+    with torch.no_grad():
+        want = ours(x)
+        torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+        theirs = peft.AutoPeftModelForCausalLM.from_pretrained(fim_lora_run / "final").eval()
+        got = theirs(x).logits
+    n = tok.vocab_size  # peft grows the base to the tokenizer's length, without our padding
+    torch.testing.assert_close(got[..., :n], want[..., :n], rtol=1e-4, atol=1e-4)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(fim_lora_run / "final")
+    assert hf_tok.convert_tokens_to_ids("<fim_middle>") == tok.fim.middle

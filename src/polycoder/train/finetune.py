@@ -216,7 +216,7 @@ def finetune(
     import torch
 
     from polycoder.checkpoint import grow_vocabulary, load_model, load_weights, save_checkpoint
-    from polycoder.lora import LORA_TARGETS, add_lora, load_adapter, load_adapter_weights, merge_adapter, save_adapter
+    from polycoder.lora import LORA_TARGETS, add_lora, load_adapter_weights, merge_adapter, save_adapter
     from polycoder.train import checkpointing as ckpt
     from polycoder.train.distributed import init_distributed, shutdown
     from polycoder.train.fim_transform import make_fim_transform
@@ -229,11 +229,9 @@ def finetune(
     if adapter is not None:
         if not merge:
             raise PolycoderError("--adapter is for merging an existing adapter: add --merge")
-        if model is None:  # the base the adapter records (not the bundled default)
-            net, tokenizer = load_model(adapter)
-        else:
-            base, tokenizer = load_model(model)
-            net = merge_adapter(load_adapter(base, adapter, base_reference(model, resolve(model))))
+        # into --model, or else the base the adapter records (not the bundled default); its
+        # tokenizer and any rows it adds (--fim) with it
+        net, tokenizer = load_model(adapter, base=model)
         dest = save_checkpoint(net, tokenizer, Path(out) / "merged")
         print(f"merged {adapter} into {model or 'its base'}: {dest}")
         return 0
@@ -242,10 +240,12 @@ def finetune(
 
     base_folder = resolve(model)
     net, tokenizer = load_model(model, dtype="float32", device="cpu")
+    new_tokens: list[int] = []  # with LoRA, their rows train too (peft's trainable tokens)
     if fim and tokenizer.fim is None:
         old = tokenizer.vocab_size
         tokenizer = tokenizer.with_fim_tokens()
         net = grow_vocabulary(net, old, tokenizer.vocab_size)
+        new_tokens = list(range(old, tokenizer.vocab_size))
         print(f"added the FIM tokens as ids {old}-{tokenizer.vocab_size - 1}; embedding rows: {net.config.vocab_size}",
               file=sys.stderr)
     texts = read_texts(data)
@@ -274,7 +274,8 @@ def finetune(
             quantize_4bit(net, targets)
         if lora:
             net.requires_grad_(False)
-            trainable = add_lora(net, lora_r, lora_alpha, lora_dropout, targets, base_reference(model, base_folder))
+            trainable = add_lora(net, lora_r, lora_alpha, lora_dropout, targets, base_reference(model, base_folder),
+                                 trainable_tokens=new_tokens or None)
 
             def write_model(m, folder: Path) -> None:
                 save_adapter(trainable, tokenizer, folder)
