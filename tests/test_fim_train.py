@@ -469,3 +469,15 @@ def test_lora_fim_adapter_opens_in_our_verbs_peft_and_merged_alike(fim_lora_run,
     torch.testing.assert_close(got[..., :n], want[..., :n], rtol=1e-4, atol=1e-4)
     hf_tok = transformers.AutoTokenizer.from_pretrained(fim_lora_run / "final")
     assert hf_tok.convert_tokens_to_ids("<fim_middle>") == tok.fim.middle
+
+
+def test_finetune_fim_result_exports_to_gguf_with_its_fim_ids(fim_run, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from polycoder.export.gguf import write_gguf
+
+    model, tok = load_model(fim_run / "final")
+    path = write_gguf(model, tok, tmp_path / "fim.gguf", "f16", progress=False)
+    fields = gguf.GGUFReader(str(path)).fields
+    got = {k: int(fields[f"tokenizer.ggml.{k}_token_id"].parts[-1][0]) for k in ("fim_pre", "fim_suf", "fim_mid", "fim_pad")}
+    assert got == {"fim_pre": tok.fim.prefix, "fim_suf": tok.fim.suffix, "fim_mid": tok.fim.middle, "fim_pad": tok.fim.pad}
+    assert len(fields["tokenizer.ggml.tokens"].data) == model.config.vocab_size  # the padded rows too
