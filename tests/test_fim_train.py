@@ -157,6 +157,18 @@ def test_window_keeps_each_eod_in_place(fim_tok):
     assert all(out[s] == fim_tok.fim.prefix for s in starts)  # every piece rearranged at rate 1
 
 
+def test_a_batch_tokenized_at_once_equals_window_by_window(fim_tok):
+    t = FimTransform(fim_tok, fim_rate=0.7, fim_spm_rate=0.5, seed=4)
+    eod = fim_tok.eod_id
+    docs = [fim_tok.encode(c * 2) + [eod] for c in CODE] + [byte_ids(fim_tok, "naïve\xff".encode("latin-1")).tolist()]
+    stream = np.concatenate([np.asarray(d) for d in docs * 3])
+    windows = np.stack([stream[i:i + 60] for i in range(0, 240, 40)])
+    batch = t.rows(windows, step=3, rows=range(10, 16))
+    for i, w in enumerate(windows):
+        assert batch[i].tolist() == t.window(w, t.rng(3, 10 + i)).tolist()
+    assert not np.array_equal(batch, windows)
+
+
 def test_rates_are_honoured(fim_tok):
     t = FimTransform(fim_tok, fim_rate=0.3, fim_spm_rate=0.7, seed=0)
     ids = byte_ids(fim_tok, DOC.encode())

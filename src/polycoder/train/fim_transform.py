@@ -31,6 +31,11 @@ Determinism: the draws for one window come from a generator seeded by (seed, ste
 the global batch), so a batch is still a pure function of (seed, step): N processes
 transform exactly the rows one process would, and a resumed run the rows it would have.
 
+Cost: about one more tokenization of the rearranged pieces (benchmarks/fim_transform.py):
+the parts of all of a micro-batch's pieces go to the tokenizer in one `encode_batch` call,
+which spreads them over its thread pool. It runs in the training loop, not in a separate
+data process, so a fast GPU step can wait for it (a limit of this loader).
+
 Validation windows are not transformed: the validation loss stays the left-to-right loss,
 comparable across runs with any fim_rate (Bavarian et al.'s "FIM for free" is measured so).
 """
@@ -74,38 +79,60 @@ class FimTransform:
     def window(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`tokens` (one window) with each document piece between EODs maybe rearranged;
         the same length, EODs in place."""
-        out = np.array(tokens, dtype=np.int64)
-        breaks = np.flatnonzero(out == self.eod)
-        start = 0
-        for end in [*breaks.tolist(), len(out)]:
-            if end > start:
-                out[start:end] = self.piece(out[start:end], rng)
-            start = end + 1
-        return out
+        return self._transform(np.asarray(tokens)[None], [rng])[0]
+
+    def rows(self, windows: np.ndarray, step: int, rows: Sequence[int]) -> np.ndarray:
+        """Windows [B, T + 1] of the global batch of `step`, row i being global row rows[i]."""
+        return self._transform(windows, [self.rng(step, r) for r in rows])
 
     def piece(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One document piece, rearranged with probability fim_rate (same length), or as it was."""
+        cut = self._cut(ids, rng)
+        if cut is None:
+            return ids
+        *texts, order = cut
+        return self._fit(ids, *(self.tokenizer.encode(t) for t in texts), order)
+
+    def _transform(self, windows: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+        """Each window's pieces cut with its own generator (in piece order), then every part of
+        the batch tokenized in one call (`encode_batch`: the tokenizer's thread pool)."""
+        out = np.array(windows, dtype=np.int64)  # [B, T + 1], a copy
+        cuts: list[tuple[int, int, int, str]] = []  # (row, start, end, order) of each rearranged piece
+        texts: list[str] = []
+        for b, rng in enumerate(rngs):
+            start = 0
+            for end in [*np.flatnonzero(out[b] == self.eod).tolist(), out.shape[1]]:
+                if end > start and (cut := self._cut(out[b, start:end], rng)) is not None:
+                    cuts.append((b, start, end, cut[3]))
+                    texts += cut[:3]
+                start = end + 1
+        parts = self.tokenizer.encode_batch(texts) if texts else []
+        for k, (b, start, end, order) in enumerate(cuts):
+            out[b, start:end] = self._fit(out[b, start:end], *parts[3 * k:3 * k + 3], order)
+        return out
+
+    def _cut(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[str, str, str, str] | None:
+        """(prefix, middle, suffix, order) texts of a piece to rearrange, or None to leave it."""
         if rng.random() >= self.fim_rate:
-            return ids
+            return None
         if np.isin(ids, self._special).any():
-            return ids
+            return None
         text = self.tokenizer.decode_bytes(ids.tolist()).decode("utf-8", errors="surrogateescape")
         lo, hi = sorted(rng.integers(0, len(text) + 1, size=2).tolist())
         order = "spm" if rng.random() < self.fim_spm_rate else "psm"
-        enc = self.tokenizer.encode
-        prefix, middle, suffix = enc(text[:lo]), enc(text[lo:hi]), enc(text[hi:])
+        return text[:lo], text[lo:hi], text[hi:], order
+
+    def _fit(self, ids: np.ndarray, prefix: list[int], middle: list[int], suffix: list[int], order: str) -> np.ndarray:
+        """The arranged piece at the length of `ids`: the suffix cut or padded, or `ids` where
+        the suffix is too short to give up the excess."""
         excess = len(prefix) + len(middle) + len(suffix) + 3 - len(ids)
         if excess > 0:
-            if len(suffix) <= excess:  # the suffix cannot absorb it: leave the piece alone
+            if len(suffix) <= excess:
                 return ids
             suffix = suffix[: len(suffix) - excess]
         elif excess < 0:
             suffix = suffix + [self.fim.pad] * -excess
         return np.asarray(arrange(self.fim, prefix, middle, suffix, order), dtype=np.int64)
-
-    def rows(self, windows: np.ndarray, step: int, rows: Sequence[int]) -> np.ndarray:
-        """Windows [B, T + 1] of the global batch of `step`, row i being global row rows[i]."""
-        return np.stack([self.window(w, self.rng(step, r)) for w, r in zip(windows, rows)])
 
     def mask_pad(self, targets: torch.Tensor) -> torch.Tensor:
         """Targets with every `<fim_pad>` set to the ignored index (-100)."""
