@@ -49,8 +49,8 @@ import torch
 
 from polycoder.errors import PolycoderError
 from polycoder.fim import FimIds, arrange
+from polycoder.train.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _STREAM = 0xF13  # keeps the FIM generators apart from the window sampler's (seed, step) stream
 
 

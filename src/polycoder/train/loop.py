@@ -2,8 +2,9 @@
 
 One optimizer step: for each accumulation step, take this rank's rows of the step's batch
 (`loader.WindowLoader`, rearranged for fill-in-the-middle where asked:
-`fim_transform`), run the model under autocast, add cross-entropy / accumulation to
-the gradients (DDP or FSDP averages them over ranks on the last accumulation step), unscale
+`fim_transform`), run the model under autocast, add its loss (`loss`: cross-entropy,
+divided by the accumulation steps, or with ignored FIM padding weighted by each micro-batch's
+share of the counted targets) to the gradients (DDP or FSDP averages them over ranks on the last accumulation step), unscale
 (fp16), clip the global norm, set the learning rate of the step (cosine with linear
 warm-up, a pure function of the step), and take an AdamW step.
 
@@ -50,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -68,36 +68,10 @@ from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist, wrap_model
 from polycoder.train.fim_transform import FimTransform
 from polycoder.train.loader import LoaderState, WindowLoader, eval_windows, gather_windows
+from polycoder.train.loss import model_loss, share_weights, takes_targets
 from polycoder.train.metrics import MetricsLogger, plot_loss_curve
 from polycoder.train.schedule import CosineSchedule, resumed_schedule
 from polycoder.train.settings import TrainSettings
-
-IGNORE_INDEX = -100
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; `targets` are already shifted, -100 is ignored."""
-    # fp32 log-softmax: bf16 logits lose ~3 digits of the loss otherwise.
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def call_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of our model (a tensor) or of a transformers model (an output with .logits)."""
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def takes_targets(model: nn.Module) -> bool:
-    """Whether `model` (or the network inside a DDP / peft wrapper) is our GPTNeoX, whose
-    forward computes the loss itself from `targets` without materialising the logits."""
-    return any(isinstance(m, GPTNeoX) for m in model.modules())
-
-
-def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
-    """Mean next-token loss of `model` on inputs `x` and shifted targets `y`."""
-    if fused:
-        return model(x, targets=y)
-    return lm_loss(call_logits(model, x), y)
 
 
 def keep_freed_memory() -> bool:
@@ -372,18 +346,9 @@ class Trainer:
         return self.d.mean(total)
 
     def _loss_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
-        """Weights of the micro-batches' mean losses that make the step's loss the mean over
-        every counted target of the global batch; None: all count alike (1 / grad_accum).
-
-        With ignored targets (FIM padding) the micro-batches count different numbers of
-        targets, and a mean of their means would depend on how the batch is split: weighting
-        each by its share of the global count (summed over ranks; DDP then averages over
-        ranks, hence the world size) keeps N processes equal to one."""
         if self.loader.transform is None:
-            return None
-        counts = [int((y != IGNORE_INDEX).sum()) for y in targets]
-        total = self.d.mean(float(sum(counts))) * self.d.world_size
-        return [self.d.world_size * c / max(total, 1.0) for c in counts]
+            return None  # every micro-batch counts all its targets: 1 / grad_accum each
+        return share_weights(targets, self.d)
 
     def _sync(self, last: bool):
         """Skip the gradient all-reduce on all but the last accumulation step."""
