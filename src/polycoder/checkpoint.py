@@ -220,12 +220,13 @@ def _load_adapter(adapter: Path, base, dt: torch.dtype, device, tokenizer) -> tu
     base_folder = adapter_base(adapter, base)
     has_tokenizer = (adapter / "tokenizer.json").is_file() or (adapter / "vocab.json").is_file()
     net, tok = _load_model(base_folder, "float32", device, False, tokenizer or (adapter if has_tokenizer else None))
-    try:
-        base_tokens = Tokenizer.from_pretrained(base_folder).vocab_size
-    except PolycoderError:  # a base saved without a tokenizer: it has the adapter's
-        base_tokens = tok.vocab_size
-    if tok.vocab_size > base_tokens:  # tokens the fine-tuning added (--fim): their rows are in the adapter
-        net = grow_vocabulary(net, base_tokens, tok.vocab_size)
+    if tok.fim is not None:  # the sentinels may be tokens the fine-tuning added (--fim): rows in the adapter
+        try:
+            base_tokens = Tokenizer.from_pretrained(base_folder).vocab_size
+        except PolycoderError:  # a base saved without a tokenizer: it has the adapter's
+            base_tokens = tok.vocab_size
+        if tok.vocab_size > base_tokens:
+            net = grow_vocabulary(net, base_tokens, tok.vocab_size)
     print(f"{adapter}: a LoRA adapter over {base_folder}; merged into the weights on load", file=sys.stderr)
     net = merged(net, adapter)
     for p in net.parameters():  # the weights only: the rotary tables stay float32, as load_model makes them
