@@ -93,15 +93,16 @@ pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK
 # The shipped model continued in three more phases with larger batches (each a fresh cosine
 # schedule from the previous phase's last weights), when the machine had become quieter:
 #   phase 2: 160 steps x 8 x 512 tokens, peak lr 1.5e-3;  phase 3: 400 steps x 8 x 512, peak lr 1e-3;
-#   phase 4: 5,000 steps x 8 x 512, peak lr 8e-4, bf16 (PHASES=3 stops before it, PHASE4_STEPS changes it).
+#   phase 4: 5,000 steps x 8 x 512, peak lr 8e-4, bf16 (PHASES=3 stops before it, PHASE4_STEPS changes it);
+#   phase 5: fill-in-the-middle, 800 steps x 8 x 512, peak lr 3e-4, bf16 (PHASES=4 stops before it).
 FINAL="$WORK/run"
-if [ "${PHASES:-4}" -ge 2 ]; then
+if [ "${PHASES:-5}" -ge 2 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run2" --resume \
       --model "$WORK/run/checkpoints/step_00000250" --max-steps 160 --batch-size 8 --lr 1.5e-3 \
       --save-every 20 --eval-every 40 --threads "$THREADS" --set optim.warmup=0.02
   FINAL="$WORK/run2"
 fi
-if [ "${PHASES:-4}" -ge 3 ]; then
+if [ "${PHASES:-5}" -ge 3 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run3" --resume \
       --model "$WORK/run2/checkpoints/step_00000160" --max-steps 400 --batch-size 8 --lr 1e-3 \
       --save-every 50 --eval-every 100 --threads "$THREADS" --set optim.warmup=0.01
@@ -112,7 +113,7 @@ fi
 # last weights rounded to bf16 (that release is what the session had). bf16 autocast: on
 # that machine's Intel Xeon (AMX) it trained this model at 6,600 tokens/s against 3,800 in
 # fp32 (on the AMD EPYC of phases 1-3, fp32 was the faster).
-if [ "${PHASES:-4}" -ge 4 ]; then
+if [ "${PHASES:-5}" -ge 4 ]; then
   "$PY" - "$WORK/run3" "$WORK/phase3-bf16" <<'PYEOF'
 import sys
 from pathlib import Path
@@ -126,6 +127,39 @@ PYEOF
       --model "$WORK/phase3-bf16" --max-steps "${PHASE4_STEPS:-5000}" --batch-size 8 --lr 8e-4 \
       --save-every 250 --eval-every 500 --threads "$THREADS" --set optim.warmup=0.02 --set run.precision=bf16
   FINAL="$WORK/run4"
+fi
+# Phase 5 (2026-12-02): teach the model to fill in the middle (polycoder.fim). The four FIM
+# sentinels are appended to the tokenizer (ids 8192-8195, every other id unchanged, so the
+# token shards stay valid) and to the embeddings (mean-initialised rows, padded to 8256 rows:
+# polycoder.checkpoint.grow_vocabulary, as `polycoder finetune --fim` does); then training
+# goes on over the same shards with half of the document pieces rearranged (PSM or SPM,
+# polycoder.train.fim_transform). The validation loss stays left-to-right. The shards are
+# linked into WORK/tokens-fim beside the grown tokenizer, since `train` reads the tokenizer of
+# its data folder. The shipped model started from the shipped phase-4 model (run4's last
+# weights rounded to bf16, as phase 4 started from phase 3's release); this script starts
+# from run4's last checkpoint itself.
+if [ "${PHASES:-5}" -ge 5 ]; then
+  [ -f "$WORK/phase4-fim/config.json" ] || "$PY" - "$FINAL" "$WORK/phase4-fim" "$WORK/tokens" "$WORK/tokens-fim" <<'PYEOF'
+import shutil, sys
+from pathlib import Path
+from polycoder.checkpoint import grow_vocabulary, load_model, save_checkpoint
+from polycoder.train.checkpointing import latest_checkpoint
+run, out, tokens, tokens_fim = (Path(a) for a in sys.argv[1:])
+model, tok = load_model(latest_checkpoint(run), dtype="float32", device="cpu")
+fim_tok = tok.with_fim_tokens()
+save_checkpoint(grow_vocabulary(model, tok.vocab_size, fim_tok.vocab_size), fim_tok, out, dtype="float32")
+tokens_fim.mkdir(parents=True, exist_ok=True)
+for name in ("train", "valid"):
+    if not (tokens_fim / name).exists():
+        (tokens_fim / name).symlink_to((tokens / name).resolve())
+shutil.copyfile(tokens / "meta.json", tokens_fim / "meta.json")
+fim_tok.save(tokens_fim / "tokenizer")
+PYEOF
+  pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens-fim" --out "$WORK/run5-fim" --resume \
+      --model "$WORK/phase4-fim" --max-steps "${PHASE5_STEPS:-800}" --batch-size 8 --lr 3e-4 \
+      --save-every 50 --eval-every 200 --threads "$THREADS" --set optim.warmup=0.02 --set run.precision=bf16 \
+      --fim-rate 0.5 --fim-spm-rate 0.5
+  FINAL="$WORK/run5-fim"
 fi
 
 step "6. export to $ASSET (bf16)"

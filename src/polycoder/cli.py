@@ -58,6 +58,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "polycoder.train.finetune:finetune",
     "eval perplexity": "polycoder.eval.perplexity:perplexity",
     "eval humaneval": "polycoder.eval.humaneval:humaneval",
+    "eval infilling": "polycoder.eval.infilling:infilling",
     "eval contamination": "polycoder.eval.contamination:contamination",
     "serve": "polycoder.serve.app:serve",
     "export gguf": "polycoder.export.gguf:export_gguf",

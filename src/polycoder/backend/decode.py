@@ -47,12 +47,15 @@ class DecodeStep(Protocol):
         ...
 
 
-def prefill(model: GPTNeoX, x: torch.Tensor, cache, ops: Ops | None = None) -> torch.Tensor:
-    """Run prompt ids x [1, T] into cache rows at positions 0..T-1; next-token logits [1, V].
-    `ops`: the model's operations for it (default its own; the engine's backend chooses)."""
+def prefill(model: GPTNeoX, x: torch.Tensor, cache, ops: Ops | None = None, start: int = 0) -> torch.Tensor:
+    """Run prompt ids x [1, T] into cache rows at positions start..start+T-1 (positions
+    0..start-1 already hold the prompt's first tokens, e.g. from a prompt cache); the
+    next-token logits [1, V]. `ops`: the model's operations for it (default its own; the
+    engine's backend chooses)."""
     T = x.size(1)
-    pos = torch.arange(T, device=x.device)[None]
-    return model(x, pos=pos, cache=cache, kv_len=T, select=torch.tensor([T - 1], device=x.device), ops=ops)[:, 0]
+    pos = torch.arange(start, start + T, device=x.device)[None]
+    return model(x, pos=pos, cache=cache, kv_len=start + T, select=torch.tensor([T - 1], device=x.device),
+                 ops=ops)[:, 0]
 
 
 def cached_forward(model: GPTNeoX, x: torch.Tensor, pos: torch.Tensor, cache: KVCache,

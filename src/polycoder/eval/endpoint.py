@@ -1,16 +1,22 @@
-"""A client for OpenAI-compatible `/v1/completions` endpoints (ours, llama.cpp's server, vLLM).
+"""A client for OpenAI-compatible `/v1/completions` endpoints (ours, llama.cpp's server, vLLM)
+and Ollama's `/api/generate`.
 
 What it implements: the two calls the evaluations need, over httpx:
 - `complete`: ordinary sampling (n samples, temperature, top_p, max_tokens, stop), for
-  HumanEval;
+  HumanEval; with a `suffix`, fill-in-the-middle at the cursor between the prompt and the
+  suffix, for `eval infilling`: OpenAI's `{prompt, suffix}`, Ollama's `{prompt, suffix}`
+  (the model's template lays them out; without a suffix the prompt goes `raw`, continued
+  as it is, not wrapped in a chat template). Ollama answers one sample a request, so n
+  samples are n requests (seeds seed, seed + 1, ...);
 - `score`: the log-probability of every token of a prompt given as token ids, by the
   OpenAI `echo=True, logprobs=1, max_tokens=0` idiom, for perplexity. Prompts go as token
   ids so the windows are exactly those a local model would see (the server must use the
   same tokenizer; say which with `--tokenizer`).
 
-References: OpenAI's legacy Completions API (`prompt` may be a list of token ids;
-`logprobs.token_logprobs[0]` is null because the first token has no context); vLLM and
-llama.cpp implement the same fields.
+References: OpenAI's legacy Completions API (`prompt` may be a list of token ids, `suffix`
+the text after the insertion; `logprobs.token_logprobs[0]` is null because the first token
+has no context); vLLM and llama.cpp implement the same fields; Ollama's API (`/api/generate`
+with `suffix`, `raw`, `options`: temperature, top_p, num_predict, stop, seed; `/api/tags`).
 
 A request the server refuses (a 4xx: a prompt too long for its context, say) raises
 `Refused`, so a caller can record that one sample as failed and go on; an unreachable
@@ -19,7 +25,9 @@ the server's context: it lowers it (halving, down to 1) while the server answers
 request does not fit, and `context_length` reads the context a server reports on
 `/v1/models` (ours and vLLM: `max_model_len`). The client may be used from several threads.
 
-Limits: servers that reject `max_tokens=0` are retried with `max_tokens=1` and the extra
+Limits: `score` is OpenAI-only (Ollama has no prompt log-probabilities); a server
+without fill-in-the-middle refuses a suffix (Ollama: "does not support insert"), which is
+a `Refused` like any 4xx; servers that reject `max_tokens=0` are retried with `max_tokens=1` and the extra
 generated token is dropped; OpenAI's own API caps `stop` at 4 strings, so stop strings are
 also applied client-side (`cut_at_stop`).
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 from polycoder.errors import PolycoderError
 
@@ -57,31 +66,44 @@ def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
     return text[:cut]
 
 
+Api = Literal["openai", "ollama"]
+
+
 @dataclass
 class Endpoint:
-    """An OpenAI-compatible completions endpoint."""
+    """An OpenAI-compatible completions endpoint, or an Ollama server."""
 
     url: str
-    """Base URL, e.g. http://127.0.0.1:8000 or http://127.0.0.1:8000/v1."""
+    """Base URL, e.g. http://127.0.0.1:8000 or http://127.0.0.1:8000/v1 (Ollama: http://127.0.0.1:11434)."""
     model: str | None = None
-    """The `model` field of requests (some servers need it; ours and llama.cpp ignore it)."""
+    """The `model` field of requests (some servers need it, Ollama always; ours and llama.cpp ignore it)."""
     api_key: str | None = None
     """Bearer token; default: the OPENAI_API_KEY environment variable, if set."""
     timeout: float = 600.0
     """Seconds to wait for one response."""
+    api: Api = "openai"
+    """Which API the server speaks: OpenAI's /v1/completions or Ollama's /api/generate."""
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise PolycoderError(f"endpoint must be an http(s) URL, got {self.url!r}")
+        if self.api not in ("openai", "ollama"):
+            raise PolycoderError(f"endpoint API must be openai or ollama, got {self.api!r}")
         base = self.url.rstrip("/")
-        if base.endswith("/completions"):
-            base = base[: -len("/completions")]
-        if not base.endswith("/v1"):
-            base += "/v1"
-        self._completions = base + "/completions"
+        if self.api == "ollama":
+            for tail in ("/api/generate", "/api"):
+                base = base[: -len(tail)] if base.endswith(tail) else base
+            if self.model is None:
+                raise PolycoderError("an Ollama server needs the model's name: give --endpoint-model NAME")
+            self._completions, self._models = base + "/api/generate", base + "/api/tags"
+        else:
+            if base.endswith("/completions"):
+                base = base[: -len("/completions")]
+            if not base.endswith("/v1"):
+                base += "/v1"
+            self._completions, self._models = base + "/completions", base + "/models"
         if self.api_key is None:
             self.api_key = os.environ.get("OPENAI_API_KEY")
-        self._models = base + "/models"
         self._client = None
         self._context: int | None = None
         self._context_asked = False
@@ -124,6 +146,8 @@ class Endpoint:
             return self._context
 
     def _ask_context(self) -> int | None:
+        if self.api == "ollama":
+            return None  # /api/tags does not say; Ollama fits the prompt itself
         client, http_error = self._http()
         try:
             models = client.get(self._models).json().get("data") or []
@@ -140,21 +164,28 @@ class Endpoint:
         """The model ids the server's /v1/models lists (none if it has no such route): part of
         what identifies the model behind a URL for the caches of the evaluations."""
         client, http_error = self._http()
+        field, name = ("models", "name") if self.api == "ollama" else ("data", "id")
         try:
-            models = client.get(self._models).json().get("data") or []
-            return [str(m["id"]) for m in models if isinstance(m, dict) and "id" in m]
+            models = client.get(self._models).json().get(field) or []
+            return [str(m[name]) for m in models if isinstance(m, dict) and name in m]
         except (http_error, ValueError, AttributeError):
             return []
 
     def complete(self, prompt: str, n: int, temperature: float, top_p: float, max_tokens: int,
-                 stop: tuple[str, ...] = (), seed: int | None = None) -> list[tuple[str, str]]:
-        """`n` completions of `prompt`: (text cut at the stop strings, finish_reason). While the
-        server answers that prompt + max_tokens exceed its context, max_tokens is halved."""
+                 stop: tuple[str, ...] = (), seed: int | None = None, suffix: str | None = None) -> list[tuple[str, str]]:
+        """`n` completions of `prompt`: (text cut at the stop strings, finish_reason); with a
+        `suffix`, `n` middles between the two. While an OpenAI-compatible server answers that
+        prompt + max_tokens exceed its context, max_tokens is halved."""
+        if self.api == "ollama":
+            return [self._ollama(prompt, suffix, temperature, top_p, max_tokens, stop,
+                                 None if seed is None else seed + j) for j in range(n)]
         context = self.context_length()
         if context:  # the prompt takes at least one token
             max_tokens = max(1, min(max_tokens, context - 1))
         body = {"prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
                 "max_tokens": max_tokens, "stop": list(stop)[:4] if stop else None}
+        if suffix is not None:
+            body["suffix"] = suffix
         if seed is not None:
             body["seed"] = seed
         while True:
@@ -170,8 +201,27 @@ class Endpoint:
             raise PolycoderError(f"{self._completions} returned {len(choices)} choices, asked for {n}")
         return [(cut_at_stop(c["text"], stop), c.get("finish_reason") or "") for c in choices]
 
+    def _ollama(self, prompt: str, suffix: str | None, temperature: float, top_p: float, max_tokens: int,
+                stop: tuple[str, ...], seed: int | None) -> tuple[str, str]:
+        """One sample from Ollama's /api/generate (not streamed)."""
+        options = {"temperature": temperature, "top_p": top_p, "num_predict": max_tokens}
+        if stop:
+            options["stop"] = list(stop)
+        if seed is not None:
+            options["seed"] = seed
+        # raw: the prompt continued as it is; with a suffix the model's template must lay out
+        # the prefix and suffix (its FIM format), so raw is off.
+        body = {"prompt": prompt, "stream": False, "raw": suffix is None, "options": options}
+        if suffix is not None:
+            body["suffix"] = suffix
+        data = self._post(body)
+        return cut_at_stop(str(data.get("response", "")), stop), str(data.get("done_reason") or "")
+
     def score(self, token_ids: list[int]) -> list[float]:
         """Natural-log probabilities of token_ids[1:], each given the tokens before it."""
+        if self.api == "ollama":
+            raise PolycoderError("Ollama gives no log-probabilities of a prompt: score through an "
+                                 "OpenAI-compatible endpoint (llama.cpp's server, vLLM, `polycoder serve`)")
         body = {"prompt": token_ids, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
         try:
             data = self._post(body)

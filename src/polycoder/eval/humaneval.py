@@ -274,11 +274,20 @@ def sample(source: Source, problems: dict[str, dict], out: Path, num_samples: in
 
 def verify(samples: list[dict], problems: dict[str, dict], out: Path, sandbox: Sandbox, limits: str) -> list[dict]:
     """Verdicts of all samples (one a sample, with its model, task, temperature, variant and
-    index); a program already judged under the same limits (OUT/results.jsonl) is not run
-    again, nor is a program twice in one run."""
+    index); see `execute`."""
+    programs = [program_of(problems[s["task_id"]], s["completion"], s["prompt_variant"]) for s in samples]
+    verdicts = execute(programs, [s["task_id"] for s in samples], out, sandbox, limits)
+    return [{"model": s.get("model"), "task_id": s["task_id"], "temperature": s["temperature"],
+             "prompt_variant": s["prompt_variant"], "sample_index": s["sample_index"], **v}
+            for s, v in zip(samples, verdicts)]
+
+
+def execute(programs: list[str], task_ids: list[str], out: Path, sandbox: Sandbox, limits: str) -> list[dict]:
+    """The verdict (verdict, passed, error_type) of each program, run in the sandbox; a program
+    already judged under the same limits (OUT/results.jsonl, where verdicts are appended as
+    they come) is not run again, nor is a program twice in one run."""
     path = out / "results.jsonl"
     done = {(r["program_sha"], r["limits"]): r for r in _read_jsonl(path) if "program_sha" in r and "limits" in r}
-    programs = [program_of(problems[s["task_id"]], s["completion"], s["prompt_variant"]) for s in samples]
     shas = [_digest(p) for p in programs]
     first: dict[str, int] = {}
     for i, sha in enumerate(shas):
@@ -289,8 +298,7 @@ def verify(samples: list[dict], problems: dict[str, dict], out: Path, sandbox: S
     last = time.monotonic()
     with tqdm(total=len(todo), desc="executing", unit="sample", file=sys.stderr) as bar:
         for i, res in sandbox.map([programs[j] for j in todo]):
-            s = samples[todo[i]]
-            row = {"task_id": s["task_id"], "program_sha": shas[todo[i]], "limits": limits,
+            row = {"task_id": task_ids[todo[i]], "program_sha": shas[todo[i]], "limits": limits,
                    "verdict": res.verdict, "passed": res.passed, "error_type": res.error_type,
                    "wall_seconds": res.wall_seconds}
             done[(row["program_sha"], limits)] = row
@@ -300,10 +308,7 @@ def verify(samples: list[dict], problems: dict[str, dict], out: Path, sandbox: S
                 _append_jsonl(path, buffer)
                 buffer, last = [], time.monotonic()
     _append_jsonl(path, buffer)
-    return [{"model": s.get("model"), "task_id": s["task_id"], "temperature": s["temperature"],
-             "prompt_variant": s["prompt_variant"], "sample_index": s["sample_index"],
-             **{k: done[(sha, limits)][k] for k in ("verdict", "passed", "error_type")}}
-            for s, sha in zip(samples, shas)]
+    return [{k: done[(sha, limits)][k] for k in ("verdict", "passed", "error_type")} for sha in shas]
 
 
 def humaneval(

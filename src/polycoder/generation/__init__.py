@@ -4,8 +4,11 @@
   logits with per-row seeded generators;
 - `text`: a sample's text (`Sequence`): stop strings, the end of the document, UTF-8
   held back until whole; `encode_prompt` fits a prompt to the context;
+- `suffix_stop`: where a completion at the cursor ends, from the code after the cursor;
 - `engine`: `Engine`, continuous batching over one preallocated KV cache with the decode
   step of `polycoder.backend` (native CPU kernels, CUDA graphs or PyTorch);
+- `prompt_cache`: recent prompts' KV in a bounded pool, reused by a prompt that shares
+  their token prefix (the server's `--prompt-cache-mb`);
 - `beam`: beam search on the engine's prefill, decode and cache-row copies;
 - `complete`: `generate` and `stream`, the functions to call;
 - `cli`: the `polycoder generate` verb.
@@ -27,6 +30,7 @@ _WHERE = {
     "CacheRows": "engine", "Engine": "engine", "Event": "engine", "prefill": "engine",
     "SamplingParams": "sampling", "resolve_seed": "sampling", "sample_generator": "sampling", "sample_tokens": "sampling",
     "Completion": "text", "FinishReason": "text", "Sequence": "text", "encode_prompt": "text",
+    "SuffixStop": "suffix_stop",
 }
 __all__ = list(_WHERE)
 

@@ -8,7 +8,9 @@ other n-1 samples; `step` samples one token for every active row, retires finish
 decode step for the rest; with `speculate=k`, rows that have a prompt-lookup draft verify up
 to k guessed tokens in that forward pass instead (`polycoder.generation.speculative`).
 Rows join and leave between steps: `generate`, `stream`, the evaluation's sampling and the
-server all run on it. Beam search
+server all run on it. With `prompt_cache_mb`, a prompt's prefill reuses the keys and values
+of the longest token prefix it shares with a recent prompt (`polycoder.generation.prompt_cache`;
+the server turns it on, for editors that resend the file every few keystrokes). Beam search
 (`polycoder.generation.beam`) uses its model calls, `prefill` and `decode`, and the
 cache's row copies directly.
 
@@ -24,12 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from polycoder.backend import Backend, choose
-from polycoder.backend.decode import prefill
+from polycoder.backend.decode import prefill  # noqa: F401  (re-exported by polycoder.generation)
 from polycoder.errors import PolycoderError
+from polycoder.generation.prompt_cache import PromptCache, kv_bytes_per_token, prefill_reusing
 from polycoder.generation.sampling import sample_tokens
 from polycoder.generation.speculative import DraftModel, accept, lookup_draft
 from polycoder.generation.text import Sequence
-from polycoder.model import CacheRows, GPTNeoX
+from polycoder.model import CacheRows, GPTNeoX  # noqa: F401  (CacheRows: re-exported by polycoder.generation)
 from polycoder.tokenizer import Tokenizer
 
 
@@ -50,7 +53,11 @@ class Engine:
     2-core CPU); `static_shapes`: the CUDA-graph step's padded shapes, run eagerly on the CPU
     when True (tests); `speculate`: draft tokens a row verifies a step (0: plain decoding),
     guessed by prompt lookup or, given a `draft_model` (same tokenizer), by that model;
-    `stats` counts the forward passes and the drafted and accepted tokens.
+    `prompt_cache_mb`: megabytes of recent prompts' keys and values kept for the next prompts
+    that share a prefix with them (0: off; with a draft model its cache takes its share, by
+    bytes a token, so that both hold the same prompts); `stats` counts the forward passes,
+    the drafted and accepted tokens, and the prompt tokens prefilled (`prefilled`) and
+    reused from the prompt cache (`reused`).
 
     Speculation pays while the verifying pass costs about what one decode step does: while
     its positions (rows x (drafts + 1)) fit the backend's `verify_positions` (on a CPU, the
@@ -60,7 +67,7 @@ class Engine:
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, compile: bool = False,
                  static_shapes: bool | None = None, backend: Backend | None = None, speculate: int = 0,
-                 draft_model: GPTNeoX | None = None):
+                 draft_model: GPTNeoX | None = None, prompt_cache_mb: float = 0):
         self.model, self.tokenizer = model, tokenizer
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = model.new_cache(max_rows, max_len)
@@ -78,9 +85,18 @@ class Engine:
                                  "(speculate=N, e.g. 4)")
         self.speculate = speculate
         self.verify_positions = self.backend.verify_positions(self.device)
+        if prompt_cache_mb < 0:
+            raise PolycoderError(f"the prompt cache's size must be >= 0 MB (0: off), got {prompt_cache_mb}")
+        pool_bytes = int(prompt_cache_mb * 2**20)
+        draft_bytes = 0
+        if draft_model is not None and pool_bytes:
+            per_token, draft_per_token = kv_bytes_per_token(model), kv_bytes_per_token(draft_model)
+            draft_bytes = pool_bytes * draft_per_token // (per_token + draft_per_token)
+        self.prompt_cache = PromptCache(pool_bytes - draft_bytes) if pool_bytes else None
         # Guesses from a small model with the same tokenizer instead of prompt lookup.
-        self.drafter = DraftModel(draft_model, tokenizer, max_rows, max_len, self.backend) if draft_model else None
-        self.stats = {"forwards": 0, "drafted": 0, "accepted": 0}
+        self.drafter = (DraftModel(draft_model, tokenizer, max_rows, max_len, self.backend,
+                                   PromptCache(draft_bytes) if draft_bytes else None) if draft_model else None)
+        self.stats = {"forwards": 0, "drafted": 0, "accepted": 0, "prefilled": 0, "reused": 0}
 
     @property
     def free_rows(self) -> int:
@@ -91,12 +107,16 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, ids: list[int], row: int, copies: int = 1) -> torch.Tensor:
         """Prompt `ids` into cache row `row` (positions 0..T-1), copied to the next
-        `copies - 1` rows; the next-token logits [1, V], fp32."""
+        `copies - 1` rows; the next-token logits [1, V], fp32. The prompt cache, if on,
+        supplies the longest prefix it holds and keeps the prompt for later ones."""
         T = len(ids)
+        if T == 0:
+            raise PolycoderError("an empty prompt has nothing to continue: send at least one token")
         if T >= self.max_len:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
-        logits = prefill(self.model, torch.tensor([ids], device=self.device), CacheRows(self.cache, row, row + 1),
-                         self.prefill_ops)
+        logits, reused = prefill_reusing(self.model, ids, self.cache, row, self.prefill_ops, self.prompt_cache)
+        self.stats["prefilled"] += T - reused
+        self.stats["reused"] += reused
         self.cache.repeat_row(row, copies, T)  # the other samples copy the prefill
         return logits.float()
 
@@ -110,18 +130,22 @@ class Engine:
     # ---- continuous batching -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def add(self, sequences: list[Sequence]) -> None:
-        """Prefill one prompt once for `sequences` (all share its prompt ids) and join them."""
+    def add(self, sequences: list[Sequence]) -> int:
+        """Prefill one prompt once for `sequences` (all share its prompt ids) and join them;
+        the prompt tokens run through the model (fewer than the prompt's when the prompt
+        cache held a prefix of it)."""
         if not sequences:
-            return
+            return 0
         n, r = len(sequences), len(self.rows)
         if n > self.free_rows:
             raise ValueError(f"{n} rows asked, {self.free_rows} free")
+        before = self.stats["prefilled"]
         logits = self._mask(self.prefill(sequences[0].prompt_ids, r, copies=n)).expand(n, -1)
         if self.drafter is not None:
             self.drafter.start(r, sequences[0].prompt_ids, n, self.prefill_ops)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.rows.extend(sequences)
+        return self.stats["prefilled"] - before
 
     @torch.inference_mode()
     def step(self) -> list[Event]:

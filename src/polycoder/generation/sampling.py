@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from polycoder.errors import PolycoderError
+from polycoder.generation.suffix_stop import SuffixStop
 
 MAX_TOP_K = 2**31 - 1
 """Larger k are no different from no limit, and must fit the engine's int64 tensors with room."""
@@ -40,6 +41,11 @@ class SamplingParams:
     """Stop strings: output is cut before the first occurrence of any of them."""
     stop_at_eod: bool = True
     """End a sample at `<|endoftext|>` (the end of a document)."""
+    stop_ids: tuple[int, ...] = ()
+    """More token ids that end a sample as the end of the document does (never part of the
+    text): the FIM sentinels, when a model fills in the middle."""
+    suffix_stop: SuffixStop | None = None
+    """At the cursor: end where the code after the cursor says (`polycoder.generation.suffix_stop`)."""
     seed: int | None = None
     """Seed for sampling; None draws a fresh one."""
     truncate: bool = False
@@ -51,6 +57,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
+        self.stop_ids = tuple(self.stop_ids)
         if self.max_new_tokens < 0:
             raise PolycoderError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -30,9 +30,9 @@ from collections.abc import Sequence as Seq
 import torch
 
 from polycoder.backend import Backend
-from polycoder.backend.decode import prefill
 from polycoder.errors import PolycoderError
-from polycoder.model import CacheRows, GPTNeoX
+from polycoder.generation.prompt_cache import PromptCache, prefill_reusing
+from polycoder.model import GPTNeoX
 from polycoder.tokenizer import Tokenizer
 
 MAX_NGRAM = 3
@@ -70,10 +70,13 @@ class DraftModel:
     differently), in one pass, then guesses k tokens greedily, a decode step each.
 
     Which tokens its cache holds is kept a row (`seen`), so a rejected guess is simply
-    overwritten: only the prefix it shares with the row's tokens counts.
+    overwritten: only the prefix it shares with the row's tokens counts. With a `pool` (its
+    own prompt cache: its keys and values are not the target's), a prompt's prefill reuses
+    the prefix the pool holds, as the engine's does; without one it prefills in full.
     """
 
-    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, backend: Backend):
+    def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, backend: Backend,
+                 pool: PromptCache | None = None):
         if model.config.vocab_size < tokenizer.vocab_size:
             raise PolycoderError(f"the draft model has {model.config.vocab_size} vocabulary rows but the tokenizer "
                                  f"{tokenizer.vocab_size} tokens: a draft model needs the target's tokenizer")
@@ -81,13 +84,13 @@ class DraftModel:
         self.cache = model.new_cache(max_rows, max_len)
         self.step = backend.decode_step(model, self.cache)
         self.seen: list[list[int]] = [[] for _ in range(max_rows)]
+        self.pool = pool
 
     def start(self, row: int, prompt: list[int], copies: int, ops) -> None:
         """The prompt of rows row .. row + copies - 1, but its last token (fed with the first guesses)."""
         T = len(prompt) - 1
         if T > 0:
-            x = torch.tensor([prompt[:-1]], device=self.cache.k[0].device)
-            prefill(self.model, x, CacheRows(self.cache, row, row + 1), ops)
+            prefill_reusing(self.model, list(prompt[:-1]), self.cache, row, ops, self.pool)
             self.cache.repeat_row(row, copies, T)
         for r in range(row, row + copies):
             self.seen[r] = list(prompt[:-1])

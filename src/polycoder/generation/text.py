@@ -1,5 +1,9 @@
 """A sample's text: stop strings, the end of the document, and UTF-8 held back until whole.
 
+At the cursor, the FIM sentinels end a sample as `<|endoftext|>` does (`stop_ids`), and the
+suffix's stop rule (`polycoder.generation.suffix_stop`) cuts and holds back text as stop
+strings do.
+
 `Sequence` turns one row's tokens into text as they come, holding back text that might be
 the start of a stop string and never emitting half a UTF-8 character; `encode_prompt`
 fits a prompt to the model's context (or says clearly why it does not fit).
@@ -69,6 +73,8 @@ class Sequence:
         self.error: str | None = None  # why, when finish_reason is "error"
         self._decoder = tokenizer.stream_decoder()
         self._eod = tokenizer.eod_id
+        self._stop_ids = frozenset(params.stop_ids)
+        self._rule = params.suffix_stop
         self._max_stop = max((len(s) for s in params.stop), default=0)
 
     @property
@@ -81,7 +87,7 @@ class Sequence:
 
     def push(self, token: int, room_left: bool = True) -> str:
         """Take the next token; returns the text that is now safe to emit (may be "")."""
-        if token == self._eod and self.params.stop_at_eod:
+        if (token == self._eod and self.params.stop_at_eod) or token in self._stop_ids:
             return self._finish("eod")
         self.token_ids.append(token)
         start = max(0, len(self.text) - self._max_stop + 1)
@@ -108,11 +114,15 @@ class Sequence:
         start = max(0, len(self.text) - self._max_stop + 1)
         self.text += self._decoder.flush()
         self.finish_reason = reason
-        self._cut_at_stop(start)
+        self._cut_at_stop(start, final=True)
         return self._take(len(self.text))
 
-    def _cut_at_stop(self, start: int) -> bool:
+    def _cut_at_stop(self, start: int, final: bool = False) -> bool:
         hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if self._rule is not None:
+            at = self._rule.cut(self.text, final)
+            if at is not None:
+                hits.append(at)
         if not hits:
             return False
         self.text = self.text[: min(hits)]
@@ -120,7 +130,12 @@ class Sequence:
         return True
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that could begin a stop string."""
+        """Length of the longest tail of the text that could begin a stop string (or that the
+        suffix's rule could still cut)."""
+        rule = self._rule.held_back(self.text) if self._rule is not None else 0
+        return max(rule, self._stop_held_back())
+
+    def _stop_held_back(self) -> int:
         for n in range(min(self._max_stop - 1, len(self.text)), 0, -1):
             tail = self.text[-n:]
             if any(s.startswith(tail) for s in self.params.stop):

@@ -9,11 +9,19 @@ cache per adapter (simple; the engines share the CPU's cores, each with PyTorch'
 count, so requests to several models at once compete for them; a shared base that applies
 each row's adapter at run time, as vLLM does, would save the memory and the contention):
 
-    GET  /                  playground page (type code, pick settings, watch it stream)
+    GET  /                  playground: a small code editor completing at the caret (see playground)
     GET  /health            {"status": "ok", ...} while the engine runs (503 otherwise)
     GET  /metrics           Prometheus text format
     GET  /v1/models         POST /v1/completions          (OpenAI, see openai_api)
     POST /api/generate      GET /api/tags  POST /api/show  GET /api/version  (Ollama, see ollama_api)
+    POST /infill            llama.cpp's fill-in-the-middle route (llama.vscode, llama.vim; see infill_api)
+
+At the cursor: `suffix` on /v1/completions and /api/generate, and /infill, fill in the
+middle on a model with FIM tokens (`polycoder finetune --fim`); the prompt is laid out by
+`--fim-order` (SPM by default, the prefix last), ends on EOD or any FIM sentinel and, by
+default, where the code after the cursor starts (`--stop-at-suffix`; the rule is in
+polycoder.generation.suffix_stop). A model without FIM tokens refuses a suffix as each API
+does, unless `--suffix-fallback prefix-only` (see at_cursor).
 
 Bound to 127.0.0.1 unless told otherwise. With an API key (`--api-key`, or the
 POLYCODER_API_KEY environment variable so it stays out of `ps`), every model route needs
@@ -38,15 +46,14 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polycoder.config import PRESETS
@@ -59,6 +66,9 @@ if TYPE_CHECKING:
     from polycoder.serve.common import ServerSettings, ServerState
 
 log = logging.getLogger("polycoder.serve")
+PROMPT_CACHE_MB = 1024
+"""Default prompt cache a served model: 1 GiB holds about 14,000 tokens of PolyCoder-160M in fp32
+(72 KiB a token), 3,200 of PolyCoder-2.7B in fp16 (320 KiB a token): an editor's file and a few more."""
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -99,13 +109,13 @@ class RequestContext:
 
 def _route(path: str) -> str:
     """Metric label of a path (known routes only, so labels stay few)."""
-    known = ("/v1/completions", "/v1/models", "/api/generate", "/api/tags", "/api/show", "/api/version",
-             "/api/ps", "/health", "/metrics", "/")
+    known = ("/v1/completions", "/v1/models", "/infill", "/api/generate", "/api/tags", "/api/show", "/api/version",
+             "/api/ps", "/health", "/metrics", "/", "/playground/editor.js", "/playground/highlight")
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
 
 def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metrics: Metrics,
-            draft_model=None) -> "ServerState":
+            draft_model=None, prompt_cache_mb: float = 0) -> "ServerState":
     """One served model: its engine thread (not started) and state."""
     from polycoder.serve.common import ServerState
     from polycoder.serve.engine_loop import EngineLoop
@@ -113,23 +123,25 @@ def _served(model, tokenizer, settings: "ServerSettings", model_path: str, metri
     context = min(settings.max_context or model.config.block_size, model.config.block_size)
     engine = EngineLoop(model, tokenizer, max_rows=settings.max_batch_size, max_len=context,
                         max_queue=settings.max_queue, metrics=metrics, prefill_budget=settings.prefill_budget,
-                        speculate=settings.speculate, draft_model=draft_model)
+                        speculate=settings.speculate, draft_model=draft_model, prompt_cache_mb=prompt_cache_mb)
     return ServerState(model, tokenizer, settings, engine, metrics, context, model_path)
 
 
-def create_app(model, tokenizer, settings=None, model_path: str = "", more: list[tuple] = (), draft_model=None):
+def create_app(model, tokenizer, settings=None, model_path: str = "", more: list[tuple] = (), draft_model=None,
+               prompt_cache_mb: float = PROMPT_CACHE_MB):
     """The FastAPI app serving `model` (and `more`: (name, model, tokenizer, path) tuples, each
     served under its name); the engine threads run while the app's lifespan does.
+    `prompt_cache_mb`: each served model's prompt cache (`serve --prompt-cache-mb`).
 
     Limit: the models share one metrics registry, so the queue-depth and active-row gauges
     show whichever engine stepped last; the counters and histograms add up all of them."""
-    from polycoder.serve import ollama_api, openai_api
+    from polycoder.serve import infill_api, ollama_api, openai_api, playground
     from polycoder.serve.common import APIError, ServedModels, ServerSettings
 
     settings = settings or ServerSettings()
     metrics = Metrics()
-    served = ServedModels([_served(model, tokenizer, settings, model_path, metrics, draft_model)]
-                          + [_served(m, t, replace(settings, model_name=n), p, metrics, draft_model)
+    served = ServedModels([_served(model, tokenizer, settings, model_path, metrics, draft_model, prompt_cache_mb)]
+                          + [_served(m, t, replace(settings, model_name=n), p, metrics, draft_model, prompt_cache_mb)
                              for n, m, t, p in more])
     state = served.default
     engine, context = state.engine, state.context
@@ -162,6 +174,9 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     def render(request: Request, e: APIError) -> JSONResponse:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+        if request.url.path == "/infill":  # llama.cpp's error object
+            return JSONResponse({"error": {"code": e.status, "message": e.message, "type": e.kind}},
+                                status_code=e.status, headers=e.headers)
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},
                             status_code=e.status, headers=e.headers)
 
@@ -198,15 +213,10 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    page = resources.files("polycoder.serve").joinpath("playground.html").read_text(encoding="utf-8")
-
-    @app.get("/", response_class=HTMLResponse)
-    async def playground():
-        return HTMLResponse(page.replace("{{MODEL}}", settings.model_name)
-                            .replace("{{AUTH}}", "true" if settings.api_key else "false"))
-
+    app.include_router(playground.router(state, auth))
     app.include_router(openai_api.router(served, auth))
     app.include_router(ollama_api.router(served, auth))
+    app.include_router(infill_api.router(served, auth))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
@@ -226,10 +236,14 @@ def serve(
     prefill_budget: int = 512,
     speculate: int = 0,
     draft_model: str | None = None,
+    prompt_cache_mb: float = PROMPT_CACHE_MB,
     model_name: str | None = None,
     adapter: list[str] | None = None,
     cors_origin: list[str] | None = None,
     max_request_bytes: int = 2 << 20,
+    fim_order: Literal["spm", "psm"] = "spm",
+    stop_at_suffix: bool = True,
+    suffix_fallback: Literal["off", "prefix-only"] = "off",
     log_level: str = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI- and Ollama-compatible completions with continuous batching.
@@ -249,12 +263,22 @@ def serve(
             (polycoder_speculative_* metrics count them).
         draft_model: with --speculate, guess with this small model of the same tokenizer instead of prompt lookup
             (one copy, shared by the served models' engines).
+        prompt_cache_mb: megabytes of recent prompts' keys and values kept so that a prompt sharing a
+            prefix with one of them (an editor's next keystroke) prefills only the rest (0: off; least
+            recently used evicted; on the model's device, for each served model; a draft model's share
+            included; polycoder_prompt_cache_* metrics).
         model_name: the model id clients use (default: the last part of --model: a folder's or hub id's name).
         adapter: also serve a LoRA adapter over --model as NAME=FOLDER (or FOLDER, named after it; repeatable);
             a request's model field picks it. Each is merged into its own copy of the model: memory grows by
             one model and one KV cache per adapter.
         cors_origin: allow browser pages from this origin (repeatable; default: no CORS).
         max_request_bytes: largest request body in bytes; larger ones get a 413 before they are read.
+        fim_order: how at-cursor prompts (suffix, /infill) lay out prefix and suffix: spm puts the prefix last,
+            so the rest of the prompt stays the same while the user types; psm.
+        stop_at_suffix: end at-cursor completions at the first newline when the cursor is mid-line, else before a
+            generated line equal to the suffix's first non-blank line (a request's stop_at_suffix overrides).
+        suffix_fallback: a model without FIM tokens given a suffix: off refuses it (as Ollama and llama.cpp do);
+            prefix-only completes the prefix alone and says the suffix was ignored.
         log_level: debug, info, warning or error.
     """
     from polycoder.checkpoint import load, load_model
@@ -265,6 +289,8 @@ def serve(
         raise PolycoderError(f"unknown log level {log_level!r}; choose debug, info, warning or error")
     if not 0 <= port < 65536:
         raise PolycoderError(f"port must be in 0..65535, got {port}")
+    if prompt_cache_mb < 0:
+        raise PolycoderError(f"--prompt-cache-mb must be >= 0 (0: off), got {prompt_cache_mb}")
     api_key = api_key if api_key is not None else (os.environ.get("POLYCODER_API_KEY") or None)
     if options.random_init and options.model is not None and str(options.model) in PRESETS:
         path, name = str(options.model), str(options.model)
@@ -273,7 +299,8 @@ def serve(
         options = replace(options, model=path)  # a hub id is fetched once, here
     settings = ServerSettings(model_name=model_name or name, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_context=max_context, prefill_budget=prefill_budget, speculate=speculate, api_key=api_key,
-                              cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes)
+                              cors_origins=tuple(cors_origin or ()), max_request_bytes=max_request_bytes,
+                              fim_order=fim_order, stop_at_suffix=stop_at_suffix, suffix_fallback=suffix_fallback)
     adapters = _adapters(adapter or [], settings.model_name, options)  # checked before any model is loaded
     if draft_model is not None:
         resolve(draft_model)  # checked before any model is loaded, too
@@ -286,7 +313,7 @@ def serve(
     draft = None
     if draft_model is not None:
         draft, _ = load(replace(options, model=draft_model, quantize=None, random_init=False))
-    app = create_app(net, tok, settings, model_path=path, more=more, draft_model=draft)
+    app = create_app(net, tok, settings, model_path=path, more=more, draft_model=draft, prompt_cache_mb=prompt_cache_mb)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

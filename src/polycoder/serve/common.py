@@ -29,11 +29,14 @@ from typing import Any
 from fastapi import Request
 
 from polycoder.errors import PolycoderError
+from polycoder.fim import ORDERS
 from polycoder.generation.sampling import MAX_TOP_K
 from polycoder.model import GPTNeoX
 from polycoder.serve.engine_loop import EngineLoop
 from polycoder.serve.metrics import Metrics
 from polycoder.tokenizer import Tokenizer
+
+SUFFIX_FALLBACKS = ("off", "prefix-only")
 
 
 @dataclass
@@ -62,6 +65,15 @@ class ServerSettings:
     """If set, every model route needs `Authorization: Bearer <api_key>`."""
     cors_origins: tuple[str, ...] = ()
     """Origins allowed by CORS (empty: no CORS headers at all)."""
+    fim_order: str = "spm"
+    """How an at-cursor prompt lays out prefix and suffix (`polycoder.fim`): "spm" puts the
+    prefix last, so a prompt cache keeps all but its end while the user types; "psm"."""
+    suffix_fallback: str = "off"
+    """A model without FIM tokens given a suffix: "off" refuses it (each API's error),
+    "prefix-only" completes the prefix alone and says the suffix was ignored."""
+    stop_at_suffix: bool = True
+    """End at-cursor completions where the suffix says (`polycoder.generation.suffix_stop`);
+    a request may say otherwise (`stop_at_suffix`)."""
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins or ())
@@ -72,6 +84,11 @@ class ServerSettings:
                 raise PolycoderError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise PolycoderError(f"max_context must be at least 2 tokens, got {self.max_context}")
+        if self.fim_order not in ORDERS:
+            raise PolycoderError(f"fim_order must be one of {', '.join(ORDERS)}, got {self.fim_order!r}")
+        if self.suffix_fallback not in SUFFIX_FALLBACKS:
+            raise PolycoderError(f"suffix_fallback must be one of {', '.join(SUFFIX_FALLBACKS)}, "
+                                 f"got {self.suffix_fallback!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise PolycoderError("the API key must not be empty or blank")
 

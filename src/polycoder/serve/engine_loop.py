@@ -28,6 +28,12 @@ model over prompt + completion after a sample finishes (`score_tokens`): they ar
 model's (full vocabulary, before temperature / top-p), the same numbers a direct
 `log_softmax(model(ids))` gives. Cost: one extra prefill-sized forward per such sample.
 
+Prompt cache (`prompt_cache_mb`, `polycoder.generation.prompt_cache`): each prompt's keys and
+values are kept after its prefill, so the next prompt that starts with the same tokens (an
+editor's next keystroke) prefills only what follows them, and the prefill budget counts
+only those tokens. A cancelled request's prompt stays cached: it was stored when it was
+prefilled, and cancelling only frees its rows (before the next step).
+
 Limits: one model and one engine thread per loop (a server with adapters runs one loop per
 served model, each with its own weights and cache; scale out with replicas behind a
 balancer); a long prompt's prefill holds up the decode step of the others while it runs
@@ -192,15 +198,16 @@ class EngineLoop:
     """Runs `Engine` in a thread and serves `Job`s submitted from an asyncio loop."""
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, max_rows: int, max_len: int, max_queue: int,
-                 metrics: Any = None, prefill_budget: int = 512, speculate: int = 0, draft_model: Any = None):
+                 metrics: Any = None, prefill_budget: int = 512, speculate: int = 0, draft_model: Any = None,
+                 prompt_cache_mb: float = 0):
         self.model, self.tokenizer = model, tokenizer
         # Prompt tokens prefilled between two decode steps (at least one prompt always joins):
         # admitting a burst of 32 prompts at once would stall every running stream for the
         # whole burst; spreading them keeps tokens flowing to those already admitted.
         self.prefill_budget = prefill_budget
         self.engine = Engine(model, tokenizer, max_rows=max_rows, max_len=max_len, speculate=speculate,
-                             draft_model=draft_model)
-        self._counted = dict(self.engine.stats)  # the engine's speculation counters already in the metrics
+                             draft_model=draft_model, prompt_cache_mb=prompt_cache_mb)
+        self._counted = self._counters()  # the engine's counters already in the metrics
         self.max_queue = max_queue
         self.metrics = metrics
         self._waiting: collections.deque[Job] = collections.deque()
@@ -264,6 +271,12 @@ class EngineLoop:
         self._fail_all("the server is shutting down")
 
     def _iterate(self) -> None:
+        try:
+            self._iterate_once()
+        finally:
+            self._export()  # also when every row just left (cancelled): the gauges show it at once
+
+    def _iterate_once(self) -> None:
         engine = self.engine
         gone = engine.cancel(lambda s: s.tag.job.cancelled)
         if gone and self.metrics is not None:
@@ -281,10 +294,6 @@ class EngineLoop:
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_rows.observe(len(events))
-            stats = engine.stats
-            self.metrics.drafted_tokens.inc(stats["drafted"] - self._counted["drafted"])
-            self.metrics.accepted_tokens.inc(stats["accepted"] - self._counted["accepted"])
-            self._counted = dict(stats)
         for e in events:
             choice: Choice = e.sequence.tag
             job = choice.job
@@ -298,7 +307,6 @@ class EngineLoop:
                 job._emit(("text", choice.index, e.text))
             if e.finished:
                 self._finish(e.sequence)
-        self._gauge()
 
     def _admit(self) -> None:
         """Move waiting samples into the batch while rows are free, sharing them fairly
@@ -329,7 +337,8 @@ class EngineLoop:
 
     def _admit_chunk(self, job: Job, allowance: int) -> tuple[int, int] | None:
         """Admit the next chunk of `job`'s samples (at most `allowance` rows): (prompt tokens
-        prefilled, rows taken), or None when it can take no row now."""
+        prefilled, those the prompt cache supplied not counted; rows taken), or None when it
+        can take no row now."""
         n = job.params.num_samples
         p, j = job.next_sample
         scoring_only = job.params.max_new_tokens == 0  # echo + logprobs with max_tokens 0: no row needed
@@ -338,13 +347,14 @@ class EngineLoop:
             return None
         seqs = [Sequence(job.prompts[p], job.params, self.tokenizer, sample_generator(job.seed, p, k),
                          tag=Choice(job, p * n + k, p)) for k in range(j, j + chunk)]
+        computed = len(job.prompts[p])
         if scoring_only:
             for s in seqs:
                 s.finish("length")
             self._scoring.extend(seqs)
         else:
             try:
-                self.engine.add(seqs)
+                computed = self.engine.add(seqs)
             except Exception as e:
                 job._fail(str(e))
         job.next_sample = (p, j + chunk) if j + chunk < n else (p + 1, 0)
@@ -352,7 +362,7 @@ class EngineLoop:
             with self._cond:
                 if job in self._waiting:
                     self._waiting.remove(job)
-        return len(job.prompts[p]), 0 if scoring_only else chunk
+        return computed, 0 if scoring_only else chunk
 
     def _finish(self, s: Sequence) -> None:
         choice: Choice = s.tag
@@ -386,7 +396,36 @@ class EngineLoop:
             job._emit(("error", message))
         self._gauge()
 
+    def _pools(self) -> list:
+        """The prompt caches: the engine's, and its draft model's if it has one."""
+        drafter = self.engine.drafter
+        return [p for p in (self.engine.prompt_cache, drafter.pool if drafter else None) if p is not None]
+
+    def _counters(self) -> dict[str, int]:
+        """The engine's running counts that the metrics export (speculation, prefill, prompt cache)."""
+        counts = dict(self.engine.stats)
+        pool = self.engine.prompt_cache  # the target model's pool decides what is a hit
+        counts["hits"], counts["misses"] = (pool.stats["hits"], pool.stats["misses"]) if pool else (0, 0)
+        counts["evictions"] = sum(p.stats["evictions"] for p in self._pools())
+        return counts
+
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.active_rows.set(len(self.engine.rows))
+
+    def _export(self) -> None:
+        """The gauges, and the engine's counts since the last export (engine thread only)."""
+        self._gauge()
+        if self.metrics is None:
+            return
+        m = self.metrics
+        counts = self._counters()
+        for name, key in (("drafted_tokens", "drafted"), ("accepted_tokens", "accepted"),
+                          ("prefill_tokens", "prefilled"), ("prefill_reused_tokens", "reused"),
+                          ("prompt_cache_hits", "hits"), ("prompt_cache_misses", "misses"),
+                          ("prompt_cache_evictions", "evictions")):
+            getattr(m, name).inc(counts[key] - self._counted[key])
+        self._counted = counts
+        m.prompt_cache_bytes.set(sum(p.nbytes for p in self._pools()))
+        m.prompt_cache_entries.set(len(self.engine.prompt_cache or ()))

@@ -2,8 +2,11 @@
 
 Built on `prometheus_client` with a registry per app (so several apps in one process, as
 in tests, do not collide). What is counted: requests by route and status, prompt and
-generated tokens, the waiting line's depth, the rows in the running batch, and histograms
-of request latency, time to first token, decode step time and batch size.
+generated tokens, the waiting line's depth, the rows in the running batch, histograms
+of request latency, time to first token, decode step time and batch size, speculation's
+drafted and accepted tokens, and the prompt cache: prompts that reused a cached prefix
+(hits) or not (misses), prompt tokens prefilled and reused, the pool's bytes and entries,
+and evictions.
 """
 
 from __future__ import annotations
@@ -45,6 +48,25 @@ class Metrics:
         self.drafted_tokens = Counter("polycoder_speculative_drafted_tokens", "Draft tokens verified", registry=r)
         self.accepted_tokens = Counter("polycoder_speculative_accepted_tokens", "Draft tokens the model kept",
                                        registry=r)
+
+        # Prompt cache (serve --prompt-cache-mb): reused / (prefilled + reused) is the share of
+        # prompt tokens it saved; with the cache off every prompt token counts as prefilled.
+        self.prompt_cache_hits = Counter("polycoder_prompt_cache_hits",
+                                         "Prompts whose prefill reused a cached prefix", registry=r)
+        self.prompt_cache_misses = Counter("polycoder_prompt_cache_misses",
+                                           "Prompts that found no cached prefix (prompt cache on)", registry=r)
+        self.prefill_tokens = Counter("polycoder_prefill_tokens", "Prompt tokens run through the model",
+                                      registry=r)
+        self.prefill_reused_tokens = Counter("polycoder_prefill_reused_tokens",
+                                             "Prompt tokens whose keys and values came from the prompt cache",
+                                             registry=r)
+        self.prompt_cache_bytes = Gauge("polycoder_prompt_cache_bytes",
+                                        "Bytes of keys and values the prompt cache holds (a draft model's too)",
+                                        registry=r)
+        self.prompt_cache_entries = Gauge("polycoder_prompt_cache_entries", "Prompts the prompt cache holds",
+                                          registry=r)
+        self.prompt_cache_evictions = Counter("polycoder_prompt_cache_evictions",
+                                              "Prompts evicted from the prompt cache to make room", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,9 +10,19 @@ repeat_penalty, ...) are accepted and ignored, as Ollama does with options a mod
 not use. `context` (the ids a previous answer returned) is put before the prompt. An empty
 prompt answers at once with `done_reason: "load"`, as Ollama's "load the model" call.
 
+`suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
+`polycoder.serve.at_cursor` says); `options.stop_at_suffix` switches the suffix's stop
+rule per request. A model without FIM tokens answers Ollama's own 400, "<model> does not
+support insert", unless the server falls back to the prefix alone (`--suffix-fallback
+prefix-only`; the final object's `warning` says so). `/api/show` gives a FIM model a
+template that names `.Suffix` and the "insert" capability: Continue's Ollama provider
+looks for `.Suffix` in the template to decide that a model can fill in the middle.
+
 Limits: PolyCoder has no chat template, so `system` and `template` are ignored and the
-prompt is always raw; `suffix`, `images` and `format` are refused with a 400. Errors are
-Ollama's `{"error": "message"}` with the HTTP status.
+prompt is always raw. So `raw` changes nothing, a deviation: Ollama with `raw: true`
+leaves the suffix out of the prompt (its template is what places it), while here the
+suffix is the one way to ask for the middle and is always used. `images` and `format`
+are refused with a 400. Errors are Ollama's `{"error": "message"}` with the HTTP status.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder import __version__ as polycoder_version
 from polycoder.generation import SamplingParams, resolve_seed
+from polycoder.serve.at_cursor import SUFFIX_IGNORED, can_infill, check_text, cursor_prompt, falls_back
 from polycoder.serve.common import (
     APIError,
     ServedModels,
@@ -83,7 +94,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             "license": "MIT",
             "modelfile": f"# served by polycoder {polycoder_version}\nFROM {state.model_path}\n",
             "parameters": "",
-            "template": "{{ .Prompt }}",
+            "template": template(state),
             "details": model_entry(state)["details"],
             "model_info": {
                 "general.architecture": "gptneox", "general.parameter_count": state.model.num_parameters(),
@@ -92,7 +103,7 @@ def router(served: ServedModels, auth) -> APIRouter:
                 "gptneox.feed_forward_length": c.intermediate_size, "gptneox.vocab_size": c.vocab_size,
                 "gptneox.rope.freq_base": c.rope_base,
             },
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "insert"] if can_infill(state) else ["completion"],
             "modified_at": datetime.fromtimestamp(state.created, timezone.utc).isoformat().replace("+00:00", "Z"),
         }
 
@@ -104,7 +115,12 @@ def router(served: ServedModels, auth) -> APIRouter:
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise APIError(400, "prompt must be a string", param="prompt")
-        for name in ("suffix", "images", "format"):
+        suffix = check_text(body.get("suffix"), "suffix")
+        if suffix and not (can_infill(state) or falls_back(state)):
+            model = body.get("model") or state.settings.model_name
+            raise APIError(400, f"{model if ':' in model else model + ':latest'} does not support insert",
+                           param="suffix")  # Ollama's words, for clients that look for them
+        for name in ("images", "format"):
             if body.get(name):
                 raise APIError(400, f"{name} is not supported by PolyCoder (a left-to-right code model); leave it out",
                                param=name)
@@ -116,12 +132,20 @@ def router(served: ServedModels, auth) -> APIRouter:
             raise APIError(400, "options must be an object", param="options")
         stream = get_bool(body, "stream", True)
         name = body.get("model") or state.settings.model_name
-        if not prompt and not context:
+        if not prompt and not context and not suffix:
             return JSONResponse({"model": name, "created_at": now(), "response": "", "done": True,
                                  "done_reason": "load"})
         num_predict = get_int(options, "num_predict", -1, -2)
         check_ids(state, context, "context")
-        ids = await prompt_ids(state, prompt, max(num_predict, 0), prefix=context)
+        rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
+        at = None
+        if suffix:
+            at = await cursor_prompt(state, prompt, suffix, max(num_predict, 0), before=context, request_id=rid,
+                                     limit_name="num_predict",
+                                     stop_at_suffix=get_bool(options, "stop_at_suffix", state.settings.stop_at_suffix))
+            ids = at.ids
+        else:
+            ids = await prompt_ids(state, prompt, max(num_predict, 0), prefix=context)
         if num_predict < 0:  # -1 / -2: until the end of the document or a full context
             num_predict = max(1, state.context - len(ids))
             check_fits(state, ids, num_predict)
@@ -132,8 +156,11 @@ def router(served: ServedModels, auth) -> APIRouter:
             top_k=get_top_k(options, 40),
             stop=get_stop(options),
             seed=get_seed(options),
+            stop_ids=at.stop_ids if at else (),
+            suffix_stop=at.suffix_stop if at else None,
         )
-        rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
+        warning = {"warning": SUFFIX_IGNORED} if at and at.suffix_ignored else {}
+        headers = at.headers if at else {}
         job = submit(state, Job(rid, [ids], params, resolve_seed(params.seed)))
         t_queued = time.perf_counter_ns()
 
@@ -144,10 +171,10 @@ def router(served: ServedModels, auth) -> APIRouter:
                     "done_reason": FINISH[o.finish_reason], "context": ids + o.token_ids,
                     "total_duration": t_end - t0, "load_duration": 0,
                     "prompt_eval_count": len(ids), "prompt_eval_duration": max(0, first - t_queued),
-                    "eval_count": o.generated_tokens, "eval_duration": max(0, t_end - first)}
+                    "eval_count": o.generated_tokens, "eval_duration": max(0, t_end - first), **warning}
 
         if stream:
-            return StreamingResponse(ndjson(job, name, final), media_type="application/x-ndjson")
+            return StreamingResponse(ndjson(job, name, final), media_type="application/x-ndjson", headers=headers)
         watcher = asyncio.create_task(watch_disconnect(request, job))
         pieces, outcome = [], None
         try:
@@ -159,7 +186,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         finally:
             watcher.cancel()
             job.cancel()
-        return JSONResponse({**final(outcome), "response": "".join(pieces)})
+        return JSONResponse({**final(outcome), "response": "".join(pieces)}, headers=headers)
 
     return api
 
@@ -176,6 +203,16 @@ async def ndjson(job: Job, name: str, final) -> AsyncIterator[str]:
             yield json.dumps({"error": e.message}) + "\n"
     finally:
         job.cancel()
+
+
+def template(state: ServerState) -> str:
+    """The Go template Ollama would apply: what our prompt building does, in its words (a FIM
+    model's names `.Suffix`, which is how Continue tells that a model fills in the middle)."""
+    if not can_infill(state):
+        return "{{ .Prompt }}"
+    body = ("<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>" if state.settings.fim_order == "psm"
+            else "<fim_prefix><fim_suffix>{{ .Suffix }}<fim_middle>{{ .Prompt }}")
+    return "{{- if .Suffix }}" + body + "{{- else }}{{ .Prompt }}{{- end }}"
 
 
 def model_entry(state: ServerState) -> dict:

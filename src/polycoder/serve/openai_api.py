@@ -9,12 +9,18 @@ of text, each choice's `finish_reason` in a last chunk of its own, then `data: [
 alternatives per token; with `echo` and `max_tokens` 0 it scores a prompt, as evaluation
 harnesses do) and `usage`. `top_k` is accepted as an extension (as vLLM does).
 
-Refused with a 400 that says why: `suffix` (fill-in-the-middle: PolyCoder was not trained
-for it), `best_of` other than n, non-zero presence/frequency penalties, `logit_bias`, and
-`logprobs` together with `stream`. `finish_reason` is "stop" for a stop string or the end
-of a document and "length" for max_tokens or a full context. Log-probabilities are those
-of the raw model over its whole vocabulary (before temperature and top-p), and a token
-that is part of a UTF-8 character shows as U+FFFD in `tokens`.
+`suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
+`polycoder.serve.at_cursor` says: one text prompt, no `echo`; `stop_at_suffix` (default
+the server's `--stop-at-suffix`) switches the suffix's stop rule per request). A model
+without FIM tokens refuses a suffix with a 400 naming the fix, unless the server falls
+back to the prefix alone (`--suffix-fallback prefix-only`: the `warning` field says so).
+
+Refused with a 400 that says why: `best_of` other than n, non-zero presence/frequency
+penalties, `logit_bias`, and `logprobs` together with `stream`. `finish_reason` is "stop"
+for a stop string, the end of a document or the suffix's stop rule, and "length" for
+max_tokens or a full context. Log-probabilities are those of the raw model over its whole
+vocabulary (before temperature and top-p), and a token that is part of a UTF-8 character
+shows as U+FFFD in `tokens`.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder.generation import SamplingParams, resolve_seed
+from polycoder.serve.at_cursor import SUFFIX_IGNORED, can_infill, check_text, cursor_prompt, falls_back
 from polycoder.serve.common import (
     APIError,
     ServedModels,
@@ -142,9 +150,12 @@ def router(served: ServedModels, auth) -> APIRouter:
     async def completions(request: Request):
         body = await read_json(request, served.default)
         state = served.pick(body.get("model"), "openai")
-        if body.get("suffix") not in (None, ""):
-            raise APIError(400, "suffix (fill-in-the-middle) is not supported: PolyCoder was trained left to right "
-                           "only; send the code before the cursor as the prompt", param="suffix")
+        suffix = check_text(body.get("suffix"), "suffix")
+        if suffix and not (can_infill(state) or falls_back(state)):
+            raise APIError(400, "suffix (fill-in-the-middle) needs a model trained for it, and this one has no FIM "
+                           "tokens: fine-tune one with `polycoder finetune --fim`, or start the server with "
+                           "--suffix-fallback prefix-only to complete the prompt alone", param="suffix",
+                           code="fim_not_supported")
         for name in ("presence_penalty", "frequency_penalty"):
             if get_float(body, name, 0.0, -2.0, 2.0) != 0.0:
                 raise APIError(400, f"{name} is not supported; leave it out or set it to 0", param=name)
@@ -167,8 +178,19 @@ def router(served: ServedModels, auth) -> APIRouter:
         if len(prompts) > state.settings.max_prompts:
             raise APIError(400, f"at most {state.settings.max_prompts} prompts per request, got {len(prompts)}",
                            param="prompt")
-        ids = [await prompt_ids(state, p, params.max_new_tokens) for p in prompts]
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
+        headers, warning = {}, None
+        if suffix:
+            if len(prompts) != 1 or not isinstance(prompts[0], str) or echo:
+                raise APIError(400, "suffix needs one text prompt (the code before the cursor) and no echo",
+                               param="suffix")
+            at = await cursor_prompt(state, prompts[0], suffix, params.max_new_tokens, request_id=rid,
+                                     stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
+            params = replace(params, stop_ids=at.stop_ids, suffix_stop=at.suffix_stop)
+            ids, headers = [at.ids], at.headers
+            warning = SUFFIX_IGNORED if at.suffix_ignored else None
+        else:
+            ids = [await prompt_ids(state, p, params.max_new_tokens) for p in prompts]
         job = submit(state, Job(rid, ids, params, resolve_seed(params.seed), logprobs=logprobs, echo=echo))
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
                 "model": state.settings.model_name}
@@ -176,7 +198,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         if stream:
             return StreamingResponse(stream_events(state, job, head, echoes, include_usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
             outcomes: dict[int, Outcome] = {}
@@ -195,7 +217,9 @@ def router(served: ServedModels, auth) -> APIRouter:
                 lp = logprobs_object(state, o.scores)
             choices.append({"index": i, "text": prefix + o.text, "logprobs": lp,
                             "finish_reason": FINISH[o.finish_reason]})
-        return JSONResponse({**head, "choices": choices, "usage": usage(ids, outcomes.values())})
+        extra = {"warning": warning} if warning else {}
+        return JSONResponse({**head, "choices": choices, "usage": usage(ids, outcomes.values()), **extra},
+                            headers=headers)
 
     return api
 

@@ -1,0 +1,155 @@
+"""The figures and report of `eval infilling`: infilling.json, infilling.md and infilling.png.
+
+`summarize` pools scored samples by (model, task set, mode): pass@1 by the unbiased
+estimator (`polycoder.eval.passk`, the mean pass rate of each task's samples) for the
+HumanEval sets, and for every set the mean exact match and edit similarity of the answers
+against the removed middle; line infilling also per language. `write_report` puts the modes
+side by side: one table for the HumanEval sets (rows: model and task set), one for line
+infilling (rows: model and language, then all languages pooled), the notes of the run (a
+model asked prefix-only for want of FIM tokens), how answers were read, and what each model
+is; the plot shows the same two views as bars.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from polycoder.eval.infilling_tasks import MODES, TASK_SETS
+from polycoder.eval.passk import pass_at_k
+from polycoder.files import write_text
+
+
+def _figures(rows: list[dict]) -> dict:
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        if "passed" in r:
+            per_task[r["task_id"]].append(bool(r["passed"]))
+    fig = {"tasks": len({r["task_id"] for r in rows}), "samples": len(rows),
+           "exact_match": sum(r["exact_match"] for r in rows) / len(rows),
+           "edit_similarity": sum(r["edit_similarity"] for r in rows) / len(rows),
+           "refused": sum(bool(r.get("refused")) for r in rows)}
+    if per_task:
+        fig.update(pass_at_k([(len(v), sum(v)) for v in per_task.values()], [1]),
+                   verdicts=dict(Counter(r["verdict"] for r in rows if "verdict" in r)),
+                   error_types=dict(Counter(r["error_type"] for r in rows if r.get("error_type")).most_common(10)))
+    return fig
+
+
+def _modes(rows: list[dict]) -> list[str]:
+    seen = list(dict.fromkeys(r["mode"] for r in rows))
+    return [m for m in MODES if m in seen] + [m for m in seen if m not in MODES]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Figures per (model, task set, mode), and per (model, mode, language) for line infilling."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    modes = _modes(rows)
+    runs: dict[tuple, list[dict]] = defaultdict(list)
+    languages: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        runs[(r["model"], r["task_set"], r["mode"])].append(r)
+        if r["task_set"] == "lines":
+            languages[(r["model"], r["mode"], r["language"])].append(r)
+            languages[(r["model"], r["mode"], "all")].append(r)
+    return {
+        "runs": [{"model": m, "task_set": s, "mode": mode, **_figures(runs[(m, s, mode)])}
+                 for m in models for s in TASK_SETS for mode in modes if (m, s, mode) in runs],
+        "languages": [{"model": m, "mode": mode, "language": lang, **_figures(rs)}
+                      for (m, mode, lang), rs in sorted(languages.items(), key=lambda kv: (
+                          models.index(kv[0][0]), kv[0][2] == "all", kv[0][2], modes.index(kv[0][1])))],
+        "modes": modes, "samples": len(rows),
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _table(items: list[dict], keys: list[str], modes: list[str], figures: list[tuple[str, str]]) -> list[str]:
+    """One row a distinct value of `keys`, one column a (figure, mode)."""
+    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for it in items:
+        cells[tuple(it[k] for k in keys)][it["mode"]] = it
+    head = [k.replace("_", " ") for k in keys] + ["tasks"] + [f"{name} {m}" for _, name in figures for m in modes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|" * (1 + len(figures) * len(modes))]
+    for row_key, by_mode in cells.items():
+        tasks = max(it["tasks"] for it in by_mode.values())
+        values = [_pct(by_mode[m].get(f)) if m in by_mode else "-" for f, _ in figures for m in modes]
+        lines.append("| " + " | ".join([*map(str, row_key), str(tasks), *values]) + " |")
+    return lines
+
+
+def write_report(summary: dict, out: Path) -> None:
+    """infilling.json, infilling.md and infilling.png in OUT."""
+    write_text(out / "infilling.json", json.dumps(summary, indent=2) + "\n")
+    modes = summary["modes"]
+    humaneval = [r for r in summary["runs"] if r["task_set"] != "lines"]
+    lines = [f"# Fill-in-the-middle: {', '.join(summary['models'])}", ""]
+    if humaneval:
+        lines += ["## HumanEval infilling", "",
+                  "pass@1, exact match and edit similarity of the answer to the removed middle, in %:", ""]
+        lines += _table(humaneval, ["model", "task_set"], modes,
+                        [("pass@1", "pass@1"), ("exact_match", "exact"), ("edit_similarity", "edit sim")])
+        lines.append("")
+    if summary["languages"]:
+        lines += ["## Line infilling of held-out files", "",
+                  "Exact match and edit similarity of the removed line, in % (all: every line of every language):", ""]
+        lines += _table(summary["languages"], ["model", "language"], modes,
+                        [("exact_match", "exact"), ("edit_similarity", "edit sim")])
+        lines.append("")
+    refused = sum(r["refused"] for r in summary["runs"])
+    notes = list(summary.get("notes") or []) + (
+        [f"{refused} samples were refused by the server and count as failed."] if refused else [])
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["How it was asked and read: FIM prompts in "
+              f"{str(summary.get('order', '-')).upper()} order (each part tokenized on its own); single-line and "
+              "line tasks answer with the first line written; FIM multi-line and random-span answers end at the "
+              "end of document or a FIM sentinel; prefix-only ones are cut to the removed span's number of lines. "
+              "Exact match and edit similarity compare texts without trailing whitespace.", "",
+              "Models:", ""] + [f"- {m}: {what}" for m, what in summary["models"].items()]
+    write_text(out / "infilling.md", "\n".join(lines) + "\n")
+    _plot(summary, out / "infilling.png")
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [100 * v if v is not None else 0 for v in values], width, label=name)
+    top = max((100 * v for values in series.values() for v in values if v is not None), default=0)
+    ax.set_ylim(0, max(5.0, 1.15 * top))  # a run of zeros still shows an axis from 0
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def _plot(summary: dict, path: Path) -> None:
+    # Deferred: heavy (and an optional extra), and only the report's plot needs it
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: before pyplot picks a backend
+    import matplotlib.pyplot as plt
+
+    humaneval = [r for r in summary["runs"] if r["task_set"] != "lines" and "pass@1" in r]
+    languages = summary["languages"]
+    panels = [p for p in (humaneval, languages) if p]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
+    several = len(summary["models"]) > 1
+    for ax, items in zip(axes[0], panels):
+        field, key = ("pass@1", "task_set") if items is humaneval else ("edit_similarity", "language")
+        groups = list(dict.fromkeys(f"{r['model']}: {r[key]}" if several else r[key] for r in items))
+        series: dict[str, list] = {m: [None] * len(groups) for m in summary["modes"]}
+        for r in items:
+            series[r["mode"]][groups.index(f"{r['model']}: {r[key]}" if several else r[key])] = r.get(field)
+        _bars(ax, groups, series, f"{field.replace('_', ' ')} (%)",
+              "HumanEval infilling" if items is humaneval else "line infilling, held-out files")
+    if not panels:
+        axes[0][0].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

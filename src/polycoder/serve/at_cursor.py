@@ -1,0 +1,147 @@
+"""What the three at-cursor routes share: the fill-in-the-middle prompt and its stop rules.
+
+Editors complete at the cursor by sending the code before it (prefix) and after it
+(suffix): OpenAI's `/v1/completions` `suffix`, Ollama's `/api/generate` `suffix`, and
+llama.cpp's `/infill` (`input_prefix`, `input_suffix`, `input_extra`, `prompt`). All three
+build their prompt here, so the same prefix and suffix give the same prompt and, greedy,
+the same completion on every route:
+
+    ids = [extra context] + polycoder.fim.arrange(tokenizer.fim, P, M, S, order)
+
+with P, S and M (text after the prefix: llama.cpp's `prompt`) each tokenized on its own,
+as in training (`polycoder.fim`), and the order the server's `--fim-order` (SPM by
+default: the prefix last, so a prompt cache keeps all the rest while the user types).
+An empty `suffix` on /v1/completions and /api/generate is no suffix (a plain completion,
+as Ollama does); /infill always builds the FIM prompt, whatever `input_suffix` holds.
+
+Extra context (llama.cpp's `input_extra`, chunks of other files): llama.cpp lays it out
+with `<|file_sep|>` and file names where the model has such tokens. PolyCoder has none and
+never saw file names in training, where documents are packed one after another, each
+ended by `<|endoftext|>`; so each chunk goes in as a document of its own, `text <EOD>`,
+before the FIM prompt, which is what preceded a FIM sample in a packed training window.
+The chunks nearest the end of the list are kept when they do not all fit the context
+(llama.cpp keeps the end too); they are bounded from their length in characters before
+anything is tokenized, so a huge `input_extra` costs no more than what fits.
+
+Stops: the sentinels end a sample as `<|endoftext|>` does (a model emits EOD after the
+middle, as trained; a sentinel means it went astray), and by default the suffix's rule
+(`polycoder.generation.suffix_stop`) ends it where the code after the cursor begins.
+
+A model without FIM tokens cannot use a suffix: each route refuses it as its API does,
+unless the server runs with `--suffix-fallback prefix-only`, which completes the prefix
+alone and says so (a response header, the response's `warning` and the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from polycoder.fim import arrange
+from polycoder.generation.suffix_stop import SuffixStop
+from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits, prompt_ids
+
+log = logging.getLogger("polycoder.serve")
+
+MAX_EXTRA_CHUNKS = 256
+"""Most `input_extra` chunks one request may send (llama.vscode sends 16 by default)."""
+
+SUFFIX_IGNORED = ("the suffix was ignored: this model has no fill-in-the-middle tokens, so it completed the "
+                  "prefix alone (--suffix-fallback prefix-only); fine-tune it with `polycoder finetune --fim`")
+WARNING_HEADER = "X-Polycoder-Warning"
+
+
+@dataclass
+class CursorPrompt:
+    """The prompt of one completion at the cursor, and how it must stop."""
+
+    ids: list[int]
+    stop_ids: tuple[int, ...] = ()
+    suffix_stop: SuffixStop | None = None
+    suffix_ignored: bool = False
+    """The model has no FIM tokens and the server falls back to the prefix alone."""
+    extra_dropped: bool = False
+    """Some extra context did not fit the context and was left out."""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def can_infill(state: ServerState) -> bool:
+    return state.tokenizer.fim is not None
+
+
+def falls_back(state: ServerState) -> bool:
+    """A suffix sent to a model without FIM tokens is completed as the prefix alone."""
+    return not can_infill(state) and state.settings.suffix_fallback == "prefix-only"
+
+
+async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens: int, *, middle: str = "",
+                        extra: list[str] = (), before: list[int] = (), stop_at_suffix: bool = True,
+                        request_id: str = "", limit_name: str = "max_tokens") -> CursorPrompt:
+    """The prompt ids for a cursor between `prefix` and `suffix` (a 400 when they cannot fit the
+    context with max_tokens, which the API calls `limit_name`), `before` ids (Ollama's
+    `context`) first. The caller has checked that the model can infill or that the server
+    falls back (`can_infill`, `falls_back`)."""
+    rule = SuffixStop.of(prefix + middle, suffix) if stop_at_suffix else None
+    fim = state.tokenizer.fim
+    if fim is None:
+        ids = await prompt_ids(state, prefix + middle, max_tokens, prefix=before)
+        ignored = bool(suffix)
+        if ignored:
+            log.warning("[%s] %s", request_id, SUFFIX_IGNORED)
+        return CursorPrompt(ids, suffix_stop=rule, suffix_ignored=ignored,
+                            headers={WARNING_HEADER: SUFFIX_IGNORED} if ignored else {})
+    C, tok = state.context, state.tokenizer
+    if max_tokens >= C:
+        raise APIError(400, f"{limit_name} {max_tokens} leaves no room for a prompt: this server's context is {C} "
+                       f"tokens (prompt + {limit_name}); lower {limit_name}", param=limit_name,
+                       code="context_length_exceeded")
+    parts = (prefix, suffix, middle)
+    least = len(before) + 3 + sum(tok.min_tokens(p) for p in parts)
+    if least + max_tokens > C:
+        raise APIError(400, f"this server's context is {C} tokens, but the prefix and suffix have at least {least} "
+                       f"tokens ({len(prefix)} + {len(suffix)} characters) and {limit_name} asks for {max_tokens} more; "
+                       f"send less code around the cursor or lower {limit_name}", param="prompt",
+                       code="context_length_exceeded")
+    p_ids, s_ids, m_ids = await _encode(state, list(parts))  # each part on its own, as in training
+    ids = list(before) + arrange(fim, p_ids, m_ids, s_ids, state.settings.fim_order)
+    check_fits(state, ids, max_tokens)
+    extra_ids, dropped = await _extra_context(state, list(extra), C - max_tokens - len(ids))
+    return CursorPrompt(extra_ids + ids, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad),
+                        suffix_stop=rule, extra_dropped=dropped)
+
+
+async def _encode(state: ServerState, texts: list[str]) -> list[list[int]]:
+    """Each text's ids on its own; long ones off the event loop."""
+    encode = state.tokenizer.encode
+    if sum(len(t) for t in texts) > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(lambda: [encode(t) for t in texts])
+    return [encode(t) for t in texts]
+
+
+async def _extra_context(state: ServerState, chunks: list[str], budget: int) -> tuple[list[int], bool]:
+    """Ids of the extra chunks as documents (`text <EOD>`), the last ones that fit `budget`
+    tokens; and whether any were left out or cut."""
+    if not chunks:
+        return [], False
+    if budget <= 0:
+        return [], True
+    kept, least = [], 0
+    for text in reversed(chunks):  # bounded by length before tokenizing: what cannot fit is never tokenized
+        kept.append(text)
+        least += state.tokenizer.min_tokens(text) + 1
+        if least >= budget:
+            break
+    kept.reverse()
+    ids = [t for doc in await _encode(state, kept) for t in (*doc, state.tokenizer.eod_id)]
+    dropped = len(kept) < len(chunks) or len(ids) > budget
+    return ids[-budget:] if len(ids) > budget else ids, dropped
+
+
+def check_text(value, name: str, default: str = "") -> str:
+    """A text field: a string (None or absent: `default`), else a 400."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise APIError(400, f"{name} must be a string", param=name)
+    return value

@@ -1,0 +1,186 @@
+"""llama.cpp's `POST /infill`: the at-cursor route of llama.vscode, llama.vim and Tabby.
+
+Follows llama.cpp's server (tools/server/README.md, "POST /infill" and "POST /completion"):
+`input_prefix` and `input_suffix` (both required, either may be empty), `input_extra` (a
+list of `{"filename": string, "text": string}` chunks of other files; filename optional),
+`prompt` (text after the prefix: the start of the middle), `n_predict` (default -1: until
+the end of the document or a full context; 0 answers at once, as llama.vscode's
+cache-warming call expects), `temperature` (0.8), `top_k` (40), `top_p` (0.95), `seed`
+(-1: random), `stop`, `stream` (Server-Sent Events: one `data: {...}` object a piece of
+text with `"stop": false`, then a last one with `"stop": true` and the counts, as llama.cpp
+sends them, no `[DONE]`); and `stop_at_suffix` (ours: the suffix's stop rule on or off).
+The answer is llama.cpp's: `content`, `stop`, `stop_type` ("eos", "limit" or "word"),
+`tokens_predicted`, `tokens_evaluated`, `truncated` (some `input_extra` did not fit),
+`timings` (milliseconds and rates) and the rest of its fields. The prompt is built as
+`polycoder.serve.at_cursor` says (extra chunks as documents before the FIM prompt).
+
+Accepted and ignored, as llama.cpp ignores what it does not know: `cache_prompt` (this
+server keeps no prompt cache of its own here), `samplers`, `min_p`, `n_indent`,
+`t_max_prompt_ms`, `t_max_predict_ms`, `id_slot`, `n_cmpl`, `lora` and other fields.
+A model without FIM tokens answers llama.cpp's 501 ("Infill is not supported by this
+model: ..."), unless the server falls back to the prefix alone (`--suffix-fallback
+prefix-only`; `warning` says so). Errors are llama.cpp's
+`{"error": {"code": status, "message": ..., "type": ...}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from polycoder.generation import SamplingParams, resolve_seed
+from polycoder.serve.at_cursor import (
+    MAX_EXTRA_CHUNKS,
+    SUFFIX_IGNORED,
+    CursorPrompt,
+    can_infill,
+    check_text,
+    cursor_prompt,
+    falls_back,
+)
+from polycoder.serve.common import (
+    APIError,
+    ServedModels,
+    ServerState,
+    get_bool,
+    get_float,
+    get_int,
+    get_seed,
+    get_stop,
+    get_top_k,
+    read_json,
+)
+from polycoder.serve.engine_loop import Job, Outcome
+from polycoder.serve.openai_api import job_events, submit, watch_disconnect
+
+STOP_TYPE = {"eod": "eos", "length": "limit", "stop": "word"}
+NOT_SUPPORTED = ("Infill is not supported by this model: prefix token is missing. suffix token is missing. "
+                 "middle token is missing. ")
+"""llama.cpp's words for a model without FIM tokens (a 501), for clients that look for them."""
+
+
+def parse_extra(value) -> list[str]:
+    """`input_extra`'s texts, in order (llama.cpp's checks and messages)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise APIError(400, '"input_extra" must be an array of {"filename": string, "text": string}',
+                       param="input_extra")
+    if len(value) > MAX_EXTRA_CHUNKS:
+        raise APIError(400, f'"input_extra" may hold at most {MAX_EXTRA_CHUNKS} chunks, got {len(value)}; '
+                       "send the nearest ones", param="input_extra")
+    texts = []
+    for chunk in value:
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str):
+            raise APIError(400, 'extra_context chunk must contain a "text" field with a string value',
+                           param="input_extra")
+        if "filename" in chunk and not isinstance(chunk["filename"], str):
+            raise APIError(400, "extra_context chunk's \"filename\" field must be a string", param="input_extra")
+        texts.append(chunk["text"])
+    return texts
+
+
+def router(served: ServedModels, auth) -> APIRouter:
+    api = APIRouter(dependencies=[Depends(auth)])
+
+    @api.post("/infill")
+    async def infill(request: Request):
+        t0 = time.perf_counter()
+        body = await read_json(request, served.default)
+        state = served.pick(body.get("model"), "openai")
+        if not (can_infill(state) or falls_back(state)):
+            raise APIError(501, NOT_SUPPORTED, kind="not_supported_error")
+        for name in ("input_prefix", "input_suffix"):
+            if name not in body:
+                raise APIError(400, f'"{name}" is required', param=name)
+        prefix = check_text(body["input_prefix"], "input_prefix")
+        suffix = check_text(body["input_suffix"], "input_suffix")
+        middle = check_text(body.get("prompt"), "prompt")
+        extra = parse_extra(body.get("input_extra"))
+        n_predict = get_int(body, "n_predict", -1, -1)
+        seed = get_seed(body)
+        stream = get_bool(body, "stream", False)
+        rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
+        at = await cursor_prompt(state, prefix, suffix, max(n_predict, 0), middle=middle, extra=extra, request_id=rid,
+                                 limit_name="n_predict",
+                                 stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
+        if n_predict < 0:  # until the end of the document or a full context
+            n_predict = max(1, state.context - len(at.ids))
+        params = SamplingParams(
+            max_new_tokens=n_predict,
+            temperature=get_float(body, "temperature", 0.8, 0.0, 100.0),
+            top_k=get_top_k(body, 40),
+            top_p=get_float(body, "top_p", 0.95, 0.0, 1.0, lo_open=True),
+            stop=get_stop(body),
+            seed=None if seed == -1 else seed,
+            stop_ids=at.stop_ids,
+            suffix_stop=at.suffix_stop,
+        )
+        job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed)))
+        if stream:
+            return StreamingResponse(events(state, job, at, t0), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **at.headers})
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        pieces, outcome = [], None
+        try:
+            async for item in job_events(job):
+                if item[0] == "text":
+                    pieces.append(item[2])
+                else:
+                    outcome = item[1]
+        finally:
+            watcher.cancel()
+            job.cancel()
+        return JSONResponse(final(state, job, at, outcome, "".join(pieces), t0), headers=at.headers)
+
+    return api
+
+
+async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float) -> AsyncIterator[str]:
+    """llama.cpp's stream: `data: {...}` a piece, the last with `"stop": true`."""
+    try:
+        try:
+            async for item in job_events(job):
+                if item[0] == "text":
+                    piece = {"index": 0, "content": item[2], "tokens": [], "stop": False, "id_slot": -1,
+                             "tokens_evaluated": len(at.ids)}
+                    yield f"data: {json.dumps(piece)}\n\n"
+                else:
+                    yield f"data: {json.dumps(final(state, job, at, item[1], '', t0))}\n\n"
+        except APIError as e:  # the status line is sent already: report in the stream, as llama.cpp does
+            yield f"error: {json.dumps({'code': e.status, 'message': e.message, 'type': e.kind})}\n\n"
+    finally:
+        job.cancel()  # the client went away (or all is done): free the row now
+
+
+def final(state: ServerState, job: Job, at: CursorPrompt, o: Outcome, content: str, t0: float) -> dict:
+    """llama.cpp's final answer object (`content` is empty at the end of a stream)."""
+    t_end = time.perf_counter()
+    first = job.first_token_at or t_end
+    prompt_ms, predicted_ms = max(0.0, first - t0) * 1e3, max(0.0, t_end - first) * 1e3
+    n_prompt, n_pred = len(at.ids), o.generated_tokens
+    p = job.params
+    out = {
+        "index": 0, "content": content, "tokens": [], "id_slot": 0, "stop": True,
+        "model": state.settings.model_name, "tokens_predicted": n_pred, "tokens_evaluated": n_prompt,
+        "generation_settings": {"n_predict": p.max_new_tokens, "temperature": p.temperature, "top_k": p.top_k,
+                                "top_p": p.top_p, "seed": job.seed, "stop": list(p.stop)},
+        "prompt": state.tokenizer.decode(at.ids), "has_new_line": "\n" in (content or o.text),
+        "truncated": at.extra_dropped, "stop_type": STOP_TYPE[o.finish_reason], "stopping_word": "",
+        "tokens_cached": 0,
+        "timings": {"prompt_n": n_prompt, "prompt_ms": prompt_ms,
+                    "prompt_per_token_ms": prompt_ms / max(n_prompt, 1),
+                    "prompt_per_second": n_prompt / (prompt_ms / 1e3) if prompt_ms else 0.0,
+                    "predicted_n": n_pred, "predicted_ms": predicted_ms,
+                    "predicted_per_token_ms": predicted_ms / max(n_pred, 1),
+                    "predicted_per_second": n_pred / (predicted_ms / 1e3) if predicted_ms else 0.0},
+    }
+    if at.suffix_ignored:
+        out["warning"] = SUFFIX_IGNORED
+    return out

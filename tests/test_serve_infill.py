@@ -1,0 +1,350 @@
+"""Completion at the cursor against a real `polycoder serve`: `suffix` on OpenAI's
+/v1/completions (the `openai` package) and Ollama's /api/generate (the `ollama` package,
+and Continue's request shape), llama.cpp's /infill (llama.vscode's request shape); the
+same greedy answer on every route, equal to `polycoder.fim.arrange` + plain greedy
+generation; --fim-order; the stop rules; streaming; disconnects; a model without FIM
+tokens (each API's refusal, and the prefix-only fallback); hostile bodies.
+
+The model is a tiny random one whose tokenizer has the FIM sentinels
+(`Tokenizer.with_fim_tokens()`): it does not infill well, the tests check the plumbing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+
+from serve_server import Server, post, still_serves  # noqa: E402
+
+from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
+from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
+from polycoder.fim import arrange  # noqa: E402
+from polycoder.generation import SamplingParams, generate  # noqa: E402
+from polycoder.generation.suffix_stop import SuffixStop  # noqa: E402
+from polycoder.generation.text import Sequence  # noqa: E402
+from polycoder.serve.infill_api import NOT_SUPPORTED  # noqa: E402
+
+PREFIX = "def add(a, b):\n    "
+SUFFIX = "\n\nprint(add(1, 2))\n"
+N = 12
+
+
+@pytest.fixture(scope="module")
+def fim_folder(tmp_path_factory, code_tokenizer):
+    tok = code_tokenizer.with_fim_tokens()
+    config = ModelConfig.from_preset("test-tiny").replace(vocab_size=pad_vocab(tok.vocab_size + 1))
+    folder = tmp_path_factory.mktemp("fim") / "model"
+    save_checkpoint(build_model(config, seed=3), tok, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local(fim_folder):
+    model, tok = load_model(fim_folder)
+    assert tok.fim is not None
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def server(fim_folder):
+    s = Server(fim_folder, "--max-batch-size", "4")
+    yield s
+    s.stop()
+
+
+def expected_ids(local, prefix=PREFIX, suffix=SUFFIX, order="spm"):
+    tok = local[1]
+    return arrange(tok.fim, tok.encode(prefix), [], tok.encode(suffix), order)
+
+
+def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), middle="", rule=True, stop=()):
+    """What the server must answer, greedy: arrange + our plain generation."""
+    model, tok = local
+    ids = arrange(tok.fim, tok.encode(prefix), tok.encode(middle), tok.encode(suffix), order)
+    ids = [t for text in extra for t in (*tok.encode(text), tok.eod_id)] + ids
+    fim = tok.fim
+    params = SamplingParams(max_new_tokens=n, stop=stop, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad),
+                            suffix_stop=SuffixStop.of(prefix + middle, suffix) if rule else None)
+    return generate(model, tok, [ids], params)[0][0]
+
+
+# ---- the stop rule, on its own and in a Sequence ---------------------------------------------
+
+def test_suffix_stop_rule():
+    assert SuffixStop.of("x = 1", "") is None and SuffixStop.of("x = 1", "  \n\n") is None
+    mid = SuffixStop.of("x = f(", ")\nprint(x)")
+    assert mid.single_line and mid.cut("a, b\nc = 2", False) == 4 and mid.cut("a, b", True) is None
+    assert mid.held_back("a, b") == 0
+    block = SuffixStop.of("def f():\n    ", "\n\n  print(f())\n")
+    assert not block.single_line and block.anchor == "print(f())" and block.first_line_counts
+    assert block.cut("return 1\n\nprint(f())\n", False) == len("return 1")
+    assert block.cut("return 1\n\nprint(f())", False) is None  # the line may go on
+    assert block.cut("return 1\n\nprint(f())", True) == len("return 1")  # ... unless the sample ended
+    assert block.cut("return 1\nprint(f()) + 1\n", False) is None  # a line must equal the anchor
+    assert block.cut("print(f())\n", False) == 0  # the first line is a whole one after an indented prefix
+    assert block.held_back("return 1\n\npri") == len("\n\npri")  # could become the anchor
+    assert block.held_back("return 1\nx") == 0 and block.held_back("return 1\n  ") == 3
+    glued = SuffixStop.of("y = 2", "\nprint(f())")  # the first generated line continues "y = 2"
+    assert not glued.first_line_counts and glued.cut("print(f())\n", False) is None
+    assert glued.cut("\nprint(f())\n", False) == 0
+
+
+def test_sequence_cuts_and_streams_what_it_keeps(code_tokenizer):
+    tok = code_tokenizer.with_fim_tokens()
+    rule = SuffixStop.of("def f():\n    ", "\n\nprint(f())\n")
+    s = Sequence([0], SamplingParams(max_new_tokens=100, suffix_stop=rule), tok, None)
+    ids = tok.encode("return 1\n\nprint(f())\nmore")
+    out = ""
+    for t in ids:
+        out += s.push(t)
+        if s.done:
+            break
+    assert s.finish_reason == "stop" and s.text == "return 1" and out == "return 1"
+    s = Sequence([0], SamplingParams(max_new_tokens=100, stop_ids=(tok.fim.middle,)), tok, None)
+    out = "".join(s.push(t) for t in tok.encode("x = 1"))
+    out += s.push(tok.fim.middle)
+    assert s.finish_reason == "eod" and out == s.text == "x = 1" and tok.fim.middle not in s.token_ids
+
+
+# ---- the three routes, FIM model -------------------------------------------------------------
+
+def test_greedy_answer_is_the_same_on_every_route(server, local):
+    openai = pytest.importorskip("openai")
+    want = expected(local)
+    r = post(server, {"model": "tiny", "prompt": PREFIX, "suffix": SUFFIX, "stream": False,
+                      "options": {"temperature": 0, "num_predict": N}}, "/api/generate").json()
+    assert r["response"] == want.text and r["done"] is True
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    c = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=N, temperature=0)
+    assert c.choices[0].text == want.text
+    assert c.usage.prompt_tokens == len(local[1].encode(PREFIX)) + len(local[1].encode(SUFFIX)) + 3
+    i = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
+    assert i.status_code == 200 and i.json()["content"] == want.text and i.json()["stop"] is True
+    assert i.json()["tokens_evaluated"] == c.usage.prompt_tokens
+
+
+def test_the_ollama_package_generates_with_a_suffix(server, local):
+    ollama = pytest.importorskip("ollama")
+    want = expected(local)
+    client = ollama.Client(host=server.url)
+    r = client.generate(model="tiny", prompt=PREFIX, suffix=SUFFIX, options={"temperature": 0, "num_predict": N})
+    assert r.response == want.text and r.done and r.prompt_eval_count == len(expected_ids(local))
+    parts = list(client.generate(model="tiny", prompt=PREFIX, suffix=SUFFIX, stream=True,
+                                 options={"temperature": 0, "num_predict": N}))
+    assert "".join(p.response for p in parts) == want.text and parts[-1].done
+
+
+def test_every_route_streams_the_same_text(server, local):
+    openai = pytest.importorskip("openai")
+    want = expected(local)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    chunks = list(client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=N, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/infill", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events) == want.text
+    assert events[-1]["stop_type"] in ("eos", "limit", "word") and events[-1]["tokens_predicted"] >= 1
+
+
+def test_continue_ollama_provider_request(server, local):
+    """What Continue's Ollama provider does for autocomplete: /api/show (a `.Suffix` in the
+    template means FIM), then a streamed /api/generate with prompt, suffix and options."""
+    show = httpx.post(server.url + "/api/show", json={"name": "tiny"}, timeout=30).json()
+    assert ".Suffix" in show["template"] and "insert" in show["capabilities"]
+    stop = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>", "\n\n\n"]
+    body = {"model": "tiny", "prompt": PREFIX, "suffix": SUFFIX, "keep_alive": 1800, "stream": True,
+            "options": {"temperature": 0, "top_p": 0.95, "top_k": 40, "num_predict": N, "stop": stop, "num_ctx": 256}}
+    with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["done"] is True and "".join(x["response"] for x in lines) == expected(local, stop=stop).text
+
+
+def test_llama_vscode_infill_request(server, local):
+    """llama.vscode's body: input_extra chunks with filename and time, its sampler settings, the
+    cache-warming call with n_predict 0, and the answer fields it reads."""
+    chunks = [{"text": "import math\n", "time": 1700000000, "filename": "util.py"},
+              {"text": "def sub(a, b):\n    return a - b\n", "time": 1700000001, "filename": "ops.py"}]
+    warm = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": chunks, "prompt": "",
+                         "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500,
+                         "t_max_predict_ms": 1}, "/infill")
+    assert warm.status_code == 200 and warm.json()["content"] == "" and warm.json()["tokens_predicted"] == 0
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": chunks, "prompt": "re", "n_predict": N,
+            "top_k": 40, "top_p": 0.99, "stream": False, "samplers": ["top_k", "top_p", "infill"],
+            "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1000, "n_indent": 4}
+    r = post(server, body, "/infill").json()
+    for key in ("content", "stop", "tokens_predicted", "tokens_evaluated", "timings", "truncated", "stop_type"):
+        assert key in r
+    assert set(r["timings"]) >= {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "predicted_per_second"}
+    assert r["truncated"] is False and 1 <= r["tokens_predicted"] <= N
+    greedy = post(server, {**body, "temperature": 0}, "/infill").json()
+    want = expected(local, extra=[c["text"] for c in chunks], middle="re")
+    assert greedy["content"] == want.text
+
+
+def test_extra_context_that_does_not_fit_is_cut_from_the_front(server, local):
+    huge = [{"text": f"x{i} = {i}\n" * 40} for i in range(200)]  # far more than a 256-token context
+    r = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": huge, "n_predict": 4,
+                      "temperature": 0}, "/infill")
+    assert r.status_code == 200 and r.json()["truncated"] is True
+    assert r.json()["tokens_evaluated"] == 256 - 4  # the context filled, no more
+    too_many = post(server, {"input_prefix": "", "input_suffix": "", "input_extra": [{"text": "a"}] * 300}, "/infill")
+    assert too_many.status_code == 400 and "at most 256" in too_many.json()["error"]["message"]
+
+
+def test_stop_at_suffix_by_default_and_per_request(server, local):
+    prefix, suffix = "total = add(", ")\nprint(total)\n"  # the cursor mid-line: a one-line answer
+    on = post(server, {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 40, "temperature": 0}, "/infill")
+    assert on.json()["content"] == expected(local, prefix, suffix, n=40).text and "\n" not in on.json()["content"]
+    off = post(server, {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 40, "temperature": 0,
+                        "stop_at_suffix": False}, "/infill")
+    assert off.json()["content"] == expected(local, prefix, suffix, n=40, rule=False).text
+    o = post(server, {"model": "tiny", "prompt": prefix, "suffix": suffix, "stream": False,
+                      "options": {"temperature": 0, "num_predict": 40, "stop_at_suffix": False}}, "/api/generate")
+    assert o.json()["response"] == off.json()["content"]
+    c = post(server, {"prompt": prefix, "suffix": suffix, "max_tokens": 40, "temperature": 0})
+    assert c.json()["choices"][0]["text"] == on.json()["content"]
+
+
+def test_mid_line_rule_cuts_a_sampled_newline_on_every_route(server, local):
+    """Seeded sampling (the same draws on the server as here) until a sample writes a newline:
+    the server's answer ends just before it, on each route."""
+    model, tok = local
+    prefix, suffix = "total = add(", ")\nprint(total)\n"
+    ids = arrange(tok.fim, tok.encode(prefix), [], tok.encode(suffix), "spm")
+    fim = tok.fim
+    for seed in range(40):
+        free = SamplingParams(max_new_tokens=40, temperature=1.0, seed=seed,
+                              stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad))
+        if "\n" in generate(model, tok, [ids], free)[0][0].text:
+            break
+    else:
+        pytest.fail("no seed in 40 samples a newline")
+    rule = SamplingParams(**{**free.__dict__, "suffix_stop": SuffixStop.of(prefix, suffix)})
+    want = generate(model, tok, [ids], rule)[0][0]
+    assert want.finish_reason == "stop" and "\n" not in want.text
+    sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": seed}
+    i = post(server, {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 40, **sampling}, "/infill").json()
+    assert (i["content"], i["stop_type"]) == (want.text, "word")
+    c = post(server, {"prompt": prefix, "suffix": suffix, "max_tokens": 40, **sampling}).json()["choices"][0]
+    assert (c["text"], c["finish_reason"]) == (want.text, "stop")
+    o = post(server, {"model": "tiny", "prompt": prefix, "suffix": suffix, "stream": False,
+                      "options": {"num_predict": 40, **sampling}}, "/api/generate").json()
+    assert (o["response"], o["done_reason"]) == (want.text, "stop")
+
+
+def test_disconnect_frees_the_row(server):
+    for path, body in (("/infill", {"input_prefix": "while True:\n", "input_suffix": "\n", "n_predict": 200,
+                                    "temperature": 0, "stream": True, "stop_at_suffix": False}),
+                       ("/api/generate", {"model": "tiny", "prompt": "while True:\n", "suffix": "\n", "stream": True,
+                                          "options": {"temperature": 0, "num_predict": 200, "stop_at_suffix": False}})):
+        with httpx.stream("POST", server.url + path, json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(lines)
+        deadline = time.time() + 30
+        while httpx.get(server.url + "/health", timeout=30).json()["active_rows"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(server.url + "/health", timeout=30).json()["active_rows"] == 0, path
+    still_serves(server)
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/infill", {"input_prefix": 3, "input_suffix": ""}, "input_prefix"),
+    ("/infill", {"input_suffix": ""}, "input_prefix"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": "util.py"}, "input_extra"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": [{"filename": "a.py"}]}, "text"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": [{"text": "", "filename": 1}]}, "filename"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": "many"}, "n_predict"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": 10**6}, "n_predict"),
+    ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"num_predict": 10**6}}, "num_predict"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "prompt": ["x"]}, "prompt"),
+    ("/infill", b'{"input_prefix": "a", "input_suffix": "\\ud800"}', "input_suffix"),  # a lone surrogate
+    ("/infill", {"input_prefix": "x" * 100_000, "input_suffix": ""}, "context"),
+    ("/v1/completions", {"prompt": "a", "suffix": 7}, "suffix"),
+    ("/v1/completions", {"prompt": ["a", "b"], "suffix": "c"}, "suffix"),
+    ("/v1/completions", {"prompt": "a", "suffix": "b", "echo": True}, "echo"),
+    ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": ["b"]}, "suffix"),
+    ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"stop_at_suffix": "yes"}},
+     "stop_at_suffix"),
+])
+def test_hostile_bodies_get_a_clear_400(server, path, body, field):
+    if isinstance(body, bytes):
+        r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    else:
+        r = post(server, body, path)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    message = error if isinstance(error, str) else error["message"]
+    assert field in message
+    if path == "/infill":
+        assert error["code"] == 400 and error["type"] == "invalid_request_error"
+    still_serves(server)
+
+
+# ---- PSM, and a model without FIM tokens -----------------------------------------------------
+
+@pytest.mark.slow
+def test_psm_order_is_honoured(fim_folder, local):
+    s = Server(fim_folder, "--fim-order", "psm", "--max-batch-size", "2")
+    try:
+        want = expected(local, order="psm")
+        assert want.text != expected(local, order="spm").text or want.token_ids  # both are real answers
+        r = post(s, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
+        assert r.json()["content"] == want.text
+        assert r.json()["prompt"].startswith("<fim_prefix>" + PREFIX)
+        show = httpx.post(s.url + "/api/show", json={"model": "tiny"}, timeout=30).json()
+        assert "<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>" in show["template"]
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_server(tiny_folder):
+    s = Server(tiny_folder, "--max-batch-size", "2")
+    yield s
+    s.stop()
+
+
+def test_a_model_without_fim_tokens_refuses_a_suffix(plain_server):
+    r = post(plain_server, {"model": "tiny", "prompt": "a", "suffix": "b"}, "/api/generate")
+    assert (r.status_code, r.json()) == (400, {"error": "tiny:latest does not support insert"})
+    r = post(plain_server, {"input_prefix": "a", "input_suffix": "b"}, "/infill")
+    assert r.status_code == 501
+    assert r.json() == {"error": {"code": 501, "message": NOT_SUPPORTED, "type": "not_supported_error"}}
+    r = post(plain_server, {"prompt": "a", "suffix": "b"})
+    assert r.status_code == 400 and "polycoder finetune --fim" in r.json()["error"]["message"]
+    assert "--suffix-fallback prefix-only" in r.json()["error"]["message"]
+    show = httpx.post(plain_server.url + "/api/show", json={"model": "tiny"}, timeout=30).json()
+    assert show["template"] == "{{ .Prompt }}" and show["capabilities"] == ["completion"]
+    empty = post(plain_server, {"prompt": "a", "suffix": "", "max_tokens": 2, "temperature": 0})
+    assert empty.status_code == 200  # an empty suffix is no suffix
+    still_serves(plain_server)
+
+
+@pytest.mark.slow
+def test_prefix_only_fallback_says_the_suffix_was_ignored(tiny_folder):
+    model, tok = load_model(tiny_folder)
+    s = Server(tiny_folder, "--suffix-fallback", "prefix-only", "--max-batch-size", "2", log=tiny_folder.parent / "fb.log")
+    try:
+        want = generate(model, tok, [PREFIX], SamplingParams(max_new_tokens=N, suffix_stop=SuffixStop.of(PREFIX, SUFFIX)))
+        r = post(s, {"model": "tiny", "prompt": PREFIX, "suffix": SUFFIX, "stream": False,
+                     "options": {"temperature": 0, "num_predict": N}}, "/api/generate")
+        assert r.json()["response"] == want[0][0].text and "suffix was ignored" in r.json()["warning"]
+        assert "suffix was ignored" in r.headers["x-polycoder-warning"]
+        c = post(s, {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": N, "temperature": 0})
+        assert c.json()["choices"][0]["text"] == want[0][0].text and "suffix was ignored" in c.json()["warning"]
+        i = post(s, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
+        assert i.json()["content"] == want[0][0].text and "suffix was ignored" in i.json()["warning"]
+        assert "suffix was ignored" in s.logs()
+    finally:
+        s.stop()
