@@ -46,6 +46,22 @@ def test_specials_bytes_and_padding(trained):
     assert saved["padded_vocab_size"] == padded
 
 
+def test_fim_sentinels_take_the_last_ids(trained):
+    transformers = pytest.importorskip("transformers")
+    root, report = trained
+    tok = Tokenizer.from_pretrained(root / "tok")
+    n = tok.vocab_size
+    assert tok.fim is not None and [tok.fim.prefix, tok.fim.middle, tok.fim.suffix, tok.fim.pad] == list(range(n - 4, n))
+    assert report["fim_tokens"] == {"<fim_prefix>": n - 4, "<fim_middle>": n - 3, "<fim_suffix>": n - 2,
+                                    "<fim_pad>": n - 1}
+    assert report["padded_vocab_size"] >= n  # the padding counts the sentinels
+    assert tok.encode("<fim_prefix>") != [tok.fim.prefix]  # in data, the text is ordinary characters
+    assert tok.encode("<fim_prefix>", allow_special=True) == [tok.fim.prefix]
+    hf = transformers.AutoTokenizer.from_pretrained(root / "tok")
+    assert hf.convert_tokens_to_ids(["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]) == list(range(n - 4, n))
+    assert "<fim_suffix>" in hf.all_special_tokens
+
+
 def test_whitespace_runs_are_single_tokens(trained):
     root, report = trained
     tok = Tokenizer.from_pretrained(root / "tok")

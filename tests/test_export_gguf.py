@@ -24,6 +24,7 @@ from polycoder.config import ModelConfig
 from polycoder.errors import PolycoderError
 from polycoder.export import llamacpp
 from polycoder.export.gguf import qkv_from_gguf, qkv_to_gguf, read_back, write_gguf
+from polycoder.fim import arrange
 from polycoder.generation import SamplingParams, generate
 from polycoder.tokenizer import Tokenizer
 
@@ -326,3 +327,63 @@ def test_cli_export_with_check(tmp_path, tiny_folder):
     r = subprocess.run([sys.executable, "-m", "polycoder", "export", "gguf", "--model", str(tmp_path / "nope"),
                         "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "error" in r.stderr
+
+
+# ---- fill-in-the-middle -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fim_export(tmp_path_factory, code_tokenizer):
+    """A model with the FIM sentinels (no padded rows), exported in f32."""
+    tok = code_tokenizer.with_fim_tokens()
+    model = _model(seed=3, vocab_size=tok.vocab_size)
+    return model, tok, write_gguf(model, tok, tmp_path_factory.mktemp("fim") / "fim.gguf", "f32", progress=False)
+
+
+def test_fim_token_ids_in_the_metadata(fim_export):
+    _, tok, path = fim_export
+    r = gguf.GGUFReader(str(path))
+    want = {"fim_pre": tok.fim.prefix, "fim_suf": tok.fim.suffix, "fim_mid": tok.fim.middle, "fim_pad": tok.fim.pad,
+            "prefix": tok.fim.prefix, "suffix": tok.fim.suffix, "middle": tok.fim.middle}  # current and older keys
+    assert {k: int(_field(r, f"tokenizer.ggml.{k}_token_id")) for k in want} == want
+    tokens, types = _field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.token_type")
+    for name, i in (("<fim_prefix>", tok.fim.prefix), ("<fim_middle>", tok.fim.middle),
+                    ("<fim_suffix>", tok.fim.suffix), ("<fim_pad>", tok.fim.pad)):
+        assert tokens[i] == name and types[i] == gguf.TokenType.CONTROL
+    # a tokenizer without sentinels writes none of the keys
+    _, plain = _byte_level_export(path.parent)
+    assert not any("fim" in k or k.endswith(("prefix_token_id", "middle_token_id"))
+                   for k in gguf.GGUFReader(str(plain)).fields)
+
+
+@needs_llama_cpp
+def test_llama_cpp_reads_our_fim_ids_and_infills_as_we_do(fim_export):
+    """llama.cpp's FIM token ids (what its /infill builds prompts from) are ours, its special
+    parsing maps the sentinel texts to them, and on llama.cpp's own infill prompt (PSM:
+    prefix id, prefix, suffix id, suffix, middle id) greedy decoding gives our tokens."""
+    model, tok, path = fim_export
+    lib = pytest.importorskip("llama_cpp")
+    cases = [("def area(r):\n    return ", "\n\nprint(area(2))\n"), ("for i in range(", "):\n    print(i)\n"),
+             ("int main(void) {\n\t", "\n\treturn 0;\n}\n")]
+    with llamacpp.LlamaCpp(path, n_ctx=256, threads=2, kv_f32=True) as llm:
+        m = llm.model
+        assert (m.token_prefix(), m.token_suffix(), m.token_middle()) == (tok.fim.prefix, tok.fim.suffix, tok.fim.middle)
+        assert lib.llama_vocab_fim_pad(m.vocab) == tok.fim.pad
+        for name, i in (("<fim_prefix>", tok.fim.prefix), ("<fim_suffix>", tok.fim.suffix), ("<fim_middle>", tok.fim.middle)):
+            assert m.tokenize(name.encode(), add_bos=False, special=True) == [i]
+            assert llm.tokenize(name) != [i]  # without special parsing, text stays text, as in ours
+        for prefix, suffix in cases:
+            prompt = [m.token_prefix(), *llm.tokenize(prefix), m.token_suffix(), *llm.tokenize(suffix), m.token_middle()]
+            assert prompt == arrange(tok.fim, tok.encode(prefix), [], tok.encode(suffix), "psm")
+            theirs = llm.greedy(prompt, 16)
+            mine, ids = [], list(prompt)
+            with torch.no_grad():
+                for _ in range(16):
+                    logits = model(torch.tensor([ids]))[0, -1]
+                    top2 = logits.topk(2).values
+                    mine.append(int(logits.argmax()))
+                    if len(mine) > len(theirs) or mine[-1] != theirs[len(mine) - 1]:
+                        # only a near tie in our own logits may send the two engines different ways
+                        assert float(top2[0] - top2[1]) < NEAR_TIE, (prefix, mine, theirs)
+                        break
+                    ids.append(mine[-1])

@@ -23,7 +23,8 @@ from polycoder.tokenizer import Tokenizer
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist
 from polycoder.train.loader import WindowLoader
-from polycoder.train.loop import CosineSchedule, Trainer, lm_loss
+from polycoder.train.loop import CosineSchedule, Trainer
+from polycoder.train.loss import lm_loss
 from polycoder.train.settings import load_settings
 
 

@@ -19,6 +19,10 @@ ignored: the model computes them.
 tokenizer.json: transformers 5 cannot open vocab.json + merges.txt alone). The folder is
 written under a temporary name and renamed into place (`polycoder.files.atomic_folder`),
 so an interrupted save never leaves a half-written folder where a good one was.
+
+`grow_vocabulary` gives a model rows for tokens added to its tokenizer (`finetune --fim`'s
+sentinels): new rows start as the mean of the existing tokens' rows, and the embedding stays
+padded to a multiple of 64 (GPT-NeoX's `make-vocab-size-divisible-by`).
 """
 
 from __future__ import annotations
@@ -216,11 +220,61 @@ def _load_adapter(adapter: Path, base, dt: torch.dtype, device, tokenizer) -> tu
     base_folder = adapter_base(adapter, base)
     has_tokenizer = (adapter / "tokenizer.json").is_file() or (adapter / "vocab.json").is_file()
     net, tok = _load_model(base_folder, "float32", device, False, tokenizer or (adapter if has_tokenizer else None))
+    if tok.fim is not None:  # the sentinels may be tokens the fine-tuning added (--fim): rows in the adapter
+        try:
+            base_tokens = Tokenizer.from_pretrained(base_folder).vocab_size
+        except PolycoderError:  # a base saved without a tokenizer: it has the adapter's
+            base_tokens = tok.vocab_size
+        if tok.vocab_size > base_tokens:
+            net = grow_vocabulary(net, base_tokens, tok.vocab_size)
     print(f"{adapter}: a LoRA adapter over {base_folder}; merged into the weights on load", file=sys.stderr)
     net = merged(net, adapter)
     for p in net.parameters():  # the weights only: the rotary tables stay float32, as load_model makes them
         p.data = p.data.to(dt)
     return net.eval(), tok
+
+
+# ---- growing the vocabulary ---------------------------------------------------------------
+
+VOCAB_PAD_MULTIPLE = 64
+
+
+def grown_vocab_size(rows: int, n_tokens: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Embedding rows for `n_tokens` tokens: the current `rows` if they hold them, else
+    `n_tokens` padded to `multiple` (so tokens added to PolyCoder's 50257 land in the padded
+    tail of its 50304 rows, as StarCoder's did in GPT-2's)."""
+    return max(rows, -(-n_tokens // multiple) * multiple)
+
+
+@torch.no_grad()
+def grow_vocabulary(model: GPTNeoX, old_tokens: int, new_tokens: int, multiple: int = VOCAB_PAD_MULTIPLE) -> GPTNeoX:
+    """`model` with rows for tokens old_tokens..new_tokens-1 in its input embedding and output
+    head: each such row, and each row added beyond the old padded size, is the mean of the
+    rows of the `old_tokens` existing tokens (the padded tail already there is kept as it
+    is). A new model in the same dtype and device; its config's vocab_size is the new size.
+
+    Mean initialisation (as transformers' `resize_token_embeddings`, less its noise) starts a
+    new token where an average token is, so the first steps' loss does not jump (Hewitt, 2021,
+    "Initializing new word embeddings for pretrained language models")."""
+    cfg = model.config
+    if not 0 < old_tokens <= new_tokens:
+        raise PolycoderError(f"cannot grow a vocabulary of {old_tokens} tokens to {new_tokens}")
+    if old_tokens > cfg.vocab_size:
+        raise PolycoderError(f"the tokenizer has {old_tokens} tokens but the model only {cfg.vocab_size} rows; "
+                             "is this the model's own tokenizer?")
+    rows = grown_vocab_size(cfg.vocab_size, new_tokens, multiple)
+    state = dict(model.state_dict())
+    for name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+        w = state[name]
+        mean = w[:old_tokens].float().mean(0).to(w.dtype)
+        grown = mean.expand(rows, w.shape[1]).clone()  # [rows, C]
+        grown[:cfg.vocab_size] = w
+        grown[old_tokens:new_tokens] = mean
+        state[name] = grown
+    p = model.gpt_neox.embed_in.weight
+    out = empty_model(cfg.replace(vocab_size=rows), p.dtype, p.device)
+    out.load_state_dict(state)
+    return out.train(model.training)
 
 
 # ---- saving ------------------------------------------------------------------------------

@@ -9,6 +9,19 @@ CAUSAL_LM`, the base model as `base_model_name_or_path`: an absolute path or a h
 
 `polycoder finetune --lora` writes adapters; `polycoder.checkpoint` loads an adapter
 folder given as a model by merging it into its base (`merged`).
+
+Tokens added to the vocabulary (`finetune --lora --fim`'s four sentinels) have rows no base
+weight has trained: `trainable_tokens` makes just those rows of the input embedding and of
+the (untied) output head trainable, through peft's `trainable_token_indices` (a
+TrainableTokens layer: the adapter saves the rows themselves, 4 x hidden values a matrix,
+not whole embedding matrices as `modules_to_save` would). The base named in the adapter
+stays the original model, whose embeddings are smaller: peft's `AutoPeftModelForCausalLM`
+grows them to the adapter folder's tokenizer before loading (its own rule), and
+`polycoder.checkpoint` grows them as `finetune --fim` did; the rows the adapter holds
+overwrite whatever either put there. peft finds modules by name, and transformers 5 calls
+the output head `lm_head` in memory where our model (and every checkpoint file) says
+`embed_out`: the adapter is written with transformers' name (`HF_NAMES`), in its config and
+its weights, and read back with ours.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from polycoder.errors import PolycoderError
 from polycoder.files import atomic_folder, fsync_tree
@@ -34,13 +47,31 @@ def _require_peft():
     return peft
 
 
-def add_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str], base: str | None):
+EMBEDDINGS = ["embed_in", "embed_out"]
+"""The input embedding and the output head: where new tokens need rows."""
+HF_NAMES = {"embed_out": "lm_head"}
+"""Our module names that transformers 5's GPTNeoXForCausalLM holds under another name."""
+_OURS = {v: k for k, v in HF_NAMES.items()}
+
+
+def _renamed(name: str, names: dict[str, str]) -> str:
+    """`name` (a module name or a weight key) with each dotted part renamed by `names`."""
+    return ".".join(names.get(part, part) for part in name.split("."))
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str], base: str | None,
+             trainable_tokens: list[int] | dict[str, list[int]] | None = None):
     """Wrap `model` with trainable LoRA adapters (peft); only the adapters require grad.
 
     `base` is what adapter_config.json will name as the base model (a reference that
-    resolves from anywhere: `polycoder.locate.base_reference`)."""
+    resolves from anywhere: `polycoder.locate.base_reference`). `trainable_tokens`: token
+    ids whose rows of both embeddings train too (or peft's {module: ids} form)."""
     peft = _require_peft()
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    if isinstance(trainable_tokens, list):
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        trainable_tokens = {name: list(trainable_tokens) for name in (EMBEDDINGS[:1] if tied else EMBEDDINGS)}
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                             trainable_token_indices=trainable_tokens or None)
     pm = peft.get_peft_model(model, config)
     c = pm.peft_config["default"]
     # Written into adapter_config.json: transformers users get PeftModelForCausalLM and find
@@ -56,10 +87,16 @@ def save_adapter(pm, tokenizer, folder: str | Path) -> Path:
     """Write the adapter folder (peft's files and the tokenizer) atomically."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        pm.save_pretrained(str(tmp), save_embedding_layers=False)  # we never resize embeddings
+        # Whole embedding matrices are never saved: new tokens' rows are TrainableTokens (above).
+        pm.save_pretrained(str(tmp), save_embedding_layers=False)
         cfg_path = tmp / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["auto_mapping"] = None
+        if cfg.get("trainable_token_indices"):  # in transformers' names (see above), weights and config alike
+            cfg["trainable_token_indices"] = {_renamed(k, HF_NAMES): v for k, v in cfg["trainable_token_indices"].items()}
+            weights = tmp / "adapter_model.safetensors"
+            save_file({_renamed(k, HF_NAMES): v for k, v in load_file(str(weights)).items()}, str(weights),
+                      metadata={"format": "pt"})
         cfg_path.write_text(json.dumps(cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -72,7 +109,7 @@ def load_adapter_weights(pm, folder: str | Path) -> None:
     path = Path(folder) / "adapter_model.safetensors"
     if not path.is_file():
         raise PolycoderError(f"{folder} holds no adapter_model.safetensors; is it a LoRA checkpoint?")
-    result = peft.set_peft_model_state_dict(pm, load_file(str(path)))
+    result = peft.set_peft_model_state_dict(pm, {_renamed(k, _OURS): v for k, v in load_file(str(path)).items()})
     if getattr(result, "unexpected_keys", None):
         raise PolycoderError(f"{path}: adapter weights do not fit this model ({result.unexpected_keys[:3]})")
 
@@ -87,7 +124,8 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, base: str | None = 
         raise PolycoderError(f"{folder}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters are supported")
     targets = cfg["target_modules"]
     pm = add_lora(model, cfg["r"], cfg["lora_alpha"], 0.0, sorted(targets) if isinstance(targets, list) else targets,
-                  base or cfg.get("base_model_name_or_path"))
+                  base or cfg.get("base_model_name_or_path"),
+                  {_renamed(k, _OURS): v for k, v in (cfg.get("trainable_token_indices") or {}).items()} or None)
     load_adapter_weights(pm, folder)
     return pm
 

@@ -17,6 +17,14 @@ and `convert_hf_to_gguf.py` (class GPTNeoXModel) are the references):
   before BPE as `tokenizers` does), and the merges our tokenizer really uses: for
   PolyCoder's headerless merges file that is without its first line `Ġ Ġ` (docs/design.md), so
   a run of N spaces stays N tokens in llama.cpp too.
+- fill-in-the-middle, where the tokenizer has the sentinels (`polycoder.fim`): their ids
+  under llama.cpp's keys `tokenizer.ggml.fim_pre_token_id`, `fim_suf_token_id`,
+  `fim_mid_token_id`, `fim_pad_token_id` (gguf-py's `Keys.Tokenizer.FIM_*`; llama.cpp's
+  `llama_vocab_fim_pre/suf/mid/pad`, which its `/infill` endpoint and `llama-cli --fim`
+  read), and under the older `prefix_token_id`, `suffix_token_id`, `middle_token_id` that
+  earlier llama.cpp builds read; the sentinels are CONTROL tokens like every special token.
+  (llama.cpp would also guess them from the token texts `<fim_prefix>`...; the keys make it
+  explicit.) llama.cpp treats `<fim_pad>` as an end-of-generation token.
 - precision: `f32`, `f16` or `q8_0` for matrices; vectors (norms, biases) stay f32, and in
   q8_0 a matrix whose rows are not a multiple of 32 falls back to f16, as llama.cpp does.
 
@@ -51,6 +59,7 @@ from tqdm import tqdm
 from polycoder.errors import PolycoderError
 from polycoder.export import llamacpp
 from polycoder.files import atomic_path
+from polycoder.fim import FimIds
 from polycoder.options import Fields, ModelOptions
 from polycoder.tokenizer import EOD_TOKEN
 
@@ -149,6 +158,8 @@ class GGUFVocab:
     """Id that ends one (the same `<|endoftext|>` in PolyCoder)."""
     pad_id: int
     """Padding id (`<|padding|>`)."""
+    fim: FimIds | None = None
+    """The fill-in-the-middle sentinels' ids, where the tokenizer has them."""
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.types):
@@ -193,7 +204,17 @@ def gguf_vocab(tokenizer, n_vocab: int) -> GGUFVocab:
         # array; this one merge never applies (BPE symbols start as single characters and
         # no merge ever builds `<|endoftext|>`), so llama.cpp still tokenizes byte by byte.
         merges = [f"{EOD_TOKEN} {EOD_TOKEN}"]
-    return GGUFVocab(tokens, [int(t) for t in types], merges, tokenizer.eod_id, tokenizer.eod_id, tokenizer.pad_id)
+    return GGUFVocab(tokens, [int(t) for t in types], merges, tokenizer.eod_id, tokenizer.eod_id, tokenizer.pad_id,
+                     tokenizer.fim)
+
+
+def fim_metadata(fim: FimIds | None) -> dict[str, int]:
+    """llama.cpp's metadata keys for the FIM sentinels (current and deprecated), with their ids."""
+    if fim is None:
+        return {}
+    K = gguf.Keys.Tokenizer
+    return {K.FIM_PRE_ID: fim.prefix, K.FIM_SUF_ID: fim.suffix, K.FIM_MID_ID: fim.middle, K.FIM_PAD_ID: fim.pad,
+            K.PREFIX_ID: fim.prefix, K.SUFFIX_ID: fim.suffix, K.MIDDLE_ID: fim.middle}
 
 
 # ---- writing -----------------------------------------------------------------------------
@@ -267,6 +288,8 @@ def write_gguf(
             w.add_bos_token_id(vocab.bos_id)
             w.add_eos_token_id(vocab.eos_id)
             w.add_pad_token_id(vocab.pad_id)
+            for key, token_id in fim_metadata(vocab.fim).items():
+                w.add_uint32(key, token_id)
             # We never add BOS/EOS implicitly: prompts are passed as they are (our generate does the same).
             w.add_add_bos_token(False)
             w.add_add_eos_token(False)

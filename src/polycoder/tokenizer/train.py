@@ -15,8 +15,16 @@ the original trained on a 5 % sample of its data), with three differences:
   two tokens, "\n        " and "return", whichever loader reads the folder.
 - The special tokens `<|endoftext|>`, `<|padding|>`, `<|separator|>` are ids 0, 1, 2, then
   all 256 byte tokens, so every byte string round-trips (`Tokenizer.lossless`).
+- The four fill-in-the-middle sentinels (`polycoder.fim`: `<fim_prefix>`, `<fim_middle>`,
+  `<fim_suffix>`, `<fim_pad>`, StarCoder's names) are special tokens of every tokenizer made
+  here, added after training (`Tokenizer.with_fim_tokens`), so they take the last four ids:
+  with a vocabulary that reaches `--vocab-size` N, ids N-4 .. N-1 in that order (after the
+  BPE tokens and the whitespace-run tokens; a corpus too small to fill the vocabulary moves
+  them down with the last id). `polycoder train` then trains with FIM by default
+  (`polycoder.train.fim_transform`); the report names their ids (`fim_tokens`).
 - The model's embedding size is the vocabulary padded to a multiple of 64 (as GPT-NeoX's
-  `make-vocab-size-divisible-by`: 50257 -> 50304); it is recorded as `padded_vocab_size`.
+  `make-vocab-size-divisible-by`: 50257 -> 50304); it is recorded as `padded_vocab_size`
+  (the FIM sentinels included).
 
 Outputs in OUT: tokenizer.json, vocab.json, merges.txt (with a `#version` header),
 tokenizer_config.json, special_tokens_map.json (polycoder.tokenizer.Tokenizer.save; opens
@@ -45,6 +53,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from polycoder.corpus import iter_documents, stable_hash
 from polycoder.errors import PolycoderError
+from polycoder.fim import FIM_TOKENS
 from polycoder.options import POSITIONAL
 from polycoder.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
 
@@ -131,7 +140,8 @@ def train_tokenizer(
     Args:
         corpus: a corpus folder, or a split corpus (its train/ is used).
         out: folder for the tokenizer and its training report.
-        vocab_size: tokens in the vocabulary, the 3 special, 256 byte and 78 whitespace-run tokens included (PolyCoder: 50257).
+        vocab_size: tokens in the vocabulary, the 3 special, 256 byte, 78 whitespace-run and 4 FIM tokens included
+            (PolyCoder: 50257).
         sample: fraction of the files to train on, chosen by a seeded hash of their SHA-256 (PolyCoder: 0.05).
         seed: seed of the sample.
         min_frequency: a pair must occur this often to be merged.
@@ -157,10 +167,11 @@ def train_tokenizer(
             yield split_whitespace_runs(t)
 
     backend = build_trainer_backend()
-    n_bpe = vocab_size - len(WHITESPACE_TOKENS)
+    n_bpe = vocab_size - len(WHITESPACE_TOKENS) - len(FIM_TOKENS)
     if n_bpe < 256 + len(SPECIAL_TOKENS):
-        raise PolycoderError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + len(WHITESPACE_TOKENS)} "
-                             "(3 special, 256 byte and the whitespace-run tokens)")
+        raise PolycoderError(f"--vocab-size must be at least "
+                             f"{256 + len(SPECIAL_TOKENS) + len(WHITESPACE_TOKENS) + len(FIM_TOKENS)} "
+                             "(3 special, 256 byte, the whitespace-run and the 4 FIM tokens)")
     trainer = trainers.BpeTrainer(
         vocab_size=n_bpe, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
@@ -169,8 +180,8 @@ def train_tokenizer(
         raise PolycoderError(f"the {sample:.0%} sample of {train_dir} is empty; raise --sample")
     backend.add_tokens([AddedToken(w, special=False, normalized=False) for w in WHITESPACE_TOKENS
                         if backend.token_to_id(w) is None])
-    tok = Tokenizer(backend)
-    vocab = backend.get_vocab(with_added_tokens=True)
+    tok = Tokenizer(backend).with_fim_tokens()
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
     assert [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2], "special tokens must be ids 0, 1, 2"
     if not tok.lossless:
         raise RuntimeError("trained vocabulary lacks byte tokens (the initial alphabet should prevent this)")
@@ -182,6 +193,7 @@ def train_tokenizer(
         "vocab_size": reloaded.vocab_size, "requested_vocab_size": vocab_size,
         "padded_vocab_size": padded_vocab_size(reloaded.vocab_size, pad_multiple), "pad_multiple": pad_multiple,
         "special_tokens": {t: vocab[t] for t in SPECIAL_TOKENS}, "lossless": reloaded.lossless,
+        "fim_tokens": {t: vocab[t] for t in FIM_TOKENS},
         "whitespace_added_tokens": len(WHITESPACE_TOKENS),
         "whitespace_tokens": whitespace_report(reloaded),
     }
@@ -211,7 +223,7 @@ def training_markdown(r: dict) -> str:
     lines = [f"# Tokenizer trained on {r['sampled_files']:,} files ({r['sampled_bytes'] / 1e6:,.1f} MB, "
              f"{r['sample']:.1%} sample of {r['corpus']}, seed {r['seed']})", "",
              f"vocabulary {r['vocab_size']:,} (padded for the model: {r['padded_vocab_size']:,}); "
-             f"specials {r['special_tokens']}; lossless: {r['lossless']}", ""]
+             f"specials {r['special_tokens']}; fill-in-the-middle {r.get('fim_tokens')}; lossless: {r['lossless']}", ""]
     has_ref = "reference_whitespace_tokens" in r
     lines += ["| whitespace run | tokens (ours) |" + (" tokens (reference) |" if has_ref else ""),
               "|---|---:|" + ("---:|" if has_ref else "")]

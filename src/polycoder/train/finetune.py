@@ -1,6 +1,7 @@
 """`polycoder finetune`: full fine-tuning, LoRA and QLoRA of a GPT-NeoX checkpoint.
 
     polycoder finetune [--model FOLDER|HUB_ID|RUN_DIR|polycoder-tiny] --data PATH --out RUN_DIR [--lora] [--qlora] [--merge]
+        [--fim] [--fim-rate R] [--fim-spm-rate R]
 
 Data: a JSONL file of {"text": ...} records, or a folder of code (every file whose name a
 PolyCoder language claims, `polycoder.data.languages.language_of`, read as UTF-8, in
@@ -9,6 +10,16 @@ fine-tune on its output texts). Each text is tokenized with the model's tokenize
 ends with EOD; the texts are packed into one stream and cut into windows (sequential
 order, shuffled each epoch: `polycoder.train.loader`). Every 20th document (when there
 are 20 or more) is held out for validation.
+
+Fill-in-the-middle (`--fim`): teaches a left-to-right model to infill. The four sentinels
+(`polycoder.fim`) are added to its tokenizer (`Tokenizer.with_fim_tokens`: ids after the
+last one) and rows for them to its input embedding and output head, initialised to the mean
+of the existing tokens' rows, the vocabulary kept padded to a multiple of 64
+(`polycoder.checkpoint.grow_vocabulary`); then it trains with the FIM transform
+(`polycoder.train.fim_transform`, rate `--fim-rate`, default 0.5 whenever the tokenizer
+has the sentinels, and SPM share `--fim-spm-rate`, default 0.5). With LoRA, the new rows of
+both embeddings are trained too, through peft's `trainable_token_indices` (only those rows
+are saved in the adapter; `polycoder.lora`).
 
 LoRA (Hu et al., 2021) goes through `peft`, targeting the attention QKV and output
 projections and both MLP matrices (`query_key_value`, `dense`, `dense_h_to_4h`,
@@ -159,6 +170,9 @@ def finetune(
     seed: int = 1234,
     device: str = "auto",
     reschedule: bool = False,
+    fim: bool = False,
+    fim_rate: float | None = None,
+    fim_spm_rate: float | None = None,
 ) -> int:
     """Fine-tune a checkpoint on code or JSONL texts: full, LoRA (peft) or QLoRA.
 
@@ -193,13 +207,19 @@ def finetune(
         device: cpu, cuda or auto.
         reschedule: With --resume: follow the learning-rate schedule of the current settings instead of the
             checkpoint's.
+        fim: Teach fill-in-the-middle: add the FIM sentinels to the tokenizer and embeddings (mean-initialised
+            rows) and train with the FIM transform.
+        fim_rate: Share of documents rearranged for fill-in-the-middle (data.fim_rate; default 0.5 when the
+            tokenizer has the FIM sentinels, else 0).
+        fim_spm_rate: Share of the FIM samples in SPM order rather than PSM (data.fim_spm_rate; default 0.5).
     """
     import torch
 
-    from polycoder.checkpoint import load_model, load_weights, save_checkpoint
-    from polycoder.lora import LORA_TARGETS, add_lora, load_adapter, load_adapter_weights, merge_adapter, save_adapter
+    from polycoder.checkpoint import grow_vocabulary, load_model, load_weights, save_checkpoint
+    from polycoder.lora import LORA_TARGETS, add_lora, load_adapter_weights, merge_adapter, save_adapter
     from polycoder.train import checkpointing as ckpt
     from polycoder.train.distributed import init_distributed, shutdown
+    from polycoder.train.fim_transform import make_fim_transform
     from polycoder.train.loop import Trainer
 
     targets = targets or list(LORA_TARGETS)
@@ -209,11 +229,9 @@ def finetune(
     if adapter is not None:
         if not merge:
             raise PolycoderError("--adapter is for merging an existing adapter: add --merge")
-        if model is None:  # the base the adapter records (not the bundled default)
-            net, tokenizer = load_model(adapter)
-        else:
-            base, tokenizer = load_model(model)
-            net = merge_adapter(load_adapter(base, adapter, base_reference(model, resolve(model))))
+        # into --model, or else the base the adapter records (not the bundled default); its
+        # tokenizer and any rows it adds (--fim) with it
+        net, tokenizer = load_model(adapter, base=model)
         dest = save_checkpoint(net, tokenizer, Path(out) / "merged")
         print(f"merged {adapter} into {model or 'its base'}: {dest}")
         return 0
@@ -222,6 +240,14 @@ def finetune(
 
     base_folder = resolve(model)
     net, tokenizer = load_model(model, dtype="float32", device="cpu")
+    new_tokens: list[int] = []  # with LoRA, their rows train too (peft's trainable tokens)
+    if fim and tokenizer.fim is None:
+        old = tokenizer.vocab_size
+        tokenizer = tokenizer.with_fim_tokens()
+        net = grow_vocabulary(net, old, tokenizer.vocab_size)
+        new_tokens = list(range(old, tokenizer.vocab_size))
+        print(f"added the FIM tokens as ids {old}-{tokenizer.vocab_size - 1}; embedding rows: {net.config.vocab_size}",
+              file=sys.stderr)
     texts = read_texts(data)
     if not texts:
         raise PolycoderError(f"no texts found in {data}")
@@ -234,8 +260,13 @@ def finetune(
                  "data.sampling": "sequential", "data.seed": seed, "run.max_steps": steps,
                  "run.precision": precision_of(dtype), "run.save_every": save_every, "run.eval_every": eval_every,
                  "run.threads": threads}
+    if fim_rate is not None:
+        overrides["data.fim_rate"] = fim_rate
+    if fim_spm_rate is not None:
+        overrides["data.fim_spm_rate"] = fim_spm_rate
     # Precedence: YAML < the options above < --set.
     settings = load_settings(None, config, [f"{k}={v}" for k, v in overrides.items()] + list(set or []))
+    transform = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed)
 
     d = init_distributed(device)
     try:
@@ -243,7 +274,8 @@ def finetune(
             quantize_4bit(net, targets)
         if lora:
             net.requires_grad_(False)
-            trainable = add_lora(net, lora_r, lora_alpha, lora_dropout, targets, base_reference(model, base_folder))
+            trainable = add_lora(net, lora_r, lora_alpha, lora_dropout, targets, base_reference(model, base_folder),
+                                 trainable_tokens=new_tokens or None)
 
             def write_model(m, folder: Path) -> None:
                 save_adapter(trainable, tokenizer, folder)
@@ -265,7 +297,8 @@ def finetune(
                 load_weights(net, resume_from)
         kind = "QLoRA" if qlora else "LoRA" if lora else "full"
         trainer = Trainer(trainable, settings, d, [train_arr], [valid_arr] if len(valid_arr) > seq_len else [],
-                          out, write_model, seq_len, description=f"finetune ({kind}) {base_folder.name}")
+                          out, write_model, seq_len, description=f"finetune ({kind}{', FIM' if transform else ''}) "
+                          f"{base_folder.name}", fim=transform)
         result = trainer.fit(resume_from, reschedule)
         if d.is_main and not result.interrupted:
             final = Path(out) / "final"

@@ -10,6 +10,11 @@ Each window is `seq_len + 1` consecutive tokens of one shard: inputs are the fir
 token and windows run across those boundaries (GPT-NeoX and nanoGPT do the same; attention
 is not masked at document boundaries). Windows never cross shards.
 
+With a fill-in-the-middle transform (`polycoder.train.fim_transform`), each window's
+document pieces are rearranged after it is read, by draws seeded by (seed, step, row of the
+global batch): batches stay a pure function of (seed, step), and targets that are
+`<fim_pad>` are ignored (-100).
+
 Two orders (`DataSettings.sampling`):
 - `random`: each step draws `batch_size` window starts uniformly over every possible
   start of every shard, with replacement, from a generator seeded by (seed, step).
@@ -32,6 +37,7 @@ import torch
 
 from polycoder.errors import PolycoderError
 from polycoder.token_shards import list_shards, read_shard
+from polycoder.train.fim_transform import FimTransform
 
 
 @dataclass(frozen=True)
@@ -44,17 +50,22 @@ class LoaderState:
     batch_size: int
     n_tokens: int
     """Total tokens of the training shards."""
+    fim_rate: float = 0.0
+    """Fill-in-the-middle rate (0: none; checkpoints from before FIM training read as 0)."""
+    fim_spm_rate: float = 0.0
+    """Share of the FIM samples in SPM order (0 where fim_rate is 0)."""
 
 
 class WindowLoader:
     """Batches of windows over a list of token arrays (memmaps of the shards)."""
 
     def __init__(self, arrays: Sequence[np.ndarray], seq_len: int, batch_size: int,
-                 sampling: str = "random", seed: int = 0):
+                 sampling: str = "random", seed: int = 0, transform: FimTransform | None = None):
         if sampling not in ("random", "sequential"):
             raise PolycoderError(f"sampling must be 'random' or 'sequential', got {sampling!r}")
         self.arrays = list(arrays)
         self.seq_len, self.batch_size, self.sampling, self.seed = seq_len, batch_size, sampling, seed
+        self.transform = transform
         lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
         if sampling == "random":
             per_array = np.maximum(lengths - seq_len, 0)  # starts s with s + seq_len + 1 <= len
@@ -70,8 +81,10 @@ class WindowLoader:
 
     @property
     def state(self) -> LoaderState:
+        t = self.transform
         return LoaderState(self.sampling, self.seed, self.seq_len, self.batch_size,
-                           int(sum(len(a) for a in self.arrays)))
+                           int(sum(len(a) for a in self.arrays)),
+                           t.fim_rate if t else 0.0, t.fim_spm_rate if t else 0.0)
 
     def _starts(self, step: int) -> list[tuple[int, int]]:
         """(array index, token offset) of each window of the global batch at `step`."""
@@ -99,7 +112,7 @@ class WindowLoader:
 
     def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole batch of `step`: inputs and targets, int64 [batch_size, seq_len]."""
-        return self._gather(self._starts(step))
+        return self._gather(self._starts(step), step, 0)
 
     def micro_batch(self, step: int, rank: int, world_size: int, micro: int, micro_step: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,13 +122,17 @@ class WindowLoader:
         mean gradient, this one keeps each process's rows contiguous.
         """
         first = (micro_step * world_size + rank) * micro
-        return self._gather(self._starts(step)[first:first + micro])
+        return self._gather(self._starts(step)[first:first + micro], step, first)
 
-    def _gather(self, starts: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, starts: list[tuple[int, int]], step: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the windows at `starts`, rows first, first + 1, ... of the step's batch."""
         T = self.seq_len
         rows = np.stack([np.asarray(self.arrays[i][o:o + T + 1], dtype=np.int64) for i, o in starts])
-        t = torch.from_numpy(rows)  # [B, T + 1]
-        return t[:, :-1], t[:, 1:]
+        if self.transform is None:
+            t = torch.from_numpy(rows)  # [B, T + 1]
+            return t[:, :-1], t[:, 1:]
+        t = torch.from_numpy(self.transform.rows(rows, step, range(first, first + len(rows))))
+        return t[:, :-1], self.transform.mask_pad(t[:, 1:])
 
 
 def eval_windows(arrays: Sequence[np.ndarray], seq_len: int, n: int) -> list[tuple[int, int]]:

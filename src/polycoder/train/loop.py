@@ -1,8 +1,10 @@
 """The training loop shared by pretraining and fine-tuning.
 
 One optimizer step: for each accumulation step, take this rank's rows of the step's batch
-(`loader.WindowLoader`), run the model under autocast, add cross-entropy / accumulation to
-the gradients (DDP or FSDP averages them over ranks on the last accumulation step), unscale
+(`loader.WindowLoader`, rearranged for fill-in-the-middle where asked:
+`fim_transform`), run the model under autocast, add its loss (`loss`: cross-entropy,
+divided by the accumulation steps, or with ignored FIM padding weighted by each micro-batch's
+share of the counted targets) to the gradients (DDP or FSDP averages them over ranks on the last accumulation step), unscale
 (fp16), clip the global norm, set the learning rate of the step (cosine with linear
 warm-up, a pure function of the step), and take an AdamW step.
 
@@ -49,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -65,37 +66,12 @@ from polycoder.files import write_text
 from polycoder.model import GPTNeoX
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist, wrap_model
+from polycoder.train.fim_transform import FimTransform
 from polycoder.train.loader import LoaderState, WindowLoader, eval_windows, gather_windows
+from polycoder.train.loss import model_loss, share_weights, takes_targets
 from polycoder.train.metrics import MetricsLogger, plot_loss_curve
 from polycoder.train.schedule import CosineSchedule, resumed_schedule
 from polycoder.train.settings import TrainSettings
-
-IGNORE_INDEX = -100
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; `targets` are already shifted, -100 is ignored."""
-    # fp32 log-softmax: bf16 logits lose ~3 digits of the loss otherwise.
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def call_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of our model (a tensor) or of a transformers model (an output with .logits)."""
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def takes_targets(model: nn.Module) -> bool:
-    """Whether `model` (or the network inside a DDP / peft wrapper) is our GPTNeoX, whose
-    forward computes the loss itself from `targets` without materialising the logits."""
-    return any(isinstance(m, GPTNeoX) for m in model.modules())
-
-
-def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
-    """Mean next-token loss of `model` on inputs `x` and shifted targets `y`."""
-    if fused:
-        return model(x, targets=y)
-    return lm_loss(call_logits(model, x), y)
 
 
 def keep_freed_memory() -> bool:
@@ -225,6 +201,7 @@ class Trainer:
         description: str = "train",
         backend: Backend | None = None,
         valid_note: str = "no validation tokens were given",
+        fim: FimTransform | None = None,
     ):
         self.raw = model
         self.s = settings
@@ -241,7 +218,7 @@ class Trainer:
         self.grad_accum = settings.data.grad_accum(dist.world_size)
         self.micro = settings.data.micro(dist.world_size)
         self.loader = WindowLoader(train_arrays, seq_len, settings.data.batch_size,
-                                   settings.data.sampling, settings.data.seed)
+                                   settings.data.sampling, settings.data.seed, transform=fim)
         n_eval = settings.run.eval_batches * self.micro * dist.world_size
         self.valid_arrays = list(valid_arrays)
         self.eval_starts = eval_windows(self.valid_arrays, seq_len, n_eval) if self.valid_arrays else []
@@ -342,13 +319,16 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         total = 0.0
-        for m in range(self.grad_accum):
-            x, y = self.loader.micro_batch(self.step, self.d.rank, self.d.world_size, self.micro, m)
+        batches = [self.loader.micro_batch(self.step, self.d.rank, self.d.world_size, self.micro, m)
+                   for m in range(self.grad_accum)]
+        weights = self._loss_weights([y for _, y in batches])
+        for m, (x, y) in enumerate(batches):
             x, y = x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
             last = m == self.grad_accum - 1
             with self._sync(last):  # around forward and backward, as DDP's no_sync requires
                 with autocast(self.precision, self.d.device):
-                    loss = model_loss(model, x, y, self.fused_loss) / self.grad_accum
+                    loss = model_loss(model, x, y, self.fused_loss)
+                    loss = loss / self.grad_accum if weights is None else loss * weights[m]
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         if self.scaler:
@@ -364,6 +344,11 @@ class Trainer:
         self.step += 1
         self.tokens += self.s.data.batch_size * self.seq_len
         return self.d.mean(total)
+
+    def _loss_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
+        if self.loader.transform is None:
+            return None  # every micro-batch counts all its targets: 1 / grad_accum each
+        return share_weights(targets, self.d)
 
     def _sync(self, last: bool):
         """Skip the gradient all-reduce on all but the last accumulation step."""

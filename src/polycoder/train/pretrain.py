@@ -16,6 +16,12 @@ one (Ctrl-C, SIGTERM) saves a checkpoint and exits with 128 + the signal (130, 1
 See `polycoder.train.loop` for the step itself and `polycoder.train.settings` for every
 setting and the PolyCoder recipe.
 
+Fill-in-the-middle (`polycoder.train.fim_transform`): where the tokenizer of TOKENS_DIR has
+the FIM sentinels (every tokenizer `polycoder tokenizer train` makes), half the document
+pieces of each window are rearranged by default (`--fim-rate`, `--fim-spm-rate`; data.fim_rate
+null means that automatic choice); a left-to-right tokenizer trains left to right as
+before, and asking it for a rate > 0 is an error naming `finetune --fim`.
+
 The verb's module: torch and our modules that import it are imported inside the
 functions that run the model, so that `polycoder train --help` reads the options without
 importing torch (about 2 s); tests/test_structure.py allows this for the verb modules only.
@@ -24,6 +30,7 @@ importing torch (about 2 s); tests/test_structure.py allows this for the verb mo
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -90,6 +97,8 @@ def train(
     set: list[str] | None = None,
     device: str = "auto",
     reschedule: bool = False,
+    fim_rate: float | None = None,
+    fim_spm_rate: float | None = None,
 ) -> int:
     """Pretrain a GPT-NeoX model on token shards (from scratch, or onwards from --model).
 
@@ -119,6 +128,9 @@ def train(
         device: cpu, cuda or auto.
         reschedule: With --resume: follow the learning-rate schedule of the current settings (e.g. a larger
             --max-steps stretches the cosine) instead of the one the checkpoint was trained on.
+        fim_rate: Share of document pieces rearranged for fill-in-the-middle (data.fim_rate; default 0.5 when the
+            tokenizer has the FIM sentinels, else 0).
+        fim_spm_rate: Share of the FIM samples in SPM order rather than PSM (data.fim_spm_rate; default 0.5).
     """
     import torch
 
@@ -126,6 +138,7 @@ def train(
     from polycoder.model import GPTNeoX
     from polycoder.train import checkpointing as ckpt
     from polycoder.train.distributed import init_distributed, shutdown
+    from polycoder.train.fim_transform import make_fim_transform
     from polycoder.train.loader import open_split
     from polycoder.train.loop import FitResult, Trainer
 
@@ -136,7 +149,8 @@ def train(
         "run.max_steps": max_steps, "optim.lr": lr, "data.batch_size": batch_size, "data.micro_batch": micro_batch,
         "data.seq_len": seq_len, "run.precision": precision_of(dtype), "run.parallel": parallel, "run.compile": compile,
         "run.activation_checkpointing": activation_checkpointing, "run.save_every": save_every,
-        "run.eval_every": eval_every, "run.threads": threads, "data.seed": seed})
+        "run.eval_every": eval_every, "run.threads": threads, "data.seed": seed, "data.fim_rate": fim_rate,
+        "data.fim_spm_rate": fim_spm_rate})
     if settings.run.threads:
         torch.set_num_threads(settings.run.threads)
 
@@ -157,12 +171,18 @@ def train(
                                      f"{vocab} tokens; tokenize with the model's tokenizer")
         else:
             cfg = model_config(preset, settings.model)
+            # the tokenizer decides the vocabulary (its FIM sentinels need rows even where no shard holds one)
+            vocab = max(vocab, tokenizer.vocab_size) if tokenizer is not None else vocab
             if cfg.vocab_size != pad_vocab(vocab):
-                cfg = cfg.replace(vocab_size=pad_vocab(vocab))  # the tokenizer decides the vocabulary
+                cfg = cfg.replace(vocab_size=pad_vocab(vocab))
             net = build_model(cfg, torch.float32, "cpu", seed=settings.data.seed)
         if tokenizer is None:
             raise PolycoderError(f"{tok_dir} not found: a checkpoint must carry its tokenizer; tokenize with "
                                  "`polycoder data tokenize`, which copies it there")
+        fim = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed)
+        if fim is not None and max(asdict(fim.fim).values()) >= net.config.vocab_size:
+            raise PolycoderError(f"{model} has {net.config.vocab_size} vocabulary rows, too few for the FIM tokens of "
+                                 f"{tok_dir}; add them with `polycoder finetune --fim`")
         net.requires_grad_(True)
         net = net.to(d.device)
         T = settings.data.seq_len or net.config.block_size
@@ -194,7 +214,7 @@ def train(
                        "cannot; --by-file-below N helps languages with few repositories), then tokenize it again")
         trainer = Trainer(net, settings, d, train_arrays, valid_arrays, out, write_model, T,
                           flops_per_token=cfg.flops_per_token(T), description=f"train {cfg.name}",
-                          valid_note=valid_note)
+                          valid_note=valid_note, fim=fim)
         result: FitResult = trainer.fit(resume_from, reschedule)
         if d.is_main and not result.interrupted:
             final = ckpt.export_final(Path(result.checkpoint), Path(out) / "final")

@@ -84,11 +84,27 @@ class DataSettings:
     (with replacement). `sequential`: the disjoint windows of the shards, shuffled once an
     epoch, taken in order. Both are pure functions of (seed, step)."""
     seed: int = 1234
-    """Seed of the window order and of the model's random initialisation."""
+    """Seed of the window order, of the FIM draws and of the model's random initialisation."""
+    fim_rate: float | None = None
+    """Share of the document pieces of a window rearranged for fill-in-the-middle
+    (`polycoder.train.fim_transform`). None (the default): 0.5 where the tokenizer has the
+    FIM sentinels (StarCoder's rate), 0 where it has none, so left-to-right tokenizers and
+    existing configs train as before. A rate > 0 with a tokenizer without the sentinels is an
+    error (add them with `polycoder finetune --fim`)."""
+    fim_spm_rate: float = 0.5
+    """Share of the FIM samples laid out in SPM order rather than PSM (StarCoder: 0.5)."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 0 or self.batch_size < 1 or self.micro_batch < 0:
             raise PolycoderError("data.seq_len must be >= 0, data.batch_size >= 1 and data.micro_batch >= 0")
+        if self.fim_rate is not None:
+            if isinstance(self.fim_rate, bool) or not isinstance(self.fim_rate, (int, float)):
+                raise PolycoderError(f"data.fim_rate must be a number in [0, 1] or null (auto), got {self.fim_rate!r}")
+            self.fim_rate = float(self.fim_rate)
+        for name in ("fim_rate", "fim_spm_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise PolycoderError(f"data.{name} must be in [0, 1], got {value}")
 
     def grad_accum(self, world_size: int) -> int:
         """Accumulation steps for `world_size` processes; raises if the batch does not divide."""
