@@ -32,10 +32,10 @@ In PSM the typed characters land right after the prefix, before the suffix, so t
 is recomputed every keystroke; in SPM the prefix is last and all before its tail is cached.
 
 Models (temporary folders; the weights are untrained for the sentinels, fine for timing):
-- tiny: the bundled polycoder-tiny (512 context). Its tokenizer has no FIM tokens on main
-  yet, so a copy with them is built: `Tokenizer.with_fim_tokens()` and the embedding grown
-  to hold them (`polycoder.checkpoint.grow_vocabulary` where it exists, else the same mean
-  initialisation here); if the bundled model already has them, it is served as it is.
+- tiny: the bundled polycoder-tiny (512 context). While its tokenizer has no FIM tokens, a
+  copy with them is built (`Tokenizer.with_fim_tokens()`, the embedding grown to hold them
+  by `polycoder.checkpoint.grow_vocabulary`); once the bundled model has them (its FIM
+  phase), it is served as it is and the table says so.
 - 160m: PolyCoder-160M's shape with random weights (`--random-init`, 2048 context), served
   with the bundled code tokenizer plus the FIM tokens (`--tokenizer`; its 50304 rows hold
   them), as benchmarks/prompt_cache.py serves it without them.
@@ -73,7 +73,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from polycoder import checkpoint, kernels  # noqa: E402
-from polycoder.config import pad_vocab  # noqa: E402
 from polycoder.locate import BUNDLED_DIR  # noqa: E402
 from polycoder.tokenizer import Tokenizer  # noqa: E402
 
@@ -216,27 +215,9 @@ def fim_tiny(folder: Path) -> Path:
         return BUNDLED_DIR
     model, _ = checkpoint.load_model(BUNDLED_DIR)
     fim_tok = tok.with_fim_tokens()
-    grow = getattr(checkpoint, "grow_vocabulary", None) or grow_vocabulary
-    checkpoint.save_checkpoint(grow(model, tok.vocab_size, fim_tok.vocab_size), fim_tok, folder)
+    grown = checkpoint.grow_vocabulary(model, tok.vocab_size, fim_tok.vocab_size)
+    checkpoint.save_checkpoint(grown, fim_tok, folder)
     return folder
-
-
-def grow_vocabulary(model, old_tokens: int, new_tokens: int):
-    """Rows for tokens old_tokens..new_tokens-1 (vocabulary padded to 128), each the mean of the
-    existing rows: the fim-train branch's `checkpoint.grow_vocabulary`, until it is on main."""
-    cfg = model.config
-    rows = max(cfg.vocab_size, pad_vocab(new_tokens))
-    state = dict(model.state_dict())
-    for name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
-        w = state[name]
-        grown = w[:old_tokens].mean(0).expand(rows, w.shape[1]).clone()  # [rows, C]
-        grown[: cfg.vocab_size] = w
-        grown[old_tokens:new_tokens] = w[:old_tokens].mean(0)
-        state[name] = grown
-    p = model.gpt_neox.embed_in.weight
-    out = checkpoint.empty_model(cfg.replace(vocab_size=rows), p.dtype, p.device)
-    out.load_state_dict(state)
-    return out.eval()
 
 
 def main() -> None:
