@@ -32,7 +32,10 @@ Prompt cache (`prompt_cache_mb`, `polycoder.generation.prompt_cache`): each prom
 values are kept after its prefill, so the next prompt that starts with the same tokens (an
 editor's next keystroke) prefills only what follows them, and the prefill budget counts
 only those tokens. A cancelled request's prompt stays cached: it was stored when it was
-prefilled, and cancelling only frees its rows (before the next step).
+prefilled, and cancelling only frees its rows (before the next step). Each job records what its
+prompts ran (`Job.prefilled`), which the APIs report per request (llama.cpp's `tokens_cached`,
+OpenAI's `cached_tokens`); a job with `reuse_prompt=False` (llama.cpp's `cache_prompt: false`)
+reuses nothing.
 
 Limits: one model and one engine thread per loop (a server with adapters runs one loop per
 served model, each with its own weights and cache; scale out with replicas behind a
