@@ -220,6 +220,15 @@ def fim_tiny(folder: Path) -> Path:
     return folder
 
 
+def command_line() -> list[str]:
+    """This run's options, but --note's text (printed below the table)."""
+    argv = sys.argv[1:]
+    if "--note" in argv:
+        i = argv.index("--note")
+        argv = argv[:i + 1] + ["..."] + argv[i + 2 :]
+    return argv
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=["tiny", "160m"], default=["tiny", "160m"])
@@ -301,7 +310,7 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
              f"typed a session, a request every {args.every} keystrokes ({n_req} after the session's first); "
              f"n_predict {args.max_tokens}, "
              f"greedy, streamed, each aborted {args.dwell} s after its first token by the next",
-             f"Run: benchmarks/editor.py {' '.join(sys.argv[1:])}",
+             f"Run: benchmarks/editor.py {' '.join(command_line())}",
              "TTFT and prefill tokens are per typing request (the session's first request, cold, apart); "
              "prefill tokens from the server's /metrics deltas", "",
              "| model | context | prompt cache | FIM order | route | window prompt tokens (median) | requests | TTFT p50 s "
@@ -313,7 +322,7 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
                      f"| {statistics.median(r['prompt_tokens']):.0f} | {r['requests']} | {r['ttft_p50_s']:.3f} "
                      f"| {r['ttft_p95_s']:.3f} | {r['prefill_tokens_median']:.0f} | {r['cached_tokens_median']:.0f} "
                      f"| {r['first_request_ttft_s']:.3f} | {r['first_request_prefill']:.0f} |")
-    publish({"cpu": cpu_line(), "kernels": kernels.status(), "argv": sys.argv[1:], "source": source,
+    publish({"cpu": cpu_line(), "kernels": kernels.status(), "argv": command_line(), "source": source,
              "files": [str(f) for f in files],
              "chars": args.chars, "every": args.every, "routes": args.routes, "max_tokens": args.max_tokens,
              "dwell_s": args.dwell, "note": args.note, "rows": rows},
