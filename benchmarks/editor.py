@@ -39,7 +39,8 @@ Models (temporary folders; the weights are untrained for the sentinels, fine for
 - 160m: PolyCoder-160M's shape with random weights (`--random-init`, 2048 context), served
   with the bundled code tokenizer plus the FIM tokens (`--tokenizer`; its 50304 rows hold
   them), as benchmarks/prompt_cache.py serves it without them.
-`--url` measures a server that already runs (as it is configured: one row).
+`--url` measures a server that already runs (as it is configured: one row a route; the routes
+share its prompt cache, so the second replays sessions the first left cached: give one).
 
 Usage:
     .venv/bin/python benchmarks/editor.py [--models tiny 160m] [--data RAW/heldout] [--sessions 3]
@@ -106,7 +107,8 @@ def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], 
         picked = [rng.choice(by_lang[langs[i % len(langs)]]) for i in range(count)]
         return picked, f"held-out files from {data}"
     files = sorted(p for p in (REPO / "src").rglob("*.py") if p.stat().st_size > 2_000)
-    return rng.sample(files, min(count, len(files))), f"this repository's src/ files ({data or 'no --data'} not found)"
+    why = f"{data} not found" if data is not None else "no --data given"
+    return rng.sample(files, min(count, len(files))), f"this repository's src/ files ({why})"
 
 
 def session(path: Path, tok: Tokenizer, budget: int, chars: int, rng: random.Random) -> Session:
