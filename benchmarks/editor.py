@@ -9,12 +9,15 @@ editor re-asks while the user types. Each request sends what an editor sends:
 - prefix = the window's text before the cursor, suffix = the rest of the window after it
   (constant while typing: the file after the removed characters);
 - the window: whole lines around the cursor, as llama.vscode sends them (256 lines before,
-  64 after), cut to the token budget of the context less `--max-tokens`: the lines nearest
-  the cursor kept, 3/4 of the budget to the prefix and 1/4 to the suffix (llama.vscode's
-  ratio), less the room the typed characters need. The window is chosen once a session and
-  kept while typing, as llama.vscode's stays put while the cursor stays in its lines;
-- `/infill` (llama.vscode's shape: input_prefix, input_suffix, n_predict, cache_prompt) or
-  `/v1/completions` with `suffix` (Continue's / OpenAI's), `--route`; streamed, greedy.
+  64 after), cut to a token budget (the tiny model's context less `--max-tokens` and a few
+  tokens; `--window-160m` for the 160M shape): the lines nearest the cursor kept, 3/4 of the
+  budget to the prefix and 1/4 to the suffix (llama.vscode's ratio), less the room the typed
+  characters need. The window is chosen once a session and kept while typing. (llama.vscode's
+  moves down a line when a typed newline moves the cursor in a long file, which changes the
+  prompt's start and costs a full recompute in either order: not modelled here);
+- `/infill` (llama.vscode's shape: input_prefix, input_suffix, n_predict, cache_prompt) and/or
+  `/v1/completions` with `suffix` (Continue's / OpenAI's), `--routes`, each on a server of its
+  own (an empty prompt cache); streamed, greedy.
 
 Each request is read until its first event (a piece of text, or the end when the suffix's
 stop rule ends it at once): that is its time to first token (TTFT, over HTTP, from send).
