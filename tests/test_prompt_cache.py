@@ -103,6 +103,21 @@ def test_the_same_prompt_again_runs_only_its_last_token(model):
     assert warm.stats["prefilled"] - before == 1  # the last token runs again, for its logits
 
 
+def test_reuse_false_runs_every_token_and_still_stores_the_prompt(model):
+    """llama.cpp's `cache_prompt: false` for one request: nothing reused, the same tokens, and
+    the prompt kept for the requests after it."""
+    net, tok = model
+    warm = engine_for(model, PLAIN)
+    ids = tok.encode(BUFFER)
+    first = run(warm, ids)
+    seqs = [Sequence(list(ids), SamplingParams(max_new_tokens=16, stop_at_eod=False), tok, sample_generator(7, 0, 0))]
+    assert warm.add(seqs, reuse=False) == len(ids)
+    while warm.rows:
+        warm.step()
+    assert seqs[0].token_ids == first[0] and warm.prompt_cache.stats["hits"] == 0  # no lookup: no hit
+    assert warm.add([Sequence(list(ids), SamplingParams(max_new_tokens=1), tok, None)]) == 1
+
+
 def test_the_pool_stays_within_its_bytes_and_evicts_the_least_recently_used(model):
     net, tok = model
     per_token = kv_bytes_per_token(net)
@@ -279,6 +294,18 @@ def test_server_keystrokes_give_the_cold_answers_and_count_hits(servers, code_to
     # cache off: nothing reused, every prompt token prefilled, no hits
     assert metric(off, "polycoder_prefill_reused_tokens") == 0 and metric(off, "polycoder_prompt_cache_hits") == 0
     assert metric(off, "polycoder_prefill_tokens") > 0 and metric(off, "polycoder_prompt_cache_bytes") == 0
+
+
+@pytest.mark.slow
+def test_server_usage_counts_cached_tokens_only_with_the_cache_on(servers, code_tokenizer):
+    on, off = servers
+    n = len(code_tokenizer.encode(BUFFER))
+    for s in servers:
+        complete(s, BUFFER, max_tokens=1)
+    typed = {"prompt": BUFFER + KEYSTROKES[0], "max_tokens": 1, "temperature": 0}
+    u = post(on, typed).json()["usage"]
+    assert n - 2 <= u["prompt_tokens_details"]["cached_tokens"] < u["prompt_tokens"]
+    assert post(off, typed).json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
 @pytest.mark.slow

@@ -258,6 +258,49 @@ def test_disconnect_frees_the_row(server):
     still_serves(server)
 
 
+# ---- what the prompt cache supplied, per request ---------------------------------------------
+
+CACHE_PREFIX = "def scale(values, k):\n    out = []\n    for v in values:\n        "
+CACHE_SUFFIX = "\n    return out\n\n\nprint(scale([1, 2], 3))\n"
+
+
+def test_infill_reports_tokens_cached_and_honours_cache_prompt_false(server):
+    """An editor's next keystroke: the SPM prompt reuses all but its typed tail (tokens_cached,
+    timings.prompt_n = what ran); `cache_prompt: false` runs every token and answers the same."""
+    body = {"input_prefix": CACHE_PREFIX, "input_suffix": CACHE_SUFFIX, "n_predict": 4, "temperature": 0}
+    first = post(server, body, "/infill").json()
+    assert first["tokens_cached"] + first["timings"]["prompt_n"] == first["tokens_evaluated"]
+    typed = {**body, "input_prefix": CACHE_PREFIX + "out.ap"}
+    cached = post(server, typed, "/infill").json()
+    n = cached["tokens_evaluated"]
+    assert n > first["tokens_evaluated"] and cached["tokens_cached"] + cached["timings"]["prompt_n"] == n
+    assert cached["tokens_cached"] >= first["tokens_evaluated"] - 2  # the prefix's last token or two may change
+    cold = post(server, {**typed, "cache_prompt": False}, "/infill").json()
+    assert cold["tokens_cached"] == 0 and cold["timings"]["prompt_n"] == cold["tokens_evaluated"] == n
+    assert cold["content"] == cached["content"]
+    with httpx.stream("POST", server.url + "/infill", json={**typed, "stream": True}, timeout=60) as r:
+        last = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")][-1]
+    assert last["stop"] is True and last["tokens_cached"] == n - 1  # the same prompt again: all but its last token
+    assert last["timings"]["prompt_n"] == 1
+
+
+def test_openai_usage_reports_cached_tokens(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    prompt = CACHE_PREFIX + "out.append("
+    kw = {"model": "tiny", "prompt": prompt, "suffix": CACHE_SUFFIX, "max_tokens": 3, "temperature": 0}
+    client.completions.create(**kw)
+    again = client.completions.create(**kw).usage
+    assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1
+    # n samples of one prompt: the prompt counted once, as prompt_tokens counts it
+    plain = {"model": "tiny", "prompt": "import os\nimport sys\n\n\ndef main(", "max_tokens": 2, "n": 3}
+    client.completions.create(**plain)
+    u = client.completions.create(**plain).usage
+    assert u.prompt_tokens_details.cached_tokens == u.prompt_tokens - 1
+
+
 @pytest.mark.parametrize("path, body, field", [
     ("/infill", {"input_prefix": 3, "input_suffix": ""}, "input_prefix"),
     ("/infill", {"input_suffix": ""}, "input_prefix"),

@@ -105,16 +105,18 @@ class Engine:
     # ---- the model calls ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], row: int, copies: int = 1) -> torch.Tensor:
+    def prefill(self, ids: list[int], row: int, copies: int = 1, reuse: bool = True) -> torch.Tensor:
         """Prompt `ids` into cache row `row` (positions 0..T-1), copied to the next
         `copies - 1` rows; the next-token logits [1, V], fp32. The prompt cache, if on,
-        supplies the longest prefix it holds and keeps the prompt for later ones."""
+        supplies the longest prefix it holds (unless `reuse` is False) and keeps the prompt
+        for later ones."""
         T = len(ids)
         if T == 0:
             raise PolycoderError("an empty prompt has nothing to continue: send at least one token")
         if T >= self.max_len:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
-        logits, reused = prefill_reusing(self.model, ids, self.cache, row, self.prefill_ops, self.prompt_cache)
+        logits, reused = prefill_reusing(self.model, ids, self.cache, row, self.prefill_ops, self.prompt_cache,
+                                         reuse)
         self.stats["prefilled"] += T - reused
         self.stats["reused"] += reused
         self.cache.repeat_row(row, copies, T)  # the other samples copy the prefill
@@ -130,17 +132,17 @@ class Engine:
     # ---- continuous batching -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def add(self, sequences: list[Sequence]) -> int:
+    def add(self, sequences: list[Sequence], reuse: bool = True) -> int:
         """Prefill one prompt once for `sequences` (all share its prompt ids) and join them;
         the prompt tokens run through the model (fewer than the prompt's when the prompt
-        cache held a prefix of it)."""
+        cache held a prefix of it; all of them with `reuse=False`)."""
         if not sequences:
             return 0
         n, r = len(sequences), len(self.rows)
         if n > self.free_rows:
             raise ValueError(f"{n} rows asked, {self.free_rows} free")
         before = self.stats["prefilled"]
-        logits = self._mask(self.prefill(sequences[0].prompt_ids, r, copies=n)).expand(n, -1)
+        logits = self._mask(self.prefill(sequences[0].prompt_ids, r, copies=n, reuse=reuse)).expand(n, -1)
         if self.drafter is not None:
             self.drafter.start(r, sequences[0].prompt_ids, n, self.prefill_ops)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])

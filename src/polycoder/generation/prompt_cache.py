@@ -147,16 +147,19 @@ def kv_bytes_per_token(model: GPTNeoX) -> int:
 
 
 def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, ops,
-                    pool: PromptCache | None) -> tuple[torch.Tensor, int]:
+                    pool: PromptCache | None, reuse: bool = True) -> tuple[torch.Tensor, int]:
     """Prompt `ids` into `row` of `cache` (positions 0..T-1): the longest prefix `pool` holds
-    copied in, the rest run through the model with `ops` (the backend's prefill operations); the
-    prompt then stored in the pool.
+    copied in (unless `reuse` is False: llama.cpp's `cache_prompt: false`, every token run),
+    the rest run through the model with `ops` (the backend's prefill operations); the prompt
+    then stored in the pool either way, for the prompts after it.
     Returns the next-token logits [1, V] and the number of tokens reused (at most T - 1:
     the last token always runs, for its logits)."""
     T = len(ids)
     device = cache.k[0].device
     start = 0
-    if pool is not None:
+    if pool is not None and not reuse:
+        pool.stats["computed"] += T  # no lookup: neither a hit nor a miss
+    elif pool is not None:
         key, start = pool.lookup(ids, limit=T - 1)
         if key is not None:
             pool.load(key, cache, row, start)

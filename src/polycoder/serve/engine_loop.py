@@ -32,7 +32,10 @@ Prompt cache (`prompt_cache_mb`, `polycoder.generation.prompt_cache`): each prom
 values are kept after its prefill, so the next prompt that starts with the same tokens (an
 editor's next keystroke) prefills only what follows them, and the prefill budget counts
 only those tokens. A cancelled request's prompt stays cached: it was stored when it was
-prefilled, and cancelling only frees its rows (before the next step).
+prefilled, and cancelling only frees its rows (before the next step). Each job records what its
+prompts ran (`Job.prefilled`), which the APIs report per request (llama.cpp's `tokens_cached`,
+OpenAI's `cached_tokens`); a job with `reuse_prompt=False` (llama.cpp's `cache_prompt: false`)
+reuses nothing.
 
 Limits: one model and one engine thread per loop (a server with adapters runs one loop per
 served model, each with its own weights and cache; scale out with replicas behind a
@@ -121,6 +124,12 @@ class Job:
     """Return this many top log-probabilities per token (None: no logprobs)."""
     echo: bool = False
     """Score (and return) the prompt as well."""
+    reuse_prompt: bool = True
+    """Let the prompt cache supply a prefix of each prompt (llama.cpp's `cache_prompt`); False:
+    every prompt token runs through the model (the prompt is still kept for later requests)."""
+    prefilled: dict[int, int] = field(default_factory=dict)
+    """Prompt index -> its tokens run through the model when its first samples joined the
+    batch (written by the engine thread before the prompt's first event)."""
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
@@ -132,6 +141,12 @@ class Job:
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("a job needs at least one prompt")
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the prompt cache supplied, each prompt counted once (as usage counts
+        prompt tokens); read it after the job's first event."""
+        return sum(len(self.prompts[p]) - n for p, n in self.prefilled.items())
 
     def cancel(self) -> None:
         """The client went away: the engine thread drops this job's rows before its next step."""
@@ -354,9 +369,10 @@ class EngineLoop:
             self._scoring.extend(seqs)
         else:
             try:
-                computed = self.engine.add(seqs)
+                computed = self.engine.add(seqs, reuse=job.reuse_prompt)
             except Exception as e:
                 job._fail(str(e))
+        job.prefilled.setdefault(p, computed)  # the prompt's first chunk (later ones reuse its prefill)
         job.next_sample = (p, j + chunk) if j + chunk < n else (p + 1, 0)
         if job.next_sample[0] >= len(job.prompts) or job.cancelled:
             with self._cond:

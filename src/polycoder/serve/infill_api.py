@@ -10,12 +10,15 @@ cache-warming call expects), `temperature` (0.8), `top_k` (40), `top_p` (0.95), 
 text with `"stop": false`, then a last one with `"stop": true` and the counts, as llama.cpp
 sends them, no `[DONE]`); and `stop_at_suffix` (ours: the suffix's stop rule on or off).
 The answer is llama.cpp's: `content`, `stop`, `stop_type` ("eos", "limit" or "word"),
-`tokens_predicted`, `tokens_evaluated`, `truncated` (some `input_extra` did not fit),
-`timings` (milliseconds and rates) and the rest of its fields. The prompt is built as
+`tokens_predicted`, `tokens_evaluated` (the prompt's tokens), `tokens_cached` (those the
+server's prompt cache supplied, `serve --prompt-cache-mb`), `truncated` (some `input_extra`
+did not fit), `timings` (milliseconds and rates; `prompt_n` counts the prompt tokens that
+ran through the model, as llama.cpp's does) and the rest of its fields. `cache_prompt`
+(default true, as llama.cpp's) false computes the whole prompt for that request, reusing
+nothing (the prompt is still kept for the requests after it). The prompt is built as
 `polycoder.serve.at_cursor` says (extra chunks as documents before the FIM prompt).
 
-Accepted and ignored, as llama.cpp ignores what it does not know: `cache_prompt` (this
-server keeps no prompt cache of its own here), `samplers`, `min_p`, `n_indent`,
+Accepted and ignored, as llama.cpp ignores what it does not know: `samplers`, `min_p`, `n_indent`,
 `t_max_prompt_ms`, `t_max_predict_ms`, `id_slot`, `n_cmpl`, `lora` and other fields.
 A model without FIM tokens answers llama.cpp's 501 ("Infill is not supported by this
 model: ..."), unless the server falls back to the prefix alone (`--suffix-fallback
@@ -122,7 +125,8 @@ def router(served: ServedModels, auth) -> APIRouter:
             stop_ids=at.stop_ids,
             suffix_stop=at.suffix_stop,
         )
-        job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed)))
+        job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),
+                                reuse_prompt=get_bool(body, "cache_prompt", True)))
         if stream:
             return StreamingResponse(events(state, job, at, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **at.headers})
@@ -164,7 +168,8 @@ def final(state: ServerState, job: Job, at: CursorPrompt, o: Outcome, content: s
     t_end = time.perf_counter()
     first = job.first_token_at or t_end
     prompt_ms, predicted_ms = max(0.0, first - t0) * 1e3, max(0.0, t_end - first) * 1e3
-    n_prompt, n_pred = len(at.ids), o.generated_tokens
+    n_prompt, n_pred, cached = len(at.ids), o.generated_tokens, job.cached_tokens
+    n_run = n_prompt - cached  # the prompt tokens that ran through the model
     p = job.params
     out = {
         "index": 0, "content": content, "tokens": [], "id_slot": 0, "stop": True,
@@ -173,10 +178,10 @@ def final(state: ServerState, job: Job, at: CursorPrompt, o: Outcome, content: s
                                 "top_p": p.top_p, "seed": job.seed, "stop": list(p.stop)},
         "prompt": state.tokenizer.decode(at.ids), "has_new_line": "\n" in (content or o.text),
         "truncated": at.extra_dropped, "stop_type": STOP_TYPE[o.finish_reason], "stopping_word": "",
-        "tokens_cached": 0,
-        "timings": {"prompt_n": n_prompt, "prompt_ms": prompt_ms,
-                    "prompt_per_token_ms": prompt_ms / max(n_prompt, 1),
-                    "prompt_per_second": n_prompt / (prompt_ms / 1e3) if prompt_ms else 0.0,
+        "tokens_cached": cached,
+        "timings": {"prompt_n": n_run, "prompt_ms": prompt_ms,
+                    "prompt_per_token_ms": prompt_ms / max(n_run, 1),
+                    "prompt_per_second": n_run / (prompt_ms / 1e3) if prompt_ms else 0.0,
                     "predicted_n": n_pred, "predicted_ms": predicted_ms,
                     "predicted_per_token_ms": predicted_ms / max(n_pred, 1),
                     "predicted_per_second": n_pred / (predicted_ms / 1e3) if predicted_ms else 0.0},

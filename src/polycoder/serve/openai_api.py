@@ -7,7 +7,8 @@ a list of such lists; `max_tokens` (default 16), `temperature` (default 1), `top
 of text, each choice's `finish_reason` in a last chunk of its own, then `data: [DONE]`;
 `stream_options.include_usage` adds a usage chunk), `echo`, `logprobs` (0..20 most likely
 alternatives per token; with `echo` and `max_tokens` 0 it scores a prompt, as evaluation
-harnesses do) and `usage`. `top_k` is accepted as an extension (as vLLM does).
+harnesses do) and `usage` (its `prompt_tokens_details.cached_tokens`: the prompt tokens the
+server's prompt cache supplied, as OpenAI reports its own caching). `top_k` is accepted as an extension (as vLLM does).
 
 `suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
 `polycoder.serve.at_cursor` says: one text prompt, no `echo`; `stop_at_suffix` (default
@@ -218,16 +219,19 @@ def router(served: ServedModels, auth) -> APIRouter:
             choices.append({"index": i, "text": prefix + o.text, "logprobs": lp,
                             "finish_reason": FINISH[o.finish_reason]})
         extra = {"warning": warning} if warning else {}
-        return JSONResponse({**head, "choices": choices, "usage": usage(ids, outcomes.values()), **extra},
+        return JSONResponse({**head, "choices": choices, "usage": usage(job, outcomes.values()), **extra},
                             headers=headers)
 
     return api
 
 
-def usage(ids: list[list[int]], outcomes) -> dict:
-    prompt = sum(len(p) for p in ids)
+def usage(job: Job, outcomes) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: the prompt tokens the prompt
+    cache supplied (as OpenAI reports its own prompt caching)."""
+    prompt = sum(len(p) for p in job.prompts)
     completion = sum(o.generated_tokens for o in outcomes)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
 async def stream_events(state: ServerState, job: Job, head: dict, echoes: list[str],
@@ -253,7 +257,7 @@ async def stream_events(state: ServerState, job: Job, head: dict, echoes: list[s
         except APIError as e:  # the status line is sent already: report in the stream
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'param': None, 'code': e.code}})}\n\n"
         if include_usage:
-            yield chunk([], usage=usage(job.prompts, outcomes))
+            yield chunk([], usage=usage(job, outcomes))
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()  # the client went away (or all is done): free the rows now

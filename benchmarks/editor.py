@@ -1,0 +1,338 @@
+"""Benchmark editing sessions replayed against a running server: an editor typing at the cursor.
+
+Each session takes a real held-out file (`--data RAW/heldout`, the layout `polycoder data
+fetch` makes; without it, this repository's own `src/` files, which the output says), a
+seeded cursor at the start of a line's code, and the next `--chars` characters of the file
+taken out: the user types them back, `--every` characters (keystrokes) a request, as an
+editor re-asks while the user types. Each request sends what an editor sends:
+
+- prefix = the window's text before the cursor, suffix = the rest of the window after it
+  (constant while typing: the file after the removed characters);
+- the window: whole lines around the cursor, as llama.vscode sends them (256 lines before,
+  64 after), cut to a token budget (the tiny model's context less `--max-tokens` and a few
+  tokens; `--window-160m` for the 160M shape): the lines nearest the cursor kept, 3/4 of the
+  budget to the prefix and 1/4 to the suffix (llama.vscode's ratio), less the room the typed
+  characters need. The window is chosen once a session and kept while typing. (llama.vscode's
+  moves down a line when a typed newline moves the cursor in a long file, which changes the
+  prompt's start and costs a full recompute in either order: not modelled here);
+- `/infill` (llama.vscode's shape: input_prefix, input_suffix, n_predict, cache_prompt) and/or
+  `/v1/completions` with `suffix` (Continue's / OpenAI's), `--routes`, each on a server of its
+  own (an empty prompt cache); streamed, greedy.
+
+Each request is read until its first event (a piece of text, or the end when the suffix's
+stop rule ends it at once): that is its time to first token (TTFT, over HTTP, from send).
+It then streams on for `--dwell` seconds (the user typing the next keys) and the client
+closes the connection (an editor's abort) before sending the next one: the new request
+cancels the last. One difference from an editor: a request is never aborted before its
+first token, so that every request has a TTFT.
+
+Prefill tokens per request = the delta of the server's `polycoder_prefill_tokens_total`
+between one request and the next (requests run one at a time), cached tokens the delta of
+`polycoder_prefill_reused_tokens_total`. Per model, the same sessions run with the prompt
+cache on (`--prompt-cache-mb` default) in the served order SPM and PSM (`--fim-order`), and
+with it off (`--prompt-cache-mb 0`, SPM: with nothing reused the order changes no count).
+In PSM the typed characters land right after the prefix, before the suffix, so the suffix
+is recomputed every keystroke; in SPM the prefix is last and all before its tail is cached.
+
+Models (temporary folders; the weights are untrained for the sentinels, fine for timing):
+- tiny: the bundled polycoder-tiny (512 context). While its tokenizer has no FIM tokens, a
+  copy with them is built (`Tokenizer.with_fim_tokens()`, the embedding grown to hold them
+  by `polycoder.checkpoint.grow_vocabulary`); once the bundled model has them (its FIM
+  phase), it is served as it is and the table says so.
+- 160m: PolyCoder-160M's shape with random weights (`--random-init`, 2048 context), served
+  with the bundled code tokenizer plus the FIM tokens (`--tokenizer`; its 50304 rows hold
+  them), as benchmarks/prompt_cache.py serves it without them.
+`--url` measures a server that already runs (as it is configured: one row a route; the routes
+share its prompt cache, so the second replays sessions the first left cached: give one).
+
+Usage:
+    .venv/bin/python benchmarks/editor.py [--models tiny 160m] [--data RAW/heldout] [--sessions 3]
+        [--chars 18] [--every 3] [--routes infill completions] [--window-160m 768] [--url URL]
+        [--note TEXT] [--json out/benchmarks/editor.json]
+
+The default run (both models, 3 sessions of 18 characters) takes about 3 minutes on 2 cores;
+`--sessions 12 --chars 60 --window-160m 2000` is a bigger one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from machine import cpu_line
+from report import publish
+from server import start_server
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from polycoder import checkpoint, kernels  # noqa: E402
+from polycoder.locate import BUNDLED_DIR  # noqa: E402
+from polycoder.tokenizer import Tokenizer  # noqa: E402
+
+EXTENSIONS = {".c", ".h", ".cs", ".cpp", ".cc", ".hpp", ".go", ".java", ".js", ".php", ".py", ".rb", ".rs", ".scala",
+              ".ts"}
+ROUTES = {"infill": "/infill", "completions": "/v1/completions + suffix"}
+LINES_BEFORE, LINES_AFTER = 256, 64
+"""llama.vscode's defaults (n_prefix, n_suffix): lines sent before and after the cursor."""
+
+
+@dataclass
+class Session:
+    """One file being edited: the window's text before the cursor, the characters to type, the
+    window's text after them."""
+
+    name: str
+    before: str
+    typed: str
+    after: str
+
+
+def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], str]:
+    """`count` seeded files, one language after another, from `data` (RAW/heldout/LANG/...),
+    else from this repository's src/ (and where they came from, in words)."""
+    rng = random.Random(seed)
+    if data is not None and data.is_dir():
+        by_lang = {d.name: sorted(p for p in d.rglob("*") if p.suffix in EXTENSIONS and 2_000 < p.stat().st_size < 200_000)
+                   for d in sorted(data.iterdir()) if d.is_dir()}
+        langs = [lang for lang, files in by_lang.items() if files]
+        rng.shuffle(langs)
+        picked = [rng.choice(by_lang[langs[i % len(langs)]]) for i in range(count)]
+        return picked, f"held-out files from {data}"
+    files = sorted(p for p in (REPO / "src").rglob("*.py") if p.stat().st_size > 2_000)
+    why = f"{data} not found" if data is not None else "no --data given"
+    return rng.sample(files, min(count, len(files))), f"this repository's src/ files ({why})"
+
+
+def session(path: Path, tok: Tokenizer, budget: int, chars: int, rng: random.Random) -> Session:
+    """A seeded cursor in `path` (at a line's first non-blank character, with code on both
+    sides), the next `chars` characters taken out, and the window that fits `budget` tokens."""
+    text = path.read_text(errors="replace")
+    lines = text.splitlines(keepends=True)
+    candidates = [i for i in range(len(lines) // 4, 3 * len(lines) // 4) if lines[i].strip()] or [len(lines) // 2]
+    i = rng.choice(candidates)
+    col = len(lines[i]) - len(lines[i].lstrip())
+    cursor = sum(len(line) for line in lines[:i]) + col
+    typed = text[cursor : cursor + chars]
+    above, head = lines[max(0, i - LINES_BEFORE) : i], lines[i][:col]
+    rest = text[cursor + len(typed) :].splitlines(keepends=True)[: LINES_AFTER + 1]
+    prefix_budget = 3 * budget // 4 - len(tok.encode(typed)) - 2
+    suffix_budget = budget - 3 * budget // 4 - 3  # the three sentinels
+    while above and len(tok.encode("".join(above) + head)) > prefix_budget:
+        above = above[max(1, len(above) // 16) :]  # drop the lines farthest from the cursor
+    while rest and len(tok.encode("".join(rest))) > suffix_budget:
+        rest = rest[: -max(1, len(rest) // 16)]
+    return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest))
+
+
+def counter(metrics: str, name: str) -> float:
+    m = re.search(rf"^{name}_total ([0-9.e+]+)$", metrics, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+def counts(client: httpx.Client, url: str) -> tuple[float, float]:
+    """(prompt tokens prefilled, prompt tokens reused from the cache) so far."""
+    text = client.get(url + "/metrics").text
+    return counter(text, "polycoder_prefill_tokens"), counter(text, "polycoder_prefill_reused_tokens")
+
+
+def body(route: str, prefix: str, suffix: str, max_tokens: int) -> dict:
+    if route == "infill":
+        return {"input_prefix": prefix, "input_suffix": suffix, "n_predict": max_tokens, "temperature": 0,
+                "stream": True, "cache_prompt": True}
+    return {"prompt": prefix, "suffix": suffix, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
+def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str, max_tokens: int,
+            dwell: float) -> float:
+    """One streamed request: seconds to its first event; then read for `dwell` seconds and
+    close the connection (the editor's abort when the user types on)."""
+    path = "/infill" if route == "infill" else "/v1/completions"
+    t0 = time.perf_counter()
+    ttft = None
+    with client.stream("POST", url + path, json=body(route, prefix, suffix, max_tokens), timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if time.perf_counter() - t0 - ttft >= dwell:
+                break  # leaving the block closes the connection: the server cancels the row
+    if ttft is None:
+        raise RuntimeError(f"{path} answered no event")
+    return ttft
+
+
+def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens: int, dwell: float) -> dict:
+    """Every session's requests, one at a time: TTFT, prefill and cached tokens of each."""
+    out = {"ttft_s": [], "prefill": [], "cached": [], "first_ttft_s": [], "first_prefill": []}
+    with httpx.Client() as client:
+        request(client, url, route, "def warm_up():\n    ", "\n", 1, 0)
+        time.sleep(0.1)
+        for s in sessions:
+            for k in range(0, len(s.typed) + 1, every):
+                before = counts(client, url)
+                ttft = request(client, url, route, s.before + s.typed[:k], s.after, max_tokens, dwell)
+                time.sleep(0.1)  # the engine thread exports its counts after the step that answered
+                after = counts(client, url)
+                prefill, cached = after[0] - before[0], after[1] - before[1]
+                if k == 0:  # the session's first request: the file is new to the cache
+                    out["first_ttft_s"].append(ttft)
+                    out["first_prefill"].append(prefill)
+                else:
+                    out["ttft_s"].append(ttft)
+                    out["prefill"].append(prefill)
+                    out["cached"].append(cached)
+    return out
+
+
+def summary(label: str, context: int, cache: str, order: str | None, route: str, res: dict, tok: Tokenizer,
+            sessions: list[Session]) -> dict:
+    """One row of the table: a model, a server configuration and a route."""
+    ttft = sorted(res["ttft_s"])
+    return {"model": label, "context": context, "prompt_cache": cache, "fim_order": order or "as served",
+            "route": route, "requests": len(ttft), "ttft_p50_s": statistics.median(ttft),
+            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+            "prefill_tokens_median": statistics.median(res["prefill"]),
+            "prefill_tokens_mean": statistics.fmean(res["prefill"]),
+            "cached_tokens_median": statistics.median(res["cached"]),
+            "first_request_ttft_s": statistics.median(res["first_ttft_s"]),
+            "first_request_prefill": statistics.median(res["first_prefill"]),
+            "prompt_tokens": [len(tok.encode(s.before)) + len(tok.encode(s.after)) for s in sessions],
+            "sessions": [s.name for s in sessions], "raw": res}
+
+
+def fim_tiny(folder: Path) -> Path:
+    """The bundled model with FIM tokens (as it is if it has them, else a grown copy in `folder`)."""
+    tok = Tokenizer.from_pretrained(BUNDLED_DIR)
+    if tok.fim is not None:
+        return BUNDLED_DIR
+    model, _ = checkpoint.load_model(BUNDLED_DIR)
+    fim_tok = tok.with_fim_tokens()
+    grown = checkpoint.grow_vocabulary(model, tok.vocab_size, fim_tok.vocab_size)
+    checkpoint.save_checkpoint(grown, fim_tok, folder)
+    return folder
+
+
+def command_line() -> list[str]:
+    """This run's options, but --note's text (printed below the table)."""
+    argv = sys.argv[1:]
+    if "--note" in argv:
+        i = argv.index("--note")
+        argv = argv[:i + 1] + ["..."] + argv[i + 2 :]
+    return argv
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", choices=["tiny", "160m"], default=["tiny", "160m"])
+    ap.add_argument("--data", type=Path, default=None,
+                    help="RAW/heldout (polycoder data fetch's layout); without it, this repository's src/ files")
+    ap.add_argument("--sessions", type=int, default=3, help="files edited, one session each")
+    ap.add_argument("--chars", type=int, default=18, help="characters typed a session")
+    ap.add_argument("--every", type=int, default=3, help="keystrokes between requests (K)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="n_predict / max_tokens of each request")
+    ap.add_argument("--dwell", type=float, default=0.1, help="seconds a request streams after its first token")
+    ap.add_argument("--routes", nargs="+", choices=["infill", "completions"], default=["infill"],
+                    help="/infill (llama.vscode's shape) and/or /v1/completions with suffix (Continue's / OpenAI's)")
+    ap.add_argument("--window-160m", type=int, default=768,
+                    help="prompt tokens of the 160M shape's window (its context is 2048; the full one is slow here)")
+    ap.add_argument("--url", help="measure this running server instead (as configured; tokenizer: --tokenizer)")
+    ap.add_argument("--context", type=int, default=512, help="with --url: the server's context")
+    ap.add_argument("--tokenizer", type=Path, default=BUNDLED_DIR, help="with --url: the server's tokenizer folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="a line under the table (how loaded the machine was, ...)")
+    ap.add_argument("--json", type=Path, default=None, help="write FILE.json and FILE.md")
+    args = ap.parse_args()
+    files, source = source_files(args.data, args.sessions, args.seed)
+    print(f"sessions over {source}", flush=True)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="polycoder-editor-bench-") as tmp:
+        rows = measure(args, files, Path(tmp))
+    report(args, files, source, rows, load)
+
+
+def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict]:
+    """Every model and server configuration's row (servers started in turn, models built in `tmp`)."""
+    runs = []  # (model label, context, window tokens, serve args or None, tokenizer)
+    if args.url:
+        runs.append(("the server at --url", args.context, args.context - args.max_tokens - 8, None,
+                     Tokenizer.from_pretrained(args.tokenizer)))
+    if "tiny" in args.models and not args.url:
+        folder = fim_tiny(tmp / "tiny")
+        label = "polycoder-tiny" + (" (FIM-grown copy)" if folder != BUNDLED_DIR else "")
+        runs.append((label, 512, 512 - args.max_tokens - 8, ["--model", str(folder)], Tokenizer.from_pretrained(folder)))
+    if "160m" in args.models and not args.url:
+        fim_tok = Tokenizer.from_pretrained(BUNDLED_DIR).with_fim_tokens()
+        fim_tok.save(tmp / "tok160m")
+        runs.append(("polycoder-160m shape, random weights", 2048, args.window_160m,
+                     ["--model", "polycoder-160m", "--random-init", "--tokenizer", str(tmp / "tok160m")], fim_tok))
+    rows = []
+    for label, context, window, serve_args, tok in runs:
+        rng = random.Random(args.seed)
+        sessions = [session(f, tok, window, args.chars, rng) for f in files]
+        configs = [("given", None, None)] if serve_args is None else [("on", "spm", None), ("on", "psm", None),
+                                                                      ("off", "spm", "0")]
+        for (cache, order, cache_mb), route in itertools.product(configs, args.routes):
+            proc = None
+            url = args.url
+            if serve_args is not None:  # a fresh server a route: each starts with an empty prompt cache
+                extra = ["--fim-order", order] + (["--prompt-cache-mb", cache_mb] if cache_mb else [])
+                proc, url = start_server(*serve_args, "--max-context", str(context), "--max-batch-size", "4",
+                                         "--log-level", "warning", *extra)
+            try:
+                res = replay(url, sessions, route, args.every, args.max_tokens, args.dwell)
+            finally:
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
+            rows.append(summary(label, context, cache, order, route, res, tok, sessions))
+            row = rows[-1]
+            print(f"  {label}, cache {cache}, {row['fim_order']}, {route}: TTFT p50 {row['ttft_p50_s']:.3f} s, "
+                  f"p95 {row['ttft_p95_s']:.3f} s, prefill {row['prefill_tokens_median']:.0f} tokens", flush=True)
+    return rows
+
+
+def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[dict], load: tuple) -> None:
+    n_req = len(range(0, args.chars + 1, args.every)) - 1
+    names = rows[0]["sessions"] if rows else []
+    lines = [f"CPU: {cpu_line()}; {os.cpu_count()} logical CPUs; load average before: "
+             f"{', '.join(f'{x:.2f}' for x in load)}, after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+             "code path: the server's default backend, fp32, native "
+             f"kernels {kernels.status()}",
+             f"{len(files)} sessions over {source} ({', '.join(names)}); {args.chars} characters "
+             f"typed a session, a request every {args.every} keystrokes ({n_req} after the session's first); "
+             f"n_predict {args.max_tokens}, "
+             f"greedy, streamed, each aborted {args.dwell} s after its first token by the next",
+             f"Run: benchmarks/editor.py {' '.join(command_line())}",
+             "TTFT and prefill tokens are per typing request (the session's first request, cold, apart); "
+             "prefill tokens from the server's /metrics deltas", "",
+             "| model | context | prompt cache | FIM order | route | window prompt tokens (median) | requests | TTFT p50 s "
+             "| TTFT p95 s | prefill tokens a request (median) | cached tokens a request (median) "
+             "| first request TTFT s | first request prefill |",
+             "|" + "---|" * 13]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['context']} | {r['prompt_cache']} | {r['fim_order']} | {ROUTES[r['route']]} "
+                     f"| {statistics.median(r['prompt_tokens']):.0f} | {r['requests']} | {r['ttft_p50_s']:.3f} "
+                     f"| {r['ttft_p95_s']:.3f} | {r['prefill_tokens_median']:.0f} | {r['cached_tokens_median']:.0f} "
+                     f"| {r['first_request_ttft_s']:.3f} | {r['first_request_prefill']:.0f} |")
+    publish({"cpu": cpu_line(), "kernels": kernels.status(), "argv": command_line(), "source": source,
+             "files": [str(f) for f in files],
+             "chars": args.chars, "every": args.every, "routes": args.routes, "max_tokens": args.max_tokens,
+             "dwell_s": args.dwell, "note": args.note, "rows": rows},
+            "\n".join(lines + (["", args.note] if args.note else [])) + "\n", args.json)
+
+
+if __name__ == "__main__":
+    main()
