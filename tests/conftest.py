@@ -9,13 +9,16 @@ those tests skip with a message.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from polycoder.checkpoint import build_model, save_checkpoint
 from polycoder.config import ModelConfig, pad_vocab
+from polycoder.fim import FIM_TOKENS
 from polycoder.locate import BUNDLED_DIR
 from polycoder.tokenizer import Tokenizer
 
@@ -44,8 +47,12 @@ def polycoder_tokenizer(polycoder_tokenizer_files) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def code_tokenizer() -> Tokenizer:
-    """The bundled model's tokenizer: 8192 code tokens (all 256 bytes, whitespace runs), in the package."""
-    return Tokenizer.from_pretrained(BUNDLED_DIR)
+    """The bundled model's tokenizer without its fill-in-the-middle sentinels: 8192 code
+    tokens (all 256 bytes, whitespace runs), left to right. Tests of FIM add the sentinels
+    back with `with_fim_tokens()` (the same ids as the bundled model's: they are the last four)."""
+    spec = json.loads((BUNDLED_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in FIM_TOKENS]
+    return Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
 
 
 @pytest.fixture(scope="session")

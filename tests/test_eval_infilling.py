@@ -176,7 +176,7 @@ def test_levenshtein_and_edit_similarity():
 def test_prompts_are_fims_arrangement_fitted_to_the_context(code_tokenizer):
     tok = code_tokenizer.with_fim_tokens()
     task = Task("single-line", "t", "def f(x):\n    y = 1\n", "    return y\n", "\nprint(f(2))\n")
-    p, s = tok.encode(task.prefix), tok.encode(task.suffix)
+    p, s = tok.encode(task.prefix.rstrip("\n")), tok.encode(task.suffix)  # the newline is the model's to write
     for order in ("spm", "psm"):
         assert prompt_ids(tok, task, "fim", order, 200) == arrange(tok.fim, p, [], s, order)
     assert prompt_ids(tok, task, "prefix-only", "spm", 200) == p
@@ -184,9 +184,9 @@ def test_prompts_are_fims_arrangement_fitted_to_the_context(code_tokenizer):
     ids = prompt_ids(tok, long, "fim", "psm", 100)
     assert len(ids) == 100 and ids[0] == tok.fim.prefix
     cut = ids.index(tok.fim.suffix)
-    assert ids[1:cut] == tok.encode(long.prefix)[-(cut - 1):]  # the end of the prefix: the cursor's side
+    assert ids[1:cut] == tok.encode(long.prefix.rstrip("\n"))[-(cut - 1):]  # the end of the prefix: the cursor's side
     assert ids[cut + 1: -1] == tok.encode(long.suffix)[: len(ids) - cut - 2] and ids[-1] == tok.fim.middle
-    assert prompt_ids(tok, long, "prefix-only", "psm", 100) == tok.encode(long.prefix)[-100:]
+    assert prompt_ids(tok, long, "prefix-only", "psm", 100) == tok.encode(long.prefix.rstrip("\n"))[-100:]
 
 
 def test_canonical_middles_pass_and_empty_ones_fail(tmp_path, problems):
@@ -302,9 +302,14 @@ def test_openai_requests_carry_the_suffix(tmp_path, recorder, problems):
     assert {path for path, _ in seen} == {"/v1/completions"} and len(seen) == 4
     fim = [b for _, b in seen if "suffix" in b]
     assert len(fim) == 2 and {b["suffix"] for b in fim} == {t.suffix for t in tasks.values()}
-    assert {b["prompt"] for _, b in seen} == {t.prefix for t in tasks.values()}
+    # FIM: the prefix as it is (the server leaves its whitespace to the model); prefix-only: without
+    # the trailing newline, which the model writes again, so the first line is cut here (no "\n" stop)
+    assert {b["prompt"] for b in fim} == {t.prefix for t in tasks.values()}
+    plain = [b for _, b in seen if "suffix" not in b]
+    assert {b["prompt"] for b in plain} == {t.prefix.rstrip("\n") for t in tasks.values()}
     for _, b in seen:
-        assert b["n"] == 2 and b["max_tokens"] == 20 and b["temperature"] == 0.4 and b["stop"] == ["\n"]
+        assert b["n"] == 2 and b["max_tokens"] == 20 and b["temperature"] == 0.4
+        assert b.get("stop") == (["\n"] if "suffix" in b else None)
     assert [r["samples"] for r in s["runs"]] == [4, 4] and s["runs"][0]["mode"] == "fim"
 
 
@@ -314,10 +319,11 @@ def test_ollama_requests_carry_the_suffix_and_refusals_are_recorded(tmp_path, re
                 max_new_tokens=20)
     s = infilling(out=tmp_path / "a", **args)
     task = {t.prefix: t for t in subset(humaneval_tasks(problems, "single-line"), 2)}
+    task |= {p.rstrip("\n"): t for p, t in task.items()}  # prefix-only prompts leave the newline to the model
     assert {path for path, _ in seen} == {"/api/generate"} and len(seen) == 4
     for _, b in seen:
         assert b["model"] == "fim-model" and b["stream"] is False and b["prompt"] in task
-        assert b["options"]["num_predict"] == 20 and b["options"]["stop"] == ["\n"]
+        assert b["options"]["num_predict"] == 20 and b["options"].get("stop", []) == (["\n"] if "suffix" in b else [])
         if "suffix" in b:
             assert b["suffix"] == task[b["prompt"]].suffix and b["raw"] is False  # the model's template lays it out
         else:

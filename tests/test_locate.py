@@ -56,7 +56,7 @@ def test_finetune_defaults_to_the_bundled_model(tmp_path):
     cfg = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(BUNDLED_DIR.resolve())
     model, _ = load_model(tmp_path / "run")  # the run folder: its final/, an adapter merged into the bundled model
-    assert model.config.n_layer == 6 and model.config.vocab_size == 8192
+    assert model.config.n_layer == 6 and model.config.vocab_size == 8256
 
 
 def test_a_run_folder_is_its_newest_complete_checkpoint_or_final(tmp_path, capsys):

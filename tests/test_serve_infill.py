@@ -23,7 +23,7 @@ from serve_server import Server, post, still_serves  # noqa: E402
 
 from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
-from polycoder.fim import arrange  # noqa: E402
+from polycoder.fim import arrange, back_off  # noqa: E402
 from polycoder.generation import SamplingParams, generate  # noqa: E402
 from polycoder.generation.suffix_stop import SuffixStop  # noqa: E402
 from polycoder.generation.text import Sequence  # noqa: E402
@@ -59,17 +59,23 @@ def server(fim_folder):
 
 def expected_ids(local, prefix=PREFIX, suffix=SUFFIX, order="spm"):
     tok = local[1]
-    return arrange(tok.fim, tok.encode(prefix), [], tok.encode(suffix), order)
+    return arrange(tok.fim, tok.encode(back_off(prefix)[0]), [], tok.encode(suffix), order)
 
 
 def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), middle="", rule=True, stop=()):
-    """What the server must answer, greedy: arrange + our plain generation."""
+    """What the server must answer, greedy: arrange + our plain generation, the whitespace
+    before the cursor left to the model (`back_off`) and dropped from its output (`heal`)."""
     model, tok = local
+    rule = SuffixStop.of(prefix + middle, suffix) if rule else None
+    if middle:
+        middle, heal = back_off(middle)
+    else:
+        prefix, heal = back_off(prefix)
     ids = arrange(tok.fim, tok.encode(prefix), tok.encode(middle), tok.encode(suffix), order)
     ids = [t for text in extra for t in (*tok.encode(text), tok.eod_id)] + ids
     fim = tok.fim
     params = SamplingParams(max_new_tokens=n, stop=stop, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad),
-                            suffix_stop=SuffixStop.of(prefix + middle, suffix) if rule else None)
+                            suffix_stop=rule, heal=heal)
     return generate(model, tok, [ids], params)[0][0]
 
 
@@ -111,6 +117,34 @@ def test_sequence_cuts_and_streams_what_it_keeps(code_tokenizer):
     assert s.finish_reason == "eod" and out == s.text == "x = 1" and tok.fim.middle not in s.token_ids
 
 
+def test_whitespace_before_the_cursor_is_left_to_the_model_and_dropped_from_its_output(code_tokenizer):
+    assert back_off("def f():\n    ") == ("def f():", "\n    ")
+    assert back_off("f(a, ") == ("f(a,", " ") and back_off("x") == ("x", "") and back_off("") == ("", "")
+    assert back_off("a" + " " * 100) == ("a" + " " * 36, " " * 64)  # at most 64 characters
+
+    def run(heal: str, output: str, stop=()) -> tuple[str, str]:
+        seq = Sequence([1], SamplingParams(max_new_tokens=50, stop=stop, heal=heal), code_tokenizer, None)
+        streamed = []
+        for t in code_tokenizer.encode(output):
+            if seq.done:
+                break
+            streamed.append(seq.push(t))
+        if not seq.done:
+            streamed.append(seq.finish("length"))
+        assert "".join(streamed) == seq.text  # the stream never shows what is dropped
+        return seq.text, seq.finish_reason
+
+    # the newline (+ indentation) the prompt left out comes back first, and goes; the stop
+    # string "\n" then ends the line the model wrote, not the newline it restored
+    assert run("\n", "\n    return x\nfoo", stop=("\n",)) == ("    return x", "stop")
+    assert run("\n    ", "\n    return x") == ("return x", "length")
+    assert run("\n    ", "\n        deeper") == ("    deeper", "length")
+    assert run(" ", " b)") == ("b)", "length")
+    assert run(" ", "b)") == ("b)", "length")  # other whitespace (none here): the output is kept whole
+    assert run("\n    ", "\n\n  y") == ("\n\n  y", "length")
+    assert run("\n", "\n") == ("", "length")  # ended inside the whitespace: nothing of its own
+
+
 # ---- the three routes, FIM model -------------------------------------------------------------
 
 def test_greedy_answer_is_the_same_on_every_route(server, local):
@@ -122,7 +156,7 @@ def test_greedy_answer_is_the_same_on_every_route(server, local):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     c = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=N, temperature=0)
     assert c.choices[0].text == want.text
-    assert c.usage.prompt_tokens == len(local[1].encode(PREFIX)) + len(local[1].encode(SUFFIX)) + 3
+    assert c.usage.prompt_tokens == len(local[1].encode(back_off(PREFIX)[0])) + len(local[1].encode(SUFFIX)) + 3
     i = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
     assert i.status_code == 200 and i.json()["content"] == want.text and i.json()["stop"] is True
     assert i.json()["tokens_evaluated"] == c.usage.prompt_tokens
@@ -344,7 +378,7 @@ def test_psm_order_is_honoured(fim_folder, local):
         assert want.text != expected(local, order="spm").text or want.token_ids  # both are real answers
         r = post(s, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
         assert r.json()["content"] == want.text
-        assert r.json()["prompt"].startswith("<fim_prefix>" + PREFIX)
+        assert r.json()["prompt"].startswith("<fim_prefix>" + back_off(PREFIX)[0] + "<fim_suffix>")
         show = httpx.post(s.url + "/api/show", json={"model": "tiny"}, timeout=30).json()
         assert "<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>" in show["template"]
     finally:
@@ -379,7 +413,9 @@ def test_prefix_only_fallback_says_the_suffix_was_ignored(tiny_folder):
     model, tok = load_model(tiny_folder)
     s = Server(tiny_folder, "--suffix-fallback", "prefix-only", "--max-batch-size", "2", log=tiny_folder.parent / "fb.log")
     try:
-        want = generate(model, tok, [PREFIX], SamplingParams(max_new_tokens=N, suffix_stop=SuffixStop.of(PREFIX, SUFFIX)))
+        kept, heal = back_off(PREFIX)
+        want = generate(model, tok, [kept], SamplingParams(max_new_tokens=N, suffix_stop=SuffixStop.of(PREFIX, SUFFIX),
+                                                            heal=heal))
         r = post(s, {"model": "tiny", "prompt": PREFIX, "suffix": SUFFIX, "stream": False,
                      "options": {"temperature": 0, "num_predict": N}}, "/api/generate")
         assert r.json()["response"] == want[0][0].text and "suffix was ignored" in r.json()["warning"]

@@ -238,9 +238,10 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # The bundled default model (scripts/train_bundled.sh, configs/polycoder-tiny.yaml):
     # PolyCoder's layout scaled to what 2 CPU cores train in about half an hour and to the
-    # repository's 30 MB limit, with an 8192-token code BPE trained on our corpus.
+    # repository's 30 MB limit, with an 8192-token code BPE trained on our corpus and the four
+    # fill-in-the-middle sentinels appended (ids 8192-8195), padded to 8256 rows (phase 5).
     "polycoder-tiny": ModelConfig(
-        n_layer=6, n_embd=256, n_head=8, intermediate_size=1024, block_size=512, vocab_size=8192,
+        n_layer=6, n_embd=256, n_head=8, intermediate_size=1024, block_size=512, vocab_size=8256,
         name="polycoder-tiny",
     ),
     # Tests: PolyCoder's vocabulary and layout, tiny widths, so tests run in milliseconds.

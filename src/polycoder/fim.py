@@ -15,11 +15,18 @@ StarCoder's, so editors' StarCoder templates work unchanged. `<fim_pad>` fills a
 window that a rearranged document no longer fills exactly.
 
 Every part is tokenized on its own (`Tokenizer.encode` of P, of S, of M), in training and
-at serving time alike, so the token boundaries at the cuts are the same in both.
+at serving time alike, so the token boundaries at the cuts are the same in both. One
+boundary still differs: a cursor right after whitespace. Code tokenizes with whitespace
+joined to what follows it (a newline and the next line's indentation are one token, a
+space goes with the next word), so a prefix ending in whitespace ends in a token the model
+rarely saw there. `back_off` leaves that whitespace out of the prompt for the model to
+write again; generation drops it from the output (`SamplingParams.heal`, in
+`polycoder.generation.text`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +37,8 @@ FIM_PAD = "<fim_pad>"
 FIM_TOKENS = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD)
 
 ORDERS = ("psm", "spm")
+
+_TRAILING_WHITESPACE = re.compile(r"\s{1,64}\Z")
 
 
 @dataclass(frozen=True)
@@ -59,3 +68,10 @@ def arrange(fim: FimIds, prefix: Sequence[int], middle: Sequence[int], suffix: S
     if order == "spm":
         return [fim.prefix, fim.suffix, *suffix, fim.middle, *prefix, *middle]
     raise ValueError(f"FIM order must be one of {', '.join(ORDERS)}, got {order!r}")
+
+
+def back_off(text: str) -> tuple[str, str]:
+    """(`text` less its trailing whitespace, that whitespace): the text before a cursor ends
+    where a token the model knows how to follow ends; the whitespace is the model's to write."""
+    m = _TRAILING_WHITESPACE.search(text)
+    return (text, "") if m is None else (text[: m.start()], m.group())

@@ -66,7 +66,7 @@ from polycoder.eval.infilling_tasks import (
 )
 from polycoder.eval.perplexity import read_documents
 from polycoder.eval.sandbox import Limits, Sandbox
-from polycoder.fim import FIM_TOKENS, ORDERS
+from polycoder.fim import FIM_TOKENS, ORDERS, back_off
 from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names
 from polycoder.options import ModelOptions
 from polycoder.tokenizer import load_tokenizer
@@ -106,14 +106,16 @@ def _local_sampler(options: ModelOptions, settings: dict, order: str, max_rows: 
         if any(mode == "fim" for _, mode in pairs) and tokenizer.fim is None:
             raise PolycoderError(f"{options.model}: its tokenizer has no FIM tokens; use --mode prefix-only")
         results: list = [None] * len(pairs)
-        for line in (True, False):  # the stop strings differ: one call each
-            idx = [i for i, (task, _) in enumerate(pairs) if one_line(task) == line]
-            if not idx:
-                continue
+        # The stop strings and the whitespace the prompt leaves to the model (`back_off`, as
+        # our server does at the cursor) differ from task to task: one call each kind.
+        kinds: dict[tuple[bool, str], list[int]] = {}
+        for i, (task, _) in enumerate(pairs):
+            kinds.setdefault((one_line(task), back_off(task.prefix)[1]), []).append(i)
+        for (line, heal), idx in kinds.items():
             prompts = [prompt_ids(tokenizer, pairs[i][0], pairs[i][1], order, room) for i in idx]
             params = SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                                     top_p=settings["top_p"], num_samples=settings["num_samples"],
-                                    stop=(("\n",) if line else ()) + FIM_TOKENS, seed=seed)
+                                    stop=(("\n",) if line else ()) + FIM_TOKENS, seed=seed, heal=heal)
             for i, completions in zip(idx, generate(model, tokenizer, prompts, params, max_rows=max_rows)):
                 results[i] = [(c.text, c.finish_reason) for c in completions]
         return results
@@ -128,9 +130,17 @@ def _endpoint_sampler(endpoint: str, endpoint_model: str | None, api: Api, setti
     def one(pair: tuple[Task, str], seed: int) -> list[tuple[str, str]]:
         task, mode = pair
         try:
-            return client.complete(task.prefix, settings["num_samples"], settings["temperature"], settings["top_p"],
-                                   settings["max_new_tokens"], ("\n",) if one_line(task) else (), seed=seed,
-                                   suffix=task.suffix if mode == "fim" else None)
+            if mode == "fim":  # at the cursor: the server leaves the whitespace to the model, as we do
+                return client.complete(task.prefix, settings["num_samples"], settings["temperature"], settings["top_p"],
+                                       settings["max_new_tokens"], ("\n",) if one_line(task) else (), seed=seed,
+                                       suffix=task.suffix)
+            # A plain completion: the whitespace left to the model is dropped here, so the first
+            # line is cut here too (a "\n" stop would end inside that whitespace).
+            kept, heal = back_off(task.prefix)
+            stop = ("\n",) if one_line(task) and "\n" not in heal else ()
+            done = client.complete(kept, settings["num_samples"], settings["temperature"], settings["top_p"],
+                                   settings["max_new_tokens"], stop, seed=seed)
+            return [(text[len(heal):] if text.startswith(heal) else text, reason) for text, reason in done]
         except Refused as e:
             return [("", f"{FAILED}: {str(e)[:300]}")] * settings["num_samples"]
 
@@ -142,7 +152,8 @@ def _endpoint_sampler(endpoint: str, endpoint_model: str | None, api: Api, setti
 
 
 def _prompt_sha(task: Task, mode: str, order: str) -> str:
-    return _digest(json.dumps([mode, order if mode == "fim" else None, task.prefix, task.suffix]))
+    # "healed": the prompt leaves the prefix's trailing whitespace to the model (samples drawn before differ)
+    return _digest(json.dumps(["healed", mode, order if mode == "fim" else None, task.prefix, task.suffix]))
 
 
 def sample(source: Source, pairs: list[tuple[Task, str]], out: Path, num_samples: int, order: str, seed: int,

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polycoder.errors import PolycoderError
-from polycoder.fim import arrange
+from polycoder.fim import arrange, back_off
 from polycoder.tokenizer import Tokenizer
 
 HUMANEVAL_SETS = ("single-line", "multi-line", "random-span")
@@ -133,7 +133,7 @@ def prompt_ids(tokenizer: Tokenizer, task: Task, mode: str, order: str, room: in
     (at most what the prefix leaves, and at least a quarter of the room)."""
     # A token rarely covers more than 32 characters: the texts are cut before tokenizing so that
     # a 1 MB held-out file is not tokenized whole for one line.
-    prefix = tokenizer.encode(task.prefix[-32 * room:])
+    prefix = tokenizer.encode(back_off(task.prefix)[0][-32 * room:])  # the whitespace is the model's to write
     if mode != "fim":
         return prefix[-room:] if room else []
     suffix = tokenizer.encode(task.suffix[: 32 * room])

@@ -3,7 +3,8 @@
 - `sampling`: `SamplingParams` and the pure function that draws one token a row from
   logits with per-row seeded generators;
 - `text`: a sample's text (`Sequence`): stop strings, the end of the document, UTF-8
-  held back until whole; `encode_prompt` fits a prompt to the context;
+  held back until whole, a cursor's trailing whitespace dropped (`heal`); `encode_prompt`
+  fits a prompt to the context;
 - `suffix_stop`: where a completion at the cursor ends, from the code after the cursor;
 - `engine`: `Engine`, continuous batching over one preallocated KV cache with the decode
   step of `polycoder.backend` (native CPU kernels, CUDA graphs or PyTorch);

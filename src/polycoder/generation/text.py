@@ -4,6 +4,18 @@ At the cursor, the FIM sentinels end a sample as `<|endoftext|>` does (`stop_ids
 suffix's stop rule (`polycoder.generation.suffix_stop`) cuts and holds back text as stop
 strings do.
 
+Token boundaries at the cursor ("healing"): code is tokenized with whitespace joined to
+what follows it (a newline and the next line's indentation are one token, `"\n    "`, and
+a space goes with the word after it, `" b"`), so a text that ends in whitespace ends in a
+token the model rarely saw there: after `"...:\n"` cut before the indentation, or
+`"f(a, "` cut before the argument, it does not know how to go on. `back_off` leaves the
+trailing whitespace out of the prompt, the model writes it again as part of its own next
+token, and `Sequence` drops it from the output (`SamplingParams.heal`) before the stop
+strings and the suffix's rule see the text (held back while the output may still be that
+whitespace). Where the model writes other whitespace, its output is kept whole.
+(Guidance's "token healing" constrains the first token instead; this needs no change to
+sampling, at the price of trusting the model to restore the whitespace.)
+
 `Sequence` turns one row's tokens into text as they come, holding back text that might be
 the start of a stop string and never emitting half a UTF-8 character; `encode_prompt`
 fits a prompt to the model's context (or says clearly why it does not fit).
@@ -76,6 +88,8 @@ class Sequence:
         self._stop_ids = frozenset(params.stop_ids)
         self._rule = params.suffix_stop
         self._max_stop = max((len(s) for s in params.stop), default=0)
+        self._heal = params.heal  # what the output must still begin with, to be dropped
+        self._healing = ""  # output so far while it may still be that whitespace
 
     @property
     def done(self) -> bool:
@@ -91,7 +105,7 @@ class Sequence:
             return self._finish("eod")
         self.token_ids.append(token)
         start = max(0, len(self.text) - self._max_stop + 1)
-        self.text += self._decoder.push([token])
+        self.text += self._healed(self._decoder.push([token]))
         if self._cut_at_stop(start):
             return self._take(len(self.text))
         if len(self.token_ids) >= self.params.max_new_tokens or not room_left:
@@ -112,10 +126,22 @@ class Sequence:
 
     def _finish(self, reason: FinishReason) -> str:
         start = max(0, len(self.text) - self._max_stop + 1)
-        self.text += self._decoder.flush()
+        self.text += self._healed(self._decoder.flush())
+        self._heal = self._healing = ""  # ended inside the whitespace: it was all the prompt's own
         self.finish_reason = reason
         self._cut_at_stop(start, final=True)
         return self._take(len(self.text))
+
+    def _healed(self, piece: str) -> str:
+        """`piece` of output less what restores the prompt's backed-off whitespace."""
+        if not self._heal:
+            return piece
+        self._healing += piece
+        if len(self._healing) < len(self._heal) and self._heal.startswith(self._healing):
+            return ""  # may still be the whitespace: hold it
+        out, heal = self._healing, self._heal
+        self._heal = self._healing = ""
+        return out[len(heal):] if out.startswith(heal) else out
 
     def _cut_at_stop(self, start: int, final: bool = False) -> bool:
         hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]

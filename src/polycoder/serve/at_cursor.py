@@ -23,6 +23,11 @@ The chunks nearest the end of the list are kept when they do not all fit the con
 (llama.cpp keeps the end too); they are bounded from their length in characters before
 anything is tokenized, so a huge `input_extra` costs no more than what fits.
 
+Token boundaries: the text just before the cursor (the prefix, or `prompt` where given)
+goes in without its trailing whitespace, which the model writes again and the output drops
+(`polycoder.fim.back_off`, `SamplingParams.heal`): a newline and the next
+line's indentation are one token in training, and so are a space and the word after it.
+
 Stops: the sentinels end a sample as `<|endoftext|>` does (a model emits EOD after the
 middle, as trained; a sentinel means it went astray), and by default the suffix's rule
 (`polycoder.generation.suffix_stop`) ends it where the code after the cursor begins.
@@ -38,7 +43,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from polycoder.fim import arrange
+from polycoder.fim import arrange, back_off
 from polycoder.generation.suffix_stop import SuffixStop
 from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits, prompt_ids
 
@@ -63,6 +68,8 @@ class CursorPrompt:
     """The model has no FIM tokens and the server falls back to the prefix alone."""
     extra_dropped: bool = False
     """Some extra context did not fit the context and was left out."""
+    heal: str = ""
+    """The whitespace left out of the prompt's end, for `SamplingParams.heal`."""
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,13 +90,17 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
     `context`) first. The caller has checked that the model can infill or that the server
     falls back (`can_infill`, `falls_back`)."""
     rule = SuffixStop.of(prefix + middle, suffix) if stop_at_suffix else None
+    if middle:
+        middle, heal = back_off(middle)
+    else:
+        prefix, heal = back_off(prefix)
     fim = state.tokenizer.fim
     if fim is None:
         ids = await prompt_ids(state, prefix + middle, max_tokens, prefix=before)
         ignored = bool(suffix)
         if ignored:
             log.warning("[%s] %s", request_id, SUFFIX_IGNORED)
-        return CursorPrompt(ids, suffix_stop=rule, suffix_ignored=ignored,
+        return CursorPrompt(ids, suffix_stop=rule, suffix_ignored=ignored, heal=heal,
                             headers={WARNING_HEADER: SUFFIX_IGNORED} if ignored else {})
     C, tok = state.context, state.tokenizer
     if max_tokens >= C:
@@ -108,7 +119,7 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
     check_fits(state, ids, max_tokens)
     extra_ids, dropped = await _extra_context(state, list(extra), C - max_tokens - len(ids))
     return CursorPrompt(extra_ids + ids, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad),
-                        suffix_stop=rule, extra_dropped=dropped)
+                        suffix_stop=rule, extra_dropped=dropped, heal=heal)
 
 
 async def _encode(state: ServerState, texts: list[str]) -> list[list[int]]:

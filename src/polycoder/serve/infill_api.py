@@ -124,6 +124,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             seed=None if seed == -1 else seed,
             stop_ids=at.stop_ids,
             suffix_stop=at.suffix_stop,
+            heal=at.heal,
         )
         job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),
                                 reuse_prompt=get_bool(body, "cache_prompt", True)))

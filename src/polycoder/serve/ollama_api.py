@@ -158,6 +158,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             seed=get_seed(options),
             stop_ids=at.stop_ids if at else (),
             suffix_stop=at.suffix_stop if at else None,
+            heal=at.heal if at else "",
         )
         warning = {"warning": SUFFIX_IGNORED} if at and at.suffix_ignored else {}
         headers = at.headers if at else {}
