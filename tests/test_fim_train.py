@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import cli_env, free_port, losses, polycoder_cmd, run_cli
+from test_train_helpers import cli_env, one_and_two_processes, polycoder_cmd, run_cli
 
 from polycoder.checkpoint import build_model, grow_vocabulary, load_model, load_weights, save_checkpoint
 from polycoder.config import ModelConfig
@@ -421,13 +421,7 @@ def test_two_gloo_processes_equal_one_with_fim(byte_fim, tmp_path):
     common = ["--data", str(data), "--preset", "test-tiny", "--max-steps", "6", "--seq-len", "48", "--batch-size", "8",
               "--micro-batch", "4", "--lr", "3e-3", "--dtype", "fp32", "--threads", "1", "--fim-rate", "0.7",
               "--set", "run.tensorboard=false"]
-    run_cli("train", "--out", str(tmp_path / "one"), *common)
-    cmd = [polycoder_cmd()[0], "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "polycoder", "train", "--out", str(tmp_path / "two"), *common]
-    p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = one_and_two_processes(tmp_path, common)
     assert sorted(two) == list(range(1, 7))
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=0, atol=1e-5)
 

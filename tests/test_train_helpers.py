@@ -68,3 +68,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     from polycoder.train.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def one_and_two_processes(tmp_path: Path, common: list[str]) -> tuple[dict[int, float], dict[int, float]]:
+    """The per-step losses of `polycoder train ARGS` run in one process and under torchrun in
+    two CPU processes (gloo), into tmp_path/one and tmp_path/two."""
+    run_cli("train", "--out", str(tmp_path / "one"), *common)
+    cmd = [polycoder_cmd()[0], "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "polycoder", "train", "--out", str(tmp_path / "two"), *common]
+    p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return losses(tmp_path / "one"), losses(tmp_path / "two")

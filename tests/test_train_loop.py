@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_helpers import cli_env, free_port, losses, make_token_dir, polycoder_cmd, run_cli
+from test_train_helpers import cli_env, losses, make_token_dir, one_and_two_processes, polycoder_cmd, run_cli
 
 from polycoder.backend import choose, onednn
 from polycoder.backend.fused_loss import linear_cross_entropy
@@ -407,13 +407,7 @@ def test_two_gloo_processes_equal_one(tmp_path, parallel):
     common = ["--data", str(data), "--preset", "test-tiny", "--max-steps", "12", "--seq-len", "64",
               "--batch-size", "8", "--micro-batch", "4", "--lr", "3e-3", "--precision", "fp32", "--threads", "1",
               "--eval-every", "6", "--save-every", "6", "--parallel", parallel, "--set", "run.tensorboard=false"]
-    run_cli("train", "--out", str(tmp_path / "one"), *common)
-    cmd = [polycoder_cmd()[0], "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "polycoder", "train", "--out", str(tmp_path / "two"), *common]
-    p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = one_and_two_processes(tmp_path, common)
     assert sorted(two) == list(range(1, 13))
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=0, atol=1e-5)
     from polycoder.train.metrics import read_metrics

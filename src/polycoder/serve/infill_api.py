@@ -28,7 +28,6 @@ prefix-only`; `warning` says so). Errors are llama.cpp's
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -60,7 +59,7 @@ from polycoder.serve.common import (
     read_json,
 )
 from polycoder.serve.engine_loop import Job, Outcome
-from polycoder.serve.openai_api import job_events, submit, watch_disconnect
+from polycoder.serve.openai_api import collect, job_events, submit
 
 STOP_TYPE = {"eod": "eos", "length": "limit", "stop": "word"}
 NOT_SUPPORTED = ("Infill is not supported by this model: prefix token is missing. suffix token is missing. "
@@ -131,18 +130,8 @@ def router(served: ServedModels, auth) -> APIRouter:
         if stream:
             return StreamingResponse(events(state, job, at, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **at.headers})
-        watcher = asyncio.create_task(watch_disconnect(request, job))
-        pieces, outcome = [], None
-        try:
-            async for item in job_events(job):
-                if item[0] == "text":
-                    pieces.append(item[2])
-                else:
-                    outcome = item[1]
-        finally:
-            watcher.cancel()
-            job.cancel()
-        return JSONResponse(final(state, job, at, outcome, "".join(pieces), t0), headers=at.headers)
+        text, outcome = await collect(request, job)
+        return JSONResponse(final(state, job, at, outcome, text, t0), headers=at.headers)
 
     return api
 

@@ -27,7 +27,6 @@ are refused with a 400. Errors are Ollama's `{"error": "message"}` with the HTTP
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -56,7 +55,7 @@ from polycoder.serve.common import (
     read_json,
 )
 from polycoder.serve.engine_loop import Job, Outcome
-from polycoder.serve.openai_api import FINISH, job_events, submit, watch_disconnect
+from polycoder.serve.openai_api import FINISH, collect, job_events, submit
 
 OLLAMA_VERSION = "0.6.0"
 """The Ollama API version this server speaks (clients check it for features)."""
@@ -176,18 +175,8 @@ def router(served: ServedModels, auth) -> APIRouter:
 
         if stream:
             return StreamingResponse(ndjson(job, name, final), media_type="application/x-ndjson", headers=headers)
-        watcher = asyncio.create_task(watch_disconnect(request, job))
-        pieces, outcome = [], None
-        try:
-            async for item in job_events(job):
-                if item[0] == "text":
-                    pieces.append(item[2])
-                else:
-                    outcome = item[1]
-        finally:
-            watcher.cancel()
-            job.cancel()
-        return JSONResponse({**final(outcome), "response": "".join(pieces)}, headers=headers)
+        text, outcome = await collect(request, job)
+        return JSONResponse({**final(outcome), "response": text}, headers=headers)
 
     return api
 

@@ -124,6 +124,22 @@ async def job_events(job: Job) -> AsyncIterator[tuple]:
         yield item
 
 
+async def collect(request: Request, job: Job) -> tuple[str, Outcome | None]:
+    """The whole text and the outcome of a one-choice job, not streamed; cancelled if the client goes."""
+    watcher = asyncio.create_task(watch_disconnect(request, job))
+    pieces, outcome = [], None
+    try:
+        async for item in job_events(job):
+            if item[0] == "text":
+                pieces.append(item[2])
+            else:
+                outcome = item[1]
+    finally:
+        watcher.cancel()
+        job.cancel()  # no-op for a finished job; frees rows if this handler was interrupted
+    return "".join(pieces), outcome
+
+
 def submit(state: ServerState, job: Job) -> Job:
     try:
         state.engine.submit(job)
