@@ -241,6 +241,9 @@ async function complete() {
     const warning = response.headers.get("X-Polycoder-Warning");
     if (warning) note(warning);
     for await (const chunk of events(response)) {
+      // Aborted by an edit: pieces already read may still come out of the buffer, and the
+      // newer request owns the ghost text and the state from now on.
+      if (controller.signal.aborted) return;
       if (chunk.error) throw new Error(chunk.error.message);
       for (const choice of chunk.choices) {
         if (choice.text) {
@@ -256,7 +259,7 @@ async function complete() {
     const seconds = (performance.now() - t0) / 1000;
     setState("done", `done (${finish}), ${pieces} pieces in ${seconds.toFixed(2)} s`);
   } catch (e) {
-    if (e.name !== "AbortError") setState("error", "error: " + e.message);
+    if (e.name !== "AbortError" && !controller.signal.aborted) setState("error", "error: " + e.message);
   } finally {
     if (inFlight === controller) inFlight = null;
   }
