@@ -338,7 +338,9 @@ def test_ollama_requests_carry_the_suffix_and_refusals_are_recorded(tmp_path, re
 
 
 def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
-    """Both APIs of a real `polycoder serve` (FIM order spm, as ours) give the local model's greedy answers."""
+    """Both APIs of a real `polycoder serve` (FIM order spm, as ours) give the local model's greedy
+    FIM answers. Prefix-only, an endpoint gets a plain completion (no server constrains the
+    whitespace it owes: token healing), so both APIs agree with each other there."""
     pytest.importorskip("fastapi")
     from serve_server import Server
 
@@ -356,4 +358,6 @@ def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
         return {(r["task_id"], r["mode"]): r["completion"] for r in rows}
 
     assert len(answers("local")) == 6 and {m for _, m in answers("local")} == set(MODES)
-    assert answers("openai") == answers("local") == answers("ollama")
+    fim = {key: text for key, text in answers("local").items() if key[1] == "fim"}
+    assert {key: text for key, text in answers("openai").items() if key[1] == "fim"} == fim
+    assert answers("openai") == answers("ollama")

@@ -212,3 +212,22 @@ def test_static_decode_pads_rows_and_length_without_changing_logits(tiny_folder)
             torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         torch.testing.assert_close(b[:3], a[:3])  # the real rows' cache is untouched by the padding
+
+
+def test_healing_constrains_the_first_tokens_to_the_whitespace_owed(tiny):
+    """A prompt backed off before its trailing whitespace (`SamplingParams.heal`): whatever the
+    model prefers, its first tokens restore that whitespace (or end the sample), and the
+    output is what follows it."""
+    model, tok = tiny
+    heal = "\n\n    "
+    agreeing = tok.tokens_agreeing(heal.encode())
+    assert tok.encode("\n") and all(i in agreeing for i in tok.encode("\n"))
+    assert all(heal.encode().startswith(b) or b.startswith(heal.encode()) for b in map(tok.token_bytes, agreeing))
+    assert not any(tok.token_bytes(i).startswith(b"x") for i in agreeing)
+    for temperature, seed in [(0.0, 0), (1.0, 1), (1.0, 2), (1.5, 3)]:
+        params = SamplingParams(max_new_tokens=12, temperature=temperature, seed=seed, heal=heal)
+        for prompt in PROMPTS:
+            (c,), = generate(model, tok, [prompt], params)
+            written = tok.decode_bytes(c.token_ids)
+            assert written.startswith(heal.encode()) or (heal.encode().startswith(written) and c.finish_reason == "eod")
+            assert c.text == written.decode(errors="replace")[len(heal):]

@@ -20,7 +20,7 @@ boundary still differs: a cursor right after whitespace. Code tokenizes with whi
 joined to what follows it (a newline and the next line's indentation are one token, a
 space goes with the next word), so a prefix ending in whitespace ends in a token the model
 rarely saw there. `back_off` leaves that whitespace out of the prompt for the model to
-write again; generation drops it from the output (`SamplingParams.heal`, in
+write again (its first tokens constrained to agree with it); generation drops it from the output (`SamplingParams.heal`, in
 `polycoder.generation.text`).
 """
 

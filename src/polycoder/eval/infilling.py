@@ -135,7 +135,8 @@ def _endpoint_sampler(endpoint: str, endpoint_model: str | None, api: Api, setti
                                        settings["max_new_tokens"], ("\n",) if one_line(task) else (), seed=seed,
                                        suffix=task.suffix)
             # A plain completion: the whitespace left to the model is dropped here, so the first
-            # line is cut here too (a "\n" stop would end inside that whitespace).
+            # line is cut here too (a "\n" stop would end inside that whitespace). No server
+            # constrains the tokens to agree with it, as a local model's sampling does.
             kept, heal = back_off(task.prefix)
             stop = ("\n",) if one_line(task) and "\n" not in heal else ()
             done = client.complete(kept, settings["num_samples"], settings["temperature"], settings["top_p"],

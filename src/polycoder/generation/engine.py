@@ -203,7 +203,9 @@ class Engine:
                 min(self.max_len - s.length for s in self.rows))
         if k < 1:
             return []
-        rooms = [min(k, s.params.max_new_tokens - len(s.token_ids)) if s.params.temperature == 0 else 0
+        # A row still restoring the cursor's whitespace takes constrained tokens: no guesses.
+        rooms = [min(k, s.params.max_new_tokens - len(s.token_ids))
+                 if s.params.temperature == 0 and s.allowed_tokens() is None else 0
                  for s in self.rows]
         if self.drafter is not None:
             return self.drafter.propose([s.prompt_ids + s.token_ids for s in self.rows], rooms)
@@ -243,6 +245,15 @@ class Engine:
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token for each of `rows` from its logits, with its own settings and generator."""
         device = logits.device
+        allowed = [s.allowed_tokens() for s in rows]  # token healing: polycoder.generation.text
+        if any(a is not None for a in allowed):
+            logits = logits.clone()  # rows of one prompt share their logits' memory
+            for i, ids in enumerate(allowed):
+                if ids is not None:
+                    keep = torch.full_like(logits[i], float("-inf"))
+                    index = torch.tensor(ids, device=device)
+                    keep[index] = logits[i, index]
+                    logits[i] = keep
         temps = torch.tensor([s.params.temperature for s in rows], device=device)
         # A k above the vocabulary is no limit at all; clamped here so no k can overflow.
         top_k = torch.tensor([min(s.params.top_k, logits.size(-1)) for s in rows], device=device)

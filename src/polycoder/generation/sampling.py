@@ -48,8 +48,9 @@ class SamplingParams:
     """At the cursor: end where the code after the cursor says (`polycoder.generation.suffix_stop`)."""
     heal: str = ""
     """At the cursor: whitespace that ended the text before the cursor and was left out of the
-    prompt (`polycoder.fim.back_off`); the model writes it again, and it is dropped
-    from the start of the output."""
+    prompt (`polycoder.fim.back_off`); the model writes it again (its first tokens are
+    constrained to agree with it: `polycoder.generation.text`), and it is dropped from the
+    start of the output."""
     seed: int | None = None
     """Seed for sampling; None draws a fresh one."""
     truncate: bool = False

@@ -9,12 +9,13 @@ what follows it (a newline and the next line's indentation are one token, `"\n  
 a space goes with the word after it, `" b"`), so a text that ends in whitespace ends in a
 token the model rarely saw there: after `"...:\n"` cut before the indentation, or
 `"f(a, "` cut before the argument, it does not know how to go on. `back_off` leaves the
-trailing whitespace out of the prompt, the model writes it again as part of its own next
-token, and `Sequence` drops it from the output (`SamplingParams.heal`) before the stop
-strings and the suffix's rule see the text (held back while the output may still be that
-whitespace). Where the model writes other whitespace, its output is kept whole.
-(Guidance's "token healing" constrains the first token instead; this needs no change to
-sampling, at the price of trusting the model to restore the whitespace.)
+trailing whitespace out of the prompt and the model writes it again as part of its own next
+token: until it has, a row may only take tokens that agree with the whitespace still owed
+(`allowed_tokens`, Guidance's "token healing"; the end of the document and the stop ids
+stay allowed, for an empty completion), and `Sequence` drops the whitespace from the output
+(`SamplingParams.heal`) before the stop strings and the suffix's rule see the text. Left
+unconstrained, a small model often went on with the word before the cursor instead
+(`msg` + `_name,` after a blank line).
 
 `Sequence` turns one row's tokens into text as they come, holding back text that might be
 the start of a stop string and never emitting half a UTF-8 character; `encode_prompt`
@@ -88,6 +89,7 @@ class Sequence:
         self._stop_ids = frozenset(params.stop_ids)
         self._rule = params.suffix_stop
         self._max_stop = max((len(s) for s in params.stop), default=0)
+        self._tokenizer = tokenizer
         self._heal = params.heal  # what the output must still begin with, to be dropped
         self._healing = ""  # output so far while it may still be that whitespace
 
@@ -131,6 +133,16 @@ class Sequence:
         self.finish_reason = reason
         self._cut_at_stop(start, final=True)
         return self._take(len(self.text))
+
+    def allowed_tokens(self) -> list[int] | None:
+        """The ids this row may take next, or None for any: while the output has not yet
+        restored the prompt's backed-off whitespace, the tokens that agree with the rest of
+        it, the end of the document and the stop ids."""
+        if not self._heal:
+            return None
+        owed = self._heal[len(self._healing):].encode()
+        ends = ([self._eod] if self.params.stop_at_eod else []) + list(self._stop_ids)
+        return self._tokenizer.tokens_agreeing(owed) + ends
 
     def _healed(self, piece: str) -> str:
         """`piece` of output less what restores the prompt's backed-off whitespace."""

@@ -100,6 +100,7 @@ class Tokenizer:
         self._byte_ids: list[int | None] = [vocab.get(encoder[b]) for b in range(256)]
         self.lossless = all(i is not None for i in self._byte_ids)
         self._cr_missing = self._byte_ids[13] is None
+        self._agreeing: dict[bytes, list[int]] = {}
 
     # ---- construction -------------------------------------------------------------------
 
@@ -228,6 +229,20 @@ class Tokenizer:
 
     def token_bytes(self, i: int) -> bytes:
         return self._id_to_bytes[i] if 0 <= i < self.vocab_size else b""
+
+    def tokens_agreeing(self, text: bytes) -> list[int]:
+        """The ids of the ordinary tokens whose bytes could start a continuation that begins
+        with `text`: a token that is a prefix of `text`, or that `text` is a prefix of
+        (token healing: `polycoder.generation.text`). Cached, since a cursor's whitespace
+        takes few forms."""
+        found = self._agreeing.get(text)
+        if found is None:
+            found = [i for i, b in enumerate(self._id_to_bytes)
+                     if b and i not in self.special_ids and (text.startswith(b) or b.startswith(text))]
+            if len(self._agreeing) >= 256:
+                self._agreeing.clear()
+            self._agreeing[text] = found
+        return found
 
     # ---- saving -------------------------------------------------------------------------
 
