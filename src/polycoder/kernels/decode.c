@@ -110,14 +110,12 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
 
 /* A block is R weight rows (n .. n+R-1) against MB activation rows (m0 .. m0+MB-1): R * MB
  * accumulators in registers, each weight vector loaded (and widened) once for all MB rows,
- * so that 8 rows take one pass over the weights. R follows the register file: AVX-512's 32
- * hold 4 x 4 or 2 x 8 accumulators with the weight vectors; AVX2's 16 hold 4 x 2, 2 x 4 or
- * 1 x 8 (R * MB + R + 1 <= 14). */
-#if VL == 16
-#define R_OF(MB) ((MB) <= 4 ? 4 : 2)
-#else
-#define R_OF(MB) ((MB) <= 2 ? 4 : (MB) <= 4 ? 2 : 1)
-#endif
+ * so that 8 rows take one pass over the weights. R is 1: one weight row streamed at a time,
+ * in address order. Blocks of 2 or 4 rows (rows read side by side, the
+ * activation loads shared) measured up to 2.5x slower on an AMD EPYC (Zen 4), on the AVX-512
+ * and AVX2 variants alike, for fp32, bf16 and int8, at 1 to 4 activation rows; at 8 they
+ * were even (docs/benchmarks/README.md). The block code keeps R as a parameter (R <= 4). */
+#define R_OF(MB) 1
 
 /* ---- fp32 and bf16 weights: 16 a step (one prefetch a row), FMA against fp32
  * activations, the columns past the last full step under a mask. bf16 widens by a 16-bit
