@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -325,6 +326,15 @@ def test_variant_is_named_and_the_one_asked_for():
     assert kernels.variant() in kernels.VARIANTS.values() and kernels.variant() in kernels.status()
     if asked == "avx2":
         assert kernels.variant() == "AVX2+FMA"
+
+
+def test_weight_prefetches_reach_the_built_library():
+    """The decode products prefetch weights (decode.c); a compiler once deleted every one of
+    them (GCC 12, a prefetch helper not inlined), silently."""
+    if kernels.variant() == "NEON" or not shutil.which("objdump"):
+        pytest.skip("x86 only, with binutils' objdump")
+    code = subprocess.run(["objdump", "-d", str(kernels._build())], capture_output=True, text=True, timeout=120).stdout
+    assert code.count("prefetcht0") >= 4
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@
  * common.h) and multiplied exactly in integers (VNNI's vpdpwssd where the CPU has it, else
  * vpmaddwd; sdot or smlal on ARM64), twice as fast as
  * widening the weights to fp32. The output is written as fp32 or bf16 (round to nearest
- * even). Weights are prefetched PF_BYTES ahead: without it one core's stream of misses ran
- * at half the bandwidth.
+ * even). Weights are prefetched PF_BYTES ahead where 3 or more activation rows slow the
+ * loop down (the hardware's prefetchers keep up with 1 or 2).
  *
  * Threads come from the OpenMP runtime that PyTorch itself loads (libgomp.so.1), so our
  * parallel regions reuse PyTorch's worker threads instead of competing with them.
@@ -54,10 +54,10 @@ static inline float bias_at(const void *bias, int bias_bf16, long n) {
 
 int pc_available(void) { return PC_ISA; }
 
-/* Weights are prefetched about this many bytes ahead of the rows being read (enough to keep
- * a core's stream of misses full; a quarter of it measured half as fast for int8:
- * docs/benchmarks/README.md). One prefetch a row every 16 weights (32 int8): a cache line
- * of fp32, half of one otherwise, whatever the vector width. */
+/* Weights are prefetched about this many bytes ahead of the rows being read, one prefetch a
+ * row every 16 weights (32 int8): a cache line of fp32, half of one otherwise, whatever the
+ * vector width. Only for blocks of 3 or more activation rows: at 8 rows it measured
+ * 1.3-2x faster, at 1 and 2 up to 15 % slower (docs/benchmarks/README.md). */
 #define PF_BYTES 16384
 static inline long pf_rows(long K, long elsize) {
     long r = PF_BYTES / (K * elsize);
@@ -128,7 +128,7 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
     do {                                                                                           \
         vf wv[4];                                                                                  \
         for (int r = 0; r < R; r++) {                                                              \
-            if (PF) vprefetch(w + (n + pf + r) * K + (k));                                         \
+            if (PF && MB > 2) vprefetch(w + (n + pf + r) * K + (k));                                       \
             wv[r] = LOAD(w + (n + r) * K + (k), ##__VA_ARGS__);                                    \
         }                                                                                          \
         for (int m = 0; m < MB; m++) {                                                             \
@@ -175,7 +175,7 @@ DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
     do {                                                                                           \
         vi wv[4];                                                                                  \
         for (int r = 0; r < R; r++) {                                                              \
-            if (PF) vprefetch(w + (n + pf + r) * K + (k));                                         \
+            if (PF && MB > 2) vprefetch(w + (n + pf + r) * K + (k));                                       \
             wv[r] = vi_w8(w + (n + r) * K + (k), mask);                                            \
         }                                                                                          \
         for (int m = 0; m < MB; m++) {                                                             \
