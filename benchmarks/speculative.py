@@ -2,16 +2,18 @@
 
 Acceptance depends on the text, so the prompts are real files the model has not been
 trained on: this Python's own standard library (`--files`), each prompt the first
-`--prompt-tokens` tokens of a file cut at a line end, the completion `--new-tokens` greedy
-tokens. For each draft length k (`--drafts`), and plain decoding, every prompt is completed
+`--prompt-tokens` tokens of a file cut at a line end, the completion `--new-tokens` tokens,
+greedy or sampled at `--temperature` (seeded: a prompt gets the same sample in every run).
+For each draft length k (`--drafts`), and plain decoding, every prompt is completed
 one at a time (an editor's request) and the runs go round-robin, `--repeats` times, so a
 machine shared with other work slows all of them alike; the best pass is compared, every
 pass is in the JSON. Each speculative completion is checked to be the plain one token for
-token (greedy), and the acceptance rate (drafted tokens kept) and the forward passes per
+token (greedy, and sampled with the same seed), and the acceptance rate (drafted tokens kept) and the forward passes per
 token are reported.
 
     python benchmarks/speculative.py --json speculative.json
     python benchmarks/speculative.py --model FOLDER --drafts 4,8 --prompts 8
+    python benchmarks/speculative.py --temperature 0.8 --drafts 4
 
 Writes JSON (and Markdown next to it); prints a table. Speed is never asserted in tests.
 """
@@ -53,12 +55,14 @@ def real_prompts(tok, root: Path, count: int, prompt_tokens: int, seed: int = 0)
     return prompts
 
 
-def complete(model, tok, ids: list[int], new_tokens: int, speculate: int) -> tuple[list[int], float, dict]:
-    """One greedy completion on a fresh engine; (tokens, decode seconds, engine stats)."""
-    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eod=False)
+def complete(model, tok, ids: list[int], new_tokens: int, speculate: int, temperature: float = 0.0,
+             index: int = 0) -> tuple[list[int], float, dict]:
+    """One completion (prompt `index`'s sample at `temperature`) on a fresh engine; (tokens,
+    decode seconds, engine stats)."""
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eod=False, temperature=temperature, seed=0)
     engine = Engine(model, tok, max_rows=1, max_len=min(model.config.block_size, len(ids) + new_tokens + 1),
                     speculate=speculate)
-    engine.add([Sequence(ids, params, tok, sample_generator(0, 0, 0))])
+    engine.add([Sequence(ids, params, tok, sample_generator(0, index, 0))])
     seq = engine.rows[0]
     start = time.perf_counter()
     while engine.rows:
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--drafts", default="3,5,7", help="draft lengths k to compare with plain decoding")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, seeded")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave PyTorch's default)")
     ap.add_argument("--json", type=Path, default=None)
@@ -91,12 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     stats = {k: {"forwards": 0, "drafted": 0, "accepted": 0} for k in ks}
     plain: list[list[int]] = []
     identical = {k: True for k in ks}
-    tokens_total = 0  # the same in every pass: greedy completions of fixed length
+    tokens_total = 0  # the same in every pass: completions of fixed length
     for rep in range(args.repeats):
         for k in ks:
             seconds, tokens = 0.0, 0
             for i, ids in enumerate(prompts):
-                out, dt, st = complete(model, tok, ids, new_tokens, k)
+                out, dt, st = complete(model, tok, ids, new_tokens, k, args.temperature, i)
                 seconds, tokens = seconds + dt, tokens + len(out)
                 if k == 0 and rep == 0:
                     plain.append(out)
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
               "model": args.model or "bundled",
               "dtype": args.dtype + (f" {args.quantize}" if args.quantize else ""), "threads": torch.get_num_threads(),
               "prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
+              "temperature": args.temperature,
               "files": str(args.files), "rows": rows}
     text = markdown(result)
     publish(result, text, args.json)
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"CPU: {result['cpu_line']}; kernels: {result['kernels']}; {result['backend']}",
              f"model {result['model']} ({result['dtype']}), {result['threads']} threads, {result['prompts']} prompts of "
-             f"<= {result['prompt_tokens']} tokens from {result['files']}, {result['new_tokens']} greedy tokens each", "",
+             f"<= {result['prompt_tokens']} tokens from {result['files']}, {result['new_tokens']} tokens each, "
+             + ("greedy" if not result.get("temperature") else f"sampled at temperature {result['temperature']}"), "",
              "| decoding | tokens/s (best) | speed-up | drafts kept | tokens a forward pass | same output |",
              "|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:

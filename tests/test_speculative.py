@@ -1,5 +1,5 @@
 """Speculative decoding with prompt-lookup drafts: greedy output identical to plain decoding,
-sampling rows left alone (a seed gives the same sample as without), drafts as prompt
+sampled output too (a seed gives the same sample as without), drafts as prompt
 lookup defines them, the one-pass check equal to single steps."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from polycoder.generation.engine import Engine
 from polycoder.generation.sampling import sample_generator
 from polycoder.generation.speculative import lookup_draft
 from polycoder.generation.text import Sequence
+from polycoder.locate import BUNDLED_DIR
 
 # Code repeats itself; a random model's greedy output loops, so both prompts and outputs
 # give prompt lookup something to find (the test checks that drafts were taken).
@@ -62,12 +63,41 @@ def test_streamed_text_is_identical(model):
         assert "".join(stream(net, tok, prompt, params, speculate=5)) == "".join(stream(net, tok, prompt, params))
 
 
-def test_sampling_rows_are_not_speculated_so_a_seed_gives_the_same_sample(model):
+@pytest.mark.parametrize("k", [2, 6])
+def test_sampling_rows_are_speculated_and_a_seed_gives_the_same_sample(model, k):
+    """Each token is drawn as plain sampling draws it (the same draw, the same distribution),
+    alone or in a batch (fewer guesses a row), with top-k and top-p."""
     net, tok = model
-    params = SamplingParams(max_new_tokens=25, temperature=0.8, top_p=0.9, top_k=50, num_samples=3, seed=1)
-    plain = generate(net, tok, PROMPTS, params)
-    fast = generate(net, tok, PROMPTS, params, speculate=5)
-    assert [[c.token_ids for c in cs] for cs in plain] == [[c.token_ids for c in cs] for cs in fast]
+    for temperature in (0.01, 0.3, 1.5):  # a random model: guesses are kept only near greedy
+        params = SamplingParams(max_new_tokens=30, temperature=temperature, top_p=0.9, top_k=50, num_samples=3, seed=1)
+        plain = generate(net, tok, PROMPTS, params)
+        for max_rows in (1, 4, 64):
+            fast = generate(net, tok, PROMPTS, params, speculate=k, max_rows=max_rows)
+            assert [[c.token_ids for c in cs] for cs in plain] == [[c.token_ids for c in cs] for cs in fast]
+    # guesses were made for sampling rows, some kept and some refused
+    engine = Engine(net, tok, max_rows=3, max_len=net.config.block_size, speculate=k)
+    for i, prompt in enumerate(PROMPTS):
+        params = SamplingParams(max_new_tokens=60, temperature=0.01, seed=3)
+        engine.add([Sequence(tok.encode(prompt), params, tok, sample_generator(3, i, 0))])
+    while engine.rows:
+        engine.step()
+    assert 0 < engine.stats["accepted"] < engine.stats["drafted"], engine.stats
+
+
+def test_the_bundled_model_samples_the_same_with_guesses_kept_at_usual_temperatures():
+    """A trained model repeats code at temperatures people sample at (0.2-0.8)."""
+    net, tok = load_model(BUNDLED_DIR)
+    prompt = PROMPTS[0] * 2
+    for temperature in (0.2, 0.8):
+        params = SamplingParams(max_new_tokens=48, temperature=temperature, num_samples=4, seed=5)
+        engine = Engine(net, tok, max_rows=4, max_len=net.config.block_size, speculate=4)
+        rows = [Sequence(tok.encode(prompt), params, tok, sample_generator(5, 0, j)) for j in range(4)]
+        engine.add(rows)
+        while engine.rows:
+            engine.step()
+        plain = generate(net, tok, [prompt], params)[0]
+        assert [s.token_ids for s in rows] == [c.token_ids for c in plain]
+        assert engine.stats["accepted"] > 0, engine.stats
 
 
 def test_a_negative_draft_count_is_refused(model):
@@ -154,6 +184,11 @@ def test_a_draft_model_s_guesses_leave_greedy_output_unchanged(model, tiny_confi
     for max_rows in (1, 2, 3):
         fast = generate(net, tok, PROMPTS, params, speculate=3, draft_model=draft, max_rows=max_rows)
         assert [c[0].token_ids for c in fast] == [c[0].token_ids for c in plain]
+    for temperature in (0.01, 0.7):  # sampled: the same sample for the seed
+        sampled = SamplingParams(max_new_tokens=30, temperature=temperature, seed=2)
+        plain_sampled = generate(net, tok, PROMPTS, sampled)
+        fast = generate(net, tok, PROMPTS, sampled, speculate=3, draft_model=draft, max_rows=2)
+        assert [c[0].token_ids for c in fast] == [c[0].token_ids for c in plain_sampled]
     engine = Engine(net, tok, max_rows=1, max_len=net.config.block_size, speculate=3, draft_model=draft)
     engine.add([Sequence(tok.encode(PROMPTS[0]), params, tok, sample_generator(0, 0, 0))])
     while engine.rows:

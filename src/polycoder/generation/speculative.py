@@ -15,12 +15,16 @@ pass, whose sums run in another order than k + 1 single steps (other kernel bloc
 so two tokens whose logits tie to within that rounding could be ordered the other way; in
 our runs (benchmarks/speculative.py, tests) every completion was the plain one.
 
-Sampling rows are not speculated. The standard rule (Leviathan et al., 2023; Chen et al.,
-2023: keep a guess d with probability p(d), else draw from p without d) keeps the
-distribution, but it draws from a row's generator once a guess, and the number of guesses
-a row gets depends on what else shares the batch (the engine shares one verifying pass
-among the rows): a seed would then give another sample in another batch, which seeded
-evaluation and the server's `seed` promise not to do.
+Exactness, for sampling rows: a row's token at each position is drawn from its own
+generator with one uniform draw a token (`polycoder.generation.sampling.sample_tokens`:
+inverse CDF over the filtered distribution). A guess d at a position is kept when the token
+that plain sampling would draw there, from the verified logits with the row's next draw,
+is d (`accept_sampled`); at the first that is not, that draw is kept for the token the row
+takes there (`Sequence.next_uniform`). Each token thus uses the draw and the distribution
+plain sampling gives it, so a seed gives the same sample as without speculation, whatever
+shares the batch, and a guess is kept with probability p(d): the standard rule
+(Leviathan et al., 2023; Chen et al., 2023) for a guess that is certain, with its
+randomness coupled to the plain sampler's. The caveat of floating point above applies.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from polycoder.backend import Backend
 from polycoder.errors import PolycoderError
 from polycoder.generation.prompt_cache import PromptCache, prefill_reusing
+from polycoder.generation.sampling import sample_tokens
 from polycoder.model import GPTNeoX
 from polycoder.tokenizer import Tokenizer
 
@@ -61,6 +66,29 @@ def accept(logits: torch.Tensor, drafts: list[int]) -> int:
         if int(logits[i].argmax()) != d:
             return i
     return len(drafts)
+
+
+def accept_sampled(logits: torch.Tensor, drafts: list[int], temperature: float, top_k: int, top_p: float,
+                   generator: torch.Generator) -> tuple[int, torch.Tensor | None]:
+    """How many of `drafts` a sampling row keeps, given logits [len(drafts) + 1, V] of its last
+    token and of each draft, and the uniform draw of the first position whose guess is not
+    kept (None when all are): see the module. The generator is left having made one draw a
+    kept guess, plus that one."""
+    n = len(drafts)
+    states, draws = [], []
+    for _ in range(n):
+        states.append(generator.get_state())
+        draws.append(torch.rand((), generator=generator))
+    states.append(generator.get_state())
+    V = logits.size(-1)
+    drawn = sample_tokens(logits[:n], torch.full((n,), temperature, device=logits.device),
+                          torch.full((n,), min(top_k, V), device=logits.device),
+                          torch.full((n,), top_p, device=logits.device), torch.stack(draws).to(logits.device)).tolist()
+    kept = next((i for i, (t, d) in enumerate(zip(drawn, drafts)) if t != d), n)
+    if kept == n:
+        return n, None
+    generator.set_state(states[kept + 1])
+    return kept, draws[kept]
 
 
 class DraftModel:

@@ -79,6 +79,7 @@ class Sequence:
         self.params = params
         self.generator = generator
         self.tag = tag  # the caller's handle (prompt index, request id, ...)
+        self.next_uniform: torch.Tensor | None = None  # a draw made for a refused guess (speculative)
         self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0

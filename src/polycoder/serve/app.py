@@ -257,9 +257,9 @@ def serve(
         max_queue: requests that may wait for a row; more are answered 429.
         max_context: tokens a row holds (prompt + completion); default the model's context. Lower it to save memory.
         prefill_budget: prompt tokens prefilled between two decode steps (lower: smoother streams; higher: faster admission).
-        speculate: guess up to N tokens a greedy row from its prompt and text (prompt lookup) and verify them in
-            the decode step's forward pass: the same completions in fewer steps where text repeats its context
-            (0: off; sampling rows are not speculated); fewer drafts a row in a larger batch
+        speculate: guess up to N tokens a row from its prompt and text (prompt lookup) and verify them in
+            the decode step's forward pass: the same completions (greedy, or sampled with a seed) in fewer steps
+            where text repeats its context (0: off); fewer drafts a row in a larger batch
             (polycoder_speculative_* metrics count them).
         draft_model: with --speculate, guess with this small model of the same tokenizer instead of prompt lookup
             (one copy, shared by the served models' engines).
