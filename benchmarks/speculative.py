@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                 elif out != plain[i]:
                     identical[k] = False
                 if rep == 0:
-                    for key in st:
+                    for key in stats[k]:  # the engine counts more (prefill, prompt cache)
                         stats[k][key] += st[key]
             passes[k].append(tokens / seconds)
             tokens_total = tokens

@@ -4,6 +4,8 @@ lookup defines them, the one-pass check equal to single steps."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from polycoder.checkpoint import load_model
 from polycoder.generation import SamplingParams, generate, stream
 from polycoder.generation.engine import Engine
 from polycoder.generation.sampling import sample_generator
-from polycoder.generation.speculative import lookup_draft
+from polycoder.generation.speculative import Guessing, lookup_draft
 from polycoder.generation.text import Sequence
 from polycoder.locate import BUNDLED_DIR
 
@@ -34,6 +36,19 @@ def test_lookup_draft_proposes_what_followed_the_latest_match():
     assert lookup_draft([7, 8, 9, 7], k=3) == [8, 9, 7]  # falls back to the one-token tail
     assert lookup_draft([1, 2, 3], k=3) == []  # the tail occurs nowhere before
     assert lookup_draft([5, 5], k=0) == []
+
+
+def test_a_rows_index_drafts_what_lookup_draft_finds():
+    """`Guessing.draft` keeps an index grown a few tokens a step: the same guesses as
+    searching the whole text, for texts that repeat a little or a lot."""
+    rng = random.Random(0)
+    for vocab in (3, 8, 50):
+        tokens = [rng.randrange(vocab) for _ in range(5)]
+        row = Guessing()
+        for _ in range(300):
+            k = rng.randrange(0, 6)
+            assert row.draft(tokens, k) == lookup_draft(tokens, k), (vocab, len(tokens))
+            tokens += [rng.randrange(vocab) for _ in range(rng.randrange(1, 4))]
 
 
 @pytest.mark.parametrize("k", [1, 4, 7])

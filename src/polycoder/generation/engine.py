@@ -30,7 +30,7 @@ from polycoder.backend.decode import prefill  # noqa: F401  (re-exported by poly
 from polycoder.errors import PolycoderError
 from polycoder.generation.prompt_cache import PromptCache, kv_bytes_per_token, prefill_reusing
 from polycoder.generation.sampling import sample_tokens
-from polycoder.generation.speculative import DraftModel, accept, accept_sampled, lookup_draft
+from polycoder.generation.speculative import DraftModel, accept, accept_sampled
 from polycoder.generation.text import Sequence
 from polycoder.model import CacheRows, GPTNeoX  # noqa: F401  (CacheRows: re-exported by polycoder.generation)
 from polycoder.tokenizer import Tokenizer
@@ -203,12 +203,14 @@ class Engine:
                 min(self.max_len - s.length for s in self.rows))
         if k < 1:
             return []
-        # A row still restoring the cursor's whitespace takes constrained tokens: no guesses.
-        rooms = [min(k, s.params.max_new_tokens - len(s.token_ids)) if s.allowed_tokens() is None else 0
+        # A row still restoring the cursor's whitespace takes constrained tokens: no guesses;
+        # nor does one whose guesses have lately been refused (`speculative.Guessing`).
+        rooms = [min(k, s.params.max_new_tokens - len(s.token_ids))
+                 if s.allowed_tokens() is None and s.guessing.wants_guesses() else 0
                  for s in self.rows]
         if self.drafter is not None:
             return self.drafter.propose([s.prompt_ids + s.token_ids for s in self.rows], rooms)
-        return [lookup_draft(s.prompt_ids + s.token_ids, room) if room > 0 else []
+        return [s.guessing.draft(s.prompt_ids + s.token_ids, room) if room > 0 else []
                 for s, room in zip(self.rows, rooms)]
 
     @torch.inference_mode()
@@ -232,7 +234,9 @@ class Engine:
             if p.temperature == 0 or not d:
                 kept = accept(logits[b], d)
             else:
-                kept, s.next_uniform = accept_sampled(logits[b], d, p.temperature, p.top_k, p.top_p, s.generator)
+                kept, s.guessing.next_uniform = accept_sampled(logits[b], d, p.temperature, p.top_k, p.top_p, s.generator)
+            if d:
+                s.guessing.checked(len(d), kept)
             self.stats["drafted"] += len(d)
             self.stats["accepted"] += kept
             event = events.setdefault(id(s), Event(s, "", False))
@@ -267,8 +271,8 @@ class Engine:
     @staticmethod
     def _draw(s: Sequence) -> torch.Tensor:
         """The row's next uniform draw: the one its last refused guess drew, else a new one."""
-        if s.next_uniform is not None:
-            u, s.next_uniform = s.next_uniform, None
+        if s.guessing.next_uniform is not None:
+            u, s.guessing.next_uniform = s.guessing.next_uniform, None
             return u
         return torch.rand((), generator=s.generator)
 

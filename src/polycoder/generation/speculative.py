@@ -68,6 +68,61 @@ def accept(logits: torch.Tensor, drafts: list[int]) -> int:
     return len(drafts)
 
 
+class Guessing:
+    """A row's speculative decoding state: its prompt-lookup index, the draw made for its
+    last refused guess, and whether guessing pays for it now.
+
+    Prompt lookup (`draft`) gives `lookup_draft`'s guesses from an index of the row's n-grams
+    (n <= MAX_NGRAM: the start of each one's latest occurrence), extended by the tokens
+    added since the last step: a step costs O(1), where searching the whole text each step
+    cost most of a step when nothing matched.
+
+    A check costs more than a plain step (k + 1 positions; for a sampling row, the draws
+    and the filtered distribution at each), so a row whose guesses are mostly refused
+    (sampling at a high temperature, text that does not repeat) pauses guessing for
+    PAUSE_STEPS steps, then tries again. The output never depends on either: only the speed."""
+
+    MIN_RATE = 0.2
+    """Below this moving average of the share of guesses kept, guessing pauses (at
+    temperature 0.8 the bundled model kept 7-12 %: docs/benchmarks/README.md)."""
+    PAUSE_STEPS = 16
+
+    def __init__(self) -> None:
+        self.next_uniform: torch.Tensor | None = None  # the draw of the last refused guess's position
+        self.rate = 1.0  # moving average of the share of guesses kept, a check at a time
+        self.pause = 0
+        self._latest: list[dict[tuple[int, ...], int]] = [{} for _ in range(MAX_NGRAM + 1)]  # n -> n-gram -> start
+        self._indexed = 0  # n-grams ending before this position are in the index
+
+    def wants_guesses(self) -> bool:
+        """Whether the row guesses this step (called once a step)."""
+        if self.pause:
+            self.pause -= 1
+            return False
+        return True
+
+    def checked(self, drafted: int, kept: int) -> None:
+        """Note a check's outcome: `kept` of `drafted` guesses kept."""
+        self.rate = 0.7 * self.rate + 0.3 * kept / drafted
+        if self.rate < self.MIN_RATE:
+            self.pause, self.rate = self.PAUSE_STEPS, 2 * self.MIN_RATE  # a few refusals more and it pauses again
+
+    def draft(self, tokens: Seq[int], k: int) -> list[int]:
+        """`lookup_draft(tokens, k)`, from the index; `tokens` only ever grows between calls."""
+        L = len(tokens)
+        if k <= 0 or L < 2:
+            return []
+        for end in range(self._indexed, L - 1):  # not the tail itself: it ends at L - 1
+            for n in range(1, min(MAX_NGRAM, end + 1) + 1):
+                self._latest[n][tuple(tokens[end - n + 1: end + 1])] = end - n + 1
+        self._indexed = max(self._indexed, L - 1)
+        for n in range(min(MAX_NGRAM, L - 1), 0, -1):
+            start = self._latest[n].get(tuple(tokens[L - n:]))
+            if start is not None:
+                return list(tokens[start + n: start + n + k])
+        return []
+
+
 def accept_sampled(logits: torch.Tensor, drafts: list[int], temperature: float, top_k: int, top_p: float,
                    generator: torch.Generator) -> tuple[int, torch.Tensor | None]:
     """How many of `drafts` a sampling row keeps, given logits [len(drafts) + 1, V] of its last

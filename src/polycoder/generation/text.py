@@ -31,6 +31,7 @@ import torch
 
 from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import SamplingParams
+from polycoder.generation.speculative import Guessing
 from polycoder.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "eod", "length", "error"]
@@ -79,7 +80,7 @@ class Sequence:
         self.params = params
         self.generator = generator
         self.tag = tag  # the caller's handle (prompt index, request id, ...)
-        self.next_uniform: torch.Tensor | None = None  # a draw made for a refused guess (speculative)
+        self.guessing = Guessing()  # speculative decoding's state of the row
         self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0
