@@ -77,5 +77,6 @@ class ModelOptions:
         "take the tokenizer from this folder (or tokenizer.json) instead of the model's own "
         "(for weights saved without one)")})
     quantize: Literal["int8", "int4"] | None = field(default=None, metadata={"help": (
-        "weight-only quantization for faster CPU decoding: int8 (a scale per output channel) or int4 "
-        "(groups of 32); benchmarks/decode.py measures their speed and cost")})
+        "weight-only quantization: int8 (a scale per output channel), the fastest CPU decoding, or int4 "
+        "(groups of 32), half of int8's memory but slower than int8 (a memory option); benchmarks/decode.py "
+        "measures their speed and cost")})

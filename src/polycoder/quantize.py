@@ -12,7 +12,9 @@
   instead (`polycoder.backend.native_decode`).
 - `quantize(model, "int4")`: 4-bit weights in groups of `group_size` input channels with a
   scale and offset a group (asymmetric), through `torch._weight_int4pack_mm_for_cpu`
-  (CPU only). Quality drops more than with int8: measure it before using it.
+  (CPU only). A memory option: half of int8's weight memory, but decoding is slower than
+  with int8 (PyTorch's int4 product, not our native kernels: docs/benchmarks/README.md),
+  and quality drops more than with int8: measure it before using it.
   The input embedding always stays in the model's dtype (it is a lookup, not a product).
 
 References: gpt-fast (weight-only int8/int4 as a module swap, Meta 2023); LLM.int8 and
