@@ -2,7 +2,7 @@
  * variant the compiler's target selects: AVX-512, AVX2 + FMA, or ARM64 NEON (run under
  * qemu-aarch64 where the machine is not ARM). tests/test_kernels_arm64.py builds it with
  *   cc -O2 -march=... -fopenmp -I src/polycoder/kernels tests/kernels_check.c \
- *      src/polycoder/kernels/decode.c src/polycoder/kernels/train.c -lm
+ *      src/polycoder/kernels/decode.c src/polycoder/kernels/decode_block.c src/polycoder/kernels/train.c -lm
  * for each target it can run, and runs it. One line a check ("ok" or "FAIL", the worst
  * error as a fraction of its tolerance); the exit status is the number of failures (0: all
  * passed; at most 125), a crash's where a load runs past a buffer (see below). tests/test_kernels.py holds the x86 variants to PyTorch; this program is what

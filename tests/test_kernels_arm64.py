@@ -1,6 +1,6 @@
 """The native kernels on every variant against a scalar fp64 reference: tests/kernels_check.c.
 
-The program links the kernels (decode.c, train.c) and checks pc_linear (fp32, bf16, int8
+The program links the kernels (decode.c, decode_block.c, train.c) and checks pc_linear (fp32, bf16, int8
 weights; 1..8 and 13 rows; odd sizes and column tails; fused GELU over its range), pc_block
 on tiny blocks (attention included), the cross-entropy, the rotary split and the transpose,
 each with tolerances from the arithmetic (the program's opening comment says which).

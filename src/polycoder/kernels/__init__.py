@@ -4,15 +4,17 @@
 (a decode step): fp32, bf16 or int8 weights (int8 with one scale an output row), fp32 or
 bf16 activations and output, GELU optionally fused; `BlockPlan(...).run` is a whole
 GPT-NeoX block of a decode step (LayerNorms, products, rotary, cache write, attention, MLP,
-residuals) in one call, which removes PyTorch's per-operation overhead (decode.c says how),
+residuals) in one call, which removes PyTorch's per-operation overhead (decode.c and
+decode_block.c say how),
 and `StackPlan` runs all blocks in one call. The decode step that uses them is
 `polycoder.backend.native_decode`; training's users are `polycoder.backend.attention` and
 `polycoder.backend.fused_loss`. PyTorch's own kernels serve everything else: more rows than
 `MAX_ROWS`, gradients, other devices and dtypes, and machines where the kernels cannot be
 built.
 
-Sources: decode.c (the decode kernels), train.c (the training kernels: cross-entropy,
-attention backward, rotary split, transpose), common.h (helpers both use) and kernels.h,
+Sources: decode.c (the decode products), decode_block.c (a block's decode step on them:
+attention over the cache), train.c (the training kernels: cross-entropy,
+attention backward, rotary split, transpose), common.h (helpers they share) and kernels.h,
 which declares every exported function; `SIGNATURES` below is its ctypes mirror
 (tests/test_kernels_header.py checks the two agree).
 
@@ -24,7 +26,7 @@ extension). `variant()` names the one in use. The AVX2 and NEON variants run eve
 kernel and the training kernels but the bf16 attention backward (it needs AVX512-BF16;
 training keeps PyTorch's there).
 
-Build: `cc -O3 -march=native -fopenmp -shared -fPIC decode.c train.c -lm` (`-mcpu=native` on
+Build: `cc -O3 -march=native -fopenmp -shared -fPIC decode.c decode_block.c train.c -lm` (`-mcpu=native` on
 ARM64) into one library in
 `$POLYCODER_CACHE/kernels/<hash>/` (default ~/.cache/polycoder), keyed by every source and
 header, the compiler, its flags and the CPU's flags, written to a temporary name and renamed
@@ -67,9 +69,9 @@ from polycoder.files import atomic_path, cache_root
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
-MAX_CACHE_LEN = 32768  # cache positions a decode step can attend to (decode.c's scores buffer)
+MAX_CACHE_LEN = 32768  # cache positions a decode step can attend to (decode_block.c's scores buffer)
 FOLDER = Path(__file__).parent
-SOURCES = (FOLDER / "decode.c", FOLDER / "train.c")  # compiled together into one library
+SOURCES = (FOLDER / "decode.c", FOLDER / "decode_block.c", FOLDER / "train.c")  # compiled together into one library
 HEADER = FOLDER / "kernels.h"  # declares every exported function: SIGNATURES mirrors it
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float

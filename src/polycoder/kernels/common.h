@@ -1,4 +1,4 @@
-/* Helpers shared by the decode kernels (decode.c) and the training kernels (train.c):
+/* Helpers shared by the decode kernels (decode.c, decode_block.c) and the training kernels (train.c):
  * bf16 <-> fp32 conversion and a small vector layer, the few operations the kernels use
  * (loads that widen bf16 or int8, FMA, masked loads and stores of a loop's tail, lane
  * sums and maxima, exp, the 16-bit integer dot product, a prefetch). Static inline, so
@@ -445,6 +445,16 @@ static inline vf vi_float(vi a) { return vpair(vcvtq_f32_s32(a.a), vcvtq_f32_s32
 #else
 #define PC_ISA 0
 #endif
+
+/* An element of an fp32 or bf16 array, as fp32; and v stored into one (bf16: rounded to
+ * nearest even). */
+static inline float elem(const void *p, int bf16, long i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void store(void *y, int y_bf16, long i, float v) {
+    if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((float *)y)[i] = v;
+}
 
 #if PC_ISA
 /* VL values from element i of p (bf16 if bf16 is set, else fp32) as fp32; lanes outside m 0. */

@@ -1,5 +1,5 @@
-/* Every function the polycoder kernel library exports: the decode kernels (decode.c) and
- * the training kernels (train.c), compiled together into one shared library by
+/* Every function the polycoder kernel library exports: the decode kernels (decode.c,
+ * decode_block.c) and the training kernels (train.c), compiled together into one shared library by
  * polycoder/kernels/__init__.py, whose ctypes table (SIGNATURES) must match these
  * prototypes (tests/test_kernels_header.py parses this file to check it).
  *

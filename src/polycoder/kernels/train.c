@@ -7,7 +7,7 @@
  *   rotation, and its backward;
  * - pc_transpose_bf16_f32: a bf16 matrix transposed and widened to fp32 (the output
  *   head's weight gradient).
- * The decode kernels are in decode.c; kernels.h declares every exported function,
+ * The decode kernels are in decode.c and decode_block.c; kernels.h declares every exported function,
  * common.h the helpers both files use, the vector layer among them: cross-entropy, rotary
  * and transpose are written against it and run on every variant (AVX-512, AVX2 + FMA,
  * ARM64 NEON; the transpose's gather is one load a lane on NEON); the attention backward
