@@ -246,12 +246,18 @@ struct block_case {
     long B, H, hs, rot, inter, max_len;
     long pos[8];
     int kinds[4], act, parallel, threads;
+    long crow[8];               /* each row's cache row, where rows share one (speculative checks) */
+    int shares;                 /* crow given: else row b is cache row b */
 };
 
 /* The block's reference (fp64 with bounds), then pc_block, then both compared: the
- * residual stream and the k, v rows the step wrote into the caches. */
+ * residual stream and the k, v rows the step wrote into the caches. Rows that share a cache
+ * row (crow: the positions of one sequence) each see the keys and values that the rows at
+ * earlier positions wrote in the same call. */
 static void check_block(const struct block_case *bc) {
     const int bf = bc->bf16;
+    long cr[8];
+    for (long b = 0; b < bc->B; b++) cr[b] = bc->shares ? bc->crow[b] : b;
     const long B = bc->B, H = bc->H, hs = bc->hs, C = H * hs, I = bc->inter, T = bc->max_len, rot = bc->rot;
     const double eps = 1e-5;
     void *x = values(B * C, bf, -2.0, 2.0);
@@ -281,11 +287,12 @@ static void check_block(const struct block_case *bc) {
     double *vw = malloc(sizeof(double) * (size_t)(B * C)), *evw = malloc(sizeof(double) * (size_t)(B * C));
     double *out = malloc(sizeof(double) * (size_t)(B * C)), *eout = malloc(sizeof(double) * (size_t)(B * C));
     double *sc = malloc(sizeof(double) * (size_t)T);
+    double *qr = malloc(sizeof(double) * (size_t)(B * C)), *eqr = malloc(sizeof(double) * (size_t)(B * C));
     for (long i = 0; i < B * C; i++) xs[i] = at(x, bf, i);
+    /* first every row's rotated q and its new k, v ... */
     for (long b = 0; b < B; b++) {
         const long p = bc->pos[b];
-        double *xb = xs + b * C, *exb = exs + b * C;
-        ref_norm(xb, exb, C, ln[0], ln[1], bf, eps, h, eh);
+        ref_norm(xs + b * C, exs + b * C, C, ln[0], ln[1], bf, eps, h, eh);
         ref_linear(&L[0], h, eh, 1, qkv, eqkv);
         for (long hd = 0; hd < H; hd++) {
             double q[512], eq[512], k[512], ek[512];
@@ -303,22 +310,38 @@ static void check_block(const struct block_case *bc) {
                 q[i] = r[0], q[j] = r[1], k[i] = r[2], k[j] = r[3];
                 eq[i] = e[0], eq[j] = e[1], ek[i] = e[2], ek[j] = e[3];
             }
-            const long row = (b * H + hd) * T;
             for (long i = 0; i < hs; i++) {  /* the new k, v as the cache holds them: rounded to its dtype */
                 const double v = src[2 * hs + i], ev = esrc[2 * hs + i];
                 kw[b * C + hd * hs + i] = k[i], ekw[b * C + hd * hs + i] = ek[i] + (bf ? UB : U) * fabs(k[i]);
                 vw[b * C + hd * hs + i] = v, evw[b * C + hd * hs + i] = ev + (bf ? UB : U) * fabs(v);
-                ek[i] = ekw[b * C + hd * hs + i];
+                qr[b * C + hd * hs + i] = q[i], eqr[b * C + hd * hs + i] = eq[i];
             }
-            /* scores z_s = q.k_s / sqrt(hs), s <= p (position p: the new k); softmax moves
-             * p_s by at most 2 p_s max|dz|; exp adds EXP_ERR, the sum (p + 9) u. */
+        }
+    }
+    /* ... then each row's attention and the rest of the block */
+    for (long b = 0; b < B; b++) {
+        const long p = bc->pos[b];
+        double *xb = xs + b * C, *exb = exs + b * C;
+        long writer[512];  /* the row that wrote position s of this row's cache row in this call, or -1 */
+        for (long s2 = 0; s2 <= p; s2++) {
+            writer[s2] = -1;
+            for (long b2 = 0; b2 < B; b2++)
+                if (cr[b2] == cr[b] && bc->pos[b2] == s2) writer[s2] = b2;
+        }
+        for (long hd = 0; hd < H; hd++) {
+            const double *q = qr + b * C + hd * hs, *eq = eqr + b * C + hd * hs;
+            const long row = (cr[b] * H + hd) * T;
+            /* scores z_s = q.k_s / sqrt(hs), s <= p (keys written in this call: their own bound);
+             * softmax moves p_s by at most 2 p_s max|dz|; exp adds EXP_ERR, the sum (p + 9) u. */
             const double scale = 1.0 / sqrt((double)hs);
             double zmax = -INFINITY, dz = 0, sum = 0;
             for (long s2 = 0; s2 <= p; s2++) {
                 double z = 0, mag = 0, ez = 0;
+                const long w = writer[s2];
                 for (long i = 0; i < hs; i++) {
-                    const double kv = s2 == p ? k[i] : at(kc, bf, (row + s2) * hs + i);
-                    z += q[i] * kv, mag += fabs(q[i] * kv), ez += fabs(kv) * eq[i] + (s2 == p ? fabs(q[i]) * ek[i] : 0);
+                    const double kv = w >= 0 ? kw[w * C + hd * hs + i] : at(kc, bf, (row + s2) * hs + i);
+                    z += q[i] * kv, mag += fabs(q[i] * kv);
+                    ez += fabs(kv) * eq[i] + (w >= 0 ? fabs(q[i]) * ekw[w * C + hd * hs + i] : 0);
                 }
                 sc[s2] = z * scale;
                 dz = fmax(dz, scale * (ez + (double)(hs + 8) * U * mag) + 2 * U * fabs(z * scale));
@@ -330,8 +353,9 @@ static void check_block(const struct block_case *bc) {
                 double a = 0, mag = 0, e = 0;
                 for (long s2 = 0; s2 <= p; s2++) {
                     const double ps = sc[s2] / sum;
-                    const double vv = s2 == p ? vw[b * C + hd * hs + i] : at(vc, bf, (row + s2) * hs + i);
-                    a += ps * vv, mag += ps * fabs(vv), e += ps * (s2 == p ? evw[b * C + hd * hs + i] : 0);
+                    const long w = writer[s2];
+                    const double vv = w >= 0 ? vw[w * C + hd * hs + i] : at(vc, bf, (row + s2) * hs + i);
+                    a += ps * vv, mag += ps * fabs(vv), e += ps * (w >= 0 ? evw[w * C + hd * hs + i] : 0);
                 }
                 att[hd * hs + i] = a;
                 eatt[hd * hs + i] = e + mag * ep + (double)(p + 9) * U * mag;
@@ -356,7 +380,7 @@ static void check_block(const struct block_case *bc) {
     /* the kernel */
     const int kinds[4] = {bc->kinds[0], bc->kinds[1], bc->kinds[2], bc->kinds[3]};
     const int rc = pc_block(x, bf, B, C, I, (const void *const *)ln, (float)eps, lin, kinds, bc->act, bc->parallel,
-                            kc, vc, cos_t, sin_t, bc->pos, NULL, H, hs, rot, T, bc->threads);
+                            kc, vc, cos_t, sin_t, bc->pos, bc->shares ? bc->crow : NULL, H, hs, rot, T, bc->threads);
     struct tally tx = {0}, tk = {0};
     if (rc == 0) {
         for (long i = 0; i < B * C; i++)
@@ -364,7 +388,7 @@ static void check_block(const struct block_case *bc) {
         for (long b = 0; b < B; b++)
             for (long hd = 0; hd < H; hd++)
                 for (long i = 0; i < hs; i++) {
-                    const long c = ((b * H + hd) * T + bc->pos[b]) * hs + i, j = b * C + hd * hs + i;
+                    const long c = ((cr[b] * H + hd) * T + bc->pos[b]) * hs + i, j = b * C + hd * hs + i;
                     see(&tk, at(kc, bf, c), kw[j], ekw[j]);
                     see(&tk, at(vc, bf, c), vw[j], evw[j]);
                 }
@@ -372,14 +396,15 @@ static void check_block(const struct block_case *bc) {
         tx.bad = tk.bad = 1;
     }
     char what[200];
-    snprintf(what, sizeof what, "pc_block %s (%s, B=%ld H=%ld hs=%ld rot=%ld inter=%ld cache %ld, kinds %d%d%d%d, act %d, %s)",
+    snprintf(what, sizeof what, "pc_block %s (%s, B=%ld H=%ld hs=%ld rot=%ld inter=%ld cache %ld, kinds %d%d%d%d, act %d, %s%s)",
              bc->name, bf ? "bf16" : "fp32", B, H, hs, rot, I, T, kinds[0], kinds[1], kinds[2], kinds[3], bc->act,
-             bc->parallel ? "parallel" : "sequential");
+             bc->parallel ? "parallel" : "sequential", bc->shares ? ", rows sharing cache rows" : "");
     report(&tx, what);
     snprintf(what, sizeof what, "pc_block %s: the k, v rows written into the caches", bc->name);
     report(&tk, what);
     free(xs), free(exs), free(h), free(eh), free(qkv), free(eqkv), free(att), free(eatt), free(o), free(eo);
     free(up), free(eup), free(dn), free(edn), free(kw), free(ekw), free(vw), free(evw), free(out), free(eout), free(sc);
+    free(qr), free(eqr);
     for (int i = 0; i < 4; i++) free_lin(&L[i]);
     release_all();
 }
@@ -523,6 +548,9 @@ int main(void) {
         {"C", 1, 4, 2, 16, 16, 72, 33, {32, 0, 5, 16}, {1, 1, 1, 1}, 1, 1, 2},
         {"D", 1, 1, 3, 24, 12, 100, 20, {19}, {2, 2, 2, 2}, 2, 0, 2},
         {"E", 0, 8, 2, 8, 8, 40, 12, {11, 0, 1, 2, 3, 4, 5, 6}, {0, 0, 0, 0}, 1, 0, 2},
+        /* a speculative check: positions 5..8 of one sequence (cache row 1) and 2..4 of another (row 0) */
+        {"F", 0, 7, 2, 12, 8, 64, 16, {5, 6, 7, 8, 2, 3, 4}, {0, 1, 2, 0}, 1, 0, 2, {1, 1, 1, 1, 0, 0, 0}, 1},
+        {"G", 1, 4, 2, 16, 16, 72, 20, {9, 10, 11, 12}, {2, 2, 1, 1}, 2, 1, 2, {0, 0, 0, 0}, 1},
     };
     for (unsigned b = 0; b < sizeof blocks / sizeof blocks[0]; b++) check_block(&blocks[b]);
 
