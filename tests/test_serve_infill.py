@@ -427,3 +427,26 @@ def test_prefix_only_fallback_says_the_suffix_was_ignored(tiny_folder):
         assert "suffix was ignored" in s.logs()
     finally:
         s.stop()
+
+
+def test_an_editors_own_fim_template_is_read_as_sentinels(server, local, code_tokenizer):
+    """Continue (a template for a raw Ollama prompt) and Tabby (its HTTP completion backends)
+    spell StarCoder's sentinels out in the prompt: they become the sentinel tokens, each part
+    encoded on its own as in training, and the middle ends at a sentinel or the end of the
+    document; on both APIs the answer is the local model's for those ids."""
+    model, tok = local
+    fim = tok.fim
+    templated = f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>"
+    ids = arrange(fim, tok.encode(PREFIX), [], tok.encode(SUFFIX), "psm")
+    assert tok.encode_with_sentinels(templated) == ids
+    params = SamplingParams(max_new_tokens=N, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad))
+    want = generate(model, tok, [ids], params)[0][0]
+    r = post(server, {"prompt": templated, "max_tokens": N, "temperature": 0}).json()
+    assert r["choices"][0]["text"] == want.text and r["usage"]["prompt_tokens"] == len(ids)
+    o = post(server, {"model": "tiny", "prompt": templated, "raw": True, "stream": False,
+                      "options": {"temperature": 0, "num_predict": N}}, "/api/generate").json()
+    assert o["response"] == want.text and o["prompt_eval_count"] == len(ids)
+    # a prompt without sentinels, or a tokenizer without them, is text as before
+    assert tok.encode_with_sentinels("a <fim_ b") == tok.encode("a <fim_ b")
+    assert tok.encode_with_sentinels("<|endoftext|>") == tok.encode("<|endoftext|>")
+    assert code_tokenizer.encode_with_sentinels(templated) == code_tokenizer.encode(templated)

@@ -307,14 +307,26 @@ async def prompt_ids(state: ServerState, prompt: str | list[int], max_tokens: in
             raise APIError(400, f"this server's context is {C} tokens, but the prompt has at least {least} tokens "
                            f"({len(prompt)} characters) and max_tokens asks for {max_tokens} more; shorten the prompt "
                            "or lower max_tokens", param="prompt", code="context_length_exceeded")
+        # An editor that templates fill-in-the-middle itself spells the sentinels out.
+        encode = state.tokenizer.encode_with_sentinels
         if len(prompt) > OFF_LOOP_CHARS:
-            ids = list(prefix) + await asyncio.to_thread(state.tokenizer.encode, prompt)
+            ids = list(prefix) + await asyncio.to_thread(encode, prompt)
         else:
-            ids = list(prefix) + state.tokenizer.encode(prompt)
+            ids = list(prefix) + encode(prompt)
     if not ids:
         ids = [state.tokenizer.eod_id]  # an empty prompt starts a new document
     check_fits(state, ids, max_tokens)
     return ids
+
+
+def sentinel_stops(state: ServerState, prompts: list[list[int]]) -> tuple[int, ...]:
+    """The FIM sentinels' ids where a prompt holds one (an editor's own FIM template): the
+    middle ends at a sentinel as at the end of the document, as with `suffix`; else ()."""
+    fim = state.tokenizer.fim
+    if fim is None:
+        return ()
+    sentinels = (fim.prefix, fim.middle, fim.suffix, fim.pad)
+    return sentinels if any(t in sentinels for ids in prompts for t in ids) else ()
 
 
 def check_ids(state: ServerState, ids: list[int], param: str) -> None:

@@ -53,6 +53,7 @@ from polycoder.serve.common import (
     get_top_k,
     prompt_ids,
     read_json,
+    sentinel_stops,
 )
 from polycoder.serve.engine_loop import Job, Outcome
 from polycoder.serve.openai_api import FINISH, collect, job_events, submit
@@ -155,7 +156,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             top_k=get_top_k(options, 40),
             stop=get_stop(options),
             seed=get_seed(options),
-            stop_ids=at.stop_ids if at else (),
+            stop_ids=at.stop_ids if at else sentinel_stops(state, [ids]),
             suffix_stop=at.suffix_stop if at else None,
             heal=at.heal if at else "",
         )

@@ -51,6 +51,7 @@ from polycoder.serve.common import (
     get_top_k,
     prompt_ids,
     read_json,
+    sentinel_stops,
 )
 from polycoder.serve.engine_loop import Job, NotRunning, Outcome, QueueFull, TokenScores
 
@@ -208,6 +209,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             warning = SUFFIX_IGNORED if at.suffix_ignored else None
         else:
             ids = [await prompt_ids(state, p, params.max_new_tokens) for p in prompts]
+            params = replace(params, stop_ids=sentinel_stops(state, ids))
         job = submit(state, Job(rid, ids, params, resolve_seed(params.seed), logprobs=logprobs, echo=echo))
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
                 "model": state.settings.model_name}

@@ -41,6 +41,7 @@ SEP_TOKEN = "<|separator|>"
 SPECIAL_TOKENS = (EOD_TOKEN, PAD_TOKEN, SEP_TOKEN)
 
 _SURROGATES = re.compile("[\udc80-\udcff]+")
+_SENTINELS = re.compile("|".join(map(re.escape, FIM_TOKENS)))
 
 
 @lru_cache(maxsize=1)
@@ -191,6 +192,21 @@ class Tokenizer:
         if pos < len(text):
             ids += self._encode_str(text[pos:], allow_special)
         return ids
+
+    def encode_with_sentinels(self, text: str) -> list[int]:
+        """Token ids of a prompt that may spell out the fill-in-the-middle sentinels (an
+        editor's own StarCoder template, `<fim_prefix>...<fim_suffix>...<fim_middle>`): each
+        sentinel becomes its id and the text between them is encoded on its own, as training
+        tokenized the parts. Other special tokens stay text; a tokenizer without the
+        sentinels encodes the whole text as text."""
+        if self.fim is None or "<fim_" not in text:
+            return self.encode(text)
+        ids: list[int] = []
+        pos = 0
+        for m in _SENTINELS.finditer(text):
+            ids += self.encode(text[pos: m.start()]) + [self.backend.token_to_id(m.group())]
+            pos = m.end()
+        return ids + self.encode(text[pos:])
 
     def _encode_str(self, text: str, allow_special: bool) -> list[int]:
         if self._cr_missing and "\r" in text:
