@@ -13,8 +13,8 @@
  *   vector go through a zero-padded copy (AVX2 has no masked 8- or 16-bit loads);
  * - PC_ISA 3, ARM64 NEON (AArch64 Advanced SIMD: Apple Silicon, Graviton, Ampere): vf is
  *   two float32x4_t (VL = 8), vmask a lane count as for AVX2. NEON has 32 registers of 4
- *   lanes, so a pair of them makes the AVX2 budget of 16 registers of 8 lanes, for which
- *   decode.c's block shapes are chosen. Partial vectors go through a zero-padded copy
+ *   lanes, so a pair of them makes the AVX2 budget of 16 registers of 8 lanes, within
+ *   which decode.c's products keep their sums. Partial vectors go through a zero-padded copy
  *   (NEON has no masked loads). int8 products: `sdot` (vdotq_s32) where the target has
  *   the dot product extension (__ARM_FEATURE_DOTPROD: Armv8.2-A and later, every Apple
  *   and Graviton 2+ core), else widening multiply-accumulates (smlal); see vi_dot.
@@ -22,9 +22,9 @@
  *   tests/test_kernels_arm64.py); its speed is unmeasured until an ARM machine runs
  *   benchmarks/decode.py.
  * The width follows the hardware instead of a fixed 16 lanes of two __m256: the products
- * keep R x MB accumulators in registers (decode.c), and AVX2 has 16 registers of 8 lanes
- * against AVX-512's 32 of 16, so a 16-lane vector there would spill. decode.c picks the
- * block shapes from VL (8 or 16). Elsewhere PC_ISA is 0 and each kernel file compiles stubs
+ * keep up to 8 accumulators and their operands in registers (decode.c), and AVX2 has 16
+ * registers of 8 lanes against AVX-512's 32 of 16, so 16-lane vectors there would spill.
+ * Elsewhere PC_ISA is 0 and each kernel file compiles stubs
  * that return -3. The variants run the same arithmetic in the same order up to the lane
  * count (fp32 sums of VL partial sums), and the tests hold them to PyTorch (x86) or to a
  * scalar fp64 reference (tests/kernels_check.c, every variant).

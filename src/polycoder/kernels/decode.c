@@ -103,48 +103,40 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
         for (int i = 0; i < n; i++) out[i] = vhsum(acc[i]);
 }
 
-/* A block is R weight rows (n .. n+R-1) against MB activation rows (m0 .. m0+MB-1): R * MB
- * accumulators in registers, each weight vector loaded (and widened) once for all MB rows,
- * so that 8 rows take one pass over the weights. R is 1: one weight row streamed at a time,
- * in address order. Blocks of 2 or 4 rows (rows read side by side, the
- * activation loads shared) measured up to 2.5x slower on an AMD EPYC (Zen 4), on the AVX-512
- * and AVX2 variants alike, for fp32, bf16 and int8, at 1 to 4 activation rows; at 8 they
- * were even (docs/benchmarks/README.md). The block code keeps R as a parameter (R <= 4). */
-#define R_OF(MB) 1
+/* A block is one weight row n against MB activation rows (m0 .. m0+MB-1): MB accumulators
+ * in registers, each weight vector loaded (and widened) once for all MB rows, so that 8 rows
+ * take one pass over the weights, streamed a row at a time in address order. Blocks of 2 or 4
+ * weight rows read side by side (the activation loads shared among them) measured up to 2.5x
+ * slower on an AMD EPYC (Zen 4), on the AVX-512 and AVX2 variants alike, for fp32, bf16 and
+ * int8, at 1 to 4 activation rows; at 8 they were even (docs/benchmarks/README.md). */
 
 /* ---- fp32 and bf16 weights: 16 a step (one prefetch a row), FMA against fp32
  * activations, the columns past the last full step under a mask. bf16 widens by a 16-bit
  * shift (exact). (AVX512_BF16's pairwise dot product measured slower on an AMD EPYC:
  * docs/benchmarks/README.md.) ---- */
 
-/* The FMAs of one vector of columns at k: R weight vectors (prefetched PF rows ahead if
- * PF) against MB activation rows. */
+/* The FMAs of one vector of columns at k: the weight vector (the row pf rows ahead
+ * prefetched if PF) against MB activation rows. */
 #define FMA_STEP(LOAD, XLOAD, k, PF, ...)                                                          \
     do {                                                                                           \
-        vf wv[4];                                                                                  \
-        for (int r = 0; r < R; r++) {                                                              \
-            if (PF && MB > 2) vprefetch(w + (n + pf + r) * K + (k));                                       \
-            wv[r] = LOAD(w + (n + r) * K + (k), ##__VA_ARGS__);                                    \
-        }                                                                                          \
-        for (int m = 0; m < MB; m++) {                                                             \
-            vf xv = XLOAD(x + (m0 + m) * K + (k), ##__VA_ARGS__);                                  \
-            for (int r = 0; r < R; r++) acc[r * MB + m] = vfmadd(wv[r], xv, acc[r * MB + m]);      \
-        }                                                                                          \
+        if (PF && MB > 2) vprefetch(w + (n + pf) * K + (k));                                       \
+        const vf wv = LOAD(w + n * K + (k), ##__VA_ARGS__);                                        \
+        for (int m = 0; m < MB; m++) acc[m] = vfmadd(wv, XLOAD(x + (m0 + m) * K + (k), ##__VA_ARGS__), acc[m]); \
     } while (0)
 
 #define DEFINE_FLOAT_BLOCK(NAME, WT, LOAD, LOADM)                                                  \
     static inline __attribute__((always_inline)) void NAME(                                        \
-        const float *x, const WT *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) { \
+        const float *x, const WT *w, long n, long m0, const int MB, long K, long k0, long k1, float *out) { \
         const long pf = pf_rows(K, sizeof(WT));                                                    \
-        vf acc[16];                                                                                \
-        for (int i = 0; i < R * MB; i++) acc[i] = vzero();                                         \
+        vf acc[8];                                                                                 \
+        for (int i = 0; i < MB; i++) acc[i] = vzero();                                             \
         long k = k0;                                                                               \
         for (; k + 16 <= k1; k += 16) {                                                            \
             FMA_STEP(LOAD, vload, k, 1);                                                           \
             if (VL == 8) FMA_STEP(LOAD, vload, k + 8, 0);                                          \
         }                                                                                          \
         /* the last < 16 columns: a whole vector where VL is 8 and one is left, then masked   \
-         * (a branch, not a loop: with a loop here GCC stopped keeping wv in registers above) */ \
+         * (a branch, not a loop: with a loop here GCC stopped keeping the sums in registers) */ \
         if (VL == 8 && k + 8 <= k1) {                                                              \
             FMA_STEP(LOAD, vload, k, 0);                                                           \
             k += 8;                                                                                \
@@ -153,7 +145,7 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
             const vmask mask = vlanes(k1 - k);                                                     \
             FMA_STEP(LOADM, vloadm, k, 0, mask);                                                   \
         }                                                                                          \
-        reduce_out(acc, R * MB, out);                                                              \
+        reduce_out(acc, MB, out);                                                                  \
     }
 
 DEFINE_FLOAT_BLOCK(block_f32, float, vload, vloadm)
@@ -168,26 +160,20 @@ DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
 /* The integer products of one vector pair of columns at k (2 VL of them, lanes of mask). */
 #define DOT_STEP(k, mask, PF)                                                                      \
     do {                                                                                           \
-        vi wv[4];                                                                                  \
-        for (int r = 0; r < R; r++) {                                                              \
-            if (PF && MB > 2) vprefetch(w + (n + pf + r) * K + (k));                                       \
-            wv[r] = vi_w8(w + (n + r) * K + (k), mask);                                            \
-        }                                                                                          \
-        for (int m = 0; m < MB; m++) {                                                             \
-            vi xv = vi_x16(x + (m0 + m) * K + (k), mask);                                          \
-            for (int r = 0; r < R; r++) acc[r * MB + m] = vi_dot(acc[r * MB + m], wv[r], xv);     \
-        }                                                                                          \
+        if (PF && MB > 2) vprefetch(w + (n + pf) * K + (k));                                       \
+        const vi wv = vi_w8(w + n * K + (k), mask);                                                \
+        for (int m = 0; m < MB; m++) acc[m] = vi_dot(acc[m], wv, vi_x16(x + (m0 + m) * K + (k), mask)); \
     } while (0)
 
 static inline __attribute__((always_inline)) void block_i8(
-    const int16_t *x, const int8_t *w, long n, long m0, const int R, const int MB, long K, long k0, long k1, float *out) {
+    const int16_t *x, const int8_t *w, long n, long m0, const int MB, long K, long k0, long k1, float *out) {
     const long pf = pf_rows(K, 1);
-    vf facc[16];
-    for (int i = 0; i < R * MB; i++) facc[i] = vzero();
+    vf facc[8];
+    for (int i = 0; i < MB; i++) facc[i] = vzero();
     for (long c = k0; c < k1; c += I8_CHUNK) {
         const long end = c + I8_CHUNK < k1 ? c + I8_CHUNK : k1;
-        vi acc[16];
-        for (int i = 0; i < R * MB; i++) acc[i] = vi_zero();
+        vi acc[8];
+        for (int i = 0; i < MB; i++) acc[i] = vi_zero();
 #if VL == 16
         /* one masked loop (masked loads are free here; a separate tail measured slower) */
         for (long k = c; k < end; k += 32) {
@@ -207,41 +193,34 @@ static inline __attribute__((always_inline)) void block_i8(
         }
         if (k < end) DOT_STEP(k, vi_lanes(end - k), 0);
 #endif
-        for (int i = 0; i < R * MB; i++) facc[i] = vadd(facc[i], vi_float(acc[i]));
+        for (int i = 0; i < MB; i++) facc[i] = vadd(facc[i], vi_float(acc[i]));
     }
-    reduce_out(facc, R * MB, out);
+    reduce_out(facc, MB, out);
 }
 
-/* Rows [lo, hi) of the output for every activation row, R weight rows at a time (R_OF(MB),
- * see above; MB activation rows a block, at most 8). Where R does not divide the range,
- * the last block starts earlier and overlaps the previous one (or, in a range under R rows,
- * another thread's): no scalar tail. Its rows before n are computed again but not written:
- * written twice, a chunked sum added that chunk twice into `part`, and another thread's
- * rows raced with that thread's fused activation (tests/kernels_check.c found both).
- * The columns are taken in chunks that keep the MB activation rows in L1 (24 KB): with
- * 8 fp32 rows of 3072 columns (96 KB) every weight load would otherwise wait on L2 for
- * the activations; partial sums of a chunk collect in `part`. A fused activation runs
- * vectorized over a thread's finished fp32 outputs (scalar into bf16 outputs). */
-#define BLOCK_CASE(BLOCK, MB) BLOCK(x, w, nb, m0, R_OF(MB), MB, K, k0, k1, out); break
+/* Rows [lo, hi) of the output for every activation row, a weight row at a time (MB
+ * activation rows a block, at most 8). The columns are taken in chunks that keep the MB
+ * activation rows in L1 (24 KB): with 8 fp32 rows of 3072 columns (96 KB) every weight load
+ * would otherwise wait on L2 for the activations; partial sums of a chunk collect in `part`.
+ * A fused activation runs vectorized over a thread's finished fp32 outputs (scalar into
+ * bf16 outputs). */
+#define BLOCK_CASE(BLOCK, MB) BLOCK(x, w, n, m0, MB, K, k0, k1, out); break
 #define DEFINE_RANGE(NAME, BLOCK, XT, WT, KALIGN)                                                  \
     static int NAME(const XT *x, const WT *w, const float *scale, const float *xscale,            \
                     const void *bias, int bias_bf16, void *y, int y_bf16, int act,                \
                     long M, long N, long K, long lo, long hi) {                                   \
-        float out[16], *part = NULL;                                                               \
+        float out[8], *part = NULL;                                                                \
         const int act_now = y_bf16 ? act : 0;                                                      \
-        /* part's rows start at base: a range under 4 rows is the clamped last one (hi == N) */    \
-        const long base = hi - lo >= 4 ? lo : (lo < N - 4 ? lo : N - 4);                           \
         for (long m0 = 0; m0 < M; m0 += 8) {                                                       \
-            const int MB = (int)(M - m0 < 8 ? M - m0 : 8), R = R_OF(MB);                           \
+            const int MB = (int)(M - m0 < 8 ? M - m0 : 8);                                         \
             long KC = (24576 / ((long)sizeof(XT) * MB)) / KALIGN * KALIGN;                         \
             if (KC < KALIGN) KC = KALIGN;                                                          \
-            if (KC < K && !part && !(part = (float *)malloc(sizeof(float) * 8 * (size_t)(hi - lo + 4)))) \
+            if (KC < K && !part && !(part = (float *)malloc(sizeof(float) * 8 * (size_t)(hi - lo)))) \
                 return -2;                                                                         \
             for (long k0 = 0; k0 < K; k0 += KC) {                                                  \
                 const long k1 = k0 + KC < K ? k0 + KC : K;                                         \
                 const int first = k0 == 0, last = k1 == K;                                         \
-                for (long n = lo; n < hi; n += R) {                                                \
-                    long nb = n + R <= hi ? n : (hi - R >= lo ? hi - R : N - R);                   \
+                for (long n = lo; n < hi; n++) {                                                   \
                     switch (MB) {                                                                  \
                     case 1: BLOCK_CASE(BLOCK, 1);                                                  \
                     case 2: BLOCK_CASE(BLOCK, 2);                                                  \
@@ -252,18 +231,17 @@ static inline __attribute__((always_inline)) void block_i8(
                     case 7: BLOCK_CASE(BLOCK, 7);                                                  \
                     default: BLOCK_CASE(BLOCK, 8);                                                 \
                     }                                                                              \
-                    for (int r = nb < n ? (int)(n - nb) : 0; r < R; r++) /* see above */          \
-                        for (int m = 0; m < MB; m++) {                                             \
-                            float v = out[r * MB + m];                                             \
-                            if (!(first && last)) {                                                \
-                                float *p = part + (nb - base + r) * 8 + m;                         \
-                                if (!first) v += *p;                                               \
-                                if (!last) { *p = v; continue; }                                   \
-                            }                                                                      \
-                            float s = scale ? scale[nb + r] : 1.0f, b = bias_at(bias, bias_bf16, nb + r); \
-                            store(y, y_bf16, (m0 + m) * N + nb + r,                                \
-                                  activate(v * s * (xscale ? xscale[m0 + m] : 1.0f) + b, act_now)); \
+                    for (int m = 0; m < MB; m++) {                                                 \
+                        float v = out[m];                                                          \
+                        if (!(first && last)) {                                                    \
+                            float *p = part + (n - lo) * 8 + m;                                    \
+                            if (!first) v += *p;                                                   \
+                            if (!last) { *p = v; continue; }                                       \
                         }                                                                          \
+                        const float s = scale ? scale[n] : 1.0f, b = bias_at(bias, bias_bf16, n);  \
+                        store(y, y_bf16, (m0 + m) * N + n,                                         \
+                              activate(v * s * (xscale ? xscale[m0 + m] : 1.0f) + b, act_now));    \
+                    }                                                                              \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
