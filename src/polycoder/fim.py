@@ -50,6 +50,11 @@ class FimIds:
     suffix: int
     pad: int
 
+    @property
+    def all(self) -> tuple[int, int, int, int]:
+        """The four ids, in FIM_TOKENS' order (the ids that end a middle: `stop_ids`)."""
+        return (self.prefix, self.middle, self.suffix, self.pad)
+
     @classmethod
     def of(cls, vocab: dict[str, int]) -> FimIds | None:
         """The sentinels' ids in `vocab` (added tokens included), or None where any is missing."""

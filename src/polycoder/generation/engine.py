@@ -30,7 +30,7 @@ from polycoder.backend.decode import prefill  # noqa: F401  (re-exported by poly
 from polycoder.errors import PolycoderError
 from polycoder.generation.prompt_cache import PromptCache, kv_bytes_per_token, prefill_reusing
 from polycoder.generation.sampling import sample_tokens
-from polycoder.generation.speculative import DraftModel, accept, accept_sampled
+from polycoder.generation.speculative import DraftModel, Guessing, accept, accept_sampled
 from polycoder.generation.text import Sequence
 from polycoder.model import CacheRows, GPTNeoX  # noqa: F401  (CacheRows: re-exported by polycoder.generation)
 from polycoder.tokenizer import Tokenizer
@@ -146,6 +146,8 @@ class Engine:
         if self.drafter is not None:
             self.drafter.start(r, sequences[0].prompt_ids, n, self.prefill_ops)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        for s in sequences:
+            s.guessing = Guessing()
         self.rows.extend(sequences)
         return self.stats["prefilled"] - before
 
@@ -206,7 +208,7 @@ class Engine:
         # A row still restoring the cursor's whitespace takes constrained tokens: no guesses;
         # nor does one whose guesses have lately been refused (`speculative.Guessing`).
         rooms = [min(k, s.params.max_new_tokens - len(s.token_ids))
-                 if s.allowed_tokens() is None and s.guessing.wants_guesses() else 0
+                 if not s.healing and s.guessing.wants_guesses() else 0
                  for s in self.rows]
         if self.drafter is not None:
             return self.drafter.propose([s.prompt_ids + s.token_ids for s in self.rows], rooms)

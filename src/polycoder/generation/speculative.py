@@ -20,7 +20,7 @@ generator with one uniform draw a token (`polycoder.generation.sampling.sample_t
 inverse CDF over the filtered distribution). A guess d at a position is kept when the token
 that plain sampling would draw there, from the verified logits with the row's next draw,
 is d (`accept_sampled`); at the first that is not, that draw is kept for the token the row
-takes there (`Sequence.next_uniform`). Each token thus uses the draw and the distribution
+takes there (`Guessing.next_uniform`). Each token thus uses the draw and the distribution
 plain sampling gives it, so a seed gives the same sample as without speculation, whatever
 shares the batch, and a guess is kept with probability p(d): the standard rule
 (Leviathan et al., 2023; Chen et al., 2023) for a guess that is certain, with its

@@ -31,7 +31,6 @@ import torch
 
 from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import SamplingParams
-from polycoder.generation.speculative import Guessing
 from polycoder.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "eod", "length", "error"]
@@ -80,7 +79,7 @@ class Sequence:
         self.params = params
         self.generator = generator
         self.tag = tag  # the caller's handle (prompt index, request id, ...)
-        self.guessing = Guessing()  # speculative decoding's state of the row
+        self.guessing = None  # speculative decoding's state of the row (a speculative.Guessing), the engine's
         self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -136,11 +135,15 @@ class Sequence:
         self._cut_at_stop(start, final=True)
         return self._take(len(self.text))
 
+    @property
+    def healing(self) -> bool:
+        """Whether the output has yet to restore the prompt's backed-off whitespace."""
+        return bool(self._heal)
+
     def allowed_tokens(self) -> list[int] | None:
-        """The ids this row may take next, or None for any: while the output has not yet
-        restored the prompt's backed-off whitespace, the tokens that agree with the rest of
-        it, the end of the document and the stop ids."""
-        if not self._heal:
+        """The ids this row may take next, or None for any: while `healing`, the tokens that
+        agree with the rest of the whitespace, the end of the document and the stop ids."""
+        if not self.healing:
             return None
         owed = self._heal[len(self._healing):].encode()
         ends = ([self._eod] if self.params.stop_at_eod else []) + list(self._stop_ids)

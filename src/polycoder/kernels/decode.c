@@ -255,10 +255,6 @@ DEFINE_RANGE(range_f32, block_f32, float, float, 16)
 DEFINE_RANGE(range_bf16, block_bf16, float, uint16_t, 16)
 DEFINE_RANGE(range_i8, block_i8, int16_t, int8_t, I8_CHUNK)
 
-static inline float x_at(const void *x, int x_bf16, long i) {
-    return x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-}
-
 /* y = act(x W^T * scale + bias). x: [M, K] fp32 or bf16; W: [N, K] of `kind` (N >= 4); scale:
  * [N] fp32 or NULL; bias: [N] fp32/bf16 or NULL; y: [M, N] fp32 or bf16; all contiguous.
  * Returns 0, or -1 for a bad argument, -2 when out of memory. */
@@ -279,12 +275,12 @@ static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const
         for (long m = 0; m < M; m++) {
             float amax = 0.0f;
             for (long k = 0; k < K; k++) {
-                float v = x_at(x, x_bf16, m * K + k);
+                float v = elem(x, x_bf16, m * K + k);
                 amax = v > amax ? v : (-v > amax ? -v : amax);
             }
             float s = amax > 0.0f ? amax / (float)VI_XMAX : 1.0f, inv = 1.0f / s;
             for (long k = 0; k < K; k++) {
-                float v = x_at(x, x_bf16, m * K + k) * inv;
+                float v = elem(x, x_bf16, m * K + k) * inv;
                 q[m * K + k] = (int16_t)(v >= 0.0f ? v + 0.5f : v - 0.5f);
             }
             xscale[m] = s;

@@ -118,7 +118,7 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
     ids = list(before) + arrange(fim, p_ids, m_ids, s_ids, state.settings.fim_order)
     check_fits(state, ids, max_tokens)
     extra_ids, dropped = await _extra_context(state, list(extra), C - max_tokens - len(ids))
-    return CursorPrompt(extra_ids + ids, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad),
+    return CursorPrompt(extra_ids + ids, stop_ids=fim.all,
                         suffix_stop=rule, extra_dropped=dropped, heal=heal)
 
 

@@ -325,8 +325,8 @@ def sentinel_stops(state: ServerState, prompts: list[list[int]]) -> tuple[int, .
     fim = state.tokenizer.fim
     if fim is None:
         return ()
-    sentinels = (fim.prefix, fim.middle, fim.suffix, fim.pad)
-    return sentinels if any(t in sentinels for ids in prompts for t in ids) else ()
+    sentinels = frozenset(fim.all)
+    return fim.all if any(not sentinels.isdisjoint(ids) for ids in prompts) else ()
 
 
 def check_ids(state: ServerState, ids: list[int], param: str) -> None:
