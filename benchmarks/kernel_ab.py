@@ -2,7 +2,8 @@
 
 A change to polycoder/kernels/decode.c is measured by building the library from two source
 folders (`--a`, `--b`: each holding decode.c, train.c and the headers, e.g. a copy taken
-before the change and the package's own folder) with the flags the package builds with, and
+before the change and the package's own folder) with the flags the package builds with (its
+tuning defines for this CPU included), and
 calling both on the same weights, alternately, `--repeats` times a shape; the best call of
 each is compared (the machine is shared: alternating makes a load change hit both alike).
 Shapes: fp32, bf16 and int8 weights of about `--mib` MiB (so they come from memory, not the
@@ -37,7 +38,7 @@ ROWS = (1, 2, 4, 8)
 def build(folder: Path, march: str, out: Path):
     """pc_linear of the library built from `folder`'s decode.c and train.c."""
     lib = out / f"{folder.name or 'src'}-{abs(hash(str(folder)))}.so"
-    subprocess.run(["cc", "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-I", str(folder),
+    subprocess.run(["cc", "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", *kernels.tuning(), "-I", str(folder),
                     str(folder / "decode.c"), str(folder / "train.c"), "-o", str(lib), "-lm"], check=True)
     fn = ctypes.CDLL(str(lib)).pc_linear
     fn.restype = ctypes.c_int

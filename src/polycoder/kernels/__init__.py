@@ -27,7 +27,7 @@ kernel and the training kernels but the bf16 attention backward (it needs AVX512
 training keeps PyTorch's there).
 
 Build: `cc -O3 -march=native -fopenmp -shared -fPIC decode.c decode_block.c train.c -lm` (`-mcpu=native` on
-ARM64) into one library in
+ARM64; plus `tuning()`'s defines, choices measured on one CPU family) into one library in
 `$POLYCODER_CACHE/kernels/<hash>/` (default ~/.cache/polycoder), keyed by every source and
 header, the compiler, its flags and the CPU's flags, written to a temporary name and renamed
 (a half-written library is never loaded); a few seconds, once a machine. `-march=native` is
@@ -114,6 +114,22 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _cpu_vendor() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def tuning() -> list[str]:
+    """The compiler defines chosen by measurements on one CPU family (decode.c's pf_rows): the
+    weights prefetched at every activation row count on Intel CPUs, from 3 rows elsewhere."""
+    return ["-DPC_PREFETCH_FROM_ROWS=1"] if _cpu_vendor() == "GenuineIntel" else []
+
+
 def _isa() -> str:
     """POLYCODER_KERNELS_ISA's value: which variant to build (see the module)."""
     isa = os.environ.get("POLYCODER_KERNELS_ISA", "native").strip().lower() or "native"
@@ -136,7 +152,7 @@ def _build() -> Path:
     # (Apple's clang too) and which also tunes for the core; NEON is in the base ISA and
     # the dot product instructions come with the CPU's own features.
     arm64 = platform.machine().lower() in ("aarch64", "arm64") and march == "native"
-    flags = ["-O3", "-mcpu=native" if arm64 else f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-mcpu=native" if arm64 else f"-march={march}", "-fopenmp", "-shared", "-fPIC", *tuning()]
     libs = ["-lm"]
     files = sorted([*FOLDER.glob("*.c"), *FOLDER.glob("*.h")])  # every source and header, by name
     texts = [f"{f.name}\n{f.read_text()}" for f in files]

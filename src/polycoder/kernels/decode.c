@@ -14,8 +14,7 @@
  * common.h) and multiplied exactly in integers (VNNI's vpdpwssd where the CPU has it, else
  * vpmaddwd; sdot or smlal on ARM64), twice as fast as
  * widening the weights to fp32. The output is written as fp32 or bf16 (round to nearest
- * even). Weights are prefetched PF_BYTES ahead where 3 or more activation rows slow the
- * loop down (the hardware's prefetchers keep up with 1 or 2).
+ * even). Weights are prefetched PF_BYTES ahead where that measured faster (see pf_rows).
  *
  * Threads come from the OpenMP runtime that PyTorch itself loads (libgomp.so.1), so our
  * parallel regions reuse PyTorch's worker threads instead of competing with them.
@@ -49,14 +48,19 @@ static inline float bias_at(const void *bias, int bias_bf16, long n) {
 
 int pc_available(void) { return PC_ISA; }
 
-/* Weights are prefetched about this many bytes ahead of the rows being read, one prefetch a
- * row every 16 weights (32 int8): a cache line of fp32, half of one otherwise, whatever the
- * vector width. Only for blocks of 3 or more activation rows: at 8 rows it measured
- * 1.3-2x faster, at 1 and 2 up to 15 % slower (docs/benchmarks/README.md). */
+/* Weights are prefetched about this many bytes ahead of the row being read (at least the next
+ * row), one prefetch every 16 weights (32 int8): a cache line of fp32, half of one otherwise,
+ * whatever the vector width. From PC_PREFETCH_FROM_ROWS activation rows a block: the build
+ * sets 1 on Intel CPUs, where prefetching measured 1.0-2.4x faster at 1 and 2 rows (a Xeon);
+ * elsewhere 3, as an AMD EPYC (Zen 4) measured up to 15 % slower at 1 and 2 rows and 1.3-2x
+ * faster at 8 (docs/benchmarks/README.md). */
 #define PF_BYTES 16384
+#ifndef PC_PREFETCH_FROM_ROWS
+#define PC_PREFETCH_FROM_ROWS 3
+#endif
 static inline long pf_rows(long K, long elsize) {
     long r = PF_BYTES / (K * elsize);
-    return r < 4 ? 4 : r;
+    return r < 1 ? 1 : r;
 }
 
 /* ---- activations, VL at a time ------------------------------------------------------
@@ -110,6 +114,11 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
  * slower on an AMD EPYC (Zen 4), on the AVX-512 and AVX2 variants alike, for fp32, bf16 and
  * int8, at 1 to 4 activation rows; at 8 they were even (docs/benchmarks/README.md). */
 
+/* Sums kept a row, each over every U-th vector of columns, added at the end. One chain of
+ * FMAs (or VNNI dot products) a row waits on the instruction's latency (4-5 cycles) where 1
+ * or 2 activation rows leave the loop nothing else to do. */
+#define BANKS(MB) ((MB) == 1 ? 4 : (MB) == 2 ? 2 : 1)
+
 /* ---- fp32 and bf16 weights: 16 a step (one prefetch a row), FMA against fp32
  * activations, the columns past the last full step under a mask. bf16 widens by a 16-bit
  * shift (exact). (AVX512_BF16's pairwise dot product measured slower on an AMD EPYC:
@@ -117,34 +126,38 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
 
 /* The FMAs of one vector of columns at k: the weight vector (the row pf rows ahead
  * prefetched if PF) against MB activation rows. */
-#define FMA_STEP(LOAD, XLOAD, k, PF, ...)                                                          \
+#define FMA_STEP(LOAD, XLOAD, k, PF, B, ...)                                                       \
     do {                                                                                           \
-        if (PF && MB > 2) vprefetch(w + (n + pf) * K + (k));                                       \
+        if (PF && MB >= PC_PREFETCH_FROM_ROWS) vprefetch(w + (n + pf) * K + (k));                                       \
         const vf wv = LOAD(w + n * K + (k), ##__VA_ARGS__);                                        \
-        for (int m = 0; m < MB; m++) acc[m] = vfmadd(wv, XLOAD(x + (m0 + m) * K + (k), ##__VA_ARGS__), acc[m]); \
+        for (int m = 0; m < MB; m++)                                                               \
+            acc[(B) * MB + m] = vfmadd(wv, XLOAD(x + (m0 + m) * K + (k), ##__VA_ARGS__), acc[(B) * MB + m]); \
     } while (0)
 
 #define DEFINE_FLOAT_BLOCK(NAME, WT, LOAD, LOADM)                                                  \
     static inline __attribute__((always_inline)) void NAME(                                        \
         const float *x, const WT *w, long n, long m0, const int MB, long K, long k0, long k1, float *out) { \
         const long pf = pf_rows(K, sizeof(WT));                                                    \
+        const int U = BANKS(MB);                                                                   \
         vf acc[8];                                                                                 \
-        for (int i = 0; i < MB; i++) acc[i] = vzero();                                             \
+        for (int i = 0; i < U * MB; i++) acc[i] = vzero();                                         \
         long k = k0;                                                                               \
-        for (; k + 16 <= k1; k += 16) {                                                            \
-            FMA_STEP(LOAD, vload, k, 1);                                                           \
-            if (VL == 8) FMA_STEP(LOAD, vload, k + 8, 0);                                          \
-        }                                                                                          \
+        for (; k + 16 * U <= k1; k += 16 * U)                                                      \
+            for (int j = 0; j < 16 * U / VL; j++) FMA_STEP(LOAD, vload, k + j * VL, j * VL % 16 == 0, j % U); \
+        for (; k + 16 <= k1; k += 16)                                                              \
+            for (int j = 0; j < 16 / VL; j++) FMA_STEP(LOAD, vload, k + j * VL, j == 0, 0);       \
         /* the last < 16 columns: a whole vector where VL is 8 and one is left, then masked   \
          * (a branch, not a loop: with a loop here GCC stopped keeping the sums in registers) */ \
         if (VL == 8 && k + 8 <= k1) {                                                              \
-            FMA_STEP(LOAD, vload, k, 0);                                                           \
+            FMA_STEP(LOAD, vload, k, 0, 0);                                                        \
             k += 8;                                                                                \
         }                                                                                          \
         if (k < k1) {                                                                              \
             const vmask mask = vlanes(k1 - k);                                                     \
-            FMA_STEP(LOADM, vloadm, k, 0, mask);                                                   \
+            FMA_STEP(LOADM, vloadm, k, 0, 0, mask);                                                \
         }                                                                                          \
+        for (int u = 1; u < U; u++)                                                                \
+            for (int m = 0; m < MB; m++) acc[m] = vadd(acc[m], acc[u * MB + m]);                   \
         reduce_out(acc, MB, out);                                                                  \
     }
 
@@ -158,42 +171,43 @@ DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
 
 #define I8_CHUNK 256
 /* The integer products of one vector pair of columns at k (2 VL of them, lanes of mask). */
-#define DOT_STEP(k, mask, PF)                                                                      \
+#define DOT_STEP(k, mask, PF, B)                                                                   \
     do {                                                                                           \
-        if (PF && MB > 2) vprefetch(w + (n + pf) * K + (k));                                       \
+        if (PF && MB >= PC_PREFETCH_FROM_ROWS) vprefetch(w + (n + pf) * K + (k));                                       \
         const vi wv = vi_w8(w + n * K + (k), mask);                                                \
-        for (int m = 0; m < MB; m++) acc[m] = vi_dot(acc[m], wv, vi_x16(x + (m0 + m) * K + (k), mask)); \
+        for (int m = 0; m < MB; m++)                                                               \
+            acc[(B) * MB + m] = vi_dot(acc[(B) * MB + m], wv, vi_x16(x + (m0 + m) * K + (k), mask)); \
     } while (0)
 
 static inline __attribute__((always_inline)) void block_i8(
     const int16_t *x, const int8_t *w, long n, long m0, const int MB, long K, long k0, long k1, float *out) {
     const long pf = pf_rows(K, 1);
+    const int U = BANKS(MB);
     vf facc[8];
     for (int i = 0; i < MB; i++) facc[i] = vzero();
     for (long c = k0; c < k1; c += I8_CHUNK) {
         const long end = c + I8_CHUNK < k1 ? c + I8_CHUNK : k1;
         vi acc[8];
-        for (int i = 0; i < MB; i++) acc[i] = vi_zero();
+        for (int i = 0; i < U * MB; i++) acc[i] = vi_zero();
+        long k = c;
+        for (; k + 32 * U <= end; k += 32 * U)  /* vi_lanes(2 VL): all */
+            for (int j = 0; j < 16 * U / VL; j++) DOT_STEP(k + j * 2 * VL, vi_lanes(2 * VL), j * VL % 16 == 0, j % U);
 #if VL == 16
-        /* one masked loop (masked loads are free here; a separate tail measured slower) */
-        for (long k = c; k < end; k += 32) {
-            const vimask mask = vi_lanes(end - k);
-            DOT_STEP(k, mask, 1);
-        }
+        /* the rest as one masked loop (masked loads are free here; a separate tail measured slower) */
+        for (; k < end; k += 32) DOT_STEP(k, vi_lanes(end - k), 1, 0);
 #else
         /* whole vectors, then the tail through vi_w8's zero-padded copy */
-        long k = c;
         for (; k + 32 <= end; k += 32) {
-            DOT_STEP(k, 16, 1);  /* vi_lanes(16): all */
-            DOT_STEP(k + 16, 16, 0);
+            DOT_STEP(k, 16, 1, 0);
+            DOT_STEP(k + 16, 16, 0, 0);
         }
         if (k + 16 <= end) {  /* branches, not a loop: as for FMA_STEP's tail */
-            DOT_STEP(k, 16, 0);
+            DOT_STEP(k, 16, 0, 0);
             k += 16;
         }
-        if (k < end) DOT_STEP(k, vi_lanes(end - k), 0);
+        if (k < end) DOT_STEP(k, vi_lanes(end - k), 0, 0);
 #endif
-        for (int i = 0; i < MB; i++) facc[i] = vadd(facc[i], vi_float(acc[i]));
+        for (int i = 0; i < U * MB; i++) facc[i % MB] = vadd(facc[i % MB], vi_float(acc[i]));
     }
     reduce_out(facc, MB, out);
 }
