@@ -23,6 +23,7 @@ from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
 from polycoder.errors import PolycoderError  # noqa: E402
 from polycoder.eval.humaneval import load_problems  # noqa: E402
 from polycoder.eval.infilling import infilling  # noqa: E402
+from polycoder.eval.infilling_report import suffix_gain  # noqa: E402
 from polycoder.eval.infilling_tasks import (  # noqa: E402
     HUMANEVAL_SETS,
     MODES,
@@ -213,6 +214,36 @@ def test_every_canonical_middle_passes(tmp_path, problems):
         "random-span": (1640, 1.0, {"passed": 1640})}
 
 
+def test_suffix_gain_pairs_the_same_lines_and_bounds_the_mean_gain():
+    """FIM better by 0.2 edit similarity on every line of Go: gain 0.2, interval [0.2, 0.2]; on C
+    the two modes differ line by line but not on average: an interval that straddles zero."""
+    rng = random.Random(7)
+    rows = []
+    for i in range(60):
+        base = rng.random() * 0.7
+        rows += [{"model": "m", "task_set": "lines", "language": "Go", "task_id": f"go/{i}", "mode": "fim",
+                  "exact_match": 0.0, "edit_similarity": base + 0.2},
+                 {"model": "m", "task_set": "lines", "language": "Go", "task_id": f"go/{i}", "mode": "prefix-only",
+                  "exact_match": 0.0, "edit_similarity": base}]
+        d = 0.3 if i % 2 else -0.3
+        rows += [{"model": "m", "task_set": "lines", "language": "C", "task_id": f"c/{i}", "mode": "fim",
+                  "exact_match": float(i % 2), "edit_similarity": 0.5 + d},
+                 {"model": "m", "task_set": "lines", "language": "C", "task_id": f"c/{i}", "mode": "prefix-only",
+                  "exact_match": float(1 - i % 2), "edit_similarity": 0.5}]
+    rows.append({"model": "m", "task_set": "lines", "language": "C", "task_id": "c/only-fim", "mode": "fim",
+                 "exact_match": 1.0, "edit_similarity": 1.0})  # unpaired: left out
+    gains = {g["language"]: g for g in suffix_gain(rows)}
+    assert [g["language"] for g in suffix_gain(rows)] == ["C", "Go", "all"]
+    go, c, both = gains["Go"]["edit_similarity"], gains["C"]["edit_similarity"], gains["all"]
+    assert gains["Go"]["lines"] == gains["C"]["lines"] == 60 and both["lines"] == 120
+    assert go["gain"] == pytest.approx(0.2) and go["low"] == pytest.approx(0.2) and go["high"] == pytest.approx(0.2)
+    assert (go["fim_higher"], go["prefix_higher"]) == (60, 0)
+    assert c["gain"] == pytest.approx(0.0, abs=1e-12) and c["low"] < 0 < c["high"]
+    assert (c["fim_higher"], c["prefix_higher"]) == (30, 30)
+    assert 0 < both["edit_similarity"]["low"] < both["edit_similarity"]["gain"] == pytest.approx(0.1)
+    assert suffix_gain(rows) == suffix_gain(rows)  # seeded: the same intervals every run
+
+
 def test_cli_run_writes_both_modes_side_by_side(tmp_path, fim_tiny, heldout):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "polycoder", "eval", "infilling", "--model", str(fim_tiny), "--out", str(out),
@@ -226,6 +257,7 @@ def test_cli_run_writes_both_modes_side_by_side(tmp_path, fim_tiny, heldout):
     assert (out / "infilling.png").stat().st_size > 0
     md = (out / "infilling.md").read_text()
     assert "pass@1 fim" in md and "pass@1 prefix-only" in md and "## Line infilling of held-out files" in md
+    assert {g["language"] for g in summary["suffix_gain"]} == {*LANGUAGES, "all"} and "What the suffix adds" in md
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * (3 + 3 + 13)  # 3 tasks a HumanEval set, a line of each of 13 held-out files; two modes
     assert not any(tok in r["text"] for r in rows for tok in FIM_TOKENS)  # generation ends at a sentinel

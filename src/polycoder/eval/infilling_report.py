@@ -5,7 +5,8 @@ estimator (`polycoder.eval.passk`, the mean pass rate of each task's samples) fo
 HumanEval sets, and for every set the mean exact match and edit similarity of the answers
 against the removed middle; line infilling also per language. `write_report` puts the modes
 side by side: one table for the HumanEval sets (rows: model and task set), one for line
-infilling (rows: model and language, then all languages pooled), the notes of the run (a
+infilling (rows: model and language, then all languages pooled), one for what the suffix
+adds to line infilling (`suffix_gain`: paired differences with bootstrap intervals), the notes of the run (a
 model asked prefix-only for want of FIM tokens), how answers were read, and what each model
 is; the plot shows the same two views as bars.
 """
@@ -13,6 +14,7 @@ is; the plot shows the same two views as bars.
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -37,6 +39,46 @@ def _figures(rows: list[dict]) -> dict:
     return fig
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _interval(diffs: list[float], rng: random.Random) -> tuple[float, float]:
+    """The 95 % percentile interval of the mean of `diffs` over paired bootstrap resamples."""
+    n = len(diffs)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(BOOTSTRAP_RESAMPLES))
+    return means[int(0.025 * BOOTSTRAP_RESAMPLES)], means[int(0.975 * BOOTSTRAP_RESAMPLES) - 1]
+
+
+def suffix_gain(rows: list[dict]) -> list[dict]:
+    """What the suffix adds to line infilling, per (model, language) and for all languages: the
+    mean of FIM's score minus prefix-only's on the same lines (each line's samples averaged
+    in each mode), with a 95 % paired bootstrap interval (seeded: the same every run) and the
+    lines each mode scored higher. An interval above zero says the suffix helped by more than
+    which lines happened to be drawn."""
+    scores: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["task_set"] == "lines":
+            scores[(r["model"], r["language"], r["task_id"])][r["mode"]].append(r)
+    pairs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for (model, language, _), by_mode in scores.items():
+        if "fim" in by_mode and "prefix-only" in by_mode:
+            d = tuple(sum(r[f] for r in by_mode["fim"]) / len(by_mode["fim"])
+                      - sum(r[f] for r in by_mode["prefix-only"]) / len(by_mode["prefix-only"])
+                      for f in ("exact_match", "edit_similarity"))
+            pairs[(model, language)].append(d)
+            pairs[(model, "all")].append(d)
+    out = []
+    for (model, language), ds in sorted(pairs.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1])):
+        item = {"model": model, "language": language, "lines": len(ds)}
+        for i, f in enumerate(("exact_match", "edit_similarity")):
+            diffs = [d[i] for d in ds]
+            low, high = _interval(diffs, random.Random(f"{model}/{language}/{f}"))
+            item[f] = {"gain": sum(diffs) / len(diffs), "low": low, "high": high,
+                       "fim_higher": sum(x > 0 for x in diffs), "prefix_higher": sum(x < 0 for x in diffs)}
+        out.append(item)
+    return out
+
+
 def _modes(rows: list[dict]) -> list[str]:
     seen = list(dict.fromkeys(r["mode"] for r in rows))
     return [m for m in MODES if m in seen] + [m for m in seen if m not in MODES]
@@ -59,7 +101,7 @@ def summarize(rows: list[dict]) -> dict:
         "languages": [{"model": m, "mode": mode, "language": lang, **_figures(rs)}
                       for (m, mode, lang), rs in sorted(languages.items(), key=lambda kv: (
                           models.index(kv[0][0]), kv[0][2] == "all", kv[0][2], modes.index(kv[0][1])))],
-        "modes": modes, "samples": len(rows),
+        "suffix_gain": suffix_gain(rows), "modes": modes, "samples": len(rows),
     }
 
 
@@ -98,6 +140,18 @@ def write_report(summary: dict, out: Path) -> None:
                   "Exact match and edit similarity of the removed line, in % (all: every line of every language):", ""]
         lines += _table(summary["languages"], ["model", "language"], modes,
                         [("exact_match", "exact"), ("edit_similarity", "edit sim")])
+        lines.append("")
+    if summary.get("suffix_gain"):
+        lines += ["What the suffix adds: FIM's score minus prefix-only's on the same lines, in points, with a 95 % "
+                  "paired bootstrap interval, and the lines on which each mode scored higher:", "",
+                  "| model | language | lines | exact match gain | interval | edit sim gain | interval | "
+                  "lines fim higher / prefix-only higher (edit sim) |", "|---|---|---:|---:|---|---:|---|---|"]
+        for g in summary["suffix_gain"]:
+            em, es = g["exact_match"], g["edit_similarity"]
+            lines.append(f"| {g['model']} | {g['language']} | {g['lines']} | {100 * em['gain']:+.2f} | "
+                         f"[{100 * em['low']:+.2f}, {100 * em['high']:+.2f}] | {100 * es['gain']:+.2f} | "
+                         f"[{100 * es['low']:+.2f}, {100 * es['high']:+.2f}] | "
+                         f"{es['fim_higher']} / {es['prefix_higher']} |")
         lines.append("")
     refused = sum(r["refused"] for r in summary["runs"])
     notes = list(summary.get("notes") or []) + (
