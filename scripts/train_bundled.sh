@@ -94,15 +94,17 @@ pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK
 # schedule from the previous phase's last weights), when the machine had become quieter:
 #   phase 2: 160 steps x 8 x 512 tokens, peak lr 1.5e-3;  phase 3: 400 steps x 8 x 512, peak lr 1e-3;
 #   phase 4: 5,000 steps x 8 x 512, peak lr 8e-4, bf16 (PHASES=3 stops before it, PHASE4_STEPS changes it);
-#   phase 5: fill-in-the-middle, 800 steps x 8 x 512, peak lr 3e-4, bf16 (PHASES=4 stops before it).
+#   phase 5: fill-in-the-middle, 800 steps x 8 x 512, peak lr 3e-4, bf16 (PHASES=4 stops before it);
+#   phase 6: more of phase 5, 6,000 steps x 8 x 512, peak lr 3e-4, bf16 (PHASES=5 stops before it,
+#            PHASE6_STEPS changes it).
 FINAL="$WORK/run"
-if [ "${PHASES:-5}" -ge 2 ]; then
+if [ "${PHASES:-6}" -ge 2 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run2" --resume \
       --model "$WORK/run/checkpoints/step_00000250" --max-steps 160 --batch-size 8 --lr 1.5e-3 \
       --save-every 20 --eval-every 40 --threads "$THREADS" --set optim.warmup=0.02
   FINAL="$WORK/run2"
 fi
-if [ "${PHASES:-5}" -ge 3 ]; then
+if [ "${PHASES:-6}" -ge 3 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run3" --resume \
       --model "$WORK/run2/checkpoints/step_00000160" --max-steps 400 --batch-size 8 --lr 1e-3 \
       --save-every 50 --eval-every 100 --threads "$THREADS" --set optim.warmup=0.01
@@ -113,7 +115,7 @@ fi
 # last weights rounded to bf16 (that release is what the session had). bf16 autocast: on
 # that machine's Intel Xeon (AMX) it trained this model at 6,600 tokens/s against 3,800 in
 # fp32 (on the AMD EPYC of phases 1-3, fp32 was the faster).
-if [ "${PHASES:-5}" -ge 4 ]; then
+if [ "${PHASES:-6}" -ge 4 ]; then
   "$PY" - "$WORK/run3" "$WORK/phase3-bf16" <<'PYEOF'
 import sys
 from pathlib import Path
@@ -138,7 +140,7 @@ fi
 # its data folder. The shipped model started from the shipped phase-4 model (run4's last
 # weights rounded to bf16, as phase 4 started from phase 3's release); this script starts
 # from run4's last checkpoint itself.
-if [ "${PHASES:-5}" -ge 5 ]; then
+if [ "${PHASES:-6}" -ge 5 ]; then
   [ -f "$WORK/phase4-fim/config.json" ] || "$PY" - "$FINAL" "$WORK/phase4-fim" "$WORK/tokens" "$WORK/tokens-fim" <<'PYEOF'
 import shutil, sys
 from pathlib import Path
@@ -160,6 +162,17 @@ PYEOF
       --save-every 50 --eval-every 200 --threads "$THREADS" --set optim.warmup=0.02 --set run.precision=bf16 \
       --fim-rate 0.5 --fim-spm-rate 0.5
   FINAL="$WORK/run5-fim"
+fi
+# Phase 6 (2026-12-02, later): phase 5 went on for 6,000 more steps (24.6M tokens, a little over
+# one more pass) with a fresh cosine schedule and another seed, FIM as in phase 5. On an Intel
+# Xeon with AMX it ran at 10,800 tokens/s (38 min). The shipped model started from the shipped
+# phase-5 model (its weights in bf16); this script starts from run5-fim's last checkpoint.
+if [ "${PHASES:-6}" -ge 6 ]; then
+  pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens-fim" --out "$WORK/run6-fim" --resume \
+      --model "$WORK/run5-fim/final" --max-steps "${PHASE6_STEPS:-6000}" \
+      --batch-size 8 --lr 3e-4 --save-every 250 --eval-every 1000 --threads "$THREADS" \
+      --set optim.warmup=0.02 --set run.precision=bf16 --fim-rate 0.5 --fim-spm-rate 0.5 --seed 6
+  FINAL="$WORK/run6-fim"
 fi
 
 step "6. export to $ASSET (bf16)"
