@@ -222,9 +222,9 @@ def test_suffix_gain_pairs_the_same_lines_and_bounds_the_mean_gain():
     for i in range(60):
         base = rng.random() * 0.7
         rows += [{"model": "m", "task_set": "lines", "language": "Go", "task_id": f"go/{i}", "mode": "fim",
-                  "exact_match": 0.0, "edit_similarity": base + 0.2},
+                  "exact_match": 0.0, "edit_similarity": base + 0.2, "middle_loss": 2.0 + base},
                  {"model": "m", "task_set": "lines", "language": "Go", "task_id": f"go/{i}", "mode": "prefix-only",
-                  "exact_match": 0.0, "edit_similarity": base}]
+                  "exact_match": 0.0, "edit_similarity": base, "middle_loss": 2.5 + base}]
         d = 0.3 if i % 2 else -0.3
         rows += [{"model": "m", "task_set": "lines", "language": "C", "task_id": f"c/{i}", "mode": "fim",
                   "exact_match": float(i % 2), "edit_similarity": 0.5 + d},
@@ -237,11 +237,41 @@ def test_suffix_gain_pairs_the_same_lines_and_bounds_the_mean_gain():
     go, c, both = gains["Go"]["edit_similarity"], gains["C"]["edit_similarity"], gains["all"]
     assert gains["Go"]["lines"] == gains["C"]["lines"] == 60 and both["lines"] == 120
     assert go["gain"] == pytest.approx(0.2) and go["low"] == pytest.approx(0.2) and go["high"] == pytest.approx(0.2)
-    assert (go["fim_higher"], go["prefix_higher"]) == (60, 0)
+    assert (go["fim_better"], go["prefix_better"]) == (60, 0)
     assert c["gain"] == pytest.approx(0.0, abs=1e-12) and c["low"] < 0 < c["high"]
-    assert (c["fim_higher"], c["prefix_higher"]) == (30, 30)
+    assert (c["fim_better"], c["prefix_better"]) == (30, 30)
     assert 0 < both["edit_similarity"]["low"] < both["edit_similarity"]["gain"] == pytest.approx(0.1)
     assert suffix_gain(rows) == suffix_gain(rows)  # seeded: the same intervals every run
+    # a lower loss with the suffix is a gain; lines without losses (C) have none, nor has "all"
+    loss = gains["Go"]["middle_loss"]
+    assert loss["gain"] == pytest.approx(0.5) and loss["low"] == pytest.approx(0.5) and loss["fim_better"] == 60
+    assert "middle_loss" not in gains["C"] and "middle_loss" not in both
+
+
+def test_middle_losses_are_the_models_loss_of_the_removed_line(fim_tiny, heldout):
+    """Scored in padded batches, each line's loss is the model's own cross-entropy of those
+    tokens after that prompt (its loss path, `targets`), whatever else shares the batch."""
+    import torch
+
+    from polycoder.checkpoint import load_model
+    from polycoder.eval.infilling import _middle_losses
+    from polycoder.fim import back_off
+    from polycoder.options import ModelOptions
+
+    tasks = line_tasks(read_documents(heldout, None, 0), 2, seed=0)[:6]
+    pairs = [(t, m) for t in tasks for m in MODES]
+    got = _middle_losses(ModelOptions(model=str(fim_tiny)), "spm", pairs)
+    net, tok = load_model(fim_tiny)
+    for (task, mode), loss in zip(pairs, got):
+        target = tok.encode(back_off(task.prefix)[1] + task.middle)[:64]
+        prompt = prompt_ids(tok, task, mode, "spm", net.config.block_size - len(target)) or [tok.eod_id]
+        ids = torch.tensor([prompt + target])
+        labels = torch.full_like(ids, -100)
+        labels[0, len(prompt) - 1: -1] = torch.tensor(target)
+        with torch.no_grad():
+            expected = net(ids, targets=labels).item()
+        assert loss == pytest.approx(expected, rel=1e-4, abs=1e-5), (task.task_id, mode)
+    assert len({round(v, 6) for v in got}) > 1
 
 
 def test_cli_run_writes_both_modes_side_by_side(tmp_path, fim_tiny, heldout):
@@ -258,6 +288,10 @@ def test_cli_run_writes_both_modes_side_by_side(tmp_path, fim_tiny, heldout):
     md = (out / "infilling.md").read_text()
     assert "pass@1 fim" in md and "pass@1 prefix-only" in md and "## Line infilling of held-out files" in md
     assert {g["language"] for g in summary["suffix_gain"]} == {*LANGUAGES, "all"} and "What the suffix adds" in md
+    assert all("middle_loss" in g for g in summary["suffix_gain"]) and "scored by likelihood" in md
+    assert all(r["middle_loss"] > 0 for r in summary["languages"])
+    scored = (out / "middle_loss.jsonl").read_text()
+    assert len(scored.splitlines()) == 2 * 13  # a line of each held-out file, two modes
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * (3 + 3 + 13)  # 3 tasks a HumanEval set, a line of each of 13 held-out files; two modes
     assert not any(tok in r["text"] for r in rows for tok in FIM_TOKENS)  # generation ends at a sentinel
@@ -266,6 +300,7 @@ def test_cli_run_writes_both_modes_side_by_side(tmp_path, fim_tiny, heldout):
     again = infilling(out=out, model=[str(fim_tiny)], tasks=["single-line", "multi-line", "lines"], data=heldout,
                       max_tasks=3, lines_per_file=1, max_new_tokens=12)  # the Python call: the same keys
     assert (out / "samples.jsonl").read_text() == before  # every sample reused
+    assert (out / "middle_loss.jsonl").read_text() == scored  # and every loss
     assert again["runs"] == summary["runs"]
 
 

@@ -19,9 +19,14 @@ tasks and how answers are read: `polycoder.eval.infilling_tasks`):
   the server lays out the prompt; a server that refuses it has those samples recorded as
   refused (failed), and the run goes on.
 
+For a local model, line tasks are also scored by likelihood: the loss of the removed line
+after each mode's prompt (`_middle_losses`), a finer view of what the suffix adds than one
+greedy answer gives.
+
 Files in OUT: samples.jsonl (every sample: model, key, task, mode, the model's text and the
 answer read from it; a cache keyed as `eval humaneval`'s: the model's identity and the
-settings that change samples, and the prompt's hash), results.jsonl (verdicts),
+settings that change samples, and the prompt's hash), middle_loss.jsonl (those losses,
+keyed the same way), results.jsonl (verdicts),
 infilling.json, infilling.md, infilling.png (`polycoder.eval.infilling_report`).
 
 The verb's module: torch and our modules that import it are imported inside the functions
@@ -88,6 +93,8 @@ class Source:
     """Whether FIM prompts can be asked (a local model: its tokenizer has the sentinels)."""
     open_sampler: Callable
     """() -> a context manager yielding (fn(pairs, seed) -> [[(text, finish_reason)]], pairs a call)."""
+    score_middles: Callable | None = None
+    """(pairs) -> the loss of each pair's removed middle under its prompt (a local model), or None."""
 
 
 @contextmanager
@@ -121,6 +128,64 @@ def _local_sampler(options: ModelOptions, settings: dict, order: str, max_rows: 
         return results
 
     yield fn, max(1, max_rows // settings["num_samples"])
+
+
+MIDDLE_TOKENS = 64
+"""A middle is scored on at most its first 64 tokens (a removed line rarely has more)."""
+LOGIT_BUDGET = 1 << 27
+"""Logits computed at once when scoring middles (rows x positions x vocabulary): 512 MiB of fp32."""
+
+
+def _middle_losses(options: ModelOptions, order: str, pairs: list[tuple[Task, str]]) -> list[float]:
+    """The mean loss (nats a token) of each task's removed middle, teacher-forced after the
+    prompt that mode asks with: the same target tokens in both modes (the whitespace the
+    prompt leaves to the model, then the middle, tokenized on their own), so FIM's loss
+    minus prefix-only's is what the suffix tells the model about the middle. Finer than
+    exact match or edit similarity of one greedy answer: it sees a suffix that moves the
+    right tokens' probability without changing the top one."""
+    import torch
+
+    from polycoder.checkpoint import load
+
+    model, tokenizer = load(options)
+    C = model.config.block_size
+    device = next(model.parameters()).device
+    seqs = []
+    for task, mode in pairs:
+        target = tokenizer.encode(back_off(task.prefix)[1] + task.middle)[:MIDDLE_TOKENS] or [tokenizer.eod_id]
+        prompt = prompt_ids(tokenizer, task, mode, order, C - len(target)) or [tokenizer.eod_id]
+        seqs.append((prompt, target))
+    losses: list[float] = []
+    step = max(1, LOGIT_BUDGET // (C * model.config.vocab_size))
+    with torch.no_grad():
+        for i in range(0, len(seqs), step):
+            chunk = seqs[i: i + step]
+            ids = torch.full((len(chunk), max(len(p) + len(t) for p, t in chunk)), tokenizer.eod_id)
+            for b, (p, t) in enumerate(chunk):  # padded on the right: a causal model never reads ahead
+                ids[b, : len(p) + len(t)] = torch.tensor(p + t)
+            logits = model(ids.to(device))
+            for b, (p, t) in enumerate(chunk):
+                logp = logits[b, len(p) - 1: len(p) + len(t) - 1].float().log_softmax(-1)
+                losses.append(-logp.gather(1, torch.tensor(t, device=device)[:, None]).mean().item())
+    return losses
+
+
+def middle_losses(source: Source, pairs: list[tuple[Task, str]], out: Path, order: str,
+                  stored: list[dict]) -> dict[tuple[str, str], float]:
+    """(task_id, mode) -> the loss of the removed middle (`_middle_losses`) for a local model's
+    line tasks: those stored in OUT/middle_loss.jsonl for the same model and prompts, and the
+    missing ones, computed and appended."""
+    wanted = {(t.task_id, m): _prompt_sha(t, m, order) for t, m in pairs}
+    have = {(r["task_id"], r["mode"]): r["loss"] for r in stored
+            if r.get("key") == source.key and wanted.get((r.get("task_id"), r.get("mode"))) == r.get("prompt_sha")}
+    todo = [(t, m) for t, m in pairs if (t.task_id, m) not in have]
+    if todo:
+        print(f"{source.label}: scoring {len(todo)} removed lines", file=sys.stderr)
+        rows = [{"key": source.key, "task_id": t.task_id, "mode": m, "prompt_sha": wanted[(t.task_id, m)], "loss": v}
+                for (t, m), v in zip(todo, source.score_middles(todo))]
+        _append_jsonl(out / "middle_loss.jsonl", rows)
+        have.update({(r["task_id"], r["mode"]): r["loss"] for r in rows})
+    return have
 
 
 @contextmanager
@@ -319,6 +384,7 @@ def infilling(
     by_id = {t.task_id: t for t in all_tasks}
     modes = list(MODES) if mode == "both" else [mode]
     notes: list[str] = []
+    losses: dict[tuple[str, str, str], float] = {}  # (model, task, mode) -> the loss of the removed middle
     if samples is not None:
         drawn = read_given(Path(samples), by_id)
         described = {s["model"]: f"completions of {samples}" for s in drawn}
@@ -331,6 +397,7 @@ def infilling(
                            order, max_rows, concurrency)
         out.mkdir(parents=True, exist_ok=True)
         stored = _read_jsonl(out / "samples.jsonl")
+        stored_losses = _read_jsonl(out / "middle_loss.jsonl")
         drawn = []
         for src in sources:
             asked = modes if src.fim else ["prefix-only"]
@@ -338,11 +405,18 @@ def infilling(
                 notes.append(f"{src.label} {NO_FIM}")
                 print(f"{src.label} {NO_FIM}", file=sys.stderr)
             drawn += sample(src, [(t, m) for t in all_tasks for m in asked], out, num_samples, order, seed, stored)
+            lines = [(t, m) for t in all_tasks if t.task_set == "lines" for m in asked]
+            if src.score_middles is not None and lines:
+                for (task_id, m), v in middle_losses(src, lines, out, order, stored_losses).items():
+                    losses[(src.label, task_id, m)] = v
         described = {src.label: src.described for src in sources}
     limits = Limits(cpu_seconds=timeout, wall_seconds=2 * timeout + 2, memory_bytes=memory_mb << 20)
     sandbox = Sandbox(limits, workers=workers)
     start = time.monotonic()
     rows = judge(drawn, by_id, problems, out, sandbox, digest({"limits": asdict(limits), "isolation": sandbox.isolation}))
+    for r in rows:
+        if (r["model"], r["task_id"], r["mode"]) in losses:
+            r["middle_loss"] = losses[(r["model"], r["task_id"], r["mode"])]
     summary = summarize(rows)
     summary.update(models=described, notes=notes, order=order, tasks=dict(Counter(t.task_set for t in all_tasks)),
                    settings=dict(num_samples=num_samples, temperature=temperature, top_p=top_p,
@@ -389,7 +463,8 @@ def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str
     for o, identity, label in zip(chosen, identities, labels):
         key = digest({"model": identity, **settings, "dtype": o.dtype, "quantize": o.quantize})
         sources.append(Source(label, f"{describe(o)} (key {key})", key, _fim_capable(o),
-                              partial(_local_sampler, o, settings, order, max_rows)))
+                              partial(_local_sampler, o, settings, order, max_rows),
+                              partial(_middle_losses, o, order)))
     if endpoint is not None:
         client = Endpoint(endpoint, model=endpoint_model, api=api)
         try:

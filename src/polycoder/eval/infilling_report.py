@@ -32,6 +32,9 @@ def _figures(rows: list[dict]) -> dict:
            "exact_match": sum(r["exact_match"] for r in rows) / len(rows),
            "edit_similarity": sum(r["edit_similarity"] for r in rows) / len(rows),
            "refused": sum(bool(r.get("refused")) for r in rows)}
+    scored = [r["middle_loss"] for r in rows if "middle_loss" in r]
+    if scored:
+        fig["middle_loss"] = sum(scored) / len(scored)
     if per_task:
         fig.update(pass_at_k([(len(v), sum(v)) for v in per_task.values()], [1]),
                    verdicts=dict(Counter(r["verdict"] for r in rows if "verdict" in r)),
@@ -53,28 +56,37 @@ def suffix_gain(rows: list[dict]) -> list[dict]:
     """What the suffix adds to line infilling, per (model, language) and for all languages: the
     mean of FIM's score minus prefix-only's on the same lines (each line's samples averaged
     in each mode), with a 95 % paired bootstrap interval (seeded: the same every run) and the
-    lines each mode scored higher. An interval above zero says the suffix helped by more than
-    which lines happened to be drawn."""
+    lines on which each mode did better. An interval above zero says the suffix helped by more than
+    which lines happened to be drawn. Where the lines were scored by likelihood (a local
+    model), `middle_loss` is the loss of the removed line without the suffix minus with it
+    (nats a token; above zero: the suffix made the right line likelier)."""
     scores: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["task_set"] == "lines":
             scores[(r["model"], r["language"], r["task_id"])][r["mode"]].append(r)
-    pairs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+
+    def mean(rs: list[dict], f: str) -> float:
+        return sum(r[f] for r in rs) / len(rs)
+
+    pairs: dict[tuple, list[dict[str, float]]] = defaultdict(list)
     for (model, language, _), by_mode in scores.items():
         if "fim" in by_mode and "prefix-only" in by_mode:
-            d = tuple(sum(r[f] for r in by_mode["fim"]) / len(by_mode["fim"])
-                      - sum(r[f] for r in by_mode["prefix-only"]) / len(by_mode["prefix-only"])
-                      for f in ("exact_match", "edit_similarity"))
+            fim, plain = by_mode["fim"], by_mode["prefix-only"]
+            d = {f: mean(fim, f) - mean(plain, f) for f in ("exact_match", "edit_similarity")}
+            if all("middle_loss" in r for r in fim + plain):
+                d["middle_loss"] = mean(plain, "middle_loss") - mean(fim, "middle_loss")
             pairs[(model, language)].append(d)
             pairs[(model, "all")].append(d)
     out = []
     for (model, language), ds in sorted(pairs.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1])):
         item = {"model": model, "language": language, "lines": len(ds)}
-        for i, f in enumerate(("exact_match", "edit_similarity")):
-            diffs = [d[i] for d in ds]
+        for f in ("exact_match", "edit_similarity", "middle_loss"):
+            if not all(f in d for d in ds):
+                continue
+            diffs = [d[f] for d in ds]
             low, high = _interval(diffs, random.Random(f"{model}/{language}/{f}"))
             item[f] = {"gain": sum(diffs) / len(diffs), "low": low, "high": high,
-                       "fim_higher": sum(x > 0 for x in diffs), "prefix_higher": sum(x < 0 for x in diffs)}
+                       "fim_better": sum(x > 0 for x in diffs), "prefix_better": sum(x < 0 for x in diffs)}
         out.append(item)
     return out
 
@@ -143,16 +155,30 @@ def write_report(summary: dict, out: Path) -> None:
         lines.append("")
     if summary.get("suffix_gain"):
         lines += ["What the suffix adds: FIM's score minus prefix-only's on the same lines, in points, with a 95 % "
-                  "paired bootstrap interval, and the lines on which each mode scored higher:", "",
+                  "paired bootstrap interval, and the lines on which each mode did better:", "",
                   "| model | language | lines | exact match gain | interval | edit sim gain | interval | "
-                  "lines fim higher / prefix-only higher (edit sim) |", "|---|---|---:|---:|---|---:|---|---|"]
+                  "lines fim better / prefix-only better (edit sim) |", "|---|---|---:|---:|---|---:|---|---|"]
         for g in summary["suffix_gain"]:
             em, es = g["exact_match"], g["edit_similarity"]
             lines.append(f"| {g['model']} | {g['language']} | {g['lines']} | {100 * em['gain']:+.2f} | "
                          f"[{100 * em['low']:+.2f}, {100 * em['high']:+.2f}] | {100 * es['gain']:+.2f} | "
                          f"[{100 * es['low']:+.2f}, {100 * es['high']:+.2f}] | "
-                         f"{es['fim_higher']} / {es['prefix_higher']} |")
+                         f"{es['fim_better']} / {es['prefix_better']} |")
         lines.append("")
+        scored = [g for g in summary["suffix_gain"] if "middle_loss" in g]
+        if scored:
+            lines += ["The same lines scored by likelihood: the loss of the removed line (nats a token) after the "
+                      "prefix alone minus after the FIM prompt, with its 95 % interval, and the lines the suffix made "
+                      "likelier:", "", "| model | language | lines | loss fim | loss prefix-only | suffix gain | "
+                      "interval | lines likelier with the suffix |", "|---|---|---:|---:|---:|---:|---|---:|"]
+            loss = {(r["model"], r["language"], r["mode"]): r.get("middle_loss") for r in summary["languages"]}
+            for g in scored:
+                ml = g["middle_loss"]
+                fim, plain = loss.get((g["model"], g["language"], "fim")), loss.get((g["model"], g["language"], "prefix-only"))
+                lines.append(f"| {g['model']} | {g['language']} | {g['lines']} | "
+                             f"{'-' if fim is None else f'{fim:.3f}'} | {'-' if plain is None else f'{plain:.3f}'} | "
+                             f"{ml['gain']:+.3f} | [{ml['low']:+.3f}, {ml['high']:+.3f}] | {ml['fim_better']} |")
+            lines.append("")
     refused = sum(r["refused"] for r in summary["runs"])
     notes = list(summary.get("notes") or []) + (
         [f"{refused} samples were refused by the server and count as failed."] if refused else [])
