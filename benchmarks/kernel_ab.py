@@ -38,7 +38,7 @@ ROWS = (1, 2, 4, 8)
 def build(folder: Path, march: str, out: Path):
     """pc_linear of the library built from `folder`'s decode.c and train.c."""
     lib = out / f"{folder.name or 'src'}-{abs(hash(str(folder)))}.so"
-    subprocess.run(["cc", "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", *kernels.tuning(), "-I", str(folder),
+    subprocess.run(["cc", *kernels.compile_flags(march), "-I", str(folder),
                     str(folder / "decode.c"), str(folder / "train.c"), "-o", str(lib), "-lm"], check=True)
     fn = ctypes.CDLL(str(lib)).pc_linear
     fn.restype = ctypes.c_int

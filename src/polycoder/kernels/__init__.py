@@ -104,30 +104,35 @@ def cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of `keys` (None: none, or no such file)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(keys):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cpu_vendor() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo("flags", "Features") or platform.processor()
 
 
 def tuning() -> list[str]:
     """The compiler defines chosen by measurements on one CPU family (decode.c's pf_rows): the
     weights prefetched at every activation row count on Intel CPUs, from 3 rows elsewhere."""
-    return ["-DPC_PREFETCH_FROM_ROWS=1"] if _cpu_vendor() == "GenuineIntel" else []
+    return ["-DPC_PREFETCH_FROM_ROWS=1"] if _cpuinfo("vendor_id") == "GenuineIntel" else []
+
+
+def compile_flags(march: str) -> list[str]:
+    """The compiler's flags for a library of the kernels built for `march` ("native" or an x86
+    level such as x86-64-v3), this CPU's tuning defines included."""
+    # ARM64 (Graviton, Ampere, Apple Silicon): -mcpu=native, which GCC and Clang accept there
+    # (Apple's clang too) and which also tunes for the core; NEON is in the base ISA and
+    # the dot product instructions come with the CPU's own features.
+    arm64 = platform.machine().lower() in ("aarch64", "arm64") and march == "native"
+    return ["-O3", "-mcpu=native" if arm64 else f"-march={march}", "-fopenmp", "-shared", "-fPIC", *tuning()]
 
 
 def _isa() -> str:
@@ -148,11 +153,7 @@ def _build() -> Path:
     if not cc:
         raise OSError("no C compiler (cc/gcc/clang) on PATH; install one (e.g. apt-get install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    # ARM64 (Graviton, Ampere, Apple Silicon): -mcpu=native, which GCC and Clang accept there
-    # (Apple's clang too) and which also tunes for the core; NEON is in the base ISA and
-    # the dot product instructions come with the CPU's own features.
-    arm64 = platform.machine().lower() in ("aarch64", "arm64") and march == "native"
-    flags = ["-O3", "-mcpu=native" if arm64 else f"-march={march}", "-fopenmp", "-shared", "-fPIC", *tuning()]
+    flags = compile_flags(march)
     libs = ["-lm"]
     files = sorted([*FOLDER.glob("*.c"), *FOLDER.glob("*.h")])  # every source and header, by name
     texts = [f"{f.name}\n{f.read_text()}" for f in files]

@@ -128,7 +128,7 @@ static inline __attribute__((always_inline)) void reduce_out(const vf *acc, int 
  * prefetched if PF) against MB activation rows. */
 #define FMA_STEP(LOAD, XLOAD, k, PF, B, ...)                                                       \
     do {                                                                                           \
-        if (PF && MB >= PC_PREFETCH_FROM_ROWS) vprefetch(w + (n + pf) * K + (k));                                       \
+        if (PF && MB >= PC_PREFETCH_FROM_ROWS) vprefetch(w + (n + pf) * K + (k));                  \
         const vf wv = LOAD(w + n * K + (k), ##__VA_ARGS__);                                        \
         for (int m = 0; m < MB; m++)                                                               \
             acc[(B) * MB + m] = vfmadd(wv, XLOAD(x + (m0 + m) * K + (k), ##__VA_ARGS__), acc[(B) * MB + m]); \
@@ -173,7 +173,7 @@ DEFINE_FLOAT_BLOCK(block_bf16, uint16_t, vwiden_bf16, vwiden_bf16m)
 /* The integer products of one vector pair of columns at k (2 VL of them, lanes of mask). */
 #define DOT_STEP(k, mask, PF, B)                                                                   \
     do {                                                                                           \
-        if (PF && MB >= PC_PREFETCH_FROM_ROWS) vprefetch(w + (n + pf) * K + (k));                                       \
+        if (PF && MB >= PC_PREFETCH_FROM_ROWS) vprefetch(w + (n + pf) * K + (k));                  \
         const vi wv = vi_w8(w + n * K + (k), mask);                                                \
         for (int m = 0; m < MB; m++)                                                               \
             acc[(B) * MB + m] = vi_dot(acc[(B) * MB + m], wv, vi_x16(x + (m0 + m) * K + (k), mask)); \
