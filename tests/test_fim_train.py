@@ -19,7 +19,7 @@ from polycoder.token_shards import write_shard
 from polycoder.tokenizer import Tokenizer
 from polycoder.train import checkpointing as ckpt
 from polycoder.train.distributed import Dist
-from polycoder.train.fim_transform import FimTransform, make_fim_transform
+from polycoder.train.fim_transform import MAX_SPAN_LINES, FimTransform, line_span, make_fim_transform
 from polycoder.train.finetune import finetune
 from polycoder.train.loader import WindowLoader, open_split
 from polycoder.train.loop import Trainer
@@ -180,6 +180,54 @@ def test_rates_are_honoured(fim_tok):
     assert abs(len(spm) / len(fim) - 0.7) < 0.05
 
 
+SOURCE = "class Point:\n    def __init__(self, x, y):\n        self.x = x\n\n        self.y = y\n    def norm(self):\n" \
+         "        return (self.x ** 2 + self.y ** 2) ** 0.5\n"
+
+
+@pytest.mark.parametrize("text", [SOURCE, SOURCE.rstrip("\n"), "x = 1", "\n\n  \n"])
+def test_line_spans_are_one_to_three_lines_from_a_backed_off_cursor(text):
+    """A line span ends at a line's end (after its newline for whole lines, before it from a
+    cursor mid-line); its start is where back_off puts a cursor (no whitespace before it) at
+    or before the drawn line; it covers at most MAX_SPAN_LINES lines besides the whitespace
+    the back-off takes in."""
+    shapes = set()
+    for seed in range(400):
+        lo, hi = line_span(text, np.random.default_rng(seed))
+        assert 0 <= lo <= hi <= len(text)
+        assert lo == 0 or not text[lo - 1].isspace()
+        assert hi == len(text) or text[hi] == "\n" or text[hi - 1] == "\n"
+        middle = text[lo:hi]
+        assert middle.lstrip().count("\n") <= MAX_SPAN_LINES
+        shapes.add((hi == len(text) or text[hi - 1] == "\n", middle.lstrip().count("\n")))
+    if text == SOURCE:  # both kinds of span, of 1 to 3 lines, are drawn
+        assert {(True, 1), (True, 2), (True, 3), (False, 0), (False, 1), (False, 2)} <= shapes
+
+
+def test_line_rate_cuts_middles_at_lines_and_zero_draws_as_before(fim_tok):
+    ids = byte_ids(fim_tok, SOURCE.encode())
+    plain = FimTransform(fim_tok, fim_rate=1.0, fim_spm_rate=0.5, seed=0)
+    zero = FimTransform(fim_tok, fim_rate=1.0, fim_spm_rate=0.5, seed=0, fim_line_rate=0.0)
+    lines = FimTransform(fim_tok, fim_rate=1.0, fim_spm_rate=0.0, seed=0, fim_line_rate=1.0)
+    for seed in range(20):
+        assert (zero.piece(ids, np.random.default_rng(seed)).tolist()
+                == plain.piece(ids, np.random.default_rng(seed)).tolist())
+        out = lines.piece(ids, np.random.default_rng(seed)).tolist()
+        rng = np.random.default_rng(seed)
+        rng.random(), rng.random()  # apply FIM?, a line span?
+        lo, hi = line_span(SOURCE, rng)
+        prefix, suffix, middle = split_psm(out, fim_tok.fim)
+        assert fim_tok.decode(prefix) == SOURCE[:lo] and fim_tok.decode(middle) == SOURCE[lo:hi]
+        assert SOURCE[hi:].startswith(fim_tok.decode([i for i in suffix if i != fim_tok.fim.pad]))
+    mixed = FimTransform(fim_tok, fim_rate=1.0, fim_spm_rate=0.0, seed=0, fim_line_rate=0.5)
+    cut_at_lines = 0
+    for seed in range(2000):
+        prefix, suffix, middle = split_psm(mixed.piece(ids, np.random.default_rng(seed)).tolist(), fim_tok.fim)
+        hi = len(fim_tok.decode(prefix)) + len(fim_tok.decode(middle))
+        cut_at_lines += hi == len(SOURCE) or SOURCE[hi] == "\n" or SOURCE[hi - 1] == "\n"
+    # line spans (half) always end at a line; a uniform cut does so about 10 % of the time
+    assert 0.5 < cut_at_lines / 2000 < 0.62
+
+
 def test_rate_needs_the_sentinels_and_defaults_to_them(code_tokenizer, fim_tok):
     with pytest.raises(PolycoderError, match="finetune --fim"):
         make_fim_transform(code_tokenizer, 0.5, 0.5, 0)
@@ -190,6 +238,9 @@ def test_rate_needs_the_sentinels_and_defaults_to_them(code_tokenizer, fim_tok):
         load_settings(None, None, ["data.fim_rate=1.5"])
     with pytest.raises(PolycoderError, match="data.fim_spm_rate must be in"):
         load_settings(None, None, ["data.fim_spm_rate=-0.1"])
+    with pytest.raises(PolycoderError, match="data.fim_line_rate must be in"):
+        load_settings(None, None, ["data.fim_line_rate=2"])
+    assert make_fim_transform(fim_tok, None, 0.5, 0, 0.25).fim_line_rate == 0.25
     assert load_settings(None, None, ["data.fim_rate=1"]).data.fim_rate == 1.0
 
 
@@ -413,6 +464,7 @@ def test_train_verb_defaults_to_fim_with_sentinels(byte_fim, tmp_path):
     assert p.returncode != 0 and "finetune --fim" in p.stderr and "Traceback" not in p.stderr
     helps = run_cli("train", "--help").stdout + run_cli("finetune", "--help").stdout
     assert helps.count("--fim-rate") >= 2 and helps.count("--fim-spm-rate") >= 2 and "--fim " in helps
+    assert helps.count("--fim-line-rate") >= 2
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """`polycoder finetune`: full fine-tuning, LoRA and QLoRA of a GPT-NeoX checkpoint.
 
     polycoder finetune [--model FOLDER|HUB_ID|RUN_DIR|polycoder-tiny] --data PATH --out RUN_DIR [--lora] [--qlora] [--merge]
-        [--fim] [--fim-rate R] [--fim-spm-rate R]
+        [--fim] [--fim-rate R] [--fim-spm-rate R] [--fim-line-rate R]
 
 Data: a JSONL file of {"text": ...} records, or a folder of code (every file whose name a
 PolyCoder language claims, `polycoder.data.languages.language_of`, read as UTF-8, in
@@ -17,7 +17,8 @@ last one) and rows for them to its input embedding and output head, initialised 
 of the existing tokens' rows, the vocabulary kept padded to a multiple of 64
 (`polycoder.checkpoint.grow_vocabulary`); then it trains with the FIM transform
 (`polycoder.train.fim_transform`, rate `--fim-rate`, default 0.5 whenever the tokenizer
-has the sentinels, and SPM share `--fim-spm-rate`, default 0.5). With LoRA, the new rows of
+has the sentinels, SPM share `--fim-spm-rate`, default 0.5, and share of middles cut at lines
+`--fim-line-rate`, default 0). With LoRA, the new rows of
 both embeddings are trained too, through peft's `trainable_token_indices` (only those rows
 are saved in the adapter; `polycoder.lora`).
 
@@ -173,6 +174,7 @@ def finetune(
     fim: bool = False,
     fim_rate: float | None = None,
     fim_spm_rate: float | None = None,
+    fim_line_rate: float | None = None,
 ) -> int:
     """Fine-tune a checkpoint on code or JSONL texts: full, LoRA (peft) or QLoRA.
 
@@ -212,6 +214,8 @@ def finetune(
         fim_rate: Share of documents rearranged for fill-in-the-middle (data.fim_rate; default 0.5 when the
             tokenizer has the FIM sentinels, else 0).
         fim_spm_rate: Share of the FIM samples in SPM order rather than PSM (data.fim_spm_rate; default 0.5).
+        fim_line_rate: Share of the FIM samples whose middle is cut at lines, the middles editors ask for
+            (data.fim_line_rate; default 0: two uniform characters, as Bavarian et al.).
     """
     import torch
 
@@ -264,9 +268,12 @@ def finetune(
         overrides["data.fim_rate"] = fim_rate
     if fim_spm_rate is not None:
         overrides["data.fim_spm_rate"] = fim_spm_rate
+    if fim_line_rate is not None:
+        overrides["data.fim_line_rate"] = fim_line_rate
     # Precedence: YAML < the options above < --set.
     settings = load_settings(None, config, [f"{k}={v}" for k, v in overrides.items()] + list(set or []))
-    transform = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed)
+    transform = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed,
+                                   settings.data.fim_line_rate)
 
     d = init_distributed(device)
     try:

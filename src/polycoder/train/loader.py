@@ -54,6 +54,8 @@ class LoaderState:
     """Fill-in-the-middle rate (0: none; checkpoints from before FIM training read as 0)."""
     fim_spm_rate: float = 0.0
     """Share of the FIM samples in SPM order (0 where fim_rate is 0)."""
+    fim_line_rate: float = 0.0
+    """Share of the FIM samples cut at lines (checkpoints from before line spans read as 0)."""
 
 
 class WindowLoader:
@@ -84,7 +86,7 @@ class WindowLoader:
         t = self.transform
         return LoaderState(self.sampling, self.seed, self.seq_len, self.batch_size,
                            int(sum(len(a) for a in self.arrays)),
-                           t.fim_rate if t else 0.0, t.fim_spm_rate if t else 0.0)
+                           t.fim_rate if t else 0.0, t.fim_spm_rate if t else 0.0, t.fim_line_rate if t else 0.0)
 
     def _starts(self, step: int) -> list[tuple[int, int]]:
         """(array index, token offset) of each window of the global batch at `step`."""

@@ -19,8 +19,8 @@ setting and the PolyCoder recipe.
 Fill-in-the-middle (`polycoder.train.fim_transform`): where the tokenizer of TOKENS_DIR has
 the FIM sentinels (every tokenizer `polycoder tokenizer train` makes), half the document
 pieces of each window are rearranged by default (`--fim-rate`, `--fim-spm-rate`; data.fim_rate
-null means that automatic choice); a left-to-right tokenizer trains left to right as
-before, and asking it for a rate > 0 is an error naming `finetune --fim`.
+null means that automatic choice; `--fim-line-rate` cuts a share of the middles at lines); a
+left-to-right tokenizer trains left to right as before, and asking it for a rate > 0 is an error naming `finetune --fim`.
 
 The verb's module: torch and our modules that import it are imported inside the
 functions that run the model, so that `polycoder train --help` reads the options without
@@ -99,6 +99,7 @@ def train(
     reschedule: bool = False,
     fim_rate: float | None = None,
     fim_spm_rate: float | None = None,
+    fim_line_rate: float | None = None,
 ) -> int:
     """Pretrain a GPT-NeoX model on token shards (from scratch, or onwards from --model).
 
@@ -131,6 +132,8 @@ def train(
         fim_rate: Share of document pieces rearranged for fill-in-the-middle (data.fim_rate; default 0.5 when the
             tokenizer has the FIM sentinels, else 0).
         fim_spm_rate: Share of the FIM samples in SPM order rather than PSM (data.fim_spm_rate; default 0.5).
+        fim_line_rate: Share of the FIM samples whose middle is cut at lines, the middles editors ask for
+            (data.fim_line_rate; default 0: two uniform characters, as Bavarian et al.).
     """
     import torch
 
@@ -150,7 +153,7 @@ def train(
         "data.seq_len": seq_len, "run.precision": precision_of(dtype), "run.parallel": parallel, "run.compile": compile,
         "run.activation_checkpointing": activation_checkpointing, "run.save_every": save_every,
         "run.eval_every": eval_every, "run.threads": threads, "data.seed": seed, "data.fim_rate": fim_rate,
-        "data.fim_spm_rate": fim_spm_rate})
+        "data.fim_spm_rate": fim_spm_rate, "data.fim_line_rate": fim_line_rate})
     if settings.run.threads:
         torch.set_num_threads(settings.run.threads)
 
@@ -179,7 +182,8 @@ def train(
         if tokenizer is None:
             raise PolycoderError(f"{tok_dir} not found: a checkpoint must carry its tokenizer; tokenize with "
                                  "`polycoder data tokenize`, which copies it there")
-        fim = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed)
+        fim = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed,
+                                   settings.data.fim_line_rate)
         if fim is not None and max(asdict(fim.fim).values()) >= net.config.vocab_size:
             raise PolycoderError(f"{model} has {net.config.vocab_size} vocabulary rows, too few for the FIM tokens of "
                                  f"{tok_dir}; add them with `polycoder finetune --fim`")

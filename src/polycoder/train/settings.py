@@ -93,6 +93,10 @@ class DataSettings:
     error (add them with `polycoder finetune --fim`)."""
     fim_spm_rate: float = 0.5
     """Share of the FIM samples laid out in SPM order rather than PSM (StarCoder: 0.5)."""
+    fim_line_rate: float = 0.0
+    """Share of the FIM samples whose middle is cut at lines (1-3 lines, or the rest of a line
+    and up to 2 more) rather than at two uniform characters: the middles editors ask for
+    (`polycoder.train.fim_transform`). 0 (the default): uniform cuts only, as Bavarian et al."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 0 or self.batch_size < 1 or self.micro_batch < 0:
@@ -101,7 +105,7 @@ class DataSettings:
             if isinstance(self.fim_rate, bool) or not isinstance(self.fim_rate, (int, float)):
                 raise PolycoderError(f"data.fim_rate must be a number in [0, 1] or null (auto), got {self.fim_rate!r}")
             self.fim_rate = float(self.fim_rate)
-        for name in ("fim_rate", "fim_spm_rate"):
+        for name in ("fim_rate", "fim_spm_rate", "fim_line_rate"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise PolycoderError(f"data.{name} must be in [0, 1], got {value}")
