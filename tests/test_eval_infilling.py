@@ -302,6 +302,11 @@ def test_cli_run_writes_both_modes_side_by_side(tmp_path, fim_tiny, heldout):
     assert (out / "samples.jsonl").read_text() == before  # every sample reused
     assert (out / "middle_loss.jsonl").read_text() == scored  # and every loss
     assert again["runs"] == summary["runs"]
+    other = infilling(out=out, model=[str(fim_tiny)], tasks=["lines"], data=heldout, lines_per_file=1,
+                      max_new_tokens=6, temperature=0.5)  # new samples; the losses do not depend on sampling
+    assert (out / "middle_loss.jsonl").read_text() == scored
+    assert ([g["middle_loss"] for g in other["suffix_gain"]]
+            == [g["middle_loss"] for g in summary["suffix_gain"]])
 
 
 def test_a_model_without_fim_tokens_is_asked_prefix_only(tmp_path, tiny_folder):

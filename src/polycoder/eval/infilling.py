@@ -95,6 +95,9 @@ class Source:
     """() -> a context manager yielding (fn(pairs, seed) -> [[(text, finish_reason)]], pairs a call)."""
     score_middles: Callable | None = None
     """(pairs) -> the loss of each pair's removed middle under its prompt (a local model), or None."""
+    score_key: str = ""
+    """What the middles' losses depend on (the model's weights, dtype and quantization; not the
+    sampling settings, which `key` holds): the key of their cache."""
 
 
 @contextmanager
@@ -177,11 +180,11 @@ def middle_losses(source: Source, pairs: list[tuple[Task, str]], out: Path, orde
     missing ones, computed and appended."""
     wanted = {(t.task_id, m): _prompt_sha(t, m, order) for t, m in pairs}
     have = {(r["task_id"], r["mode"]): r["loss"] for r in stored
-            if r.get("key") == source.key and wanted.get((r.get("task_id"), r.get("mode"))) == r.get("prompt_sha")}
+            if r.get("key") == source.score_key and wanted.get((r.get("task_id"), r.get("mode"))) == r.get("prompt_sha")}
     todo = [(t, m) for t, m in pairs if (t.task_id, m) not in have]
     if todo:
         print(f"{source.label}: scoring {len(todo)} removed lines", file=sys.stderr)
-        rows = [{"key": source.key, "task_id": t.task_id, "mode": m, "prompt_sha": wanted[(t.task_id, m)], "loss": v}
+        rows = [{"key": source.score_key, "task_id": t.task_id, "mode": m, "prompt_sha": wanted[(t.task_id, m)], "loss": v}
                 for (t, m), v in zip(todo, source.score_middles(todo))]
         _append_jsonl(out / "middle_loss.jsonl", rows)
         have.update({(r["task_id"], r["mode"]): r["loss"] for r in rows})
@@ -461,10 +464,11 @@ def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str
     labels = short_names([name_of(o) for o in chosen] + ([endpoint] if endpoint is not None else []))
     sources = []
     for o, identity, label in zip(chosen, identities, labels):
-        key = digest({"model": identity, **settings, "dtype": o.dtype, "quantize": o.quantize})
+        weights = {"model": identity, "dtype": o.dtype, "quantize": o.quantize}
+        key = digest({**weights, **settings})
         sources.append(Source(label, f"{describe(o)} (key {key})", key, _fim_capable(o),
                               partial(_local_sampler, o, settings, order, max_rows),
-                              partial(_middle_losses, o, order)))
+                              partial(_middle_losses, o, order), digest({**weights, "middle_tokens": MIDDLE_TOKENS})))
     if endpoint is not None:
         client = Endpoint(endpoint, model=endpoint_model, api=api)
         try:
