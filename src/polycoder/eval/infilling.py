@@ -26,7 +26,8 @@ greedy answer gives.
 Files in OUT: samples.jsonl (every sample: model, key, task, mode, the model's text and the
 answer read from it; a cache keyed as `eval humaneval`'s: the model's identity and the
 settings that change samples, and the prompt's hash), middle_loss.jsonl (those losses,
-keyed the same way), results.jsonl (verdicts),
+keyed by the model's weights, dtype and quantization and the prompt's hash: sampling
+settings do not change them), results.jsonl (verdicts),
 infilling.json, infilling.md, infilling.png (`polycoder.eval.infilling_report`).
 
 The verb's module: torch and our modules that import it are imported inside the functions

@@ -55,6 +55,7 @@ comparable across runs with any fim_rate (Bavarian et al.'s "FIM for free" is me
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,8 +85,7 @@ class FimTransform:
                                  f"{fim_spm_rate}, {fim_line_rate}")
         self.tokenizer = tokenizer
         self.fim: FimIds = tokenizer.fim
-        self.fim_rate, self.fim_spm_rate, self.seed = fim_rate, fim_spm_rate, seed
-        self.fim_line_rate = fim_line_rate
+        self.fim_rate, self.fim_spm_rate, self.fim_line_rate, self.seed = fim_rate, fim_spm_rate, fim_line_rate, seed
         self.eod = tokenizer.eod_id
         self._special = np.array(sorted(tokenizer.special_ids - {self.eod}), dtype=np.int64)
 
@@ -162,7 +162,7 @@ class FimTransform:
 
 def line_span(text: str, rng: np.random.Generator) -> tuple[int, int]:
     """(start, end) of a middle cut at lines (see the module docstring), start <= end."""
-    starts = [0, *(i + 1 for i, c in enumerate(text) if c == "\n" and i + 1 < len(text))]
+    starts = [0, *(m.end() for m in re.finditer("\n", text[:-1]))]  # each line's first character
     first = int(rng.integers(0, len(starts)))
     last = min(len(starts), first + int(rng.integers(1, MAX_SPAN_LINES + 1))) - 1
     end = starts[last + 1] if last + 1 < len(starts) else len(text)  # after the last line's newline

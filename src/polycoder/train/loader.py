@@ -84,9 +84,9 @@ class WindowLoader:
     @property
     def state(self) -> LoaderState:
         t = self.transform
+        rates = (t.fim_rate, t.fim_spm_rate, t.fim_line_rate) if t else (0.0, 0.0, 0.0)
         return LoaderState(self.sampling, self.seed, self.seq_len, self.batch_size,
-                           int(sum(len(a) for a in self.arrays)),
-                           t.fim_rate if t else 0.0, t.fim_spm_rate if t else 0.0, t.fim_line_rate if t else 0.0)
+                           int(sum(len(a) for a in self.arrays)), *rates)
 
     def _starts(self, step: int) -> list[tuple[int, int]]:
         """(array index, token offset) of each window of the global batch at `step`."""

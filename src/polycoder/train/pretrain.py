@@ -20,7 +20,8 @@ Fill-in-the-middle (`polycoder.train.fim_transform`): where the tokenizer of TOK
 the FIM sentinels (every tokenizer `polycoder tokenizer train` makes), half the document
 pieces of each window are rearranged by default (`--fim-rate`, `--fim-spm-rate`; data.fim_rate
 null means that automatic choice; `--fim-line-rate` cuts a share of the middles at lines); a
-left-to-right tokenizer trains left to right as before, and asking it for a rate > 0 is an error naming `finetune --fim`.
+left-to-right tokenizer trains left to right as before, and asking it for a rate > 0 is an
+error naming `finetune --fim`.
 
 The verb's module: torch and our modules that import it are imported inside the
 functions that run the model, so that `polycoder train --help` reads the options without
