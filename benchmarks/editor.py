@@ -9,12 +9,15 @@ editor re-asks while the user types. Each request sends what an editor sends:
 - prefix = the window's text before the cursor, suffix = the rest of the window after it
   (constant while typing: the file after the removed characters);
 - the window: whole lines around the cursor, as llama.vscode sends them (256 lines before,
-  64 after), cut to a token budget (the tiny model's context less `--max-tokens` and a few
-  tokens; `--window-160m` for the 160M shape): the lines nearest the cursor kept, 3/4 of the
-  budget to the prefix and 1/4 to the suffix (llama.vscode's ratio), less the room the typed
-  characters need. The window is chosen once a session and kept while typing. (llama.vscode's
-  moves down a line when a typed newline moves the cursor in a long file, which changes the
-  prompt's start and costs a full recompute in either order: not modelled here);
+  64 after). `--window client` (the default) cuts them to a token budget before sending (the
+  tiny model's context less `--max-tokens` and a few tokens; `--window-160m` for the 160M
+  shape): the lines nearest the cursor kept, 3/4 of the budget to the prefix and 1/4 to the
+  suffix (llama.cpp's ratio), less the room the typed characters need. `--window server`
+  sends the 256 and 64 lines as they are, as llama.vscode does, and the server cuts them to
+  its context (`polycoder.fim.fit`). The window is chosen once a session and kept while
+  typing. (llama.vscode's moves down a line when a typed newline moves the cursor in a long
+  file, which changes the prompt's start and costs a full recompute in either order: not
+  modelled here);
 - `/infill` (llama.vscode's shape: input_prefix, input_suffix, n_predict, cache_prompt) and/or
   `/v1/completions` with `suffix` (Continue's / OpenAI's), `--routes`, each on a server of its
   own (an empty prompt cache); streamed, greedy.
@@ -47,7 +50,8 @@ share its prompt cache, so the second replays sessions the first left cached: gi
 
 Usage:
     .venv/bin/python benchmarks/editor.py [--models tiny 160m] [--data RAW/heldout] [--sessions 3]
-        [--chars 18] [--every 3] [--routes infill completions] [--window-160m 768] [--url URL]
+        [--chars 18] [--every 3] [--routes infill completions] [--window client|server] [--window-160m 768]
+        [--url URL]
         [--note TEXT] [--json out/benchmarks/editor.json]
 
 The default run (both models, 3 sessions of 18 characters) takes about 3 minutes on 2 cores;
@@ -114,9 +118,10 @@ def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], 
     return rng.sample(files, min(count, len(files))), f"this repository's src/ files ({why})"
 
 
-def session(path: Path, tok: Tokenizer, budget: int, chars: int, rng: random.Random) -> Session:
+def session(path: Path, tok: Tokenizer, budget: int | None, chars: int, rng: random.Random) -> Session:
     """A seeded cursor in `path` (at a line's first non-blank character, with code on both
-    sides), the next `chars` characters taken out, and the window that fits `budget` tokens."""
+    sides), the next `chars` characters taken out, and the window that fits `budget` tokens
+    (None: the lines as llama.vscode sends them, for the server to cut)."""
     text = path.read_text(errors="replace")
     lines = text.splitlines(keepends=True)
     candidates = [i for i in range(len(lines) // 4, 3 * len(lines) // 4) if lines[i].strip()] or [len(lines) // 2]
@@ -126,6 +131,8 @@ def session(path: Path, tok: Tokenizer, budget: int, chars: int, rng: random.Ran
     typed = text[cursor : cursor + chars]
     above, head = lines[max(0, i - LINES_BEFORE) : i], lines[i][:col]
     rest = text[cursor + len(typed) :].splitlines(keepends=True)[: LINES_AFTER + 1]
+    if budget is None:
+        return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest))
     prefix_budget = 3 * budget // 4 - len(tok.encode(typed)) - 2
     suffix_budget = budget - 3 * budget // 4 - 3  # the three sentinels
     while above and len(tok.encode("".join(above) + head)) > prefix_budget:
@@ -176,7 +183,7 @@ def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str
 
 def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens: int, dwell: float) -> dict:
     """Every session's requests, one at a time: TTFT, prefill and cached tokens of each."""
-    out = {"ttft_s": [], "prefill": [], "cached": [], "first_ttft_s": [], "first_prefill": []}
+    out = {"ttft_s": [], "prefill": [], "cached": [], "first_ttft_s": [], "first_prefill": [], "first_cached": []}
     with httpx.Client() as client:
         request(client, url, route, "def warm_up():\n    ", "\n", 1, 0)
         time.sleep(0.1)
@@ -190,6 +197,7 @@ def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens
                 if k == 0:  # the session's first request: the file is new to the cache
                     out["first_ttft_s"].append(ttft)
                     out["first_prefill"].append(prefill)
+                    out["first_cached"].append(cached)
                 else:
                     out["ttft_s"].append(ttft)
                     out["prefill"].append(prefill)
@@ -210,6 +218,7 @@ def summary(label: str, context: int, cache: str, order: str | None, route: str,
             "first_request_ttft_s": statistics.median(res["first_ttft_s"]),
             "first_request_prefill": statistics.median(res["first_prefill"]),
             "prompt_tokens": [len(tok.encode(s.before)) + len(tok.encode(s.after)) for s in sessions],
+            "served_prompt_tokens": [a + b for a, b in zip(res["first_prefill"], res["first_cached"])],
             "sessions": [s.name for s in sessions], "raw": res}
 
 
@@ -246,6 +255,9 @@ def main() -> None:
     ap.add_argument("--dwell", type=float, default=0.1, help="seconds a request streams after its first token")
     ap.add_argument("--routes", nargs="+", choices=["infill", "completions"], default=["infill"],
                     help="/infill (llama.vscode's shape) and/or /v1/completions with suffix (Continue's / OpenAI's)")
+    ap.add_argument("--window", choices=["client", "server"], default="client",
+                    help="client: the window cut to the context before sending; server: llama.vscode's 256 and 64 "
+                         "lines sent as they are, the server cuts them")
     ap.add_argument("--window-160m", type=int, default=768,
                     help="prompt tokens of the 160M shape's window (its context is 2048; the full one is slow here)")
     ap.add_argument("--url", help="measure this running server instead (as configured; tokenizer: --tokenizer)")
@@ -281,7 +293,7 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
     rows = []
     for label, context, window, serve_args, tok in runs:
         rng = random.Random(args.seed)
-        sessions = [session(f, tok, window, args.chars, rng) for f in files]
+        sessions = [session(f, tok, window if args.window == "client" else None, args.chars, rng) for f in files]
         configs = [("given", None, None)] if serve_args is None else [("on", "spm", None), ("on", "psm", None),
                                                                       ("off", "spm", "0")]
         for (cache, order, cache_mb), route in itertools.product(configs, args.routes):
@@ -317,19 +329,25 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
              f"greedy, streamed, each aborted {args.dwell} s after its first token by the next",
              f"Run: benchmarks/editor.py {' '.join(command_line())}",
              "TTFT and prefill tokens are per typing request (the session's first request, cold, apart); "
-             "prefill tokens from the server's /metrics deltas", "",
-             "| model | context | prompt cache | FIM order | route | window prompt tokens (median) | requests | TTFT p50 s "
+             "prefill tokens from the server's /metrics deltas; "
+             + ("the window cut to the context before sending" if args.window == "client" else
+                "llama.vscode's 256 and 64 lines sent as they are, cut by the server (window tokens: as sent; "
+                "served: the first request's prefill and cached tokens)"), "",
+             "| model | context | prompt cache | FIM order | route | window prompt tokens (median) "
+             "| served prompt tokens (median) | requests | TTFT p50 s "
              "| TTFT p95 s | prefill tokens a request (median) | cached tokens a request (median) "
              "| first request TTFT s | first request prefill |",
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['model']} | {r['context']} | {r['prompt_cache']} | {r['fim_order']} | {ROUTES[r['route']]} "
-                     f"| {statistics.median(r['prompt_tokens']):.0f} | {r['requests']} | {r['ttft_p50_s']:.3f} "
+                     f"| {statistics.median(r['prompt_tokens']):.0f} | {statistics.median(r['served_prompt_tokens']):.0f} "
+                     f"| {r['requests']} | {r['ttft_p50_s']:.3f} "
                      f"| {r['ttft_p95_s']:.3f} | {r['prefill_tokens_median']:.0f} | {r['cached_tokens_median']:.0f} "
                      f"| {r['first_request_ttft_s']:.3f} | {r['first_request_prefill']:.0f} |")
     publish({"cpu": cpu_line(), "kernels": kernels.status(), "argv": command_line(), "source": source,
              "files": [str(f) for f in files],
              "chars": args.chars, "every": args.every, "routes": args.routes, "max_tokens": args.max_tokens,
+             "window": args.window,
              "dwell_s": args.dwell, "note": args.note, "rows": rows},
             "\n".join(lines + (["", args.note] if args.note else [])) + "\n", args.json)
 

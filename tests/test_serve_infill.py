@@ -23,7 +23,7 @@ from serve_server import Server, post, still_serves  # noqa: E402
 
 from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
-from polycoder.fim import arrange, back_off  # noqa: E402
+from polycoder.fim import CUT_BLOCK_CHARS, SUFFIX_SHARE, around_cursor, arrange, back_off, fit  # noqa: E402
 from polycoder.generation import SamplingParams, generate  # noqa: E402
 from polycoder.generation.suffix_stop import SuffixStop  # noqa: E402
 from polycoder.generation.text import Sequence  # noqa: E402
@@ -143,6 +143,75 @@ def test_whitespace_before_the_cursor_is_left_to_the_model_and_dropped_from_its_
     assert run(" ", "b)") == ("b)", "length")  # other whitespace (none here): the output is kept whole
     assert run("\n    ", "\n\n  y") == ("\n\n  y", "length")
     assert run("\n", "\n") == ("", "length")  # ended inside the whitespace: nothing of its own
+
+
+# ---- what does not fit the context ------------------------------------------------------------
+
+@pytest.mark.parametrize("n_prefix, n_suffix, room", [(10, 5, 40), (300, 5, 200), (5, 300, 200), (300, 300, 200),
+                                                      (300, 30, 200), (150, 300, 200), (1, 1, 0), (50, 50, 7)])
+def test_fit_cuts_away_from_the_cursor(n_prefix, n_suffix, room):
+    prefix, suffix = list(range(n_prefix)), list(range(1000, 1000 + n_suffix))
+    p, s = fit(prefix, suffix, room)
+    assert len(p) + len(s) <= room and p == prefix[len(prefix) - len(p):] and s == suffix[: len(s)]
+    if n_prefix + n_suffix <= room:
+        assert (p, s) == (prefix, suffix)
+    else:
+        assert len(s) == min(n_suffix, max(int(room * SUFFIX_SHARE), room - n_prefix))  # the suffix's share
+        assert len(p) + len(s) > room - max(8, room // 32)  # the prefix's step wastes less than one step
+
+
+def test_typing_leaves_a_cut_prefix_where_it_was():
+    """Tokens typed at the cursor one by one: the prefix's kept start moves in steps, so a
+    prompt cache holds the kept prefix but for its typed end for many keystrokes."""
+    room, starts = 200, []
+    for typed in range(100):
+        prefix = list(range(500 + typed))
+        p, _ = fit(prefix, list(range(1000, 1100)), room)
+        starts.append(p[0])
+    step = max(8, room // 32)
+    assert len(set(starts)) <= -(-100 // step) + 1 and starts == sorted(starts)
+    text = "x = 1\n" * 5000
+    cuts = {len(text + "y" * k) - len(around_cursor(text + "y" * k, "", room, 16)[0]) for k in range(200)}
+    assert len(cuts) == 1 and cuts.pop() % CUT_BLOCK_CHARS == 0
+    kept, tail = around_cursor(text, text, room, 16)
+    assert text.endswith(kept) and len(kept) >= room * 16 and tail == text[: room * 16]
+    assert around_cursor("short", "also short", room, 16) == ("short", "also short")
+
+
+def test_code_around_the_cursor_that_does_not_fit_is_cut_on_every_route(server, local):
+    """An editor sends more code than a 256-token context holds (llama.vscode: 256 lines before the
+    cursor, 64 after): every route cuts it away from the cursor as `fit` does, answers the same,
+    and says so; the next keystroke reuses the cut prompt from the prompt cache."""
+    openai = pytest.importorskip("openai")
+    model, tok = local
+    prefix = "".join(f"def f{i}(a, b):\n    return a + {i} * b\n\n\n" for i in range(200)) + "def g(a):\n    "
+    suffix = "\n\n\n" + "".join(f"print(f{i}(1, 2))\n" for i in range(200))
+    kept, heal = back_off(prefix)
+    near_p, near_s = around_cursor(kept, suffix, 256 - N - 3, tok.max_token_bytes)
+    p_ids, s_ids = fit(tok.encode(near_p), tok.encode(near_s), 256 - N - 3)
+    ids = arrange(tok.fim, p_ids, [], s_ids, "spm")
+    assert len(ids) <= 256 - N and len(s_ids) >= int((256 - N - 3) * SUFFIX_SHARE)
+    fim = tok.fim
+    want = generate(model, tok, [ids], SamplingParams(max_new_tokens=N, stop_ids=fim.all, heal=heal,
+                                                      suffix_stop=SuffixStop.of(prefix, suffix)))[0][0]
+    i = post(server, {"input_prefix": prefix, "input_suffix": suffix, "n_predict": N, "temperature": 0}, "/infill")
+    assert i.status_code == 200 and i.json()["truncated"] is True and i.json()["tokens_evaluated"] == len(ids)
+    assert i.json()["content"] == want.text and "X-Polycoder-Truncated" in i.headers
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    raw = client.completions.with_raw_response.create(model="tiny", prompt=prefix, suffix=suffix, max_tokens=N,
+                                                      temperature=0)
+    assert raw.parse().choices[0].text == want.text and "X-Polycoder-Truncated" in raw.headers
+    r = post(server, {"model": "tiny", "prompt": prefix, "suffix": suffix, "stream": False,
+                      "options": {"temperature": 0, "num_predict": N}}, "/api/generate")
+    assert r.json()["response"] == want.text and r.json()["prompt_eval_count"] == len(ids)
+    recomputed = 0
+    for k in range(1, 9):  # keystrokes: the cut prefix moves at most once, in a step (an editor's n_predict stays)
+        typed = post(server, {"input_prefix": prefix + "return a + b"[:k], "input_suffix": suffix, "n_predict": N,
+                              "temperature": 0}, "/infill").json()
+        assert typed["truncated"] is True
+        recomputed += typed["timings"]["prompt_n"] > 4
+    assert recomputed <= 1
+    still_serves(server)
 
 
 # ---- the three routes, FIM model -------------------------------------------------------------
@@ -346,7 +415,7 @@ def test_openai_usage_reports_cached_tokens(server):
     ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"num_predict": 10**6}}, "num_predict"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "prompt": ["x"]}, "prompt"),
     ("/infill", b'{"input_prefix": "a", "input_suffix": "\\ud800"}', "input_suffix"),  # a lone surrogate
-    ("/infill", {"input_prefix": "x" * 100_000, "input_suffix": ""}, "context"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "prompt": "x = 1\n" * 300, "n_predict": 8}, "n_predict"),
     ("/v1/completions", {"prompt": "a", "suffix": 7}, "suffix"),
     ("/v1/completions", {"prompt": ["a", "b"], "suffix": "c"}, "suffix"),
     ("/v1/completions", {"prompt": "a", "suffix": "b", "echo": True}, "echo"),
@@ -425,6 +494,14 @@ def test_prefix_only_fallback_says_the_suffix_was_ignored(tiny_folder):
         i = post(s, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
         assert i.json()["content"] == want[0][0].text and "suffix was ignored" in i.json()["warning"]
         assert "suffix was ignored" in s.logs()
+        long = "".join(f"x{i} = {i}\n" for i in range(400)) + "y = "  # far more than the 256-token context
+        kept, heal = back_off(long)
+        ids, _ = fit(tok.encode(kept), [], 256 - N)
+        want = generate(model, tok, [ids], SamplingParams(max_new_tokens=N, suffix_stop=SuffixStop.of(long, SUFFIX),
+                                                          heal=heal))
+        cut = post(s, {"input_prefix": long, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
+        assert cut.json()["content"] == want[0][0].text and cut.json()["truncated"] is True
+        assert cut.json()["tokens_evaluated"] == len(ids) and "x-polycoder-truncated" in cut.headers
     finally:
         s.stop()
 

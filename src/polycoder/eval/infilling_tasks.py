@@ -24,7 +24,7 @@ What it implements:
   stripped (every line's, and the text's end).
 - How a task is asked of a local model (`prompt_ids`): `polycoder.fim.arrange(tokenizer.fim,
   prefix_ids, [], suffix_ids, order)`, or the prefix alone for the left-to-right baseline;
-  what does not fit the context is cut away from the cursor.
+  what does not fit the context is cut away from the cursor, as our server cuts it.
 - How a model's text becomes an answer (`answer`), as in their evaluations: single-line and
   line tasks take the first line; a FIM prompt's multi-line and random-span middles end
   where the model ends them (end of document or a FIM sentinel, applied while sampling);
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polycoder.errors import PolycoderError
-from polycoder.fim import arrange, back_off
+from polycoder.fim import around_cursor, arrange, back_off, fit
 from polycoder.tokenizer import Tokenizer
 
 HUMANEVAL_SETS = ("single-line", "multi-line", "random-span")
@@ -128,19 +128,16 @@ def subset(tasks: list[Task], max_tasks: int) -> list[Task]:
 
 def prompt_ids(tokenizer: Tokenizer, task: Task, mode: str, order: str, room: int) -> list[int]:
     """The prompt of one task for a local model, at most `room` tokens: FIM's `arrange` of the
-    prefix's and the suffix's tokens (each part tokenized on its own), or the prefix alone. What
-    does not fit is cut away from the cursor: the prefix keeps its end, the suffix its start
-    (at most what the prefix leaves, and at least a quarter of the room)."""
-    # A token rarely covers more than 32 characters: the texts are cut before tokenizing so that
-    # a 1 MB held-out file is not tokenized whole for one line.
-    prefix = tokenizer.encode(back_off(task.prefix)[0][-32 * room:])  # the whitespace is the model's to write
+    prefix's and the suffix's tokens (each part tokenized on its own), cut to fit as our server
+    cuts them (`polycoder.fim.around_cursor`, `polycoder.fim.fit`), or the prefix alone, its
+    last `room` tokens."""
+    room = max(0, room)
+    prefix, suffix = around_cursor(back_off(task.prefix)[0], task.suffix, room, tokenizer.max_token_bytes)
+    prefix_ids = tokenizer.encode(prefix)  # the whitespace is the model's to write (`back_off`)
     if mode != "fim":
-        return prefix[-room:] if room else []
-    suffix = tokenizer.encode(task.suffix[: 32 * room])
-    room -= 3  # the sentinels
-    keep_suffix = min(len(suffix), max(room // 4, room - len(prefix)))
-    keep_prefix = min(len(prefix), room - keep_suffix)
-    return arrange(tokenizer.fim, prefix[len(prefix) - keep_prefix:], [], suffix[:keep_suffix], order)
+        return prefix_ids[-room:] if room else []
+    prefix_ids, suffix_ids = fit(prefix_ids, tokenizer.encode(suffix), room - 3)  # 3: the sentinels
+    return arrange(tokenizer.fim, prefix_ids, [], suffix_ids, order)
 
 
 def program_of(task: Task, completion: str, problem: dict) -> str:

@@ -14,6 +14,16 @@ default: the prefix last, so a prompt cache keeps all the rest while the user ty
 An empty `suffix` on /v1/completions and /api/generate is no suffix (a plain completion,
 as Ollama does); /infill always builds the FIM prompt, whatever `input_suffix` holds.
 
+What does not fit: editors send as much code around the cursor as their settings say
+(llama.vscode 256 lines before it and 64 after), whatever the model's context. As
+llama.cpp's /infill and Ollama do, the server cuts it away from the cursor rather than
+refusing it: the prefix loses its start, the suffix its end, the suffix keeping at least
+half of the room (`polycoder.fim.around_cursor`, `polycoder.fim.fit`, which `eval
+infilling` uses too, so it measures what editors get). The prefix's cut moves in steps, so
+that typing leaves it in place and the prompt cache keeps the prompt up to the cursor. A
+cut prompt is reported: `truncated` on /infill, the X-Polycoder-Truncated header on every
+route, and the log.
+
 Extra context (llama.cpp's `input_extra`, chunks of other files): llama.cpp lays it out
 with `<|file_sep|>` and file names where the model has such tokens. PolyCoder has none and
 never saw file names in training, where documents are packed one after another, each
@@ -43,9 +53,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from polycoder.fim import arrange, back_off
+from polycoder.fim import around_cursor, arrange, back_off, fit
 from polycoder.generation.suffix_stop import SuffixStop
-from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits, prompt_ids
+from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits
 
 log = logging.getLogger("polycoder.serve")
 
@@ -55,6 +65,8 @@ MAX_EXTRA_CHUNKS = 256
 SUFFIX_IGNORED = ("the suffix was ignored: this model has no fill-in-the-middle tokens, so it completed the "
                   "prefix alone (--suffix-fallback prefix-only); fine-tune it with `polycoder finetune --fim`")
 WARNING_HEADER = "X-Polycoder-Warning"
+CUT_HEADER = "X-Polycoder-Truncated"
+CUT = "the code around the cursor did not fit the context: the prefix's start or the suffix's end was left out"
 
 
 @dataclass
@@ -66,6 +78,8 @@ class CursorPrompt:
     suffix_stop: SuffixStop | None = None
     suffix_ignored: bool = False
     """The model has no FIM tokens and the server falls back to the prefix alone."""
+    cut: bool = False
+    """The prefix or the suffix did not fit the context and was cut (`polycoder.fim.fit`)."""
     extra_dropped: bool = False
     """Some extra context did not fit the context and was left out."""
     heal: str = ""
@@ -85,41 +99,61 @@ def falls_back(state: ServerState) -> bool:
 async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens: int, *, middle: str = "",
                         extra: list[str] = (), before: list[int] = (), stop_at_suffix: bool = True,
                         request_id: str = "", limit_name: str = "max_tokens") -> CursorPrompt:
-    """The prompt ids for a cursor between `prefix` and `suffix` (a 400 when they cannot fit the
-    context with max_tokens, which the API calls `limit_name`), `before` ids (Ollama's
-    `context`) first. The caller has checked that the model can infill or that the server
-    falls back (`can_infill`, `falls_back`)."""
+    """The prompt ids for a cursor between `prefix` and `suffix`, `before` ids (Ollama's
+    `context`) first. The code around the cursor is cut to fit the context with max_tokens
+    (which the API calls `limit_name`), away from the cursor, as llama.cpp's /infill and
+    Ollama cut it: an editor sends as much as its settings say, whatever the model's
+    context. A 400 only when max_tokens, `before` and `middle` leave no room at all. The
+    caller has checked that the model can infill or that the server falls back (`can_infill`,
+    `falls_back`)."""
     rule = SuffixStop.of(prefix + middle, suffix) if stop_at_suffix else None
     if middle:
         middle, heal = back_off(middle)
     else:
         prefix, heal = back_off(prefix)
-    fim = state.tokenizer.fim
+    C, tok, fim = state.context, state.tokenizer, state.tokenizer.fim
+    most = C - max_tokens - len(before) - (3 if fim else 0)  # prefix, suffix and middle; 3: the sentinels
+
+    def no_room(middle_tokens: str) -> APIError:
+        held = [f"{len(before)} tokens of context"] if before else []
+        held += [f"the text after the prefix ({len(middle)} characters, {middle_tokens} tokens)"] if middle else []
+        held += [f"{limit_name} {max_tokens}"]
+        return APIError(400, f"this server's context is {C} tokens, and {' and '.join(held)} leave no room for the "
+                        f"code around the cursor; lower {limit_name}", param=limit_name,
+                        code="context_length_exceeded")
+
+    if most <= tok.min_tokens(middle):  # refused before anything is tokenized
+        raise no_room(f"at least {tok.min_tokens(middle)}")
     if fim is None:
-        ids = await prompt_ids(state, prefix + middle, max_tokens, prefix=before)
         ignored = bool(suffix)
         if ignored:
             log.warning("[%s] %s", request_id, SUFFIX_IGNORED)
-        return CursorPrompt(ids, suffix_stop=rule, suffix_ignored=ignored, heal=heal,
-                            headers={WARNING_HEADER: SUFFIX_IGNORED} if ignored else {})
-    C, tok = state.context, state.tokenizer
-    if max_tokens >= C:
-        raise APIError(400, f"{limit_name} {max_tokens} leaves no room for a prompt: this server's context is {C} "
-                       f"tokens (prompt + {limit_name}); lower {limit_name}", param=limit_name,
-                       code="context_length_exceeded")
-    parts = (prefix, suffix, middle)
-    least = len(before) + 3 + sum(tok.min_tokens(p) for p in parts)
-    if least + max_tokens > C:
-        raise APIError(400, f"this server's context is {C} tokens, but the prefix and suffix have at least {least} "
-                       f"tokens ({len(prefix)} + {len(suffix)} characters) and {limit_name} asks for {max_tokens} more; "
-                       f"send less code around the cursor or lower {limit_name}", param="prompt",
-                       code="context_length_exceeded")
-    p_ids, s_ids, m_ids = await _encode(state, list(parts))  # each part on its own, as in training
-    ids = list(before) + arrange(fim, p_ids, m_ids, s_ids, state.settings.fim_order)
+        kept = around_cursor(prefix + middle, "", most, tok.max_token_bytes)[0]
+        encoded = (await _encode(state, [kept]))[0]
+        ids, _ = fit(encoded, [], most)
+        cut = len(kept) < len(prefix + middle) or len(ids) < len(encoded)
+        return CursorPrompt(list(before) + (ids or [tok.eod_id]), suffix_stop=rule, suffix_ignored=ignored, cut=cut,
+                            heal=heal, headers=_headers(ignored, cut))
+    near_prefix, near_suffix = around_cursor(prefix, suffix, most, tok.max_token_bytes)
+    p_ids, s_ids, m_ids = await _encode(state, [near_prefix, near_suffix, middle])  # each on its own, as in training
+    if most <= len(m_ids):
+        raise no_room(str(len(m_ids)))
+    kept_p, kept_s = fit(p_ids, s_ids, most - len(m_ids))
+    cut = (len(near_prefix), len(near_suffix), len(kept_p), len(kept_s)) != (len(prefix), len(suffix), len(p_ids),
+                                                                               len(s_ids))
+    if cut:
+        log.info("[%s] the code around the cursor was cut to fit the context: %d prefix and %d suffix tokens kept",
+                 request_id, len(kept_p), len(kept_s))
+    ids = list(before) + arrange(fim, kept_p, m_ids, kept_s, state.settings.fim_order)
     check_fits(state, ids, max_tokens)
     extra_ids, dropped = await _extra_context(state, list(extra), C - max_tokens - len(ids))
-    return CursorPrompt(extra_ids + ids, stop_ids=fim.all,
-                        suffix_stop=rule, extra_dropped=dropped, heal=heal)
+    return CursorPrompt(extra_ids + ids, stop_ids=fim.all, suffix_stop=rule, cut=cut, extra_dropped=dropped,
+                        heal=heal, headers=_headers(False, cut))
+
+
+def _headers(ignored: bool, cut: bool) -> dict[str, str]:
+    """What the response's headers say about how its prompt was built."""
+    return {**({WARNING_HEADER: SUFFIX_IGNORED} if ignored else {}), **({CUT_HEADER: CUT} if cut else {})}
 
 
 async def _encode(state: ServerState, texts: list[str]) -> list[list[int]]:

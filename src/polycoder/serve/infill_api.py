@@ -11,9 +11,10 @@ text with `"stop": false`, then a last one with `"stop": true` and the counts, a
 sends them, no `[DONE]`); and `stop_at_suffix` (ours: the suffix's stop rule on or off).
 The answer is llama.cpp's: `content`, `stop`, `stop_type` ("eos", "limit" or "word"),
 `tokens_predicted`, `tokens_evaluated` (the prompt's tokens), `tokens_cached` (those the
-server's prompt cache supplied, `serve --prompt-cache-mb`), `truncated` (some `input_extra`
-did not fit), `timings` (milliseconds and rates; `prompt_n` counts the prompt tokens that
-ran through the model, as llama.cpp's does) and the rest of its fields. `cache_prompt`
+server's prompt cache supplied, `serve --prompt-cache-mb`), `truncated` (the prefix's start,
+the suffix's end or some `input_extra` did not fit the context and was left out), `timings`
+(milliseconds and rates; `prompt_n` counts the prompt tokens that ran through the model, as
+llama.cpp's does) and the rest of its fields. `cache_prompt`
 (default true, as llama.cpp's) false computes the whole prompt for that request, reusing
 nothing (the prompt is still kept for the requests after it). The prompt is built as
 `polycoder.serve.at_cursor` says (extra chunks as documents before the FIM prompt).
@@ -167,7 +168,7 @@ def final(state: ServerState, job: Job, at: CursorPrompt, o: Outcome, content: s
         "generation_settings": {"n_predict": p.max_new_tokens, "temperature": p.temperature, "top_k": p.top_k,
                                 "top_p": p.top_p, "seed": job.seed, "stop": list(p.stop)},
         "prompt": state.tokenizer.decode(at.ids), "has_new_line": "\n" in (content or o.text),
-        "truncated": at.extra_dropped, "stop_type": STOP_TYPE[o.finish_reason], "stopping_word": "",
+        "truncated": at.cut or at.extra_dropped, "stop_type": STOP_TYPE[o.finish_reason], "stopping_word": "",
         "tokens_cached": cached,
         "timings": {"prompt_n": n_run, "prompt_ms": prompt_ms,
                     "prompt_per_token_ms": prompt_ms / max(n_run, 1),
