@@ -12,6 +12,7 @@ sum over the same weights in the same run says what reading them costs.
 
     python benchmarks/kernel_ab.py --a /tmp/before --json kernel-ab.json
     python benchmarks/kernel_ab.py --a /tmp/before --isa avx2
+    python benchmarks/kernel_ab.py --a src/polycoder/kernels --isa-a avx2   # the two x86 variants
 
 Writes JSON (and Markdown next to it); prints a table. Speed is never asserted in tests.
 """
@@ -32,11 +33,13 @@ from report import publish
 from polycoder import kernels
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+MARCH = {"native": "native", "avx2": "x86-64-v3"}
 ROWS = (1, 2, 4, 8)
 
 
 def build(folder: Path, march: str, out: Path):
     """pc_linear of the library built from `folder`'s decode.c and train.c."""
+    out.mkdir(parents=True, exist_ok=True)
     lib = out / f"{folder.name or 'src'}-{abs(hash(str(folder)))}.so"
     subprocess.run(["cc", *kernels.compile_flags(march), "-I", str(folder),
                     str(folder / "decode.c"), str(folder / "train.c"), "-o", str(lib), "-lm"], check=True)
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--a", type=Path, required=True, help="source folder of version A (decode.c, train.c, headers)")
     ap.add_argument("--b", type=Path, default=kernels.FOLDER, help="source folder of version B (default: the package's)")
     ap.add_argument("--isa", default="native", choices=["native", "avx2"], help="avx2: build for x86-64-v3")
+    ap.add_argument("--isa-a", default=None, choices=["native", "avx2"],
+                    help="version A's build only (default: --isa): with --a the package's folder, the AVX2 variant "
+                         "against the native one")
     ap.add_argument("--mib", type=int, default=288, help="MiB of weights a shape")
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0, help="0: torch's default")
@@ -78,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    march = "x86-64-v3" if args.isa == "avx2" else "native"
+    isa_a = args.isa_a or args.isa
     with tempfile.TemporaryDirectory() as tmp:
-        fns = [build(args.a, march, Path(tmp)), build(args.b, march, Path(tmp))]
+        fns = [build(args.a, MARCH[isa_a], Path(tmp) / "a"), build(args.b, MARCH[args.isa], Path(tmp) / "b")]
         rows = []
         for dtype in KINDS:
             for K in (768, 3072):
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                     rows.append({"weights": str(dtype).removeprefix("torch."), "K": K, "rows": M,
                                  "a_gb_s": nbytes / best[0] / 1e9, "b_gb_s": nbytes / best[1] / 1e9,
                                  "sum_gb_s": nbytes / sum_s / 1e9})
-    result = {"cpu": cpu_description(), "cpu_line": cpu_line(), "isa": args.isa, "threads": threads, "mib": args.mib,
+    result = {"cpu": cpu_description(), "cpu_line": cpu_line(), "isa": args.isa, "isa_a": isa_a, "threads": threads,
+              "mib": args.mib,
               "a": str(args.a), "b": str(args.b), "repeats": args.repeats, "rows": rows}
     publish(result, markdown(result), args.json)
     return result
@@ -115,7 +122,9 @@ def read_seconds(w: torch.Tensor, repeats: int = 3) -> float:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"CPU: {result['cpu_line']}; build {result['isa']}, {result['threads']} threads, "
+    build_of = result["isa"] if result.get("isa_a", result["isa"]) == result["isa"] else \
+        f"A {result['isa_a']}, B {result['isa']}"
+    lines = [f"CPU: {result['cpu_line']}; build {build_of}, {result['threads']} threads, "
              f"{result['mib']} MiB of weights a shape, best of {result['repeats']} alternating calls",
              f"A = {result['a']}, B = {result['b']}", "",
              "| weights | K | rows | A GB/s | B GB/s | B / A | torch sum GB/s |", "|---|---:|---:|---:|---:|---:|---:|"]
