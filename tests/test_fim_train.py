@@ -24,7 +24,7 @@ from polycoder.train.finetune import finetune
 from polycoder.train.loader import WindowLoader, open_split
 from polycoder.train.loop import Trainer
 from polycoder.train.metrics import read_metrics
-from polycoder.train.settings import load_settings
+from polycoder.train.settings import DataSettings, load_settings
 
 CODE = [
     "def add(a, b):\n    return a + b\n",
@@ -230,17 +230,18 @@ def test_line_rate_cuts_middles_at_lines_and_zero_draws_as_before(fim_tok):
 
 def test_rate_needs_the_sentinels_and_defaults_to_them(code_tokenizer, fim_tok):
     with pytest.raises(PolycoderError, match="finetune --fim"):
-        make_fim_transform(code_tokenizer, 0.5, 0.5, 0)
-    assert make_fim_transform(code_tokenizer, None, 0.5, 0) is None  # auto: left-to-right tokenizer, no FIM
-    assert make_fim_transform(fim_tok, None, 0.5, 0).fim_rate == 0.5  # auto: sentinels, StarCoder's rate
-    assert make_fim_transform(fim_tok, 0.0, 0.5, 0) is None
+        make_fim_transform(code_tokenizer, DataSettings(fim_rate=0.5))
+    assert make_fim_transform(code_tokenizer, DataSettings()) is None  # auto: left-to-right tokenizer, no FIM
+    assert make_fim_transform(fim_tok, DataSettings()).fim_rate == 0.5  # auto: sentinels, StarCoder's rate
+    assert make_fim_transform(fim_tok, DataSettings(fim_rate=0.0)) is None
+    line = make_fim_transform(fim_tok, DataSettings(fim_spm_rate=0.25, fim_line_rate=0.5, seed=3))
+    assert (line.fim_spm_rate, line.fim_line_rate, line.seed) == (0.25, 0.5, 3)
     with pytest.raises(PolycoderError, match="data.fim_rate must be in"):
         load_settings(None, None, ["data.fim_rate=1.5"])
     with pytest.raises(PolycoderError, match="data.fim_spm_rate must be in"):
         load_settings(None, None, ["data.fim_spm_rate=-0.1"])
     with pytest.raises(PolycoderError, match="data.fim_line_rate must be in"):
         load_settings(None, None, ["data.fim_line_rate=2"])
-    assert make_fim_transform(fim_tok, None, 0.5, 0, 0.25).fim_line_rate == 0.25
     assert load_settings(None, None, ["data.fim_rate=1"]).data.fim_rate == 1.0
 
 
@@ -411,7 +412,7 @@ def _write(m, folder):
 
 def test_resume_with_fim_equals_uninterrupted(byte_fim, byte_fim_stream, tmp_path):
     def transform(s):
-        return make_fim_transform(byte_fim, s.data.fim_rate, s.data.fim_spm_rate, s.data.seed)
+        return make_fim_transform(byte_fim, s.data)
 
     s = fim_settings()
     full = Trainer(tiny_fim_model(), s, Dist(), [byte_fim_stream], [], tmp_path / "a", _write, 48,
@@ -436,7 +437,7 @@ def test_accumulated_micro_batches_equal_one_batch_with_fim_padding(byte_fim, by
     def run(micro, out):
         s = fim_settings(**{"data.micro_batch": micro, "run.max_steps": 6})
         t = Trainer(tiny_fim_model(), s, Dist(), [byte_fim_stream], [], out, _write, 48,
-                    fim=make_fim_transform(byte_fim, 0.5, 0.5, s.data.seed))
+                    fim=make_fim_transform(byte_fim, s.data))  # fim_settings: rate 0.5, SPM 0.5
         return t.fit().losses
 
     np.testing.assert_allclose(run(2, tmp_path / "a"), run(8, tmp_path / "b"), rtol=0, atol=2e-6)

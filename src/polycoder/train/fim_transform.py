@@ -64,6 +64,7 @@ import torch
 from polycoder.errors import PolycoderError
 from polycoder.fim import FimIds, arrange, back_off
 from polycoder.train.loss import IGNORE_INDEX
+from polycoder.train.settings import DataSettings
 
 _STREAM = 0xF13  # keeps the FIM generators apart from the window sampler's (seed, step) stream
 MAX_SPAN_LINES = 3
@@ -176,16 +177,17 @@ def line_span(text: str, rng: np.random.Generator) -> tuple[int, int]:
     return len(back_off(text[:start])[0]), end
 
 
-def make_fim_transform(tokenizer, fim_rate: float | None, fim_spm_rate: float, seed: int,
-                       fim_line_rate: float = 0.0) -> FimTransform | None:
-    """The transform the settings ask for, or None for plain left-to-right training.
+def make_fim_transform(tokenizer, data: DataSettings) -> FimTransform | None:
+    """The transform `data` asks for (its FIM rates and seed), or None for plain left-to-right
+    training; `train` and `finetune` both build it here, so a new data setting is one change.
 
-    `fim_rate` None means: 0.5 where the tokenizer has the sentinels, else 0 (so existing
+    `data.fim_rate` None means: 0.5 where the tokenizer has the sentinels, else 0 (so existing
     configs and left-to-right tokenizers train as before)."""
-    rate = (0.5 if tokenizer is not None and tokenizer.fim is not None else 0.0) if fim_rate is None else fim_rate
+    rate = (0.5 if tokenizer is not None and tokenizer.fim is not None else 0.0) if data.fim_rate is None \
+        else data.fim_rate
     if rate == 0.0:
         return None
     if tokenizer is None:
         raise PolycoderError("fill-in-the-middle training needs the tokenizer of the token shards; "
                              "tokenize with `polycoder data tokenize`, which copies it to TOKENS_DIR/tokenizer")
-    return FimTransform(tokenizer, rate, fim_spm_rate, seed, fim_line_rate)
+    return FimTransform(tokenizer, rate, data.fim_spm_rate, data.seed, data.fim_line_rate)

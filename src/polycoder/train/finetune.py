@@ -272,8 +272,7 @@ def finetune(
         overrides["data.fim_line_rate"] = fim_line_rate
     # Precedence: YAML < the options above < --set.
     settings = load_settings(None, config, [f"{k}={v}" for k, v in overrides.items()] + list(set or []))
-    transform = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed,
-                                   settings.data.fim_line_rate)
+    transform = make_fim_transform(tokenizer, settings.data)
 
     d = init_distributed(device)
     try:

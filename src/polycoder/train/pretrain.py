@@ -183,8 +183,7 @@ def train(
         if tokenizer is None:
             raise PolycoderError(f"{tok_dir} not found: a checkpoint must carry its tokenizer; tokenize with "
                                  "`polycoder data tokenize`, which copies it there")
-        fim = make_fim_transform(tokenizer, settings.data.fim_rate, settings.data.fim_spm_rate, settings.data.seed,
-                                   settings.data.fim_line_rate)
+        fim = make_fim_transform(tokenizer, settings.data)
         if fim is not None and max(asdict(fim.fim).values()) >= net.config.vocab_size:
             raise PolycoderError(f"{model} has {net.config.vocab_size} vocabulary rows, too few for the FIM tokens of "
                                  f"{tok_dir}; add them with `polycoder finetune --fim`")
