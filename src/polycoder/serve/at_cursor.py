@@ -128,10 +128,11 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
         ignored = bool(suffix)
         if ignored:
             log.warning("[%s] %s", request_id, SUFFIX_IGNORED)
-        kept = around_cursor(prefix + middle, "", most, tok.max_token_bytes)[0]
+        text = prefix + middle
+        kept = around_cursor(text, "", most, tok.max_token_bytes)[0]
         encoded = (await _encode(state, [kept]))[0]
         ids, _ = fit(encoded, [], most)
-        cut = len(kept) < len(prefix + middle) or len(ids) < len(encoded)
+        cut = len(kept) < len(text) or len(ids) < len(encoded)
         return CursorPrompt(list(before) + (ids or [tok.eod_id]), suffix_stop=rule, suffix_ignored=ignored, cut=cut,
                             heal=heal, headers=_headers(ignored, cut))
     near_prefix, near_suffix = around_cursor(prefix, suffix, most, tok.max_token_bytes)
@@ -139,8 +140,8 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
     if most <= len(m_ids):
         raise no_room(str(len(m_ids)))
     kept_p, kept_s = fit(p_ids, s_ids, most - len(m_ids))
-    cut = (len(near_prefix), len(near_suffix), len(kept_p), len(kept_s)) != (len(prefix), len(suffix), len(p_ids),
-                                                                               len(s_ids))
+    cut = (len(near_prefix) < len(prefix) or len(near_suffix) < len(suffix)  # cut before tokenizing, or after
+           or len(kept_p) < len(p_ids) or len(kept_s) < len(s_ids))
     if cut:
         log.info("[%s] the code around the cursor was cut to fit the context: %d prefix and %d suffix tokens kept",
                  request_id, len(kept_p), len(kept_s))
