@@ -99,15 +99,35 @@ class Source:
     score_key: str = ""
     """What the middles' losses depend on (the model's weights, dtype and quantization; not the
     sampling settings, which `key` holds): the key of their cache."""
+    close: Callable[[], None] = lambda: None
+    """Lets go of what sampling and scoring loaded (a local model), once both are done."""
+
+
+class _LoadOnce:
+    """A local model, loaded on the first call and shared by its sampling and its scoring (each
+    loaded it again before), until `close`: models compared side by side are held one at a time."""
+
+    def __init__(self, options: ModelOptions):
+        self.options = options
+        self._loaded: tuple | None = None
+
+    def __call__(self) -> tuple:
+        if self._loaded is None:
+            # Deferred: this module is a verb's, and `eval infilling --help` must not import torch.
+            from polycoder.checkpoint import load
+
+            self._loaded = load(self.options)
+        return self._loaded
+
+    def close(self) -> None:
+        self._loaded = None
 
 
 @contextmanager
-def _local_sampler(options: ModelOptions, settings: dict, order: str, max_rows: int):
-    # Deferred: this module is a verb's, and `eval infilling --help` must not import torch.
-    from polycoder.checkpoint import load
+def _local_sampler(loaded: _LoadOnce, settings: dict, order: str, max_rows: int):
     from polycoder.generation import SamplingParams, generate
 
-    model, tokenizer = load(options)
+    model, tokenizer = loaded()
     room = model.config.block_size - settings["max_new_tokens"] - 1
     if room < 16:
         raise PolycoderError(f"--max-new-tokens {settings['max_new_tokens']} leaves no room for a prompt in the "
@@ -115,7 +135,7 @@ def _local_sampler(options: ModelOptions, settings: dict, order: str, max_rows: 
 
     def fn(pairs: list[tuple[Task, str]], seed: int) -> list[list[tuple[str, str]]]:
         if any(mode == "fim" for _, mode in pairs) and tokenizer.fim is None:
-            raise PolycoderError(f"{options.model}: its tokenizer has no FIM tokens; use --mode prefix-only")
+            raise PolycoderError(f"{loaded.options.model}: its tokenizer has no FIM tokens; use --mode prefix-only")
         results: list = [None] * len(pairs)
         # The stop strings and the whitespace the prompt leaves to the model (`back_off`, as
         # our server does at the cursor) differ from task to task: one call each kind.
@@ -140,7 +160,7 @@ LOGIT_BUDGET = 1 << 27
 """Logits computed at once when scoring middles (rows x positions x vocabulary): 512 MiB of fp32."""
 
 
-def _middle_losses(options: ModelOptions, order: str, pairs: list[tuple[Task, str]]) -> list[float]:
+def _middle_losses(loaded: _LoadOnce, order: str, pairs: list[tuple[Task, str]]) -> list[float]:
     """The mean loss (nats a token) of each task's removed middle, teacher-forced after the
     prompt that mode asks with: the same target tokens in both modes (the whitespace the
     prompt leaves to the model, then the middle, tokenized on their own), so FIM's loss
@@ -149,9 +169,7 @@ def _middle_losses(options: ModelOptions, order: str, pairs: list[tuple[Task, st
     right tokens' probability without changing the top one."""
     import torch
 
-    from polycoder.checkpoint import load
-
-    model, tokenizer = load(options)
+    model, tokenizer = loaded()
     C = model.config.block_size
     device = next(model.parameters()).device
     seqs = []
@@ -409,11 +427,14 @@ def infilling(
             if "fim" in modes and not src.fim:
                 notes.append(f"{src.label} {NO_FIM}")
                 print(f"{src.label} {NO_FIM}", file=sys.stderr)
-            drawn += sample(src, [(t, m) for t in all_tasks for m in asked], out, num_samples, order, seed, stored)
-            lines = [(t, m) for t in all_tasks if t.task_set == "lines" for m in asked]
-            if src.score_middles is not None and lines:
-                for (task_id, m), v in middle_losses(src, lines, out, order, stored_losses).items():
-                    losses[(src.label, task_id, m)] = v
+            try:
+                drawn += sample(src, [(t, m) for t in all_tasks for m in asked], out, num_samples, order, seed, stored)
+                lines = [(t, m) for t in all_tasks if t.task_set == "lines" for m in asked]
+                if src.score_middles is not None and lines:
+                    for (task_id, m), v in middle_losses(src, lines, out, order, stored_losses).items():
+                        losses[(src.label, task_id, m)] = v
+            finally:
+                src.close()
         described = {src.label: src.described for src in sources}
     limits = Limits(cpu_seconds=timeout, wall_seconds=2 * timeout + 2, memory_bytes=memory_mb << 20)
     sandbox = Sandbox(limits, workers=workers)
@@ -467,10 +488,11 @@ def _sources(models: list[str | None], endpoint: str | None, endpoint_model: str
     sources = []
     for o, identity, label in zip(chosen, identities, labels):
         weights = {"model": identity, "dtype": o.dtype, "quantize": o.quantize}
-        key = digest({**weights, **settings})
+        key, loaded = digest({**weights, **settings}), _LoadOnce(o)
         sources.append(Source(label, f"{describe(o)} (key {key})", key, _fim_capable(o),
-                              partial(_local_sampler, o, settings, order, max_rows),
-                              partial(_middle_losses, o, order), digest({**weights, "middle_tokens": MIDDLE_TOKENS})))
+                              partial(_local_sampler, loaded, settings, order, max_rows),
+                              partial(_middle_losses, loaded, order), digest({**weights, "middle_tokens": MIDDLE_TOKENS}),
+                              loaded.close))
     if endpoint is not None:
         client = Endpoint(endpoint, model=endpoint_model, api=api)
         try:
