@@ -23,7 +23,15 @@ from serve_server import Server, post, still_serves  # noqa: E402
 
 from polycoder.checkpoint import build_model, load_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
-from polycoder.fim import CUT_BLOCK_CHARS, SUFFIX_SHARE, around_cursor, arrange, back_off, fit  # noqa: E402
+from polycoder.fim import (  # noqa: E402
+    CUT_BLOCK_CHARS,
+    SUFFIX_SHARE,
+    around_cursor,
+    arrange,
+    back_off,
+    encode_around_cursor,
+    fit,
+)
 from polycoder.generation import SamplingParams, generate  # noqa: E402
 from polycoder.generation.suffix_stop import SuffixStop  # noqa: E402
 from polycoder.generation.text import Sequence  # noqa: E402
@@ -178,6 +186,26 @@ def test_typing_leaves_a_cut_prefix_where_it_was():
     assert around_cursor("short", "also short", room, 16) == ("short", "also short")
 
 
+def test_long_code_is_tokenized_near_the_cursor_only(local):
+    """A long file is cut before tokenizing at a first guess of 8 characters a token, and
+    again at the sure bound where the text is denser than that; either way the ids near the
+    cursor are those of the whole text, more than the room is kept, and typing keeps the
+    prefix's cut where it was."""
+    _, tok = local
+    room, line = 100, "value = compute(alpha, beta) + offset\n"
+    prefix, suffix = line * 2000, line * 2000
+    p, s, cut = encode_around_cursor(tok.encode, prefix, suffix, room, tok.max_token_bytes)
+    assert cut and room < len(p) and room < len(s) and len(tok.decode(p)) < 8 * room + CUT_BLOCK_CHARS
+    assert p[-room:] == tok.encode(prefix)[-room:] and s[:room] == tok.encode(suffix)[:room]
+    dense = " " * (tok.max_token_bytes * room * 2)  # whitespace runs: tens of characters a token
+    p, s, cut = encode_around_cursor(tok.encode, "x = 1\n" + dense, dense + "y = 2\n", room, tok.max_token_bytes)
+    assert cut and room < len(p) and room < len(s) and len(tok.decode(p)) > 8 * room
+    starts = {tuple(encode_around_cursor(tok.encode, prefix + "z" * k, "", room, tok.max_token_bytes)[0][:room])
+              for k in range(0, 400, 7)}
+    assert len(starts) == 1
+    assert encode_around_cursor(tok.encode, "a = 1", "b = 2", room, 64) == (tok.encode("a = 1"), tok.encode("b = 2"), False)
+
+
 def test_code_around_the_cursor_that_does_not_fit_is_cut_on_every_route(server, local):
     """An editor sends more code than a 256-token context holds (llama.vscode: 256 lines before the
     cursor, 64 after): every route cuts it away from the cursor as `fit` does, answers the same,
@@ -187,8 +215,8 @@ def test_code_around_the_cursor_that_does_not_fit_is_cut_on_every_route(server, 
     prefix = "".join(f"def f{i}(a, b):\n    return a + {i} * b\n\n\n" for i in range(200)) + "def g(a):\n    "
     suffix = "\n\n\n" + "".join(f"print(f{i}(1, 2))\n" for i in range(200))
     kept, heal = back_off(prefix)
-    near_p, near_s = around_cursor(kept, suffix, 256 - N - 3, tok.max_token_bytes)
-    p_ids, s_ids = fit(tok.encode(near_p), tok.encode(near_s), 256 - N - 3)
+    p_ids, s_ids, _ = encode_around_cursor(tok.encode, kept, suffix, 256 - N - 3, tok.max_token_bytes)
+    p_ids, s_ids = fit(p_ids, s_ids, 256 - N - 3)
     ids = arrange(tok.fim, p_ids, [], s_ids, "spm")
     assert len(ids) <= 256 - N and len(s_ids) >= int((256 - N - 3) * SUFFIX_SHARE)
     fim = tok.fim

@@ -241,8 +241,9 @@ def _endpoint_sampler(endpoint: str, endpoint_model: str | None, api: Api, setti
 
 def _prompt_sha(task: Task, mode: str, order: str) -> str:
     # "healed": the prompt leaves the prefix's trailing whitespace to the model; "fit": cut as the
-    # server cuts it (`polycoder.fim.fit`). Samples drawn before either differ.
-    return _digest(json.dumps(["healed", "fit", mode, order if mode == "fim" else None, task.prefix, task.suffix]))
+    # server cuts it (`polycoder.fim.fit`); "guessed": long code cut before tokenizing at a first
+    # guess of its tokens (`encode_around_cursor`). Samples drawn before any of them differ.
+    return _digest(json.dumps(["healed", "fit", "guessed", mode, order if mode == "fim" else None, task.prefix, task.suffix]))
 
 
 def sample(source: Source, pairs: list[tuple[Task, str]], out: Path, num_samples: int, order: str, seed: int,

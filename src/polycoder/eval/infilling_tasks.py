@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polycoder.errors import PolycoderError
-from polycoder.fim import around_cursor, arrange, back_off, fit
+from polycoder.fim import arrange, back_off, encode_around_cursor, fit
 from polycoder.tokenizer import Tokenizer
 
 HUMANEVAL_SETS = ("single-line", "multi-line", "random-span")
@@ -129,14 +129,15 @@ def subset(tasks: list[Task], max_tasks: int) -> list[Task]:
 def prompt_ids(tokenizer: Tokenizer, task: Task, mode: str, order: str, room: int) -> list[int]:
     """The prompt of one task for a local model, at most `room` tokens: FIM's `arrange` of the
     prefix's and the suffix's tokens (each part tokenized on its own), cut to fit as our server
-    cuts them (`polycoder.fim.around_cursor`, `polycoder.fim.fit`), or the prefix alone, its
+    cuts them (`polycoder.fim.encode_around_cursor`, `polycoder.fim.fit`), or the prefix alone, its
     last `room` tokens."""
     room = max(0, room)
-    prefix, suffix = around_cursor(back_off(task.prefix)[0], task.suffix, room, tokenizer.max_token_bytes)
-    prefix_ids = tokenizer.encode(prefix)  # the whitespace is the model's to write (`back_off`)
+    # The whitespace before the cursor is the model's to write (`back_off`).
+    prefix_ids, suffix_ids, _ = encode_around_cursor(tokenizer.encode, back_off(task.prefix)[0],
+                                                     task.suffix if mode == "fim" else "", room, tokenizer.max_token_bytes)
     if mode != "fim":
         return prefix_ids[-room:] if room else []
-    prefix_ids, suffix_ids = fit(prefix_ids, tokenizer.encode(suffix), room - 3)  # 3: the sentinels
+    prefix_ids, suffix_ids = fit(prefix_ids, suffix_ids, room - 3)  # 3: the sentinels
     return arrange(tokenizer.fim, prefix_ids, [], suffix_ids, order)
 
 
