@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import platform
 
+from polycoder import cpu
+
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
                 "avx_vnni", "asimd", "sve", "asimddp", "bf16", "i8mm")
 
@@ -16,17 +18,11 @@ def cpu_description() -> dict:
     """{"model": the CPU's model name (with its x86 family and model numbers, which tell a
     generation apart where a VM names only "AMD EPYC": family 25 is Zen 3/4, 26 is Zen 5),
     "features": those of CPU_FEATURES it has}."""
-    fields: dict[str, str] = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = cpu.cpuinfo()
     name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f", family {fields['cpu family']} model {fields['model']}"
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    flags = set(cpu.flags().split())
     return {"model": name, "features": [f for f in CPU_FEATURES if f in flags]}
 
 

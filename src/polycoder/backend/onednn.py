@@ -28,6 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from polycoder import cpu
+
 
 @functools.cache
 def available() -> bool:
@@ -48,12 +50,7 @@ def preferred() -> bool:
     choice = os.environ.get("POLYCODER_FP32_GEMM", "").lower()
     if choice in ("onednn", "mkl"):
         return choice == "onednn" and available()
-    try:
-        with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        vendor = ""
-    return vendor not in ("", "GenuineIntel") and available()
+    return cpu.vendor() not in ("", "GenuineIntel") and available()
 
 
 def _lp(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -63,6 +63,7 @@ from pathlib import Path
 
 import torch
 
+from polycoder import cpu
 from polycoder.errors import PolycoderError
 from polycoder.files import atomic_path, cache_root
 
@@ -104,25 +105,14 @@ def cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _cpuinfo(*keys: str) -> str | None:
-    """The value of the first /proc/cpuinfo line that starts with one of `keys` (None: none, or no such file)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(keys):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def _cpu_flags() -> str:
-    return _cpuinfo("flags", "Features") or platform.processor()
+    return cpu.flags()
 
 
 def tuning() -> list[str]:
     """The compiler defines chosen by measurements on one CPU family (decode.c's pf_rows): the
     weights prefetched at every activation row count on Intel CPUs, from 3 rows elsewhere."""
-    return ["-DPC_PREFETCH_FROM_ROWS=1"] if _cpuinfo("vendor_id") == "GenuineIntel" else []
+    return ["-DPC_PREFETCH_FROM_ROWS=1"] if cpu.vendor() == "GenuineIntel" else []
 
 
 def compile_flags(march: str) -> list[str]:
