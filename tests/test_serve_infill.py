@@ -448,6 +448,9 @@ def test_openai_usage_reports_cached_tokens(server):
     ("/v1/completions", {"prompt": ["a", "b"], "suffix": "c"}, "suffix"),
     ("/v1/completions", {"prompt": "a", "suffix": "b", "echo": True}, "echo"),
     ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": ["b"]}, "suffix"),
+    # an editor's own FIM template is not cut at its start (where its prefix sentinel is)
+    ("/api/generate", {"model": "tiny", "prompt": "<fim_prefix>" + "x = 1\n" * 300 + "<fim_suffix>\n<fim_middle>",
+                       "options": {"num_predict": 8}}, "suffix"),
     ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"stop_at_suffix": "yes"}},
      "stop_at_suffix"),
 ])

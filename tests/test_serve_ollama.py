@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 from serve_server import Server  # noqa: E402
 
 from polycoder.checkpoint import load_model  # noqa: E402
+from polycoder.fim import encode_around_cursor, fit  # noqa: E402
 from polycoder.generation import SamplingParams, generate  # noqa: E402
 
 
@@ -105,3 +106,31 @@ def test_empty_prompt_loads_and_errors_are_ollama_shaped(server):
     bad = httpx.post(server.url + "/api/generate", json={"model": "tiny", "prompt": "x",
                                                          "options": {"temperature": -1}}, timeout=30)
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]
+
+
+def test_a_prompt_longer_than_the_context_is_cut_at_its_start(server, local):
+    """As Ollama does (it truncates rather than refusing): the prompt's start is left out so
+    that num_predict tokens fit, or a quarter of the context with num_predict -1; the answer
+    is the local model's greedy continuation of the kept ids, and the header says so. The
+    cut moves in steps: a resent, longer prompt keeps the same start."""
+    model, tok = local
+    prompt = "".join(f"x{i} = compute({i}, y{i})\n" for i in range(400))
+    url = server.url + "/api/generate"
+    r = httpx.post(url, json={"model": "tiny", "prompt": prompt, "stream": False,
+                              "options": {"temperature": 0, "num_predict": 8}}, timeout=60)
+    assert r.status_code == 200 and "X-Polycoder-Truncated" in r.headers
+    ids = fit(encode_around_cursor(tok.encode, prompt, "", 256 - 8, tok.max_token_bytes)[0], [], 256 - 8)[0]
+    want = generate(model, tok, [ids], SamplingParams(max_new_tokens=8))[0][0]
+    got = r.json()
+    assert got["response"] == want.text and got["prompt_eval_count"] == len(ids) > 200
+    assert got["context"][: len(ids)] == ids
+    more = httpx.post(url, json={"model": "tiny", "prompt": prompt + "z = 1", "stream": False,
+                                 "options": {"temperature": 0, "num_predict": 8}}, timeout=60).json()
+    assert more["context"][:100] == ids[:100]
+    endless = httpx.post(url, json={"model": "tiny", "prompt": prompt, "stream": False,
+                                    "options": {"temperature": 0, "num_predict": -1}}, timeout=60)
+    assert endless.status_code == 200 and "X-Polycoder-Truncated" in endless.headers
+    assert endless.json()["prompt_eval_count"] <= 256 - 256 // 4
+    short = httpx.post(url, json={"model": "tiny", "prompt": "x = 1\n", "stream": False,
+                                  "options": {"num_predict": 4}}, timeout=60)
+    assert short.status_code == 200 and "X-Polycoder-Truncated" not in short.headers

@@ -10,6 +10,14 @@ repeat_penalty, ...) are accepted and ignored, as Ollama does with options a mod
 not use. `context` (the ids a previous answer returned) is put before the prompt. An empty
 prompt answers at once with `done_reason: "load"`, as Ollama's "load the model" call.
 
+A prompt longer than the context is cut, as Ollama cuts it: its start is left out (with
+`context`, theirs first), so that `num_predict` tokens fit after it, or a quarter of the
+context where num_predict is -1 or -2; the cut moves in steps (`polycoder.fim.fit`), so a
+client that resends its growing text still finds it in the prompt cache. The log and the
+X-Polycoder-Truncated header say so. A prompt that spells out FIM sentinels (an editor's
+own template) is not cut, since its start holds the prefix's sentinel: it gets a 400 that
+says to send the code after the cursor as `suffix`, which is cut to fit.
+
 `suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
 `polycoder.serve.at_cursor` says); `options.stop_at_suffix` switches the suffix's stop
 rule per request. A model without FIM tokens answers Ollama's own 400, "<model> does not
@@ -27,7 +35,9 @@ are refused with a 400. Errors are Ollama's `{"error": "message"}` with the HTTP
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,9 +47,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder import __version__ as polycoder_version
+from polycoder.fim import encode_around_cursor, fit
 from polycoder.generation import SamplingParams, resolve_seed
-from polycoder.serve.at_cursor import SUFFIX_IGNORED, can_infill, check_text, cursor_prompt, falls_back
+from polycoder.serve.at_cursor import CUT_HEADER, SUFFIX_IGNORED, can_infill, check_text, cursor_prompt, falls_back
 from polycoder.serve.common import (
+    OFF_LOOP_CHARS,
     APIError,
     ServedModels,
     ServerState,
@@ -51,7 +63,6 @@ from polycoder.serve.common import (
     get_seed,
     get_stop,
     get_top_k,
-    prompt_ids,
     read_json,
     sentinel_stops,
 )
@@ -60,6 +71,8 @@ from polycoder.serve.openai_api import FINISH, collect, job_events, submit
 
 OLLAMA_VERSION = "0.6.0"
 """The Ollama API version this server speaks (clients check it for features)."""
+PROMPT_CUT = "the prompt did not fit the context: its start was left out"
+log = logging.getLogger("polycoder.serve")
 
 
 def now() -> str:
@@ -138,14 +151,16 @@ def router(served: ServedModels, auth) -> APIRouter:
         num_predict = get_int(options, "num_predict", -1, -2)
         check_ids(state, context, "context")
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
-        at = None
+        at, cut = None, False
         if suffix:
             at = await cursor_prompt(state, prompt, suffix, max(num_predict, 0), before=context, request_id=rid,
                                      limit_name="num_predict",
                                      stop_at_suffix=get_bool(options, "stop_at_suffix", state.settings.stop_at_suffix))
             ids = at.ids
         else:
-            ids = await prompt_ids(state, prompt, max(num_predict, 0), prefix=context)
+            ids, cut = await cut_prompt_ids(state, prompt, context, num_predict)
+            if cut:
+                log.info("[%s] the prompt was cut to fit the context: its last %d tokens kept", rid, len(ids))
         if num_predict < 0:  # -1 / -2: until the end of the document or a full context
             num_predict = max(1, state.context - len(ids))
             check_fits(state, ids, num_predict)
@@ -161,7 +176,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             heal=at.heal if at else "",
         )
         warning = {"warning": SUFFIX_IGNORED} if at and at.suffix_ignored else {}
-        headers = at.headers if at else {}
+        headers = at.headers if at else ({CUT_HEADER: PROMPT_CUT} if cut else {})
         job = submit(state, Job(rid, [ids], params, resolve_seed(params.seed)))
         t_queued = time.perf_counter_ns()
 
@@ -180,6 +195,33 @@ def router(served: ServedModels, auth) -> APIRouter:
         return JSONResponse({**final(outcome), "response": text}, headers=headers)
 
     return api
+
+
+async def cut_prompt_ids(state: ServerState, prompt: str, context: list[int],
+                         num_predict: int) -> tuple[list[int], bool]:
+    """The ids of `context` + `prompt`, their start left out where they do not fit with
+    num_predict new tokens (a quarter of the context where num_predict < 0); and whether
+    anything was left out. The prompt is tokenized only as far back as can reach the prompt
+    (`encode_around_cursor`)."""
+    C = state.context
+    if num_predict >= C:
+        raise APIError(400, f"num_predict {num_predict} leaves no room for a prompt: this server's context is {C} "
+                       "tokens (prompt + num_predict); lower num_predict", param="num_predict",
+                       code="context_length_exceeded")
+    room = C - (num_predict if num_predict >= 0 else C // 4)
+    tok = state.tokenizer
+    args = (tok.encode_with_sentinels, prompt, "", room, tok.max_token_bytes)  # an editor's template spells them out
+    encoded, _, cut_text = (await asyncio.to_thread(encode_around_cursor, *args) if len(prompt) > OFF_LOOP_CHARS
+                            else encode_around_cursor(*args))
+    ids = list(context) + encoded or [tok.eod_id]  # an empty prompt starts a new document
+    if len(ids) + max(num_predict, 1) <= C and not cut_text:
+        return ids, False
+    if sentinel_stops(state, [encoded]):
+        raise APIError(400, f"this server's context is {C} tokens, and this prompt spells out fill-in-the-middle "
+                       f"sentinels, so it is not cut to fit: send the code before the cursor as `prompt` and the "
+                       "code after it as `suffix`, which the server cuts to fit", param="prompt",
+                       code="context_length_exceeded")
+    return fit(ids, [], room)[0], True
 
 
 async def ndjson(job: Job, name: str, final) -> AsyncIterator[str]:
