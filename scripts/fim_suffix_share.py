@@ -3,7 +3,7 @@
 `eval infilling`'s held-out lines (the same selection: --max-files files a language,
 --lines-per-file lines each, --seed) are scored by the loss of the removed line after the
 prefix alone and after the FIM prompt cut with each `polycoder.fim.SUFFIX_SHARE` given
-(`polycoder.eval.infilling._middle_losses`, SPM), for one model; prints the mean losses, the
+(`polycoder.eval.infilling_sources.score_middles`, SPM), for one model; prints the mean losses, the
 gain over prefix-only per language, and paired bootstrap intervals of each share against
 the best. docs/bundled_model_heldout.md ("How much of the context the suffix gets") chose
 the share this way.
@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 import polycoder.fim as fim
-from polycoder.eval.infilling import _middle_losses
+from polycoder.eval.infilling_sources import LoadOnce, score_middles
 from polycoder.eval.infilling_tasks import line_tasks
 from polycoder.eval.perplexity import read_documents
 from polycoder.options import ModelOptions
@@ -42,12 +42,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     tasks = line_tasks(read_documents(args.data, None, args.max_files), args.lines_per_file, args.seed)
-    options = ModelOptions(model=args.model)
-    base = _middle_losses(options, "spm", [(t, "prefix-only") for t in tasks])
+    model = LoadOnce(ModelOptions(model=args.model))  # loaded once for every share
+    base = score_middles(model, "spm", [(t, "prefix-only") for t in tasks])
     losses = {}
     for share in args.shares:
         fim.SUFFIX_SHARE = share  # read by polycoder.fim.fit at each call
-        losses[share] = _middle_losses(options, "spm", [(t, "fim") for t in tasks])
+        losses[share] = score_middles(model, "spm", [(t, "fim") for t in tasks])
     languages = sorted({t.language for t in tasks})
     print(f"{len(tasks)} lines; loss after the prefix alone {statistics.fmean(base):.4f}")
     print("| share | loss after FIM | gain | " + " | ".join(languages) + " |")

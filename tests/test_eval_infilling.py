@@ -254,14 +254,14 @@ def test_middle_losses_are_the_models_loss_of_the_removed_line(fim_tiny, heldout
     import torch
 
     from polycoder.checkpoint import load_model
-    from polycoder.eval.infilling import _LoadOnce, _middle_losses
+    from polycoder.eval.infilling_sources import LoadOnce, score_middles
     from polycoder.fim import back_off
     from polycoder.options import ModelOptions
 
     tasks = line_tasks(read_documents(heldout, None, 0), 2, seed=0)[:6]
     pairs = [(t, m) for t in tasks for m in MODES]
-    loaded = _LoadOnce(ModelOptions(model=str(fim_tiny)))
-    got = _middle_losses(loaded, "spm", pairs)
+    loaded = LoadOnce(ModelOptions(model=str(fim_tiny)))
+    got = score_middles(loaded, "spm", pairs)
     assert loaded() is loaded()  # sampling the same model after scoring reuses it
     loaded.close()
     net, tok = load_model(fim_tiny)
