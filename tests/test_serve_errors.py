@@ -60,7 +60,8 @@ def test_invalid_json(server):
     ({"prompt": [999999]}, ["out of the vocabulary"]),
     ({"prompt": "x", "logprobs": 99}, ["logprobs", "at most 20"]),
     ({"prompt": "x", "logprobs": 1, "stream": True}, ["logprobs with stream"]),
-    ({"prompt": "x", "presence_penalty": 0.5}, ["presence_penalty"]),
+    ({"prompt": "x", "presence_penalty": 2.5}, ["presence_penalty", "[-2.0, 2.0]"]),
+    ({"prompt": "x", "frequency_penalty": "a lot"}, ["frequency_penalty", "number"]),
     ({"prompt": "x", "model": 3}, ["model must be a string"]),
 ])
 def test_wrong_types_and_values(server, body, words):

@@ -32,7 +32,8 @@ from polycoder.fim import (  # noqa: E402
     encode_around_cursor,
     fit,
 )
-from polycoder.generation import SamplingParams, generate  # noqa: E402
+from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
+from polycoder.generation.penalties import OFF  # noqa: E402
 from polycoder.generation.suffix_stop import SuffixStop  # noqa: E402
 from polycoder.generation.text import Sequence  # noqa: E402
 from polycoder.serve.infill_api import NOT_SUPPORTED  # noqa: E402
@@ -70,7 +71,8 @@ def expected_ids(local, prefix=PREFIX, suffix=SUFFIX, order="spm"):
     return arrange(tok.fim, tok.encode(back_off(prefix)[0]), [], tok.encode(suffix), order)
 
 
-def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), middle="", rule=True, stop=()):
+def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), middle="", rule=True, stop=(),
+             penalties=OFF):
     """What the server must answer, greedy: arrange + our plain generation, the whitespace
     before the cursor left to the model (`back_off`) and dropped from its output (`heal`)."""
     model, tok = local
@@ -83,7 +85,7 @@ def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), mi
     ids = [t for text in extra for t in (*tok.encode(text), tok.eod_id)] + ids
     fim = tok.fim
     params = SamplingParams(max_new_tokens=n, stop=stop, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad),
-                            suffix_stop=rule, heal=heal)
+                            suffix_stop=rule, heal=heal, penalties=penalties)
     return generate(model, tok, [ids], params)[0][0]
 
 
@@ -257,6 +259,21 @@ def test_greedy_answer_is_the_same_on_every_route(server, local):
     i = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
     assert i.status_code == 200 and i.json()["content"] == want.text and i.json()["stop"] is True
     assert i.json()["tokens_evaluated"] == c.usage.prompt_tokens
+
+
+def test_repeat_penalty_at_the_cursor_is_the_same_on_llama_cpps_and_ollamas_routes(server, local):
+    """Both count the last repeat_last_n tokens of the whole prompt (the FIM prompt, as
+    llama.cpp's server does) and of the answer."""
+    penalties = Penalties(repeat=1.6, presence=-2.0, last_n=24)  # a negative presence favours the window
+    want = expected(local, penalties=penalties)
+    assert want.token_ids != expected(local).token_ids, "the penalty changed nothing"
+    i = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0,
+                      "repeat_penalty": 1.6, "presence_penalty": -2.0, "repeat_last_n": 24}, "/infill")
+    assert i.status_code == 200 and i.json()["content"] == want.text
+    r = post(server, {"model": "tiny", "prompt": PREFIX, "suffix": SUFFIX, "stream": False,
+                      "options": {"temperature": 0, "num_predict": N, "repeat_penalty": 1.6, "presence_penalty": -2.0,
+                                  "repeat_last_n": 24}}, "/api/generate").json()
+    assert r["response"] == want.text
 
 
 def test_the_ollama_package_generates_with_a_suffix(server, local):
@@ -439,6 +456,8 @@ def test_openai_usage_reports_cached_tokens(server):
     ("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": [{"filename": "a.py"}]}, "text"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": [{"text": "", "filename": 1}]}, "filename"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": "many"}, "n_predict"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "repeat_penalty": -1}, "repeat_penalty"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "repeat_last_n": 1.5}, "repeat_last_n"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": 10**6}, "n_predict"),
     ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"num_predict": 10**6}}, "num_predict"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "prompt": ["x"]}, "prompt"),

@@ -15,7 +15,7 @@ from serve_server import Server  # noqa: E402
 
 from polycoder.checkpoint import load_model  # noqa: E402
 from polycoder.fim import encode_around_cursor, fit  # noqa: E402
-from polycoder.generation import SamplingParams, generate  # noqa: E402
+from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,29 @@ def test_options_map_to_sampling(server, local):
     again = httpx.post(server.url + "/api/generate", json={"model": "tiny", "prompt": "fn f() {", "stream": False,
                                                            "options": opts}, timeout=60).json()
     expected = generate(model, tok, ["fn f() {"], SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.8,
-                                                                top_k=20, seed=7, stop=("\n\n",)))[0][0]
+                                                                top_k=20, seed=7, stop=("\n\n",),
+                                                                penalties=Penalties(repeat=1.1)))[0][0]
     assert r["response"] == again["response"] == expected.text
+
+
+def test_penalty_options_over_the_prompt_and_the_answer(server, local):
+    """repeat_penalty, repeat_last_n, presence_penalty and frequency_penalty as llama.cpp counts
+    them (the last n tokens of the prompt and the answer); Ollama's client sends them so."""
+    ollama = pytest.importorskip("ollama")
+    model, tok = local
+    prompt = "x = x + 1\nx = x + 1\nx"
+    opts = {"temperature": 0, "num_predict": 16, "repeat_penalty": 1.5, "repeat_last_n": 12, "presence_penalty": 0.5,
+            "frequency_penalty": 0.25}
+    r = ollama.Client(host=server.url).generate(model="tiny", prompt=prompt, options=opts)
+    penalties = Penalties(repeat=1.5, presence=0.5, frequency=0.25, last_n=12)
+    want = generate(model, tok, [prompt], SamplingParams(max_new_tokens=16, penalties=penalties))[0][0]
+    plain = generate(model, tok, [prompt], SamplingParams(max_new_tokens=16))[0][0]
+    assert r.response == want.text and want.token_ids != plain.token_ids
+    for bad, field in (({"repeat_penalty": 0}, "repeat_penalty"), ({"repeat_last_n": -2}, "repeat_last_n"),
+                       ({"presence_penalty": 9}, "presence_penalty")):
+        answer = httpx.post(server.url + "/api/generate", json={"model": "tiny", "prompt": prompt, "options": bad},
+                            timeout=30)
+        assert answer.status_code == 400 and field in answer.json()["error"]
 
 
 def test_context_continues_a_previous_answer(server, local):

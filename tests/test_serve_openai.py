@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 from serve_server import Server  # noqa: E402
 
 from polycoder.checkpoint import load_model  # noqa: E402
-from polycoder.generation import SamplingParams, generate  # noqa: E402
+from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,17 @@ def test_greedy_completion_equals_generate(client, local):
     assert r.usage.completion_tokens == 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
     assert r.object == "text_completion" and r.model == "tiny" and r.id.startswith("cmpl-")
+
+
+def test_presence_and_frequency_penalties_count_the_completion_only(client, local):
+    model, tok = local
+    prompt = "x = x + 1\nx = x + 1\nx"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, presence_penalty=1.5,
+                                  frequency_penalty=0.5)
+    penalties = Penalties(presence=1.5, frequency=0.5, last_n=-1, count_prompt=False)  # OpenAI's definition
+    want = generate(model, tok, [prompt], SamplingParams(max_new_tokens=16, penalties=penalties))[0][0]
+    plain = generate(model, tok, [prompt], SamplingParams(max_new_tokens=16))[0][0]
+    assert r.choices[0].text == want.text and want.token_ids != plain.token_ids
 
 
 def test_prompt_forms_string_list_and_token_ids(client, local):

@@ -2,6 +2,8 @@
 
 - `sampling`: `SamplingParams` and the pure function that draws one token a row from
   logits with per-row seeded generators;
+- `penalties`: repetition penalties (llama.cpp's repeat_penalty, presence and frequency),
+  off unless asked;
 - `text`: a sample's text (`Sequence`): stop strings, the end of the document, UTF-8
   held back until whole, a cursor's trailing whitespace dropped (`heal`); `encode_prompt`
   fits a prompt to the context;
@@ -32,6 +34,7 @@ _WHERE = {
     "SamplingParams": "sampling", "resolve_seed": "sampling", "sample_generator": "sampling", "sample_tokens": "sampling",
     "Completion": "text", "FinishReason": "text", "Sequence": "text", "encode_prompt": "text",
     "SuffixStop": "suffix_stop",
+    "Penalties": "penalties",
 }
 __all__ = list(_WHERE)
 

@@ -36,6 +36,10 @@ def cli_generate(
     compile: bool = False,
     speculate: int = 0,
     draft_model: str | None = None,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> None:
     """Complete a prompt with a model and print the completion (streamed for one sample).
 
@@ -62,16 +66,24 @@ def cli_generate(
             the text repeats its context (0: off).
         draft_model: with --speculate, guess with this small model of the same tokenizer (a folder, hub id, run or
             adapter folder, polycoder-tiny) instead of prompt lookup, e.g. PolyCoder-160M for PolyCoder-2.7B.
+        repeat_penalty: lower the tokens seen among the last --repeat-last-n (llama.cpp's repeat_penalty: a
+            positive logit divided by it, a negative one multiplied; 1: off). For a small model that loops; code
+            repeats itself by nature, so keep it near 1 (1.1-1.3).
+        repeat_last_n: how many of the latest tokens (prompt and output) the penalties count (-1: all).
+        presence_penalty: subtracted from the logit of each token seen among them (0: off).
+        frequency_penalty: subtracted from a seen token's logit for each time it was seen (0: off).
     """
     from polycoder.backend import set_threads
     from polycoder.checkpoint import device_of, load
     from polycoder.generation.complete import generate, stream
+    from polycoder.generation.penalties import Penalties
     from polycoder.generation.sampling import SamplingParams
 
     text = read_prompt(prompt, prompt_file)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_samples=num_samples, num_beams=num_beams, stop=tuple(stop or ()), seed=seed,
-                            truncate=truncate, stop_at_eod=stop_at_eod)
+                            truncate=truncate, stop_at_eod=stop_at_eod,
+                            penalties=Penalties(repeat_penalty, presence_penalty, frequency_penalty, repeat_last_n))
     model_options = model_options or ModelOptions()
     if device_of(model_options.device) == "cpu":
         set_threads(threads or None)

@@ -28,6 +28,7 @@ import torch
 from polycoder.backend import Backend, choose
 from polycoder.backend.decode import prefill  # noqa: F401  (re-exported by polycoder.generation)
 from polycoder.errors import PolycoderError
+from polycoder.generation.penalties import penalize
 from polycoder.generation.prompt_cache import PromptCache, kv_bytes_per_token, prefill_reusing
 from polycoder.generation.sampling import sample_tokens
 from polycoder.generation.speculative import DraftModel, Guessing, accept, accept_sampled
@@ -206,9 +207,10 @@ class Engine:
         if k < 1:
             return []
         # A row still restoring the cursor's whitespace takes constrained tokens: no guesses;
-        # nor does one whose guesses have lately been refused (`speculative.Guessing`).
+        # nor does one whose guesses have lately been refused (`speculative.Guessing`), nor one
+        # with repetition penalties (its logits change with each token it keeps).
         rooms = [min(k, s.params.max_new_tokens - len(s.token_ids))
-                 if not s.healing and s.guessing.wants_guesses() else 0
+                 if not s.healing and s.guessing.wants_guesses() and not s.params.penalties.active else 0
                  for s in self.rows]
         if self.drafter is not None:
             return self.drafter.propose([s.prompt_ids + s.token_ids for s in self.rows], rooms)
@@ -255,8 +257,12 @@ class Engine:
         """One token for each of `rows` from its logits, with its own settings and generator."""
         device = logits.device
         allowed = [s.allowed_tokens() for s in rows]  # token healing: polycoder.generation.text
-        if any(a is not None for a in allowed):
+        penalized = [i for i, s in enumerate(rows) if s.params.penalties.active]
+        if penalized or any(a is not None for a in allowed):
             logits = logits.clone()  # rows of one prompt share their logits' memory
+            for i in penalized:  # before the healing mask and the sampler, as llama.cpp's chain
+                p = rows[i].params.penalties
+                penalize(logits[i], p.window(rows[i].prompt_ids, rows[i].token_ids), p)
             for i, ids in enumerate(allowed):
                 if ids is not None:
                     keep = torch.full_like(logits[i], float("-inf"))

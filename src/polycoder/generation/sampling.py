@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from polycoder.errors import PolycoderError
+from polycoder.generation.penalties import OFF, Penalties
 from polycoder.generation.suffix_stop import SuffixStop
 
 MAX_TOP_K = 2**31 - 1
@@ -57,6 +58,8 @@ class SamplingParams:
     """Keep only the last tokens of a prompt too long for the context, instead of an error."""
     length_penalty: float = 1.0
     """Beam search: scores are divided by length ** length_penalty."""
+    penalties: Penalties = OFF
+    """Repetition penalties (`polycoder.generation.penalties`; off by default)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +78,9 @@ class SamplingParams:
             raise PolycoderError("num_samples and num_beams must be at least 1")
         if self.num_beams > 1 and self.num_samples > 1:
             raise PolycoderError("beam search returns one sequence a prompt: use num_beams or num_samples, not both")
+        if self.num_beams > 1 and self.penalties.active:
+            raise PolycoderError("repetition penalties apply to sampling and greedy decoding, not to beam search: "
+                                 "leave them out, or use num_beams 1")
 
 
 

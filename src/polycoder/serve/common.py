@@ -30,6 +30,7 @@ from fastapi import Request
 
 from polycoder.errors import PolycoderError
 from polycoder.fim import ORDERS
+from polycoder.generation.penalties import Penalties
 from polycoder.generation.sampling import MAX_TOP_K
 from polycoder.model import GPTNeoX
 from polycoder.serve.engine_loop import EngineLoop
@@ -276,6 +277,20 @@ def get_stop(body: dict, name: str = "stop", most: int = 16) -> tuple[str, ...]:
 def get_top_k(body: dict, default: int) -> int:
     """top_k: 0 (or -1, vLLM's spelling) means no limit; any k above the vocabulary is the same as none."""
     return max(get_int(body, "top_k", default, -1, MAX_TOP_K), 0)
+
+
+def get_penalties(body: dict, count_prompt: bool, repeat: bool = True) -> Penalties:
+    """Repetition penalties (`polycoder.generation.penalties`), off unless asked: presence_penalty
+    and frequency_penalty (OpenAI's range, [-2, 2]) and, where `repeat`, llama.cpp's and
+    Ollama's repeat_penalty and repeat_last_n (default 64; -1: every token; 0: off). Without
+    `repeat` (OpenAI) the window is the whole output."""
+    return Penalties(
+        repeat=get_float(body, "repeat_penalty", 1.0, 0.0, 10.0, lo_open=True) if repeat else 1.0,
+        presence=get_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency=get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        last_n=get_int(body, "repeat_last_n", 64, -1, 2**31) if repeat else -1,
+        count_prompt=count_prompt,
+    )
 
 
 def get_seed(body: dict) -> int | None:

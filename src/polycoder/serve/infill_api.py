@@ -6,7 +6,9 @@ list of `{"filename": string, "text": string}` chunks of other files; filename o
 `prompt` (text after the prefix: the start of the middle), `n_predict` (default -1: until
 the end of the document or a full context; 0 answers at once, as llama.vscode's
 cache-warming call expects), `temperature` (0.8), `top_k` (40), `top_p` (0.95), `seed`
-(-1: random), `stop`, `stream` (Server-Sent Events: one `data: {...}` object a piece of
+(-1: random), `repeat_penalty` (1: off), `repeat_last_n` (64), `presence_penalty` and
+`frequency_penalty` (0) over the latest tokens of the prompt and the answer, as llama.cpp's
+(`polycoder.generation.penalties`), `stop`, `stream` (Server-Sent Events: one `data: {...}` object a piece of
 text with `"stop": false`, then a last one with `"stop": true` and the counts, as llama.cpp
 sends them, no `[DONE]`); and `stop_at_suffix` (ours: the suffix's stop rule on or off).
 The answer is llama.cpp's: `content`, `stop`, `stop_type` ("eos", "limit" or "word"),
@@ -54,6 +56,7 @@ from polycoder.serve.common import (
     get_bool,
     get_float,
     get_int,
+    get_penalties,
     get_seed,
     get_stop,
     get_top_k,
@@ -122,6 +125,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             top_p=get_float(body, "top_p", 0.95, 0.0, 1.0, lo_open=True),
             stop=get_stop(body),
             seed=None if seed == -1 else seed,
+            penalties=get_penalties(body, count_prompt=True),
             stop_ids=at.stop_ids,
             suffix_stop=at.suffix_stop,
             heal=at.heal,

@@ -5,10 +5,15 @@ NDJSON by default (one `{"response": piece, "done": false}` object a line, then 
 `done: true` object with `done_reason`, `context` and the counts and durations in
 nanoseconds), or answers one object with `"stream": false`. `options` map to sampling:
 temperature (Ollama's default 0.8), top_p (0.9), top_k (40), num_predict (default -1: until
-the end of the document or a full context), stop, seed; other options (num_ctx,
-repeat_penalty, ...) are accepted and ignored, as Ollama does with options a model does
-not use. `context` (the ids a previous answer returned) is put before the prompt. An empty
-prompt answers at once with `done_reason: "load"`, as Ollama's "load the model" call.
+the end of the document or a full context), stop, seed, and repeat_penalty, repeat_last_n
+(64), presence_penalty and frequency_penalty over the last repeat_last_n tokens of the
+prompt and the answer (`polycoder.generation.penalties`). A deviation: repeat_penalty
+defaults to 1 (off), where Ollama's API says 1.1, because code repeats itself by nature
+(llama.cpp and transformers default it off too) and so that a greedy answer here equals
+the OpenAI and /infill routes' for the same prompt. Other options (num_ctx, ...) are
+accepted and ignored, as Ollama does with options a model does not use. `context` (the ids
+a previous answer returned) is put before the prompt. An empty prompt answers at once with
+`done_reason: "load"`, as Ollama's "load the model" call.
 
 A prompt longer than the context is cut, as Ollama cuts it: its start is left out (with
 `context`, theirs first), so that `num_predict` tokens fit after it, or a quarter of the
@@ -60,6 +65,7 @@ from polycoder.serve.common import (
     get_bool,
     get_float,
     get_int,
+    get_penalties,
     get_seed,
     get_stop,
     get_top_k,
@@ -171,6 +177,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             top_k=get_top_k(options, 40),
             stop=get_stop(options),
             seed=get_seed(options),
+            penalties=get_penalties(options, count_prompt=True),
             stop_ids=at.stop_ids if at else sentinel_stops(state, [ids]),
             suffix_stop=at.suffix_stop if at else None,
             heal=at.heal if at else "",

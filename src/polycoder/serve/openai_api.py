@@ -9,6 +9,8 @@ of text, each choice's `finish_reason` in a last chunk of its own, then `data: [
 alternatives per token; with `echo` and `max_tokens` 0 it scores a prompt, as evaluation
 harnesses do) and `usage` (its `prompt_tokens_details.cached_tokens`: the prompt tokens the
 server's prompt cache supplied, as OpenAI reports its own caching). `top_k` is accepted as an extension (as vLLM does).
+`presence_penalty` and `frequency_penalty` ([-2, 2], default 0) lower the tokens the
+completion has written so far, as OpenAI defines them (`polycoder.generation.penalties`).
 
 `suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
 `polycoder.serve.at_cursor` says: one text prompt, no `echo`; `stop_at_suffix` (default
@@ -16,8 +18,8 @@ the server's `--stop-at-suffix`) switches the suffix's stop rule per request). A
 without FIM tokens refuses a suffix with a 400 naming the fix, unless the server falls
 back to the prefix alone (`--suffix-fallback prefix-only`: the `warning` field says so).
 
-Refused with a 400 that says why: `best_of` other than n, non-zero presence/frequency
-penalties, `logit_bias`, and `logprobs` together with `stream`. `finish_reason` is "stop"
+Refused with a 400 that says why: `best_of` other than n, `logit_bias`, and `logprobs`
+together with `stream`. `finish_reason` is "stop"
 for a stop string, the end of a document or the suffix's stop rule, and "length" for
 max_tokens or a full context. Log-probabilities are those of the raw model over its whole
 vocabulary (before temperature and top-p), and a token that is part of a UTF-8 character
@@ -46,6 +48,7 @@ from polycoder.serve.common import (
     get_bool,
     get_float,
     get_int,
+    get_penalties,
     get_seed,
     get_stop,
     get_top_k,
@@ -86,6 +89,7 @@ def sampling_from_body(body: dict, max_tokens_default: int, n_limit: int) -> Sam
         max_new_tokens=get_int(body, "max_tokens", max_tokens_default, 0),
         temperature=temperature, top_p=top_p, top_k=get_top_k(body, 0),
         num_samples=get_int(body, "n", 1, 1, n_limit), stop=get_stop(body), seed=get_seed(body),
+        penalties=get_penalties(body, count_prompt=False, repeat=False),  # OpenAI's: the tokens sampled so far
     )
 
 
@@ -174,9 +178,6 @@ def router(served: ServedModels, auth) -> APIRouter:
                            "tokens: fine-tune one with `polycoder finetune --fim`, or start the server with "
                            "--suffix-fallback prefix-only to complete the prompt alone", param="suffix",
                            code="fim_not_supported")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if get_float(body, name, 0.0, -2.0, 2.0) != 0.0:
-                raise APIError(400, f"{name} is not supported; leave it out or set it to 0", param=name)
         if body.get("logit_bias"):
             raise APIError(400, "logit_bias is not supported; leave it out", param="logit_bias")
         params = sampling_from_body(body, 16, state.settings.max_n)
