@@ -30,6 +30,7 @@ WORKERS=${WORKERS:-2}
 THREADS=${THREADS:-2}
 ASSET=${ASSET:-src/polycoder/assets/polycoder-tiny}
 MB_PER_LANGUAGE=${MB_PER_LANGUAGE:-8}
+PHASES=${PHASES:-9}
 pc() { "$PY" -m polycoder "$@"; }
 step() { printf '\n=== %s  (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
@@ -103,13 +104,13 @@ pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK
 #   phase 9: phase 8 with nine in ten samples FIM, 4,000 steps x 8 x 512 (PHASES=8 stops before it,
 #            PHASE9_STEPS changes it).
 FINAL="$WORK/run"
-if [ "${PHASES:-9}" -ge 2 ]; then
+if [ "$PHASES" -ge 2 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run2" --resume \
       --model "$WORK/run/checkpoints/step_00000250" --max-steps 160 --batch-size 8 --lr 1.5e-3 \
       --save-every 20 --eval-every 40 --threads "$THREADS" --set optim.warmup=0.02
   FINAL="$WORK/run2"
 fi
-if [ "${PHASES:-9}" -ge 3 ]; then
+if [ "$PHASES" -ge 3 ]; then
   pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens" --out "$WORK/run3" --resume \
       --model "$WORK/run2/checkpoints/step_00000160" --max-steps 400 --batch-size 8 --lr 1e-3 \
       --save-every 50 --eval-every 100 --threads "$THREADS" --set optim.warmup=0.01
@@ -120,7 +121,7 @@ fi
 # last weights rounded to bf16 (that release is what the session had). bf16 autocast: on
 # that machine's Intel Xeon (AMX) it trained this model at 6,600 tokens/s against 3,800 in
 # fp32 (on the AMD EPYC of phases 1-3, fp32 was the faster).
-if [ "${PHASES:-9}" -ge 4 ]; then
+if [ "$PHASES" -ge 4 ]; then
   "$PY" - "$WORK/run3" "$WORK/phase3-bf16" <<'PYEOF'
 import sys
 from pathlib import Path
@@ -145,7 +146,7 @@ fi
 # its data folder. The shipped model started from the shipped phase-4 model (run4's last
 # weights rounded to bf16, as phase 4 started from phase 3's release); this script starts
 # from run4's last checkpoint itself.
-if [ "${PHASES:-9}" -ge 5 ]; then
+if [ "$PHASES" -ge 5 ]; then
   [ -f "$WORK/phase4-fim/config.json" ] || "$PY" - "$FINAL" "$WORK/phase4-fim" "$WORK/tokens" "$WORK/tokens-fim" <<'PYEOF'
 import shutil, sys
 from pathlib import Path
@@ -168,55 +169,48 @@ PYEOF
       --fim-rate 0.5 --fim-spm-rate 0.5
   FINAL="$WORK/run5-fim"
 fi
+# Phases 6-9 each go on from the last weights of the one before with a fresh cosine schedule:
+# 8 x 512 tokens a step, peak lr 3e-4, bf16 autocast, SPM order for half the FIM samples.
+# fim_phase RUN FROM STEPS SEED FIM_RATE [more train options]
+fim_phase() {
+  local run=$1 from=$2 steps=$3 seed=$4 fim_rate=$5
+  shift 5
+  pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens-fim" --out "$WORK/$run" --resume \
+      --model "$from" --max-steps "$steps" \
+      --batch-size 8 --lr 3e-4 --save-every 250 --eval-every 1000 --threads "$THREADS" \
+      --set optim.warmup=0.02 --set run.precision=bf16 --fim-rate "$fim_rate" --fim-spm-rate 0.5 "$@" --seed "$seed"
+  FINAL="$WORK/$run"
+}
 # Phase 6 (2026-12-02, later): phase 5 went on for 6,000 more steps (24.6M tokens, a little over
 # one more pass) with a fresh cosine schedule and another seed, FIM as in phase 5. On an Intel
 # Xeon with AMX it ran at 10,800 tokens/s (38 min). The shipped model started from the shipped
 # phase-5 model (its weights in bf16); this script starts from run5-fim's last checkpoint.
-if [ "${PHASES:-9}" -ge 6 ]; then
-  pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens-fim" --out "$WORK/run6-fim" --resume \
-      --model "$WORK/run5-fim/final" --max-steps "${PHASE6_STEPS:-6000}" \
-      --batch-size 8 --lr 3e-4 --save-every 250 --eval-every 1000 --threads "$THREADS" \
-      --set optim.warmup=0.02 --set run.precision=bf16 --fim-rate 0.5 --fim-spm-rate 0.5 --seed 6
-  FINAL="$WORK/run6-fim"
+if [ "$PHASES" -ge 6 ]; then
+  fim_phase run6-fim "$WORK/run5-fim/final" "${PHASE6_STEPS:-6000}" 6 0.5
 fi
 # Phase 7 (2026-12-02, a later session): 5,000 more steps x 8 x 512 with half of the FIM middles
 # cut at lines (--fim-line-rate 0.5: 1-3 lines, or the rest of a line, the middles editors ask
 # for; polycoder.train.fim_transform), another seed, FIM otherwise as in phases 5-6. On an AMD
 # EPYC (Zen 5, AVX512-BF16, no AMX; 2 cores) it ran at about 7,300 tokens/s in bf16 (47 min).
 # The shipped model started from the shipped phase-6 model; this script starts from run6-fim.
-if [ "${PHASES:-9}" -ge 7 ]; then
-  pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens-fim" --out "$WORK/run7-lines" --resume \
-      --model "$WORK/run6-fim/final" --max-steps "${PHASE7_STEPS:-5000}" \
-      --batch-size 8 --lr 3e-4 --save-every 250 --eval-every 1000 --threads "$THREADS" \
-      --set optim.warmup=0.02 --set run.precision=bf16 --fim-rate 0.5 --fim-spm-rate 0.5 --fim-line-rate 0.5 \
-      --seed 7
-  FINAL="$WORK/run7-lines"
+if [ "$PHASES" -ge 7 ]; then
+  fim_phase run7-lines "$WORK/run6-fim/final" "${PHASE7_STEPS:-5000}" 7 0.5 --fim-line-rate 0.5
 fi
 # Phase 8 (2026-12-02, trained again 2026-12-03; shipped until phase 9): phase 7 went on for 4,000 more
 # steps x 8 x 512, FIM as in phase 7 (half the middles cut at lines), another seed. On an Intel
 # Xeon with AMX (2 cores) it ran at about 5,500 tokens/s in bf16 (49-52 min; both runs gave the
 # same validation losses). The shipped model started from the shipped phase-7 model; this
 # script starts from run7-lines.
-if [ "${PHASES:-9}" -ge 8 ]; then
-  pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens-fim" --out "$WORK/run8-lines" --resume \
-      --model "$WORK/run7-lines/final" --max-steps "${PHASE8_STEPS:-4000}" \
-      --batch-size 8 --lr 3e-4 --save-every 250 --eval-every 1000 --threads "$THREADS" \
-      --set optim.warmup=0.02 --set run.precision=bf16 --fim-rate 0.5 --fim-spm-rate 0.5 --fim-line-rate 0.5 \
-      --seed 8
-  FINAL="$WORK/run8-lines"
+if [ "$PHASES" -ge 8 ]; then
+  fim_phase run8-lines "$WORK/run7-lines/final" "${PHASE8_STEPS:-4000}" 8 0.5 --fim-line-rate 0.5
 fi
 # Phase 9 (2026-12-03, shipped): phase 8 went on for 4,000 more steps x 8 x 512 with the FIM rate
 # raised from 0.5 to 0.9 (Code Llama's; Bavarian et al. found rates up to 0.9 cost little left to
 # right), half the middles still cut at lines, another seed. On an Intel Xeon with AMX (2 cores,
 # a third of the CPU taken by the host's other guests) it ran at about 3,900 tokens/s in bf16
 # (69 min). The shipped model started from run8-lines' last checkpoint, as this script does.
-if [ "${PHASES:-9}" -ge 9 ]; then
-  pc train --config configs/polycoder-tiny.yaml --data "$WORK/tokens-fim" --out "$WORK/run9" --resume \
-      --model "$WORK/run8-lines/final" --max-steps "${PHASE9_STEPS:-4000}" \
-      --batch-size 8 --lr 3e-4 --save-every 250 --eval-every 1000 --threads "$THREADS" \
-      --set optim.warmup=0.02 --set run.precision=bf16 --fim-rate 0.9 --fim-spm-rate 0.5 --fim-line-rate 0.5 \
-      --seed 9
-  FINAL="$WORK/run9"
+if [ "$PHASES" -ge 9 ]; then
+  fim_phase run9 "$WORK/run8-lines/final" "${PHASE9_STEPS:-4000}" 9 0.9 --fim-line-rate 0.5
 fi
 
 step "6. export to $ASSET (bf16)"

@@ -83,7 +83,8 @@ def cli_generate(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_samples=num_samples, num_beams=num_beams, stop=tuple(stop or ()), seed=seed,
                             truncate=truncate, stop_at_eod=stop_at_eod,
-                            penalties=Penalties(repeat_penalty, presence_penalty, frequency_penalty, repeat_last_n))
+                            penalties=Penalties(repeat=repeat_penalty, presence=presence_penalty,
+                                                frequency=frequency_penalty, last_n=repeat_last_n))
     model_options = model_options or ModelOptions()
     if device_of(model_options.device) == "cpu":
         set_threads(threads or None)

@@ -58,9 +58,15 @@ class Penalties:
         return self.last_n != 0 and (self.repeat != 1.0 or self.presence != 0.0 or self.frequency != 0.0)
 
     def window(self, prompt_ids: list[int], output_ids: list[int]) -> list[int]:
-        """The tokens counted: the latest `last_n` of the prompt and the output, or of the output."""
-        seen = prompt_ids + output_ids if self.count_prompt else output_ids
-        return seen if self.last_n == -1 else seen[max(0, len(seen) - self.last_n):]
+        """The tokens counted: the latest `last_n` of the prompt and the output, or of the output.
+        Called every step of a penalized row: only the tail it needs is copied, not the prompt."""
+        if self.last_n == -1:
+            return prompt_ids + output_ids if self.count_prompt else list(output_ids)
+        out = output_ids[max(0, len(output_ids) - self.last_n):]
+        short = self.last_n - len(out)
+        if not self.count_prompt or short <= 0:
+            return out
+        return prompt_ids[max(0, len(prompt_ids) - short):] + out
 
 
 OFF = Penalties()
