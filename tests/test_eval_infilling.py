@@ -23,7 +23,7 @@ from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
 from polycoder.errors import PolycoderError  # noqa: E402
 from polycoder.eval.humaneval import load_problems  # noqa: E402
 from polycoder.eval.infilling import infilling  # noqa: E402
-from polycoder.eval.infilling_report import suffix_gain  # noqa: E402
+from polycoder.eval.infilling_report import model_gain, suffix_gain  # noqa: E402
 from polycoder.eval.infilling_tasks import (  # noqa: E402
     HUMANEVAL_SETS,
     MODES,
@@ -246,6 +246,38 @@ def test_suffix_gain_pairs_the_same_lines_and_bounds_the_mean_gain():
     loss = gains["Go"]["middle_loss"]
     assert loss["gain"] == pytest.approx(0.5) and loss["low"] == pytest.approx(0.5) and loss["fim_better"] == 60
     assert "middle_loss" not in gains["C"] and "middle_loss" not in both
+
+
+def test_model_gain_pairs_each_model_with_the_first_on_the_same_lines():
+    """Model b beats a by 0.1 edit similarity on every FIM line and ties it prefix-only; c has
+    one line only (paired alone). Gains, intervals, counts and the loss's sign follow."""
+    rows = []
+    for i in range(40):
+        base = (i % 7) / 10
+        for model, fim_bonus, loss in (("a", 0.0, 2.0), ("b", 0.1, 1.8)):
+            rows += [{"model": model, "task_set": "lines", "language": "Go", "task_id": f"go/{i}", "mode": "fim",
+                      "exact_match": 0.0, "edit_similarity": base + fim_bonus, "middle_loss": loss},
+                     {"model": model, "task_set": "lines", "language": "Go", "task_id": f"go/{i}",
+                      "mode": "prefix-only", "exact_match": float(i % 2), "edit_similarity": base,
+                      "middle_loss": loss + 0.5}]
+    rows.append({"model": "c", "task_set": "lines", "language": "Go", "task_id": "go/0", "mode": "fim",
+                 "exact_match": 1.0, "edit_similarity": 1.0})
+    gains = {(g["model"], g["mode"], g["language"]): g for g in model_gain(rows)}
+    assert list(gains) == [("b", "fim", "Go"), ("b", "fim", "all"), ("b", "prefix-only", "Go"),
+                           ("b", "prefix-only", "all"), ("c", "fim", "Go"), ("c", "fim", "all")]
+    assert all(g["against"] == "a" for g in gains.values())
+    fim = gains[("b", "fim", "Go")]
+    assert fim["lines"] == 40 and fim["edit_similarity"]["gain"] == pytest.approx(0.1)
+    assert fim["edit_similarity"]["low"] == pytest.approx(0.1) == fim["edit_similarity"]["high"]
+    assert (fim["edit_similarity"]["better"], fim["edit_similarity"]["worse"]) == (40, 0)
+    assert fim["middle_loss"]["gain"] == pytest.approx(0.2)  # a lower loss than the first model's is a gain
+    plain = gains[("b", "prefix-only", "Go")]["edit_similarity"]
+    assert plain["gain"] == pytest.approx(0.0) and (plain["better"], plain["worse"]) == (0, 0)
+    only = gains[("c", "fim", "Go")]
+    assert only["lines"] == 1 and only["exact_match"]["gain"] == pytest.approx(1.0)
+    assert "middle_loss" not in only  # c's line has no loss
+    assert model_gain(rows) == model_gain(rows)  # seeded
+    assert model_gain([r for r in rows if r["model"] == "a"]) == []  # one model: nothing to compare
 
 
 def test_middle_losses_are_the_models_loss_of_the_removed_line(fim_tiny, heldout):

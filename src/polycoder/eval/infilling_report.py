@@ -6,7 +6,8 @@ HumanEval sets, and for every set the mean exact match and edit similarity of th
 against the removed middle; line infilling also per language. `write_report` puts the modes
 side by side: one table for the HumanEval sets (rows: model and task set), one for line
 infilling (rows: model and language, then all languages pooled), one for what the suffix
-adds to line infilling (`suffix_gain`: paired differences with bootstrap intervals), the notes of the run (a
+adds to line infilling (`suffix_gain`: paired differences with bootstrap intervals), one for
+each later model against the first on the same lines (`model_gain`, likewise), the notes of the run (a
 model asked prefix-only for want of FIM tokens), how answers were read, and what each model
 is; the plot shows the same two views as bars.
 """
@@ -65,30 +66,68 @@ def suffix_gain(rows: list[dict]) -> list[dict]:
         if r["task_set"] == "lines":
             scores[(r["model"], r["language"], r["task_id"])][r["mode"]].append(r)
 
-    def mean(rs: list[dict], f: str) -> float:
-        return sum(r[f] for r in rs) / len(rs)
-
     pairs: dict[tuple, list[dict[str, float]]] = defaultdict(list)
     for (model, language, _), by_mode in scores.items():
         if "fim" in by_mode and "prefix-only" in by_mode:
             fim, plain = by_mode["fim"], by_mode["prefix-only"]
-            d = {f: mean(fim, f) - mean(plain, f) for f in ("exact_match", "edit_similarity")}
+            d = {f: _mean(fim, f) - _mean(plain, f) for f in ("exact_match", "edit_similarity")}
             if all("middle_loss" in r for r in fim + plain):
-                d["middle_loss"] = mean(plain, "middle_loss") - mean(fim, "middle_loss")
+                d["middle_loss"] = _mean(plain, "middle_loss") - _mean(fim, "middle_loss")
             pairs[(model, language)].append(d)
             pairs[(model, "all")].append(d)
-    out = []
-    for (model, language), ds in sorted(pairs.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1])):
-        item = {"model": model, "language": language, "lines": len(ds)}
-        for f in ("exact_match", "edit_similarity", "middle_loss"):
-            if not all(f in d for d in ds):
-                continue
-            diffs = [d[f] for d in ds]
-            low, high = _interval(diffs, random.Random(f"{model}/{language}/{f}"))
-            item[f] = {"gain": sum(diffs) / len(diffs), "low": low, "high": high,
-                       "fim_better": sum(x > 0 for x in diffs), "prefix_better": sum(x < 0 for x in diffs)}
-        out.append(item)
+    return [{"model": model, "language": language, "lines": len(ds),
+             **_gains(ds, f"{model}/{language}", ("fim_better", "prefix_better"))}
+            for (model, language), ds in sorted(pairs.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1]))]
+
+
+def _mean(rs: list[dict], f: str) -> float:
+    return sum(r[f] for r in rs) / len(rs)
+
+
+def _gains(diffs: list[dict[str, float]], seed: str, counts: tuple[str, str]) -> dict[str, dict]:
+    """Per figure that every line has: the mean difference, its 95 % paired bootstrap interval
+    (seeded by `seed` and the figure, so the same every run) and the lines above and below zero
+    (named by `counts`)."""
+    out = {}
+    for f in ("exact_match", "edit_similarity", "middle_loss"):
+        if all(f in d for d in diffs):
+            xs = [d[f] for d in diffs]
+            low, high = _interval(xs, random.Random(f"{seed}/{f}"))
+            out[f] = {"gain": sum(xs) / len(xs), "low": low, "high": high,
+                      counts[0]: sum(x > 0 for x in xs), counts[1]: sum(x < 0 for x in xs)}
     return out
+
+
+def model_gain(rows: list[dict]) -> list[dict]:
+    """Each later model against the first one on line infilling, in each mode, per language
+    and for all languages: the mean of its score minus the first model's on the same lines
+    (each line's samples averaged), with a 95 % paired bootstrap interval and the lines on
+    which each did better. Pairing by line is what lets two runs of a few hundred lines a
+    language tell two close models apart. `middle_loss` is the first model's loss of the
+    removed line minus this one's (above zero: this model finds the right line likelier)."""
+    models = list(dict.fromkeys(r["model"] for r in rows if r["task_set"] == "lines"))
+    scores: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["task_set"] == "lines":
+            scores[(r["mode"], r["language"], r["task_id"])][r["model"]].append(r)
+    pairs: dict[tuple, list[dict[str, float]]] = defaultdict(list)
+    for (mode, language, _), by_model in scores.items():
+        first = by_model.get(models[0])
+        for model in models[1:]:
+            if first is None or model not in by_model:
+                continue
+            this = by_model[model]
+            d = {f: _mean(this, f) - _mean(first, f) for f in ("exact_match", "edit_similarity")}
+            if all("middle_loss" in r for r in first + this):
+                d["middle_loss"] = _mean(first, "middle_loss") - _mean(this, "middle_loss")
+            pairs[(model, mode, language)].append(d)
+            pairs[(model, mode, "all")].append(d)
+    modes = _modes(rows)
+    order = sorted(pairs, key=lambda k: (models.index(k[0]), modes.index(k[1]), k[2] == "all", k[2]))
+    return [{"model": model, "against": models[0], "mode": mode, "language": language,
+             "lines": len(pairs[(model, mode, language)]),
+             **_gains(pairs[(model, mode, language)], f"{model}/{mode}/{language}", ("better", "worse"))}
+            for model, mode, language in order]
 
 
 def _modes(rows: list[dict]) -> list[str]:
@@ -113,7 +152,7 @@ def summarize(rows: list[dict]) -> dict:
         "languages": [{"model": m, "mode": mode, "language": lang, **_figures(rs)}
                       for (m, mode, lang), rs in sorted(languages.items(), key=lambda kv: (
                           models.index(kv[0][0]), kv[0][2] == "all", kv[0][2], modes.index(kv[0][1])))],
-        "suffix_gain": suffix_gain(rows), "modes": modes, "samples": len(rows),
+        "suffix_gain": suffix_gain(rows), "model_gain": model_gain(rows), "modes": modes, "samples": len(rows),
     }
 
 
@@ -179,6 +218,21 @@ def write_report(summary: dict, out: Path) -> None:
                              f"{'-' if fim is None else f'{fim:.3f}'} | {'-' if plain is None else f'{plain:.3f}'} | "
                              f"{ml['gain']:+.3f} | [{ml['low']:+.3f}, {ml['high']:+.3f}] | {ml['fim_better']} |")
             lines.append("")
+    if summary.get("model_gain"):
+        first = summary["model_gain"][0]["against"]
+        lines += [f"Each model against {first} on the same lines: its score minus {first}'s, in points (loss: "
+                  f"{first}'s minus its own, nats a token), with a 95 % paired bootstrap interval, and the lines on "
+                  "which it did better / worse (edit sim):", "",
+                  "| model | mode | language | lines | exact match gain | interval | edit sim gain | interval | "
+                  "better / worse | loss gain | interval |", "|---|---|---|---:|---:|---|---:|---|---|---:|---|"]
+        for g in summary["model_gain"]:
+            em, es, ml = g["exact_match"], g["edit_similarity"], g.get("middle_loss")
+            loss = (f"{ml['gain']:+.3f} | [{ml['low']:+.3f}, {ml['high']:+.3f}]" if ml else "- | -")
+            lines.append(f"| {g['model']} | {g['mode']} | {g['language']} | {g['lines']} | {100 * em['gain']:+.2f} | "
+                         f"[{100 * em['low']:+.2f}, {100 * em['high']:+.2f}] | {100 * es['gain']:+.2f} | "
+                         f"[{100 * es['low']:+.2f}, {100 * es['high']:+.2f}] | {es['better']} / {es['worse']} | "
+                         f"{loss} |")
+        lines.append("")
     refused = sum(r["refused"] for r in summary["runs"])
     notes = list(summary.get("notes") or []) + (
         [f"{refused} samples were refused by the server and count as failed."] if refused else [])
