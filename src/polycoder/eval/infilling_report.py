@@ -69,10 +69,7 @@ def suffix_gain(rows: list[dict]) -> list[dict]:
     pairs: dict[tuple, list[dict[str, float]]] = defaultdict(list)
     for (model, language, _), by_mode in scores.items():
         if "fim" in by_mode and "prefix-only" in by_mode:
-            fim, plain = by_mode["fim"], by_mode["prefix-only"]
-            d = {f: _mean(fim, f) - _mean(plain, f) for f in ("exact_match", "edit_similarity")}
-            if all("middle_loss" in r for r in fim + plain):
-                d["middle_loss"] = _mean(plain, "middle_loss") - _mean(fim, "middle_loss")
+            d = _line_difference(by_mode["fim"], by_mode["prefix-only"])
             pairs[(model, language)].append(d)
             pairs[(model, "all")].append(d)
     return [{"model": model, "language": language, "lines": len(ds),
@@ -82,6 +79,15 @@ def suffix_gain(rows: list[dict]) -> list[dict]:
 
 def _mean(rs: list[dict], f: str) -> float:
     return sum(r[f] for r in rs) / len(rs)
+
+
+def _line_difference(these: list[dict], base: list[dict]) -> dict[str, float]:
+    """One line's scores (each side's samples averaged) in `these` minus in `base`, and where
+    every sample has a loss of the removed line, `base`'s loss minus these' (a gain: lower)."""
+    d = {f: _mean(these, f) - _mean(base, f) for f in ("exact_match", "edit_similarity")}
+    if all("middle_loss" in r for r in these + base):
+        d["middle_loss"] = _mean(base, "middle_loss") - _mean(these, "middle_loss")
+    return d
 
 
 def _gains(diffs: list[dict[str, float]], seed: str, counts: tuple[str, str]) -> dict[str, dict]:
@@ -112,14 +118,10 @@ def model_gain(rows: list[dict]) -> list[dict]:
             scores[(r["mode"], r["language"], r["task_id"])][r["model"]].append(r)
     pairs: dict[tuple, list[dict[str, float]]] = defaultdict(list)
     for (mode, language, _), by_model in scores.items():
-        first = by_model.get(models[0])
-        for model in models[1:]:
-            if first is None or model not in by_model:
-                continue
-            this = by_model[model]
-            d = {f: _mean(this, f) - _mean(first, f) for f in ("exact_match", "edit_similarity")}
-            if all("middle_loss" in r for r in first + this):
-                d["middle_loss"] = _mean(first, "middle_loss") - _mean(this, "middle_loss")
+        if models[0] not in by_model:
+            continue
+        for model in (m for m in models[1:] if m in by_model):
+            d = _line_difference(by_model[model], by_model[models[0]])
             pairs[(model, mode, language)].append(d)
             pairs[(model, mode, "all")].append(d)
     modes = _modes(rows)
