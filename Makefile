@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 
 setup: $(STAMP)
 
+# At the cursor, as an editor asks: the code before it (stdin) and after it (--suffix).
 demo: $(STAMP)
 	printf 'public class Main {\n    public static void main(String[] args) {\n        ' | \
-		$(BIN)/polycoder generate --max-new-tokens 48 --temperature 0 --echo
+		$(BIN)/polycoder generate --suffix "$$(printf '\n    }\n}\n')" --max-new-tokens 48 --temperature 0 --echo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

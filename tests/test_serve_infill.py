@@ -12,6 +12,8 @@ The model is a tiny random one whose tokenizer has the FIM sentinels
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -34,7 +36,7 @@ from polycoder.fim import (  # noqa: E402
 )
 from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
 from polycoder.generation.penalties import OFF  # noqa: E402
-from polycoder.generation.suffix_stop import SuffixStop  # noqa: E402
+from polycoder.generation.suffix_stop import REPEATS, SuffixStop  # noqa: E402
 from polycoder.generation.text import Sequence  # noqa: E402
 from polycoder.serve.infill_api import NOT_SUPPORTED  # noqa: E402
 
@@ -108,6 +110,93 @@ def test_suffix_stop_rule():
     glued = SuffixStop.of("y = 2", "\nprint(f())")  # the first generated line continues "y = 2"
     assert not glued.first_line_counts and glued.cut("print(f())\n", False) is None
     assert glued.cut("\nprint(f())\n", False) == 0
+
+
+def test_at_the_start_of_a_line_of_code_whole_lines_go_in_above_it():
+    """The cursor before a line's code (only indentation before it): the completion may be
+    lines, ended before the model writes that code, the line break and the indentation the
+    code keeps included (the suffix is the code itself)."""
+    rule = SuffixStop.of("def f():\n    ", "return x\n")
+    assert not rule.single_line and rule.line_start and rule.anchor == "return x" and rule.indent == "    "
+
+    def filled(text: str, final: bool = True) -> str:
+        at = rule.cut(text, final)
+        return "def f():\n    " + (text if at is None else text[:at]) + "return x\n"
+
+    assert filled("y = 1\n    z = 2\n    return x\n") == "def f():\n    y = 1\n    z = 2\n    return x\n"
+    assert filled("y = 1\n    y = 1\n    y = 1\n") == "def f():\n    y = 1\n    return x\n"  # a loop
+    assert filled("return x\n") == "def f():\n    return x\n"  # nothing to add
+    assert filled("y = 1\n    ") == "def f():\n    y = 1\n    return x\n"  # ended by the model
+    assert rule.cut("y = 1\n    return x", False) is None  # the line may go on
+    assert rule.held_back("y = 1\n    ret") == len("ret") and rule.held_back("y = 1\n    ") == 0
+    word = SuffixStop.of("\tif (x)\n\t\t", "turn x;\n")  # a line ending with the code after the cursor
+    assert word.line_start and word.cut("return x;\n", False) == len("re")
+    assert word.held_back("return x") == len("turn x") and word.held_back("y = 1;\n") == 0
+    column_0 = SuffixStop.of("x = 0\n", "    return x\n")  # the suffix holds the indentation
+    assert column_0.line_start and column_0.cut("    y = 1\n    return x\n", False) == len("    y = 1\n")
+
+
+@pytest.mark.parametrize("prefix,rest,line,kept", [
+    ("int x = ", ";", "0;", "0"),  # the editor's ; written again
+    ("f(", ")", "a, b)", "a, b"),  # an auto-closed bracket
+    ("if (x", ") {", " > 0) {", " > 0"),
+    ("x = ", " + b;", "a +", "a "),
+    ("y = ", "z;", "z", ""),  # all of it was there already
+    ("print(", ")", "f(x)", "f(x)"),  # without its ) the line's brackets would be less balanced
+    ("a = ma", "x)", "x", "x"),  # "max": the repeat would split a name
+    ("a = ", "b + c;", "ab", "ab"),
+    ("x = f(", ")", "a, b", "a, b"),  # nothing repeated
+])
+def test_mid_line_a_repeat_of_the_rest_of_the_line_goes(code_tokenizer, prefix, rest, line, kept):
+    rule = SuffixStop.of(prefix, rest + "\nnext()\n")
+    assert rule.single_line and rule.rest == rest.strip()
+    for text, final in [(line + "\nmore", False), (line, True)]:
+        at = rule.cut(text, final)
+        assert (text if at is None else text[:at]) == kept
+    assert rule.cut(line, False) is None  # the line may go on
+    tok = code_tokenizer.with_fim_tokens()  # streamed: the part that may go is held back until the line ends
+    s = Sequence([0], SamplingParams(max_new_tokens=100, suffix_stop=rule), tok, None)
+    out = ""
+    for t in tok.encode(line + "\nmore"):
+        out += s.push(t)
+        if s.done:
+            break
+    assert s.done and s.text == kept and out == kept
+
+
+def test_a_loop_at_the_cursor_ends_after_its_first_copy(code_tokenizer):
+    """A line written REPEATS (3) times in a row is a loop: the completion keeps its first copy.
+    The first generated line is compared with its indentation, which the prefix holds."""
+    assert REPEATS == 3
+    rule = SuffixStop.of("def f():\n    ", "\n\nprint(f())\n")
+    assert rule.indent == "    "
+    assert rule.cut("a = b\n    a = b\n    a = b\n", False) == len("a = b")
+    assert rule.cut("x = 1\na = b\na = b\n", False) is None  # two copies: code does that
+    assert rule.cut("x = 1\na = b\na = b\na = b", False) is None  # the third may go on ...
+    assert rule.cut("x = 1\na = b\na = b\na = b", True) == len("x = 1\na = b")  # ... unless the sample ended
+    assert rule.cut("x = 1\na = b\n  a = b\na = b\n", False) is None  # not the same line: indented otherwise
+    assert rule.cut("x\n\n\n\n\n", False) is None  # blank lines are no loop
+    assert rule.cut("a = b\n    a = b\n    a = b\n\nprint(f())\n", False) == len("a = b")
+    # Held back from a stream: copies after the first, and a last line that may become one.
+    assert rule.held_back("x = 1\na = b\na = b\n") == len("\na = b\n")
+    assert rule.held_back("x = 1\na = b\na = ") == len("\na = ")
+    assert rule.held_back("x = 1\na = b\nc") == 0
+    glued = SuffixStop.of("y = 2", "\nprint(f())")  # the first line continues "y = 2": not compared
+    assert glued.indent == "" and glued.cut(" + 1\n + 1\n + 1\n", False) is None
+    assert glued.cut(" + 1\nz\nz\nz\n", False) == len(" + 1\nz")
+    assert SuffixStop.of("x = f(", ")\n").cut("a\n", False) == 1  # mid-line: one line, no loop to cut
+
+    tok = code_tokenizer.with_fim_tokens()
+    for text, kept in [("a = b\n    a = b\n    a = b\n    a = b\n", "a = b"),
+                       ("a = b\n    a = b\n    c = d\n", "a = b\n    a = b\n    c = d\n")]:
+        s = Sequence([0], SamplingParams(max_new_tokens=100, suffix_stop=rule), tok, None)
+        out = ""
+        for t in tok.encode(text):
+            out += s.push(t)
+            if s.done:
+                break
+        out += "" if s.done else s.finish("eod")
+        assert s.text == kept and out == kept  # what was streamed is what was kept
 
 
 def test_sequence_cuts_and_streams_what_it_keeps(code_tokenizer):
@@ -554,6 +643,30 @@ def test_prefix_only_fallback_says_the_suffix_was_ignored(tiny_folder):
         assert cut.json()["tokens_evaluated"] == len(ids) and "x-polycoder-truncated" in cut.headers
     finally:
         s.stop()
+
+
+def test_the_command_line_fills_the_middle_as_the_server_does(server, local, fim_folder, tiny_folder, tmp_path):
+    """`polycoder generate --suffix` builds the server's at-cursor prompt and stop rules: the
+    same greedy middle as /infill, the long code cut the same way (with --truncate, as the
+    command line asks before cutting anything), and the clear refusals."""
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "polycoder", "generate", "--model", str(fim_folder),
+                               "--max-new-tokens", str(N), *args], capture_output=True, text=True, timeout=300)
+
+    assert cli("--prompt", PREFIX, "--suffix", SUFFIX).stdout == expected(local).text
+    after = tmp_path / "after.py"
+    after.write_text(SUFFIX)
+    echoed = cli("--prompt", PREFIX, "--suffix-file", str(after), "--echo", "--fim-order", "psm", "--no-stop-at-suffix")
+    assert echoed.stdout == PREFIX + expected(local, order="psm", rule=False).text + SUFFIX  # the whole file
+    long = "".join(f"x{i} = {i}\n" for i in range(400)) + "y = "  # far more than the 256-token context
+    refused = cli("--prompt", long, "--suffix", SUFFIX)
+    assert refused.returncode == 2 and "--truncate" in refused.stderr and "Traceback" not in refused.stderr
+    served = post(server, {"input_prefix": long, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
+    assert served.json()["truncated"] is True
+    assert cli("--prompt", long, "--suffix", SUFFIX, "--truncate").stdout == served.json()["content"]
+    no_fim = subprocess.run([sys.executable, "-m", "polycoder", "generate", "--model", str(tiny_folder), "--prompt", "a",
+                             "--suffix", "b"], capture_output=True, text=True, timeout=300)
+    assert no_fim.returncode == 2 and "polycoder finetune --fim" in no_fim.stderr and "Traceback" not in no_fim.stderr
 
 
 def test_an_editors_own_fim_template_is_read_as_sentinels(server, local, code_tokenizer):

@@ -149,3 +149,37 @@ def fit(prefix: Sequence[int], suffix: Sequence[int], room: int) -> tuple[list[i
     quantum = max(8, room // 32)
     drop = -(-(len(prefix) - (room - keep_suffix)) // quantum) * quantum
     return prefix[drop:], suffix[:keep_suffix]
+
+
+def fit_around_cursor(encode: Callable[[str], list[int]], prefix: str, suffix: str, room: int,
+                      max_token_bytes: int) -> tuple[list[int], list[int], bool]:
+    """The ids of the prefix and of the suffix (each tokenized on its own) cut away from the
+    cursor to `room` tokens in all (`encode_around_cursor`, then `fit`), and whether anything
+    was left out. The one cut of the server's routes, `polycoder generate --suffix` and `eval
+    infilling`, so the evaluation measures what editors and the command line get."""
+    prefix_ids, suffix_ids, cut_text = encode_around_cursor(encode, prefix, suffix, room, max_token_bytes)
+    kept_prefix, kept_suffix = fit(prefix_ids, suffix_ids, room)
+    return kept_prefix, kept_suffix, cut_text or len(kept_prefix) < len(prefix_ids) or len(kept_suffix) < len(suffix_ids)
+
+
+@dataclass(frozen=True)
+class CursorIds:
+    """The FIM prompt of a cursor between a prefix and a suffix (`cursor_ids`)."""
+
+    ids: list[int]
+    heal: str
+    """The whitespace that ended the prefix, left out of the prompt for the model to write
+    (`back_off`; `SamplingParams.heal`)."""
+    cut: bool
+    """The prefix's start or the suffix's end did not fit and was left out."""
+
+
+def cursor_ids(encode: Callable[[str], list[int]], fim: FimIds, prefix: str, suffix: str, room: int, order: str,
+               max_token_bytes: int) -> CursorIds:
+    """The prompt, at most `room` tokens with the three sentinels, that asks a FIM model for
+    the middle between `prefix` and `suffix`: the prefix without its trailing whitespace
+    (`back_off`), both cut to fit away from the cursor (`fit_around_cursor`), laid out in
+    `order` (`arrange`)."""
+    kept, heal = back_off(prefix)
+    prefix_ids, suffix_ids, cut = fit_around_cursor(encode, kept, suffix, max(0, room - 3), max_token_bytes)
+    return CursorIds(arrange(fim, prefix_ids, [], suffix_ids, order), heal, cut)

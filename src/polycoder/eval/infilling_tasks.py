@@ -22,9 +22,9 @@ What it implements:
   seeded with the seed, language and file's SHA-256; scored by exact match and edit
   similarity (1 - Levenshtein distance / longer length), both after trailing whitespace is
   stripped (every line's, and the text's end).
-- How a task is asked of a local model (`prompt_ids`): `polycoder.fim.arrange(tokenizer.fim,
-  prefix_ids, [], suffix_ids, order)`, or the prefix alone for the left-to-right baseline;
-  what does not fit the context is cut away from the cursor, as our server cuts it.
+- How a task is asked of a local model (`prompt_ids`): `polycoder.fim.cursor_ids`, the FIM
+  prompt our server and `polycoder generate --suffix` build (what does not fit the context
+  cut away from the cursor), or the prefix alone for the left-to-right baseline.
 - How a model's text becomes an answer (`answer`), as in their evaluations: single-line and
   line tasks take the first line; a FIM prompt's multi-line and random-span middles end
   where the model ends them (end of document or a FIM sentinel, applied while sampling);
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polycoder.errors import PolycoderError
-from polycoder.fim import arrange, back_off, encode_around_cursor, fit
+from polycoder.fim import back_off, cursor_ids, encode_around_cursor
 from polycoder.tokenizer import Tokenizer
 
 HUMANEVAL_SETS = ("single-line", "multi-line", "random-span")
@@ -127,18 +127,17 @@ def subset(tasks: list[Task], max_tasks: int) -> list[Task]:
 
 
 def prompt_ids(tokenizer: Tokenizer, task: Task, mode: str, order: str, room: int) -> list[int]:
-    """The prompt of one task for a local model, at most `room` tokens: FIM's `arrange` of the
-    prefix's and the suffix's tokens (each part tokenized on its own), cut to fit as our server
-    cuts them (`polycoder.fim.encode_around_cursor`, `polycoder.fim.fit`), or the prefix alone, its
-    last `room` tokens."""
+    """The prompt of one task for a local model, at most `room` tokens: the FIM prompt of the
+    cursor between the task's prefix and suffix as our server builds it (`polycoder.fim.cursor_ids`),
+    or the prefix alone, its last `room` tokens."""
     room = max(0, room)
-    # The whitespace before the cursor is the model's to write (`back_off`).
-    prefix_ids, suffix_ids, _ = encode_around_cursor(tokenizer.encode, back_off(task.prefix)[0],
-                                                     task.suffix if mode == "fim" else "", room, tokenizer.max_token_bytes)
-    if mode != "fim":
-        return prefix_ids[-room:] if room else []
-    prefix_ids, suffix_ids = fit(prefix_ids, suffix_ids, room - 3)  # 3: the sentinels
-    return arrange(tokenizer.fim, prefix_ids, [], suffix_ids, order)
+    if mode == "fim":
+        return cursor_ids(tokenizer.encode, tokenizer.fim, task.prefix, task.suffix, room, order,
+                          tokenizer.max_token_bytes).ids
+    # The whitespace before the cursor is the model's to write (`back_off`), as at the cursor.
+    prefix_ids, _, _ = encode_around_cursor(tokenizer.encode, back_off(task.prefix)[0], "", room,
+                                            tokenizer.max_token_bytes)
+    return prefix_ids[-room:] if room else []
 
 
 def program_of(task: Task, completion: str, problem: dict) -> str:

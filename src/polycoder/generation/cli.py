@@ -11,14 +11,20 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from polycoder.errors import PolycoderError
 from polycoder.options import ModelOptions
+
+if TYPE_CHECKING:  # it imports torch, which `polycoder generate --help` must not
+    from polycoder.generation.sampling import SamplingParams
 
 
 def cli_generate(
     prompt: str | None = None,
     prompt_file: Path | None = None,
+    suffix: str | None = None,
+    suffix_file: Path | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -40,12 +46,17 @@ def cli_generate(
     repeat_last_n: int = 64,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    fim_order: Literal["spm", "psm"] = "spm",
+    stop_at_suffix: bool = True,
 ) -> None:
-    """Complete a prompt with a model and print the completion (streamed for one sample).
+    """Complete a prompt, or fill the middle up to a --suffix, and print the completion (streamed for one sample).
 
     Args:
         prompt: the prompt text, taken exactly (tabs, newlines, spaces kept).
         prompt_file: read the prompt from this file; `-` or no prompt at all reads stdin.
+        suffix: the code after the cursor: the model fills the middle between the prompt and it, as an editor asks
+            (a model with fill-in-the-middle tokens, such as the bundled one); empty: a plain completion.
+        suffix_file: read the suffix from this file.
         max_new_tokens: most tokens to generate.
         temperature: sampling temperature; 0 means greedy.
         top_p: nucleus sampling threshold.
@@ -72,6 +83,11 @@ def cli_generate(
         repeat_last_n: how many of the latest tokens (prompt and output) the penalties count (-1: all).
         presence_penalty: subtracted from the logit of each token seen among them (0: off).
         frequency_penalty: subtracted from a seen token's logit for each time it was seen (0: off).
+        fim_order: with a suffix, how the prompt lays out prefix and suffix (spm: the prefix last, as the server).
+        stop_at_suffix: with a suffix, end at the first newline when the cursor is mid-line (less an end that repeats
+            the rest of the line), else before a generated
+            line equal to the suffix's first non-blank line or after the first copy of a line written three times in a
+            row (the server's rule).
     """
     from polycoder.backend import set_threads
     from polycoder.checkpoint import device_of, load
@@ -80,6 +96,9 @@ def cli_generate(
     from polycoder.generation.sampling import SamplingParams
 
     text = read_prompt(prompt, prompt_file)
+    after = read_suffix(suffix, suffix_file)
+    if after and num_beams > 1:
+        raise PolycoderError("beam search does not fill in the middle: leave out --num-beams, or --suffix")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             num_samples=num_samples, num_beams=num_beams, stop=tuple(stop or ()), seed=seed,
                             truncate=truncate, stop_at_eod=stop_at_eod,
@@ -89,12 +108,16 @@ def cli_generate(
     if device_of(model_options.device) == "cpu":
         set_threads(threads or None)
     net, tok = load(model_options)
+    asked: str | list[int] = text
+    if after:
+        asked, params = at_cursor(tok, net.config.block_size, text, after, params, fim_order, stop_at_suffix,
+                                  model_options.model or "the bundled model")
     draft = None
     if draft_model is not None:
         draft, _ = load(replace(model_options, model=draft_model, quantize=None, random_init=False))
     out = sys.stdout
     if json_output:
-        completions = generate(net, tok, [text], params, compile=compile, speculate=speculate, draft_model=draft)[0]
+        completions = generate(net, tok, [asked], params, compile=compile, speculate=speculate, draft_model=draft)[0]
         out.write(json.dumps([{"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
                               for c in completions], ensure_ascii=False) + "\n")
         return
@@ -103,17 +126,45 @@ def cli_generate(
         sys.stdout.buffer.write(text.encode("utf-8", errors="surrogateescape"))
         sys.stdout.buffer.flush()
     if num_samples == 1 and num_beams == 1:
-        for piece in stream(net, tok, text, params, compile=compile, speculate=speculate, draft_model=draft):
+        for piece in stream(net, tok, asked, params, compile=compile, speculate=speculate, draft_model=draft):
             out.write(piece)
             out.flush()
+    else:
+        for i, c in enumerate(generate(net, tok, [asked], params, compile=compile, speculate=speculate,
+                                       draft_model=draft)[0]):
+            out.write(f"\n===== sample {i + 1} ({c.finish_reason}) =====\n{c.text}\n" if num_samples > 1 else c.text)
+    if echo and after:
+        out.write(after)
+    if num_samples == 1:
         _end_line(out)
-        return
-    for i, c in enumerate(generate(net, tok, [text], params, compile=compile, speculate=speculate, draft_model=draft)[0]):
-        if num_samples > 1:
-            out.write(f"\n===== sample {i + 1} ({c.finish_reason}) =====\n{c.text}\n")
-        else:
-            out.write(c.text)
-            _end_line(out)
+
+
+def at_cursor(tok, context: int, prefix: str, suffix: str, params: SamplingParams, order: str, stop_at_suffix: bool,
+              model_name: str) -> tuple[list[int], SamplingParams]:
+    """The prompt ids and settings that fill the middle between `prefix` and `suffix`, as the
+    server's at-cursor routes build them (`polycoder.serve.at_cursor`): the FIM prompt of
+    `polycoder.fim.cursor_ids`, the sentinels ending a sample, the whitespace before the
+    cursor left to the model, and the suffix's stop rule."""
+    from polycoder.fim import ORDERS, cursor_ids
+    from polycoder.generation.suffix_stop import SuffixStop
+
+    if tok.fim is None:
+        raise PolycoderError(f"{model_name}: its tokenizer has no fill-in-the-middle tokens (<fim_prefix>, <fim_middle>, "
+                             "<fim_suffix>, <fim_pad>), so it cannot fill between the prompt and --suffix; teach it "
+                             "with `polycoder finetune --fim`, or leave out --suffix for a plain completion")
+    if order not in ORDERS:
+        raise PolycoderError(f"--fim-order must be one of {', '.join(ORDERS)}, got {order!r}")
+    room = context - params.max_new_tokens
+    if room <= 3:  # the three sentinels
+        raise PolycoderError(f"--max-new-tokens {params.max_new_tokens} leaves no room for the code around the cursor "
+                             f"in the model's context of {context} tokens; lower it")
+    prompt = cursor_ids(tok.encode, tok.fim, prefix, suffix, room, order, tok.max_token_bytes)
+    if prompt.cut and not params.truncate:
+        raise PolycoderError(f"the prompt and the suffix do not fit the model's context of {context} tokens with "
+                             f"--max-new-tokens {params.max_new_tokens}: give --truncate to cut the prompt's start and "
+                             "the suffix's end away from the cursor (as the server does), or lower --max-new-tokens")
+    rule = SuffixStop.of(prefix, suffix) if stop_at_suffix else None
+    return prompt.ids, replace(params, stop_ids=(*params.stop_ids, *tok.fim.all), suffix_stop=rule, heal=prompt.heal)
 
 
 def _end_line(out) -> None:
@@ -121,6 +172,18 @@ def _end_line(out) -> None:
     line; a pipe or file gets the completion exactly, with nothing added."""
     if out.isatty():
         out.write("\n")
+
+
+def read_suffix(suffix: str | None, suffix_file: Path | None) -> str:
+    """The code after the cursor from --suffix or --suffix-file, exactly ("" for none)."""
+    if suffix is not None and suffix_file is not None:
+        raise PolycoderError("give either --suffix or --suffix-file, not both")
+    if suffix_file is None:
+        return suffix or ""
+    try:
+        return Path(suffix_file).read_bytes().decode("utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise PolycoderError(f"suffix file not found: {suffix_file}") from None
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:

@@ -8,23 +8,43 @@ answer and the row is freed as soon as the completion is known to be over.
 
 The rule (`SuffixStop.of(prefix, suffix)`; no rule when the suffix is blank):
 
-- cursor mid-line (the suffix's first line, the rest of the cursor's line, holds code):
-  the completion is that one line: it ends before the first newline it generates;
-- otherwise the anchor is the suffix's first non-blank line, stripped of surrounding
-  whitespace. The completion ends before the first generated line whose stripped text
-  equals the anchor (the model has started to repeat the code below), and the blank
-  lines and newline before that line go too (the suffix brings its own newline and blank
-  lines). A line counts once it is complete (a newline follows, or the sample ended);
+- cursor mid-line (code before it on its line, and after it: the suffix's first line):
+  the completion is that one line: it ends before the first newline it generates. Where
+  the line's end repeats the start of the rest of the line (an editor closed the bracket
+  or wrote the `;` that the model writes too: `f(a, b)` before `)`), that repeat goes
+  (as Cody's and Twinny's clients trim it), unless it would split a name or leave the
+  line's brackets less balanced (`print(f(x)` before `)` keeps its `)`);
+- cursor at the start of a line of code (nothing but indentation before it on its line):
+  whole lines may go in above that code, so the completion is not one line. Its anchor is
+  the code after the cursor on its line, stripped of surrounding whitespace; the completion
+  ends before the first generated line whose stripped text equals the anchor (the model
+  has started to write the code after the cursor), its line breaks kept and the cursor's
+  indentation after the last (the code after the cursor moves down a line, indented as it
+  was), or where a generated line ends with the anchor (`re` before `turn x;`, written as
+  `return x;`: the text before it goes in on the cursor's line);
+- otherwise (nothing but whitespace after the cursor on its line) the anchor is the
+  suffix's first non-blank line, and the blank lines and newline before the generated copy
+  of it go too (the suffix brings its own newline and blank lines);
+- in both, a line counts once it is complete (a newline follows, or the sample ended);
   the first generated line counts only when the prefix's last line is blank (indentation
-  only), since it otherwise continues code before the cursor.
+  only), since it otherwise continues code before the cursor;
+- and, in the same lines, a model caught in a loop: a non-blank line written REPEATS times in
+  a row ends the completion after its first copy (Continue's "stop at repeating lines", which
+  editors apply themselves: a small model at the cursor loops where it should end the middle,
+  and writes the same line to the token limit).
 
 Text that a later token could still cut (trailing whitespace, a last line that could grow
-into the anchor) is held back from a stream until it is safe, like a partial stop string.
+into the anchor, the copies of a repeated line after the first) is held back from a stream
+until it is safe, like a partial stop string.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+REPEATS = 3
+"""A line written this many times in a row is a loop (Continue's MAX_REPEATS)."""
 
 
 @dataclass(frozen=True)
@@ -33,51 +53,151 @@ class SuffixStop:
 
     single_line: bool
     """The cursor is mid-line: end at the first generated newline."""
+    rest: str = ""
+    """The rest of the cursor's line, without its surrounding whitespace (mid-line)."""
+    before: str = ""
+    """The character before the cursor (mid-line), where a name may go on."""
+    balance: tuple[int, ...] = (0, 0, 0)
+    """Openers minus closers of (), [] and {} on the cursor's line, before and after the
+    cursor (mid-line): what the completion's line adds is judged against it."""
     anchor: str = ""
     """The suffix's first non-blank line, stripped (multi-line completions)."""
     first_line_counts: bool = False
     """The prefix's last line is blank, so the first generated line is a whole line."""
+    indent: str = ""
+    """The prefix's last line when `first_line_counts` (its indentation, which the first
+    generated line continues): that line is compared with the next ones as indent + line."""
+    line_start: bool = False
+    """The cursor is at the start of a line of code (the anchor is that code): a cut keeps
+    the line breaks before the cut line, since the suffix has none before its code."""
 
     @classmethod
     def of(cls, prefix: str, suffix: str) -> SuffixStop | None:
         """The rule for a cursor between `prefix` and `suffix` (None when the suffix is blank)."""
         if not suffix.strip():
             return None
-        rest_of_line = suffix.split("\n", 1)[0]
-        if rest_of_line.strip():
-            return cls(single_line=True)
+        rest_of_line, last = suffix.split("\n", 1)[0], prefix.rsplit("\n", 1)[-1]
+        if rest_of_line.strip() and last.strip():
+            return cls(single_line=True, rest=rest_of_line.strip(), before=prefix[-1:],
+                       balance=_balance(last + rest_of_line))
         anchor = next(line.strip() for line in suffix.split("\n") if line.strip())
-        return cls(single_line=False, anchor=anchor, first_line_counts=not prefix.rsplit("\n", 1)[-1].strip())
+        return cls(single_line=False, anchor=anchor, first_line_counts=not last.strip(),
+                   indent="" if last.strip() else last, line_start=bool(rest_of_line.strip()))
 
     def cut(self, text: str, final: bool) -> int | None:
         """Where `text` (the completion so far) ends under this rule, or None if it goes on.
         `final`: the sample has ended, so its last line is complete."""
         if self.single_line:
             i = text.find("\n")
-            return i if i >= 0 else None
+            if i < 0 and not final:
+                return None
+            line = text if i < 0 else text[:i]
+            kept = len(line) - self._repeat_of_rest(line)
+            return kept if i >= 0 or kept < len(line) else None
+        for start, line, complete, run, second in self._whole_lines(text, final):
+            if not complete:
+                return None
+            if line.strip() == self.anchor:
+                return self._before(text, start)
+            written = text[start:].split("\n", 1)[0].rstrip()
+            if self.line_start and written.endswith(self.anchor):
+                return start + len(written) - len(self.anchor)  # text, then the code after the cursor
+            if run >= REPEATS:
+                return self._before(text, second)  # a loop: only the first copy is kept
+        return None
+
+    def _before(self, text: str, start: int) -> int:
+        """Where the completion ends when the line at `start` is cut: at a line start, with
+        the line breaks before it and the cursor's indentation where the model wrote it, else
+        without them and the whitespace before them."""
+        if not self.line_start:
+            return len(text[:start].rstrip())
+        return start + len(self.indent) if start and text.startswith(self.indent, start) else start
+
+    def _whole_lines(self, text: str, final: bool) -> Iterator[tuple[int, str, bool, int, int | None]]:
+        """(start, line, complete, run, second) for each line the rule reads, in order: where
+        it starts, its text, whether it is complete (a newline follows, or the sample ended),
+        how many copies of this non-blank complete line end here in a row (1: a new line), and
+        where the run's second copy starts (None when run is 1)."""
+        if not self.first_line_counts and "\n" not in text:
+            return  # no whole line yet
         start = 0 if self.first_line_counts else text.find("\n") + 1
-        if start == 0 and not self.first_line_counts:
-            return None  # no whole line yet
+        previous, run, second = None, 0, None
         while True:
             end = text.find("\n", start)
-            if end < 0 and not final:
-                return None
             line = text[start:] if end < 0 else text[start:end]
-            if line.strip() == self.anchor:
-                return len(text[:start].rstrip())
+            complete = end >= 0 or final
+            whole = self.indent + line if start == 0 else line
+            if complete and line.strip() and whole == previous:
+                run += 1
+                second = start if run == 2 else second
+            else:
+                previous, run, second = whole, 1, None
+            yield start, whole, complete, run, second
             if end < 0:
-                return None
+                return
             start = end + 1
+
+    def _repeat_of_rest(self, line: str) -> int:
+        """How many characters end `line` (the completion's one line) that repeat the start of
+        the rest of the cursor's line and go: the longest such repeat that splits no name and
+        leaves the line's brackets no less balanced (0: none)."""
+        body = line.rstrip()
+        whole = _off_balance(_plus(self.balance, _balance(line)))
+        for k in range(min(len(body), len(self.rest)), 0, -1):
+            kept = body[:-k]
+            if not body.endswith(self.rest[:k]):
+                continue
+            if (_in_name((kept or self.before)[-1:]) and _in_name(self.rest[0])) or \
+                    (k < len(self.rest) and _in_name(self.rest[k - 1]) and _in_name(self.rest[k])):
+                continue  # would split a name
+            if _off_balance(_plus(self.balance, _balance(kept))) <= whole:
+                return len(line) - len(kept)
+        return 0
 
     def held_back(self, text: str) -> int:
         """How many trailing characters of `text` a later token could still cut."""
-        if self.single_line:
-            return 0  # a cut only ever drops text from the newline on, which is never emitted
-        keep = len(text.rstrip())
+        if self.single_line:  # the newline and after are never emitted; a repeat of the rest may yet go
+            line = text.split("\n", 1)[0]
+            body = line.rstrip()
+            tail = next((k for k in range(min(len(body), len(self.rest)), 0, -1) if body.endswith(self.rest[:k])), 0)
+            return len(line) - len(body) + tail if "\n" not in text else 0
         line_start = text.rfind("\n") + 1
+        keep = len(text) if self.line_start else len(text.rstrip())
         if line_start == 0 and not self.first_line_counts:
             return len(text) - keep
         last = text[line_start:]
         if last.strip() and self.anchor.startswith(last.strip()):
-            keep = min(keep, len(text[:line_start].rstrip()))  # the last line may yet equal the anchor
+            keep = min(keep, self._before(text, line_start))  # the last line may yet equal the anchor
+        if self.line_start:  # ... or end with it
+            tail = next((k for k in range(min(len(last), len(self.anchor)), 0, -1)
+                         if last.endswith(self.anchor[:k])), 0)
+            keep = min(keep, len(text) - tail)
+        # A loop is cut from its second copy on, so copies after the first wait (the next may
+        # make a loop), and so does a last line that may yet become the second copy.
+        whole = [(line, run, second) for _, line, done, run, second in self._whole_lines(text, False) if done]
+        if whole and whole[-1][1] >= 2:
+            keep = min(keep, self._before(text, whole[-1][2]))
+        elif whole and whole[-1][0].strip() and last and whole[-1][0].startswith(last):
+            keep = min(keep, self._before(text, line_start))
         return len(text) - keep
+
+
+_BRACKETS = ("()", "[]", "{}")
+
+
+def _balance(text: str) -> tuple[int, ...]:
+    """Openers minus closers of each bracket pair in `text`."""
+    return tuple(text.count(pair[0]) - text.count(pair[1]) for pair in _BRACKETS)
+
+
+def _plus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _off_balance(balance: tuple[int, ...]) -> int:
+    return sum(abs(b) for b in balance)
+
+
+def _in_name(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"

@@ -18,11 +18,11 @@ What does not fit: editors send as much code around the cursor as their settings
 (llama.vscode 256 lines before it and 64 after), whatever the model's context. As
 llama.cpp's /infill and Ollama do, the server cuts it away from the cursor rather than
 refusing it: the prefix loses its start, the suffix its end, the suffix keeping at least
-half of the room (`polycoder.fim.encode_around_cursor`, `polycoder.fim.fit`, which `eval
-infilling` uses too, so it measures what editors get). The prefix's cut moves in steps, so
-that typing leaves it in place and the prompt cache keeps the prompt up to the cursor. A
-cut prompt is reported: `truncated` on /infill, the X-Polycoder-Truncated header on every
-route, and the log.
+half of the room (`polycoder.fim.fit_around_cursor`; `eval infilling` and `polycoder
+generate --suffix` cut the same way, so the evaluation measures what editors get). The
+prefix's cut moves in steps, so that typing leaves it in place and the prompt cache keeps
+the prompt up to the cursor. A cut prompt is reported: `truncated` on /infill, the
+X-Polycoder-Truncated header on every route, and the log.
 
 Extra context (llama.cpp's `input_extra`, chunks of other files): llama.cpp lays it out
 with `<|file_sep|>` and file names where the model has such tokens. PolyCoder has none and
@@ -53,7 +53,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from polycoder.fim import arrange, back_off, encode_around_cursor, fit
+from polycoder.fim import arrange, back_off, fit_around_cursor
 from polycoder.generation.suffix_stop import SuffixStop
 from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits
 
@@ -128,17 +128,13 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
         ignored = bool(suffix)
         if ignored:
             log.warning("[%s] %s", request_id, SUFFIX_IGNORED)
-        encoded, _, cut_text = await _encode_around_cursor(state, prefix + middle, "", most)
-        ids, _ = fit(encoded, [], most)
-        cut = cut_text or len(ids) < len(encoded)
+        ids, _, cut = await _fit_around_cursor(state, prefix + middle, "", most)
         return CursorPrompt(list(before) + (ids or [tok.eod_id]), suffix_stop=rule, suffix_ignored=ignored, cut=cut,
                             heal=heal, headers=_headers(ignored, cut))
     m_ids = (await _encode(state, [middle]))[0]  # each part on its own, as in training
     if most <= len(m_ids):
         raise no_room(str(len(m_ids)))
-    p_ids, s_ids, cut_text = await _encode_around_cursor(state, prefix, suffix, most - len(m_ids))
-    kept_p, kept_s = fit(p_ids, s_ids, most - len(m_ids))
-    cut = cut_text or len(kept_p) < len(p_ids) or len(kept_s) < len(s_ids)  # cut before tokenizing, or after
+    kept_p, kept_s, cut = await _fit_around_cursor(state, prefix, suffix, most - len(m_ids))
     if cut:
         log.info("[%s] the code around the cursor was cut to fit the context: %d prefix and %d suffix tokens kept",
                  request_id, len(kept_p), len(kept_s))
@@ -162,13 +158,13 @@ async def _encode(state: ServerState, texts: list[str]) -> list[list[int]]:
     return [encode(t) for t in texts]
 
 
-async def _encode_around_cursor(state: ServerState, prefix: str, suffix: str,
-                                room: int) -> tuple[list[int], list[int], bool]:
-    """`encode_around_cursor` with this server's tokenizer; long texts off the event loop."""
+async def _fit_around_cursor(state: ServerState, prefix: str, suffix: str,
+                             room: int) -> tuple[list[int], list[int], bool]:
+    """`fit_around_cursor` with this server's tokenizer; long texts off the event loop."""
     tok = state.tokenizer
     if len(prefix) + len(suffix) > OFF_LOOP_CHARS:
-        return await asyncio.to_thread(encode_around_cursor, tok.encode, prefix, suffix, room, tok.max_token_bytes)
-    return encode_around_cursor(tok.encode, prefix, suffix, room, tok.max_token_bytes)
+        return await asyncio.to_thread(fit_around_cursor, tok.encode, prefix, suffix, room, tok.max_token_bytes)
+    return fit_around_cursor(tok.encode, prefix, suffix, room, tok.max_token_bytes)
 
 
 async def _extra_context(state: ServerState, chunks: list[str], budget: int) -> tuple[list[int], bool]:
