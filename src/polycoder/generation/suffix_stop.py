@@ -144,10 +144,8 @@ class SuffixStop:
         leaves the line's brackets no less balanced (0: none)."""
         body = line.rstrip()
         whole = _off_balance(_plus(self.balance, _balance(line)))
-        for k in range(min(len(body), len(self.rest)), 0, -1):
+        for k in _overlaps(body, self.rest):
             kept = body[:-k]
-            if not body.endswith(self.rest[:k]):
-                continue
             if (_in_name((kept or self.before)[-1:]) and _in_name(self.rest[0])) or \
                     (k < len(self.rest) and _in_name(self.rest[k - 1]) and _in_name(self.rest[k])):
                 continue  # would split a name
@@ -160,8 +158,7 @@ class SuffixStop:
         if self.single_line:  # the newline and after are never emitted; a repeat of the rest may yet go
             line = text.split("\n", 1)[0]
             body = line.rstrip()
-            tail = next((k for k in range(min(len(body), len(self.rest)), 0, -1) if body.endswith(self.rest[:k])), 0)
-            return len(line) - len(body) + tail if "\n" not in text else 0
+            return len(line) - len(body) + next(_overlaps(body, self.rest), 0) if "\n" not in text else 0
         line_start = text.rfind("\n") + 1
         keep = len(text) if self.line_start else len(text.rstrip())
         if line_start == 0 and not self.first_line_counts:
@@ -170,9 +167,7 @@ class SuffixStop:
         if last.strip() and self.anchor.startswith(last.strip()):
             keep = min(keep, self._before(text, line_start))  # the last line may yet equal the anchor
         if self.line_start:  # ... or end with it
-            tail = next((k for k in range(min(len(last), len(self.anchor)), 0, -1)
-                         if last.endswith(self.anchor[:k])), 0)
-            keep = min(keep, len(text) - tail)
+            keep = min(keep, len(text) - next(_overlaps(last, self.anchor), 0))
         # A loop is cut from its second copy on, so copies after the first wait (the next may
         # make a loop), and so does a last line that may yet become the second copy.
         whole = [(line, run, second) for _, line, done, run, second in self._whole_lines(text, False) if done]
@@ -184,6 +179,15 @@ class SuffixStop:
 
 
 _BRACKETS = ("()", "[]", "{}")
+
+
+def _overlaps(text: str, code: str) -> Iterator[int]:
+    """Each k, longest first, for which `text` ends with the first k characters of `code`
+    (only where its first character matches is the whole compared: a line of minified code
+    after the cursor costs no more than the completion's length a token)."""
+    for k in range(min(len(text), len(code)), 0, -1):
+        if text[-k] == code[0] and text.endswith(code[:k]):
+            yield k
 
 
 def _balance(text: str) -> tuple[int, ...]:
