@@ -84,10 +84,10 @@ def cli_generate(
         presence_penalty: subtracted from the logit of each token seen among them (0: off).
         frequency_penalty: subtracted from a seen token's logit for each time it was seen (0: off).
         fim_order: with a suffix, how the prompt lays out prefix and suffix (spm: the prefix last, as the server).
-        stop_at_suffix: with a suffix, end at the first newline when the cursor is mid-line (less an end that repeats
-            the rest of the line), else before a generated
-            line equal to the suffix's first non-blank line or after the first copy of a line written three times in a
-            row (the server's rule).
+        stop_at_suffix: with a suffix, end where the code around the cursor says: mid-line, at the line's end
+            less what repeats the rest of the line; at the start of a line of code, before that code; on a line
+            of its own, before the code below; and a line written three times in a row after its first copy (the
+            server's rule).
     """
     from polycoder.backend import set_threads
     from polycoder.checkpoint import device_of, load

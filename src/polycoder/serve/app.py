@@ -275,10 +275,10 @@ def serve(
         max_request_bytes: largest request body in bytes; larger ones get a 413 before they are read.
         fim_order: how at-cursor prompts (suffix, /infill) lay out prefix and suffix: spm puts the prefix last,
             so the rest of the prompt stays the same while the user types; psm.
-        stop_at_suffix: end at-cursor completions at the first newline when the cursor is mid-line (less an end that
-            repeats the rest of the line), else before a
-            generated line equal to the suffix's first non-blank line or after the first copy of a line written three
-            times in a row (a request's stop_at_suffix overrides).
+        stop_at_suffix: end at-cursor completions where the code around the cursor says: mid-line, at the line's end
+            less what repeats the rest of the line; at the start of a line of code, before that code; on a line
+            of its own, before the code below; and a line written three times in a row after its first copy (a request's
+            stop_at_suffix overrides).
         suffix_fallback: a model without FIM tokens given a suffix: off refuses it (as Ollama and llama.cpp do);
             prefix-only completes the prefix alone and says the suffix was ignored.
         log_level: debug, info, warning or error.
