@@ -37,7 +37,7 @@ from polycoder.fim import (  # noqa: E402
 from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
 from polycoder.generation.penalties import OFF  # noqa: E402
 from polycoder.generation.suffix_stop import REPEATS, SuffixStop  # noqa: E402
-from polycoder.generation.text import Sequence  # noqa: E402
+from polycoder.generation.text import Sequence, under_indented  # noqa: E402
 from polycoder.serve.infill_api import NOT_SUPPORTED  # noqa: E402
 
 PREFIX = "def add(a, b):\n    "
@@ -74,7 +74,7 @@ def expected_ids(local, prefix=PREFIX, suffix=SUFFIX, order="spm"):
 
 
 def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), middle="", rule=True, stop=(),
-             penalties=OFF):
+             penalties=OFF, min_indent=0):
     """What the server must answer, greedy: arrange + our plain generation, the whitespace
     before the cursor left to the model (`back_off`) and dropped from its output (`heal`)."""
     model, tok = local
@@ -87,7 +87,7 @@ def expected(local, prefix=PREFIX, suffix=SUFFIX, order="spm", n=N, extra=(), mi
     ids = [t for text in extra for t in (*tok.encode(text), tok.eod_id)] + ids
     fim = tok.fim
     params = SamplingParams(max_new_tokens=n, stop=stop, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad),
-                            suffix_stop=rule, heal=heal, penalties=penalties)
+                            suffix_stop=rule, heal=heal, penalties=penalties, min_indent=min_indent)
     return generate(model, tok, [ids], params)[0][0]
 
 
@@ -164,7 +164,25 @@ def test_mid_line_a_repeat_of_the_rest_of_the_line_goes(code_tokenizer, prefix, 
     assert s.done and s.text == kept and out == kept
 
 
-def test_a_loop_at_the_cursor_ends_after_its_first_copy(code_tokenizer):
+def test_n_indent_ends_the_answer_before_a_line_indented_less(code_tokenizer):
+    """llama.cpp's n_indent: after the first line break, a line whose code is indented by
+    fewer spaces or tabs ends the sample before that code, its indentation kept."""
+    assert under_indented("x = 1\n    y = 2\nz = 3\n", 4) == len("x = 1\n    y = 2\n")
+    assert under_indented("x = 1\n  y = 2\n", 4) == len("x = 1\n  ")
+    assert under_indented("x = 1\n    y = 2\n\t\tz\n", 2) is None  # a tab counts one, as llama.cpp counts it
+    assert under_indented("x\n\n   \n\r\n    y", 4) is None  # lines of whitespace alone are not judged
+    assert under_indented("x = 1", 4) is None and under_indented("x\ny", 0) is None
+    tok = code_tokenizer.with_fim_tokens()
+    s = Sequence([0], SamplingParams(max_new_tokens=100, min_indent=4), tok, None)
+    out = ""
+    for t in tok.encode("if x:\n        y = 1\n    z = 2\nw = 3\n"):
+        out += s.push(t)
+        if s.done:
+            break
+    assert s.finish_reason == "stop" and s.text == out == "if x:\n        y = 1\n    z = 2\n"
+
+
+
     """A line written REPEATS (3) times in a row is a loop: the completion keeps its first copy.
     The first generated line is compared with its indentation, which the prefix holds."""
     assert REPEATS == 3
@@ -424,8 +442,10 @@ def test_llama_vscode_infill_request(server, local):
     assert set(r["timings"]) >= {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "predicted_per_second"}
     assert r["truncated"] is False and 1 <= r["tokens_predicted"] <= N
     greedy = post(server, {**body, "temperature": 0}, "/infill").json()
-    want = expected(local, extra=[c["text"] for c in chunks], middle="re")
+    want = expected(local, extra=[c["text"] for c in chunks], middle="re", min_indent=4)
     assert greedy["content"] == want.text
+    deep = post(server, {**body, "temperature": 0, "n_predict": 40, "n_indent": 12}, "/infill").json()
+    assert deep["content"] == expected(local, extra=[c["text"] for c in chunks], middle="re", n=40, min_indent=12).text
 
 
 def test_extra_context_that_does_not_fit_is_cut_from_the_front(server, local):

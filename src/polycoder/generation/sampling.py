@@ -52,6 +52,10 @@ class SamplingParams:
     prompt (`polycoder.fim.back_off`); the model writes it again (its first tokens are
     constrained to agree with it: `polycoder.generation.text`), and it is dropped from the
     start of the output."""
+    min_indent: int = 0
+    """llama.cpp's `n_indent` (/infill): after the first line break, a line whose code is
+    indented by fewer than this many spaces or tabs ends the sample before that code
+    (`polycoder.generation.text.under_indented`; 0: off)."""
     seed: int | None = None
     """Seed for sampling; None draws a fresh one."""
     truncate: bool = False
@@ -74,6 +78,8 @@ class SamplingParams:
             raise PolycoderError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.top_k <= MAX_TOP_K:
             raise PolycoderError(f"top_k must be in [0, {MAX_TOP_K}] (0: no limit), got {self.top_k}")
+        if self.min_indent < 0:
+            raise PolycoderError(f"min_indent (n_indent) must be >= 0, got {self.min_indent}")
         if self.num_samples < 1 or self.num_beams < 1:
             raise PolycoderError("num_samples and num_beams must be at least 1")
         if self.num_beams > 1 and self.num_samples > 1:

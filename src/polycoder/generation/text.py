@@ -70,6 +70,21 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | bytes | list[int], block_s
 
 
 
+def under_indented(text: str, least: int) -> int | None:
+    """Where the code of the first line after a line break that is indented by fewer than
+    `least` spaces or tabs begins, or None (llama.cpp's `n_indent`: the sample ends there,
+    that line's indentation kept). A line of whitespace alone is not judged."""
+    start = text.find("\n") + 1
+    while start:
+        end = text.find("\n", start)
+        line = text[start:] if end < 0 else text[start:end]
+        indent = len(line) - len(line.lstrip(" \t"))
+        if line.strip() and indent < least:
+            return start + indent
+        start = end + 1 if end >= 0 else 0
+    return None
+
+
 class Sequence:
     """A sample being generated: its tokens, its text, and what may be emitted yet."""
 
@@ -164,6 +179,10 @@ class Sequence:
         hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
         if self._rule is not None:
             at = self._rule.cut(self.text, final)
+            if at is not None:
+                hits.append(at)
+        if self.params.min_indent:
+            at = under_indented(self.text, self.params.min_indent)
             if at is not None:
                 hits.append(at)
         if not hits:

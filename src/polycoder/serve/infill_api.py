@@ -10,7 +10,10 @@ cache-warming call expects), `temperature` (0.8), `top_k` (40), `top_p` (0.95), 
 `frequency_penalty` (0) over the latest tokens of the prompt and the answer, as llama.cpp's
 (`polycoder.generation.penalties`), `stop`, `stream` (Server-Sent Events: one `data: {...}` object a piece of
 text with `"stop": false`, then a last one with `"stop": true` and the counts, as llama.cpp
-sends them, no `[DONE]`); and `stop_at_suffix` (ours: the suffix's stop rule on or off).
+sends them, no `[DONE]`); `n_indent` (0: off; llama.vscode sends the cursor line's indentation):
+after the first line break, a line whose code is indented by fewer spaces or tabs ends the
+answer before that code, as llama.cpp ends it; and `stop_at_suffix` (ours: the suffix's stop
+rule on or off).
 The answer is llama.cpp's: `content`, `stop`, `stop_type` ("eos", "limit" or "word"),
 `tokens_predicted`, `tokens_evaluated` (the prompt's tokens), `tokens_cached` (those the
 server's prompt cache supplied, `serve --prompt-cache-mb`), `truncated` (the prefix's start,
@@ -21,7 +24,7 @@ llama.cpp's does) and the rest of its fields. `cache_prompt`
 nothing (the prompt is still kept for the requests after it). The prompt is built as
 `polycoder.serve.at_cursor` says (extra chunks as documents before the FIM prompt).
 
-Accepted and ignored, as llama.cpp ignores what it does not know: `samplers`, `min_p`, `n_indent`,
+Accepted and ignored, as llama.cpp ignores what it does not know: `samplers`, `min_p`,
 `t_max_prompt_ms`, `t_max_predict_ms`, `id_slot`, `n_cmpl`, `lora` and other fields.
 A model without FIM tokens answers llama.cpp's 501 ("Infill is not supported by this
 model: ..."), unless the server falls back to the prefix alone (`--suffix-fallback
@@ -129,6 +132,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             stop_ids=at.stop_ids,
             suffix_stop=at.suffix_stop,
             heal=at.heal,
+            min_indent=get_int(body, "n_indent", 0, 0),
         )
         job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),
                                 reuse_prompt=get_bool(body, "cache_prompt", True)))
