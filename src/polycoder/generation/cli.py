@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Literal
 from polycoder.errors import PolycoderError
 from polycoder.options import ModelOptions
 
-if TYPE_CHECKING:  # it imports torch, which `polycoder generate --help` must not
+if TYPE_CHECKING:  # they import torch, which `polycoder generate --help` must not
     from polycoder.generation.sampling import SamplingParams
+    from polycoder.tokenizer import Tokenizer
 
 
 def cli_generate(
@@ -139,7 +140,7 @@ def cli_generate(
         _end_line(out)
 
 
-def at_cursor(tok, context: int, prefix: str, suffix: str, params: SamplingParams, order: str, stop_at_suffix: bool,
+def at_cursor(tok: Tokenizer, context: int, prefix: str, suffix: str, params: SamplingParams, order: str, stop_at_suffix: bool,
               model_name: str) -> tuple[list[int], SamplingParams]:
     """The prompt ids and settings that fill the middle between `prefix` and `suffix`, as the
     server's at-cursor routes build them (`polycoder.serve.at_cursor`): the FIM prompt of
