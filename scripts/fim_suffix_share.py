@@ -19,17 +19,11 @@ import statistics
 from pathlib import Path
 
 import polycoder.fim as fim
+from polycoder.eval.infilling_report import paired_interval
 from polycoder.eval.infilling_sources import LoadOnce, score_middles
 from polycoder.eval.infilling_tasks import line_tasks
 from polycoder.eval.perplexity import read_documents
 from polycoder.options import ModelOptions
-
-
-def interval(diff: list[float], seed: int = 0, rounds: int = 1000) -> tuple[float, float]:
-    """A 95 % paired bootstrap interval of the mean of `diff`."""
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(diff, k=len(diff))) for _ in range(rounds))
-    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
 def main() -> None:
@@ -59,7 +53,7 @@ def main() -> None:
     for share, v in losses.items():
         if share != best:
             diff = [x - y for x, y in zip(v, losses[best])]
-            lo, hi = interval(diff)
+            lo, hi = paired_interval(diff, random.Random(0))
             print(f"share {share:g} minus {best:g}: {statistics.fmean(diff):+.4f} nats [{lo:+.4f}, {hi:+.4f}]")
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import polycoder.generation.suffix_stop as suffix_stop
 from polycoder.checkpoint import load
+from polycoder.eval.infilling_report import paired_interval
 from polycoder.eval.infilling_tasks import MAX_LINE_CHARS, edit_similarity, exact_match
 from polycoder.eval.perplexity import read_documents
 from polycoder.fim import cursor_ids
@@ -101,12 +102,6 @@ def read(rule: SuffixStop | None, text: str) -> str:
     return text if at is None else text[:at]
 
 
-def interval(diff: list[float], seed: int = 0, rounds: int = 1000) -> tuple[float, float]:
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(diff, k=len(diff))) for _ in range(rounds))
-    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="held-out files, one sub-folder a language")
@@ -155,7 +150,7 @@ def main() -> None:
             gain = changed = ""
             if reading == new:
                 diff = [100 * (r["scores"][new][1] - r["scores"][old][1]) for r in mine]
-                lo, hi = interval(diff)
+                lo, hi = paired_interval(diff, random.Random(0))
                 moved = sum(r["read"][new] != r["read"][old] for r in mine) / len(mine)
                 entry["gain"] = {"edit_similarity": statistics.fmean(diff), "interval": [lo, hi], "changed": moved}
                 gain, changed = f"{statistics.fmean(diff):+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{100 * moved:.1f} %"

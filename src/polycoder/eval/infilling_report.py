@@ -46,7 +46,7 @@ def _figures(rows: list[dict]) -> dict:
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def _interval(diffs: list[float], rng: random.Random) -> tuple[float, float]:
+def paired_interval(diffs: list[float], rng: random.Random) -> tuple[float, float]:
     """The 95 % percentile interval of the mean of `diffs` over paired bootstrap resamples."""
     n = len(diffs)
     means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(BOOTSTRAP_RESAMPLES))
@@ -98,7 +98,7 @@ def _gains(diffs: list[dict[str, float]], seed: str, counts: tuple[str, str]) ->
     for f in ("exact_match", "edit_similarity", "middle_loss"):
         if all(f in d for d in diffs):
             xs = [d[f] for d in diffs]
-            low, high = _interval(xs, random.Random(f"{seed}/{f}"))
+            low, high = paired_interval(xs, random.Random(f"{seed}/{f}"))
             out[f] = {"gain": sum(xs) / len(xs), "low": low, "high": high,
                       counts[0]: sum(x > 0 for x in xs), counts[1]: sum(x < 0 for x in xs)}
     return out
