@@ -61,6 +61,9 @@ def test_tokenize_and_decode(tiny_folder, tmp_path, code_tokenizer):
     (["generate", "--model", "polycoder-160m", "--prompt", "x"], "--random-init"),
     (["generate", "--model", "test-tiny", "--random-init", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["tokenize", "--decode", "--text", "[1, 'a']", "--model", "test-tiny"], "JSON list"),
+    (["generate", "--prompt-file", "."], "cannot read the prompt file"),  # a folder
+    (["generate", "--prompt", "x", "--suffix-file", "."], "cannot read the suffix file"),
+    (["generate", "--prompt", "x", "--suffix", "y", "--suffix-file", "f"], "not both"),
     (["frobnicate"], "unknown verb"),
 ])
 def test_user_errors_are_one_clear_line(args, message, capsys):

@@ -181,10 +181,7 @@ def read_suffix(suffix: str | None, suffix_file: Path | None) -> str:
         raise PolycoderError("give either --suffix or --suffix-file, not both")
     if suffix_file is None:
         return suffix or ""
-    try:
-        return Path(suffix_file).read_bytes().decode("utf-8", errors="surrogateescape")
-    except FileNotFoundError:
-        raise PolycoderError(f"suffix file not found: {suffix_file}") from None
+    return _read_text(suffix_file, "suffix")
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -194,10 +191,17 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None:
         return prompt
     if prompt_file is not None and str(prompt_file) != "-":
-        try:
-            return Path(prompt_file).read_bytes().decode("utf-8", errors="surrogateescape")
-        except FileNotFoundError:
-            raise PolycoderError(f"prompt file not found: {prompt_file}") from None
+        return _read_text(prompt_file, "prompt")
     if sys.stdin is None or sys.stdin.isatty():
         raise PolycoderError("no prompt: give --prompt TEXT, --prompt-file F, or pipe it on stdin")
     return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A prompt or suffix file, exactly (invalid UTF-8 kept as surrogates), or a clear error."""
+    try:
+        return Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise PolycoderError(f"{what} file not found: {path}") from None
+    except OSError as e:  # a folder, no permission
+        raise PolycoderError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
