@@ -684,9 +684,16 @@ def test_the_command_line_fills_the_middle_as_the_server_does(server, local, fim
     served = post(server, {"input_prefix": long, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
     assert served.json()["truncated"] is True
     assert cli("--prompt", long, "--suffix", SUFFIX, "--truncate").stdout == served.json()["content"]
-    no_fim = subprocess.run([sys.executable, "-m", "polycoder", "generate", "--model", str(tiny_folder), "--prompt", "a",
-                             "--suffix", "b"], capture_output=True, text=True, timeout=300)
-    assert no_fim.returncode == 2 and "polycoder finetune --fim" in no_fim.stderr and "Traceback" not in no_fim.stderr
+    no_fim = [sys.executable, "-m", "polycoder", "generate", "--model", str(tiny_folder), "--prompt", PREFIX, "--suffix",
+              SUFFIX, "--max-new-tokens", str(N)]
+    refused = subprocess.run(no_fim, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "polycoder finetune --fim" in refused.stderr and "Traceback" not in refused.stderr
+    fell_back = subprocess.run([*no_fim, "--suffix-fallback", "prefix-only"], capture_output=True, text=True, timeout=300)
+    model, tok = load_model(tiny_folder)  # the server's fallback: the prefix alone, the suffix's rule kept
+    kept, heal = back_off(PREFIX)
+    want = generate(model, tok, [kept], SamplingParams(max_new_tokens=N, suffix_stop=SuffixStop.of(PREFIX, SUFFIX),
+                                                       heal=heal))[0][0].text
+    assert fell_back.returncode == 0 and fell_back.stdout == want and "suffix was ignored" in fell_back.stderr
 
 
 def test_an_editors_own_fim_template_is_read_as_sentinels(server, local, code_tokenizer):

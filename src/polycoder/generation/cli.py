@@ -49,6 +49,7 @@ def cli_generate(
     frequency_penalty: float = 0.0,
     fim_order: Literal["spm", "psm"] = "spm",
     stop_at_suffix: bool = True,
+    suffix_fallback: Literal["off", "prefix-only"] = "off",
 ) -> None:
     """Complete a prompt, or fill the middle up to a --suffix, and print the completion (streamed for one sample).
 
@@ -89,6 +90,8 @@ def cli_generate(
             less what repeats the rest of the line; at the start of a line of code, before that code; on a line
             of its own, before the code below; and a line written three times in a row after its first copy (the
             server's rule).
+        suffix_fallback: a model without FIM tokens given a suffix: off refuses it; prefix-only completes the
+            prompt alone, with the suffix's stop rule, and says on stderr that the suffix was ignored (as the server).
     """
     from polycoder.backend import set_threads
     from polycoder.checkpoint import device_of, load
@@ -112,7 +115,7 @@ def cli_generate(
     asked: str | list[int] = text
     if after:
         asked, params = at_cursor(tok, net.config.block_size, text, after, params, fim_order, stop_at_suffix,
-                                  model_options.model or "the bundled model")
+                                  model_options.model or "the bundled model", suffix_fallback == "prefix-only")
     draft = None
     if draft_model is not None:
         draft, _ = load(replace(model_options, model=draft_model, quantize=None, random_init=False))
@@ -141,18 +144,31 @@ def cli_generate(
 
 
 def at_cursor(tok: Tokenizer, context: int, prefix: str, suffix: str, params: SamplingParams, order: str, stop_at_suffix: bool,
-              model_name: str) -> tuple[list[int], SamplingParams]:
+              model_name: str, fallback: bool = False) -> tuple[list[int], SamplingParams]:
     """The prompt ids and settings that fill the middle between `prefix` and `suffix`, as the
     server's at-cursor routes build them (`polycoder.serve.at_cursor`): the FIM prompt of
     `polycoder.fim.cursor_ids`, the sentinels ending a sample, the whitespace before the
-    cursor left to the model, and the suffix's stop rule."""
-    from polycoder.fim import ORDERS, cursor_ids
+    cursor left to the model, and the suffix's stop rule. A model without FIM tokens is
+    refused, or with `fallback` asked the prefix alone (the server's --suffix-fallback)."""
+    from polycoder.fim import ORDERS, back_off, cursor_ids, fit_around_cursor
     from polycoder.generation.suffix_stop import SuffixStop
 
-    if tok.fim is None:
+    rule = SuffixStop.of(prefix, suffix) if stop_at_suffix else None
+    if tok.fim is None and not fallback:
         raise PolycoderError(f"{model_name}: its tokenizer has no fill-in-the-middle tokens (<fim_prefix>, <fim_middle>, "
                              "<fim_suffix>, <fim_pad>), so it cannot fill between the prompt and --suffix; teach it "
-                             "with `polycoder finetune --fim`, or leave out --suffix for a plain completion")
+                             "with `polycoder finetune --fim`, give --suffix-fallback prefix-only to complete the prompt "
+                             "alone, or leave out --suffix")
+    if tok.fim is None:
+        print(f"polycoder generate: the suffix was ignored: {model_name} has no fill-in-the-middle tokens, so it "
+              "completes the prompt alone (--suffix-fallback prefix-only)", file=sys.stderr)
+        kept, heal = back_off(prefix)
+        ids, _, cut = fit_around_cursor(tok.encode, kept, "", context - params.max_new_tokens, tok.max_token_bytes)
+        if cut and not params.truncate:
+            raise PolycoderError(f"the prompt does not fit the model's context of {context} tokens with "
+                                 f"--max-new-tokens {params.max_new_tokens}: give --truncate to cut its start, or lower "
+                                 "--max-new-tokens")
+        return ids or [tok.eod_id], replace(params, suffix_stop=rule, heal=heal)
     if order not in ORDERS:
         raise PolycoderError(f"--fim-order must be one of {', '.join(ORDERS)}, got {order!r}")
     room = context - params.max_new_tokens
@@ -164,7 +180,6 @@ def at_cursor(tok: Tokenizer, context: int, prefix: str, suffix: str, params: Sa
         raise PolycoderError(f"the prompt and the suffix do not fit the model's context of {context} tokens with "
                              f"--max-new-tokens {params.max_new_tokens}: give --truncate to cut the prompt's start and "
                              "the suffix's end away from the cursor (as the server does), or lower --max-new-tokens")
-    rule = SuffixStop.of(prefix, suffix) if stop_at_suffix else None
     return prompt.ids, replace(params, stop_ids=(*params.stop_ids, *tok.fim.all), suffix_stop=rule, heal=prompt.heal)
 
 
