@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+from polycoder.checkpoint import build_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("suffix_stop_effect", REPO / "scripts" / "suffix_stop_effect.py")
@@ -39,3 +44,21 @@ def test_before_reads_one_line_where_code_follows_the_cursor_and_up_to_the_ancho
     looped = "y = 1\ny = 1\ny = 1\n\nprint(f())\n"
     assert effect.before("def f():\n", "\n\nprint(f())\n", looped) == "y = 1\ny = 1\ny = 1"  # no loop rule then
     assert effect.read(effect.SuffixStop.of("def f():\n", "\n\nprint(f())\n"), looped) == "y = 1"  # now
+
+
+def test_the_script_runs_end_to_end(tmp_path, tiny_config, code_tokenizer):
+    """A tiny random FIM model over two languages' files: every cursor read three ways."""
+    model = tmp_path / "model"
+    save_checkpoint(build_model(tiny_config, seed=3), code_tokenizer.with_fim_tokens(), model)
+    for language, name, text in [("Python", "a.py", SOURCE), ("C", "b.c", "int f(int a) {\n    return g(a);\n}\n" * 8)]:
+        (tmp_path / "data" / language).mkdir(parents=True)
+        (tmp_path / "data" / language / name).write_text(text)
+    out = tmp_path / "effect.json"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "suffix_stop_effect.py"), "--data", str(tmp_path / "data"),
+                          "--model", str(model), "--max-new-tokens", "8", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["rows"] and all(set(r["read"]) == {"raw", "before", "now"} for r in result["rows"])
+    assert all(r["read"]["now"] == r["text"][: len(r["read"]["now"])] for r in result["rows"])  # rules only cut
+    assert set(result["summary"]) <= set(effect.KINDS) and "| cursor |" in run.stdout
