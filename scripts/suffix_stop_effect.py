@@ -34,9 +34,9 @@ import random
 import re
 import statistics
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
-import polycoder.generation.suffix_stop as suffix_stop
 from polycoder.checkpoint import load
 from polycoder.eval.infilling_report import paired_interval
 from polycoder.eval.infilling_tasks import MAX_LINE_CHARS, edit_similarity, exact_match
@@ -90,11 +90,7 @@ def before(prefix: str, suffix: str, text: str) -> str:
     if suffix.split("\n", 1)[0].strip():
         return text.split("\n", 1)[0]
     rule = SuffixStop.of(prefix, suffix)
-    repeats, suffix_stop.REPEATS = suffix_stop.REPEATS, 10**9  # no run is a loop
-    try:
-        return read(rule, text)
-    finally:
-        suffix_stop.REPEATS = repeats
+    return read(rule and replace(rule, repeats=0), text)  # no loop rule then
 
 
 def read(rule: SuffixStop | None, text: str) -> str:

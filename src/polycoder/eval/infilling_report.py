@@ -61,11 +61,7 @@ def suffix_gain(rows: list[dict]) -> list[dict]:
     which lines happened to be drawn. Where the lines were scored by likelihood (a local
     model), `middle_loss` is the loss of the removed line without the suffix minus with it
     (nats a token; above zero: the suffix made the right line likelier)."""
-    scores: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["task_set"] == "lines":
-            scores[(r["model"], r["language"], r["task_id"])][r["mode"]].append(r)
-
+    scores = _lines_by(rows, ("model", "language", "task_id"), "mode")
     pairs: dict[tuple, list[dict[str, float]]] = defaultdict(list)
     for (model, language, _), by_mode in scores.items():
         if "fim" in by_mode and "prefix-only" in by_mode:
@@ -75,6 +71,16 @@ def suffix_gain(rows: list[dict]) -> list[dict]:
     return [{"model": model, "language": language, "lines": len(ds),
              **_gains(ds, f"{model}/{language}", ("fim_better", "prefix_better"))}
             for (model, language), ds in sorted(pairs.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1]))]
+
+
+def _lines_by(rows: list[dict], key: tuple[str, ...], side: str) -> dict[tuple, dict[str, list[dict]]]:
+    """The line-infilling rows grouped by the fields `key`, then by the field `side` (what
+    is compared: the mode, or the model)."""
+    grouped: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["task_set"] == "lines":
+            grouped[tuple(r[k] for k in key)][r[side]].append(r)
+    return grouped
 
 
 def _mean(rs: list[dict], f: str) -> float:
@@ -112,10 +118,7 @@ def model_gain(rows: list[dict]) -> list[dict]:
     language tell two close models apart. `middle_loss` is the first model's loss of the
     removed line minus this one's (above zero: this model finds the right line likelier)."""
     models = list(dict.fromkeys(r["model"] for r in rows if r["task_set"] == "lines"))
-    scores: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["task_set"] == "lines":
-            scores[(r["mode"], r["language"], r["task_id"])][r["model"]].append(r)
+    scores = _lines_by(rows, ("mode", "language", "task_id"), "model")
     pairs: dict[tuple, list[dict[str, float]]] = defaultdict(list)
     for (mode, language, _), by_model in scores.items():
         if models[0] not in by_model:

@@ -70,6 +70,8 @@ class SuffixStop:
     line_start: bool = False
     """The cursor is at the start of a line of code (the anchor is that code): a cut keeps
     the line breaks before the cut line, since the suffix has none before its code."""
+    repeats: int = REPEATS
+    """Copies in a row that make a loop (0: no loop rule, the rule as it was before it)."""
 
     @classmethod
     def of(cls, prefix: str, suffix: str) -> SuffixStop | None:
@@ -102,7 +104,7 @@ class SuffixStop:
             written = text[start:].split("\n", 1)[0].rstrip()
             if self.line_start and written.endswith(self.anchor):
                 return start + len(written) - len(self.anchor)  # text, then the code after the cursor
-            if run >= REPEATS:
+            if self.repeats and run >= self.repeats:
                 return self._before(text, second)  # a loop: only the first copy is kept
         return None
 
@@ -171,7 +173,7 @@ class SuffixStop:
         # A loop is cut from its second copy on, so copies after the first wait (the next may
         # make a loop), and so does a last line that may yet become the second copy.
         whole = [(line, run, second) for _, line, done, run, second in self._whole_lines(text, False) if done]
-        if whole and whole[-1][1] >= 2:
+        if self.repeats and whole and whole[-1][1] >= 2:
             keep = min(keep, self._before(text, whole[-1][2]))
         elif whole and whole[-1][0].strip() and last and whole[-1][0].startswith(last):
             keep = min(keep, self._before(text, line_start))
