@@ -11,8 +11,10 @@ language, seeded by --seed, the file's language and SHA-256) as an editor places
 - `new-line`: on a line of its own (the suffix starts with a line break), the middle 2-4
   lines.
 
-Each cursor's FIM prompt is built as the server builds it (`polycoder.fim.cursor_ids`, SPM)
-and one greedy middle is drawn, ended only by EOD, a FIM sentinel or --max-new-tokens.
+Files are read with CRLF as LF, as the server gives code to the model at the cursor
+(`polycoder.line_breaks`; the rules read the model's text, with LF). Each cursor's FIM prompt
+is built as the server builds it (`polycoder.fim.cursor_ids`, SPM) and one greedy middle
+is drawn, ended only by EOD, a FIM sentinel or --max-new-tokens.
 That raw text is then read as it is (`raw`), under the rules as they were until 2026-12-03
 (`before`: one line wherever code follows the cursor on its line; else until a line equal to
 the suffix's first line) and as they are (`now`: mid-line, less an end that repeats the
@@ -44,6 +46,7 @@ from polycoder.eval.perplexity import read_documents
 from polycoder.fim import cursor_ids
 from polycoder.generation import SamplingParams, generate
 from polycoder.generation.suffix_stop import SuffixStop
+from polycoder.line_breaks import to_lf
 from polycoder.options import ModelOptions
 
 CLOSERS = re.compile(r"[)\]};,:]+\s*$")
@@ -111,7 +114,7 @@ def main() -> None:
     tasks = []
     for doc in read_documents(args.data, None, args.max_files):
         rng = random.Random(f"{args.seed}|{doc.language}|{doc.sha256}")
-        tasks += [(doc.language, *c) for c in cursors(doc.text, rng)]
+        tasks += [(doc.language, *c) for c in cursors(to_lf(doc.text), rng)]
     room = model.config.block_size - args.max_new_tokens
     prompts = [cursor_ids(tok.encode, tok.fim, p, s, room, "spm", tok.max_token_bytes) for _, _, p, _, s in tasks]
     raw = [""] * len(tasks)

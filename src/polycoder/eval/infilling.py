@@ -57,6 +57,7 @@ from polycoder.eval.infilling_tasks import (
     TASK_SETS,
     Task,
     answer,
+    as_read,
     edit_similarity,
     exact_match,
     humaneval_tasks,
@@ -69,6 +70,7 @@ from polycoder.eval.perplexity import read_documents
 from polycoder.eval.sandbox import Limits, Sandbox
 from polycoder.fim import ORDERS
 from polycoder.fingerprint import digest
+from polycoder.line_breaks import cursor_line_break, to_lf, written
 from polycoder.options import ModelOptions
 
 if TYPE_CHECKING:  # it imports torch, which `eval infilling --help` must not
@@ -100,8 +102,10 @@ def middle_losses(source: Source, pairs: list[tuple[Task, str]], out: Path, orde
 def _prompt_sha(task: Task, mode: str, order: str) -> str:
     # "healed": the prompt leaves the prefix's trailing whitespace to the model; "fit": cut as the
     # server cuts it (`polycoder.fim.fit`); "guessed": long code cut before tokenizing at a first
-    # guess of its tokens (`encode_around_cursor`). Samples drawn before any of them differ.
-    return _digest(json.dumps(["healed", "fit", "guessed", mode, order if mode == "fim" else None, task.prefix, task.suffix]))
+    # guess of its tokens (`encode_around_cursor`); "lf": CRLF read as LF (`as_read`), which changes
+    # only the prompts of code with CRLF. Samples drawn before any of them differ.
+    marks = ["healed", "fit", "guessed"] + (["lf"] if "\r\n" in task.prefix + task.suffix else [])
+    return _digest(json.dumps([*marks, mode, order if mode == "fim" else None, task.prefix, task.suffix]))
 
 
 def sample(source: Source, pairs: list[tuple[Task, str]], out: Path, num_samples: int, order: str, seed: int,
@@ -330,9 +334,10 @@ def _served(task: Task, text: str) -> str:
     task's prefix and suffix end it (`polycoder.generation.suffix_stop`; `--stop-at-suffix`)."""
     from polycoder.generation.suffix_stop import SuffixStop  # the package imports torch; --help must not
 
-    rule = SuffixStop.of(task.prefix, task.suffix)
-    at = rule.cut(text, True) if rule is not None else None
-    return text if at is None else text[:at]
+    read = as_read(task)  # the rules read the model's text, with LF (`polycoder.line_breaks`)
+    rule, text_lf = SuffixStop.of(read.prefix, read.suffix), to_lf(text)
+    at = rule.cut(text_lf, True) if rule is not None else None
+    return text if at is None else written(text_lf[:at], cursor_line_break(task.prefix, task.suffix))
 
 
 def _task_sets(tasks: list[str] | None, data: Path | None) -> list[str]:

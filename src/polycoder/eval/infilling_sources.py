@@ -21,10 +21,11 @@ from polycoder.checkpoint import load
 from polycoder.errors import PolycoderError
 from polycoder.eval.endpoint import Api, Endpoint, Refused
 from polycoder.eval.humaneval import FAILED
-from polycoder.eval.infilling_tasks import Task, one_line, prompt_ids
+from polycoder.eval.infilling_tasks import Task, as_read, one_line, prompt_ids
 from polycoder.fim import FIM_TOKENS, back_off
 from polycoder.fingerprint import describe, digest, endpoint_identity, model_identity, name_of, short_names
 from polycoder.generation import SamplingParams, generate
+from polycoder.line_breaks import cursor_line_break
 from polycoder.options import ModelOptions
 from polycoder.tokenizer import load_tokenizer
 
@@ -80,14 +81,16 @@ def _local_sampler(loaded: LoadOnce, settings: dict, order: str, max_rows: int):
         results: list = [None] * len(pairs)
         # The stop strings and the whitespace the prompt leaves to the model (`back_off`, as
         # our server does at the cursor) differ from task to task: one call each kind.
-        kinds: dict[tuple[bool, str], list[int]] = {}
+        # The file's line break, in which the output is written (the model reads LF: `as_read`), too.
+        kinds: dict[tuple[bool, str, str], list[int]] = {}
         for i, (task, _) in enumerate(pairs):
-            kinds.setdefault((one_line(task), back_off(task.prefix)[1]), []).append(i)
-        for (line, heal), idx in kinds.items():
+            key = (one_line(task), back_off(as_read(task).prefix)[1], cursor_line_break(task.prefix, task.suffix))
+            kinds.setdefault(key, []).append(i)
+        for (line, heal, eol), idx in kinds.items():
             prompts = [prompt_ids(tokenizer, pairs[i][0], pairs[i][1], order, room) for i in idx]
             params = SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                                     top_p=settings["top_p"], num_samples=settings["num_samples"],
-                                    stop=(("\n",) if line else ()) + FIM_TOKENS, seed=seed, heal=heal)
+                                    stop=(("\n",) if line else ()) + FIM_TOKENS, seed=seed, heal=heal, eol=eol)
             for i, completions in zip(idx, generate(model, tokenizer, prompts, params, max_rows=max_rows)):
                 results[i] = [(c.text, c.finish_reason) for c in completions]
         return results
@@ -113,7 +116,8 @@ def score_middles(loaded: LoadOnce, order: str, pairs: list[tuple[Task, str]]) -
     device = next(model.parameters()).device
     seqs = []
     for task, mode in pairs:
-        target = tokenizer.encode(back_off(task.prefix)[1] + task.middle)[:MIDDLE_TOKENS] or [tokenizer.eod_id]
+        read = as_read(task)
+        target = tokenizer.encode(back_off(read.prefix)[1] + read.middle)[:MIDDLE_TOKENS] or [tokenizer.eod_id]
         prompt = prompt_ids(tokenizer, task, mode, order, C - len(target)) or [tokenizer.eod_id]
         seqs.append((prompt, target))
     losses: list[float] = []

@@ -24,7 +24,9 @@ What it implements:
   stripped (every line's, and the text's end).
 - How a task is asked of a local model (`prompt_ids`): `polycoder.fim.cursor_ids`, the FIM
   prompt our server and `polycoder generate --suffix` build (what does not fit the context
-  cut away from the cursor), or the prefix alone for the left-to-right baseline.
+  cut away from the cursor), or the prefix alone for the left-to-right baseline; in both,
+  CRLF read as LF (`as_read`) and the output written with the file's line break, as at the
+  cursor (`polycoder.line_breaks`).
 - How a model's text becomes an answer (`answer`), as in their evaluations: single-line and
   line tasks take the first line; a FIM prompt's multi-line and random-span middles end
   where the model ends them (end of document or a FIM sentinel, applied while sampling);
@@ -37,12 +39,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from polycoder.errors import PolycoderError
 from polycoder.fim import back_off, cursor_ids, encode_around_cursor
+from polycoder.line_breaks import to_lf
 from polycoder.tokenizer import Tokenizer
 
 HUMANEVAL_SETS = ("single-line", "multi-line", "random-span")
@@ -126,11 +129,18 @@ def subset(tasks: list[Task], max_tasks: int) -> list[Task]:
     return [t for t in tasks if (hashlib.sha256(t.task_id.encode()).hexdigest(), t.task_id) in keep]
 
 
+def as_read(task: Task) -> Task:
+    """The task as the model reads it at the cursor: CRLF as LF (`polycoder.line_breaks`)."""
+    if "\r" not in task.prefix + task.middle + task.suffix:
+        return task
+    return replace(task, prefix=to_lf(task.prefix), middle=to_lf(task.middle), suffix=to_lf(task.suffix))
+
+
 def prompt_ids(tokenizer: Tokenizer, task: Task, mode: str, order: str, room: int) -> list[int]:
     """The prompt of one task for a local model, at most `room` tokens: the FIM prompt of the
     cursor between the task's prefix and suffix as our server builds it (`polycoder.fim.cursor_ids`),
-    or the prefix alone, its last `room` tokens."""
-    room = max(0, room)
+    or the prefix alone, its last `room` tokens; CRLF read as LF in both (`as_read`)."""
+    room, task = max(0, room), as_read(task)
     if mode == "fim":
         return cursor_ids(tokenizer.encode, tokenizer.fim, task.prefix, task.suffix, room, order,
                           tokenizer.max_token_bytes).ids

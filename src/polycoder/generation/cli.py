@@ -148,11 +148,15 @@ def at_cursor(tok: Tokenizer, context: int, prefix: str, suffix: str, params: Sa
     """The prompt ids and settings that fill the middle between `prefix` and `suffix`, as the
     server's at-cursor routes build them (`polycoder.serve.at_cursor`): the FIM prompt of
     `polycoder.fim.cursor_ids`, the sentinels ending a sample, the whitespace before the
-    cursor left to the model, and the suffix's stop rule. A model without FIM tokens is
+    cursor left to the model, the suffix's stop rule, and CRLF read as LF, the output written
+    with the document's line break (`polycoder.line_breaks`). A model without FIM tokens is
     refused, or with `fallback` asked the prefix alone (the server's --suffix-fallback)."""
     from polycoder.fim import ORDERS, back_off, cursor_ids, fit_around_cursor
     from polycoder.generation.suffix_stop import SuffixStop
+    from polycoder.line_breaks import lf_around_cursor
 
+    prefix, suffix, eol = lf_around_cursor(prefix, suffix)  # the model reads LF; the output gets `eol`
+    params = replace(params, eol=eol)
     rule = SuffixStop.of(prefix, suffix) if stop_at_suffix else None
     if tok.fim is None and not fallback:
         raise PolycoderError(f"{model_name}: its tokenizer has no fill-in-the-middle tokens (<fim_prefix>, <fim_middle>, "

@@ -52,6 +52,10 @@ class SamplingParams:
     prompt (`polycoder.fim.back_off`); the model writes it again (its first tokens are
     constrained to agree with it: `polycoder.generation.text`), and it is dropped from the
     start of the output."""
+    eol: str | None = None
+    """At the cursor: the document's line break ("\\n" or "\\r\\n"), which the output's line
+    breaks are written as; the model reads CRLF as LF there (`polycoder.line_breaks`), and so
+    do the stop strings. None: the text as the model writes it."""
     min_indent: int = 0
     """llama.cpp's `n_indent` (/infill): after the first line break, a line whose code is
     indented by fewer than this many spaces or tabs ends the sample before that code
@@ -78,6 +82,8 @@ class SamplingParams:
             raise PolycoderError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.top_k <= MAX_TOP_K:
             raise PolycoderError(f"top_k must be in [0, {MAX_TOP_K}] (0: no limit), got {self.top_k}")
+        if self.eol not in (None, "\n", "\r\n"):
+            raise PolycoderError(f"eol must be None, LF or CRLF, got {self.eol!r}")
         if self.min_indent < 0:
             raise PolycoderError(f"min_indent (n_indent) must be >= 0, got {self.min_indent}")
         if self.num_samples < 1 or self.num_beams < 1:

@@ -17,6 +17,11 @@ stay allowed, for an empty completion), and `Sequence` drops the whitespace from
 unconstrained, a small model often went on with the word before the cursor instead
 (`msg` + `_name,` after a blank line).
 
+Line breaks at the cursor (`SamplingParams.eol`, `polycoder.line_breaks`): the text, the
+stop strings and the suffix's rule are the model's, with LF; what is emitted has the
+document's line breaks, a trailing `\r` held back until the next piece shows whether a `\n`
+follows it.
+
 `Sequence` turns one row's tokens into text as they come, holding back text that might be
 the start of a stop string and never emitting half a UTF-8 character; `encode_prompt`
 fits a prompt to the model's context (or says clearly why it does not fit).
@@ -31,6 +36,7 @@ import torch
 
 from polycoder.errors import PolycoderError
 from polycoder.generation.sampling import SamplingParams
+from polycoder.line_breaks import to_lf, written
 from polycoder.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "eod", "length", "error"]
@@ -104,7 +110,9 @@ class Sequence:
         self._eod = tokenizer.eod_id
         self._stop_ids = frozenset(params.stop_ids)
         self._rule = params.suffix_stop
-        self._max_stop = max((len(s) for s in params.stop), default=0)
+        self._eol = params.eol
+        self._stops = tuple(to_lf(s) for s in params.stop) if self._eol else params.stop
+        self._max_stop = max((len(s) for s in self._stops), default=0)
         self._tokenizer = tokenizer
         self._heal = params.heal  # what the output must still begin with, to be dropped
         self._healing = ""  # output so far while it may still be that whitespace
@@ -139,8 +147,13 @@ class Sequence:
     def finish(self, reason: FinishReason) -> str:
         return self._finish(reason)
 
+    @property
+    def output(self) -> str:
+        """The text as emitted: with the document's line breaks where `SamplingParams.eol` says."""
+        return written(self.text, self._eol) if self._eol else self.text
+
     def completion(self) -> Completion:
-        return Completion(self.text, list(self.token_ids), self.finish_reason or "length", len(self.prompt_ids))
+        return Completion(self.output, list(self.token_ids), self.finish_reason or "length", len(self.prompt_ids))
 
     def _finish(self, reason: FinishReason) -> str:
         start = max(0, len(self.text) - self._max_stop + 1)
@@ -176,7 +189,7 @@ class Sequence:
         return out[len(heal):] if out.startswith(heal) else out
 
     def _cut_at_stop(self, start: int, final: bool = False) -> bool:
-        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
         if self._rule is not None:
             at = self._rule.cut(self.text, final)
             if at is not None:
@@ -200,13 +213,19 @@ class Sequence:
     def _stop_held_back(self) -> int:
         for n in range(min(self._max_stop - 1, len(self.text)), 0, -1):
             tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.params.stop):
+            if any(s.startswith(tail) for s in self._stops):
                 return n
         return 0
 
     def _take(self, upto: int) -> str:
         upto = max(upto, self.emitted)
-        out = self.text[self.emitted : upto]
+        if not self._eol:
+            out = self.text[self.emitted : upto]
+            self.emitted = upto
+            return out
+        if not self.done and upto > self.emitted and self.text[upto - 1] == "\r":
+            upto -= 1  # a "\r\n" split between two pieces would be written as two line breaks
+        out = written(self.text[self.emitted : upto], self._eol)
         self.emitted = upto
         return out
 

@@ -38,6 +38,10 @@ goes in without its trailing whitespace, which the model writes again and the ou
 (`polycoder.fim.back_off`, `SamplingParams.heal`): a newline and the next
 line's indentation are one token in training, and so are a space and the word after it.
 
+Line breaks: a document with CRLF line breaks is read by the model with LF, and the
+completion is written with the document's line break at the cursor (`polycoder.line_breaks`):
+the model writes worse code after CRLF, which it rarely saw.
+
 Stops: the sentinels end a sample as `<|endoftext|>` does (a model emits EOD after the
 middle, as trained; a sentinel means it went astray), and by default the suffix's rule
 (`polycoder.generation.suffix_stop`) ends it where the code after the cursor begins.
@@ -55,6 +59,7 @@ from dataclasses import dataclass, field
 
 from polycoder.fim import arrange, back_off, fit_around_cursor
 from polycoder.generation.suffix_stop import SuffixStop
+from polycoder.line_breaks import cursor_line_break, to_lf
 from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits
 
 log = logging.getLogger("polycoder.serve")
@@ -84,6 +89,8 @@ class CursorPrompt:
     """Some extra context did not fit the context and was left out."""
     heal: str = ""
     """The whitespace left out of the prompt's end, for `SamplingParams.heal`."""
+    eol: str = "\n"
+    """The document's line break at the cursor, for `SamplingParams.eol`."""
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -106,6 +113,8 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
     context. A 400 only when max_tokens, `before` and `middle` leave no room at all. The
     caller has checked that the model can infill or that the server falls back (`can_infill`,
     `falls_back`)."""
+    eol = cursor_line_break(prefix + middle, suffix)
+    prefix, middle, suffix, extra = to_lf(prefix), to_lf(middle), to_lf(suffix), [to_lf(text) for text in extra]
     rule = SuffixStop.of(prefix + middle, suffix) if stop_at_suffix else None
     if middle:
         middle, heal = back_off(middle)
@@ -130,7 +139,7 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
             log.warning("[%s] %s", request_id, SUFFIX_IGNORED)
         ids, _, cut = await _fit_around_cursor(state, prefix + middle, "", most)
         return CursorPrompt(list(before) + (ids or [tok.eod_id]), suffix_stop=rule, suffix_ignored=ignored, cut=cut,
-                            heal=heal, headers=_headers(ignored, cut))
+                            heal=heal, eol=eol, headers=_headers(ignored, cut))
     m_ids = (await _encode(state, [middle]))[0]  # each part on its own, as in training
     if most <= len(m_ids):
         raise no_room(str(len(m_ids)))
@@ -142,7 +151,7 @@ async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens
     check_fits(state, ids, max_tokens)
     extra_ids, dropped = await _extra_context(state, list(extra), C - max_tokens - len(ids))
     return CursorPrompt(extra_ids + ids, stop_ids=fim.all, suffix_stop=rule, cut=cut, extra_dropped=dropped,
-                        heal=heal, headers=_headers(False, cut))
+                        heal=heal, eol=eol, headers=_headers(False, cut))
 
 
 def _headers(ignored: bool, cut: bool) -> dict[str, str]:

@@ -398,7 +398,7 @@ class EngineLoop:
             else:
                 full = score_tokens(self.model, s.prompt_ids + tokens, job.logprobs, start=len(s.prompt_ids))
                 scores = TokenScores(ids, full.token_logprobs, full.top)
-        job._emit(("done", Outcome(choice.index, s.text, tokens, s.finish_reason or "length",
+        job._emit(("done", Outcome(choice.index, s.output, tokens, s.finish_reason or "length",
                                    s.prompt_ids, len(s.token_ids), scores)))
 
     def _fail_all(self, message: str) -> None:

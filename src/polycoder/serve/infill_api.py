@@ -132,6 +132,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             stop_ids=at.stop_ids,
             suffix_stop=at.suffix_stop,
             heal=at.heal,
+            eol=at.eol,
             min_indent=get_int(body, "n_indent", 0, 0),
         )
         job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),

@@ -181,6 +181,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             stop_ids=at.stop_ids if at else sentinel_stops(state, [ids]),
             suffix_stop=at.suffix_stop if at else None,
             heal=at.heal if at else "",
+            eol=at.eol if at else None,
         )
         warning = {"warning": SUFFIX_IGNORED} if at and at.suffix_ignored else {}
         headers = at.headers if at else ({CUT_HEADER: PROMPT_CUT} if cut else {})

@@ -205,7 +205,8 @@ def router(served: ServedModels, auth) -> APIRouter:
                                param="suffix")
             at = await cursor_prompt(state, prompts[0], suffix, params.max_new_tokens, request_id=rid,
                                      stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
-            params = replace(params, stop_ids=at.stop_ids, suffix_stop=at.suffix_stop, heal=at.heal)
+            params = replace(params, stop_ids=at.stop_ids, suffix_stop=at.suffix_stop, heal=at.heal,
+                             eol=at.eol)
             ids, headers = [at.ids], at.headers
             warning = SUFFIX_IGNORED if at.suffix_ignored else None
         else:
