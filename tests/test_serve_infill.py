@@ -217,6 +217,28 @@ def test_n_indent_ends_the_answer_before_a_line_indented_less(code_tokenizer):
         assert s.text == kept and out == kept  # what was streamed is what was kept
 
 
+def test_t_max_predict_ms_ends_the_answer_at_a_line_break_once_the_time_is_up(code_tokenizer, server):
+    """llama.cpp's t_max_predict_ms: past the limit since the first token, the next token that
+    writes a line break ends the answer, that break kept; before it, lines go on."""
+    def run(limit_ms: float) -> Sequence:
+        s = Sequence([0], SamplingParams(max_new_tokens=100, max_predict_ms=limit_ms), code_tokenizer, None)
+        for t in code_tokenizer.encode("a = 1\nb = 2\nc = 3\n"):
+            time.sleep(0.002)  # 2 ms a token: the limit of 1 ms has passed at the first line break
+            s.push(t)
+            if s.done:
+                break
+        return s
+    timed = run(1)
+    assert timed.done and timed.finish_reason == "length" and timed.text == "a = 1\n"
+    assert not run(60_000).done and not run(0).done  # the time not up, or off
+    i = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 4, "t_max_predict_ms": 1000,
+                      "n_indent": 4}, "/infill").json()
+    assert i["generation_settings"]["t_max_predict_ms"] == 1000 and i["generation_settings"]["n_indent"] == 4
+    off = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 4, "t_max_predict_ms": -1},
+               "/infill").json()
+    assert off["generation_settings"]["t_max_predict_ms"] == 0  # llama.cpp: 0 or less is off
+
+
 def test_sequence_cuts_and_streams_what_it_keeps(code_tokenizer):
     tok = code_tokenizer.with_fim_tokens()
     rule = SuffixStop.of("def f():\n    ", "\n\nprint(f())\n")
@@ -567,6 +589,7 @@ def test_openai_usage_reports_cached_tokens(server):
     ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": "many"}, "n_predict"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "repeat_penalty": -1}, "repeat_penalty"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "repeat_last_n": 1.5}, "repeat_last_n"),
+    ("/infill", {"input_prefix": "", "input_suffix": "", "t_max_predict_ms": "1s"}, "t_max_predict_ms"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "n_predict": 10**6}, "n_predict"),
     ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"num_predict": 10**6}}, "num_predict"),
     ("/infill", {"input_prefix": "", "input_suffix": "", "prompt": ["x"]}, "prompt"),

@@ -60,6 +60,10 @@ class SamplingParams:
     """llama.cpp's `n_indent` (/infill): after the first line break, a line whose code is
     indented by fewer than this many spaces or tabs ends the sample before that code
     (`polycoder.generation.text.under_indented`; 0: off)."""
+    max_predict_ms: float = 0
+    """llama.cpp's `t_max_predict_ms` (/infill): once this many milliseconds have passed since
+    the first generated token, the sample ends after the next token that writes a line break
+    (an editor gets whole lines in bounded time; 0: off)."""
     seed: int | None = None
     """Seed for sampling; None draws a fresh one."""
     truncate: bool = False
@@ -84,6 +88,8 @@ class SamplingParams:
             raise PolycoderError(f"top_k must be in [0, {MAX_TOP_K}] (0: no limit), got {self.top_k}")
         if self.eol not in (None, "\n", "\r\n"):
             raise PolycoderError(f"eol must be None, LF or CRLF, got {self.eol!r}")
+        if self.max_predict_ms < 0:
+            raise PolycoderError(f"max_predict_ms must be >= 0 (0: off), got {self.max_predict_ms}")
         if self.min_indent < 0:
             raise PolycoderError(f"min_indent (n_indent) must be >= 0, got {self.min_indent}")
         if self.num_samples < 1 or self.num_beams < 1:

@@ -29,6 +29,7 @@ fits a prompt to the model's context (or says clearly why it does not fit).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,6 +117,7 @@ class Sequence:
         self._tokenizer = tokenizer
         self._heal = params.heal  # what the output must still begin with, to be dropped
         self._healing = ""  # output so far while it may still be that whitespace
+        self._started: float | None = None  # when the first token came (`max_predict_ms`)
 
     @property
     def done(self) -> bool:
@@ -131,10 +133,11 @@ class Sequence:
             return self._finish("eod")
         self.token_ids.append(token)
         start = max(0, len(self.text) - self._max_stop + 1)
-        self.text += self._healed(self._decoder.push([token]))
+        piece = self._healed(self._decoder.push([token]))
+        self.text += piece
         if self._cut_at_stop(start):
             return self._take(len(self.text))
-        if len(self.token_ids) >= self.params.max_new_tokens or not room_left:
+        if len(self.token_ids) >= self.params.max_new_tokens or not room_left or self._out_of_time(piece):
             return self._finish("length")
         return self._take(len(self.text) - self._held_back())
 
@@ -187,6 +190,16 @@ class Sequence:
         out, heal = self._healing, self._heal
         self._heal = self._healing = ""
         return out[len(heal):] if out.startswith(heal) else out
+
+    def _out_of_time(self, piece: str) -> bool:
+        """llama.cpp's `t_max_predict_ms`: past `SamplingParams.max_predict_ms` since the first
+        token, a piece that writes a line break ends the sample (the break kept)."""
+        if not self.params.max_predict_ms:
+            return False
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        return "\n" in piece and (now - self._started) * 1e3 > self.params.max_predict_ms
 
     def _cut_at_stop(self, start: int, final: bool = False) -> bool:
         hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]

@@ -12,8 +12,10 @@ cache-warming call expects), `temperature` (0.8), `top_k` (40), `top_p` (0.95), 
 text with `"stop": false`, then a last one with `"stop": true` and the counts, as llama.cpp
 sends them, no `[DONE]`); `n_indent` (0: off; llama.vscode sends the cursor line's indentation):
 after the first line break, a line whose code is indented by fewer spaces or tabs ends the
-answer before that code, as llama.cpp ends it; and `stop_at_suffix` (ours: the suffix's stop
-rule on or off).
+answer before that code, as llama.cpp ends it; `t_max_predict_ms` (0 or less: off;
+llama.vscode sends 1000): once that long has passed since the first generated token, the
+answer ends after the next token that writes a line break, `stop_type` "limit", as llama.cpp
+ends it; and `stop_at_suffix` (ours: the suffix's stop rule on or off).
 The answer is llama.cpp's: `content`, `stop`, `stop_type` ("eos", "limit" or "word"),
 `tokens_predicted`, `tokens_evaluated` (the prompt's tokens), `tokens_cached` (those the
 server's prompt cache supplied, `serve --prompt-cache-mb`), `truncated` (the prefix's start,
@@ -25,7 +27,7 @@ nothing (the prompt is still kept for the requests after it). The prompt is buil
 `polycoder.serve.at_cursor` says (extra chunks as documents before the FIM prompt).
 
 Accepted and ignored, as llama.cpp ignores what it does not know: `samplers`, `min_p`,
-`t_max_prompt_ms`, `t_max_predict_ms`, `id_slot`, `n_cmpl`, `lora` and other fields.
+`t_max_prompt_ms`, `id_slot`, `n_cmpl`, `lora` and other fields.
 A model without FIM tokens answers llama.cpp's 501 ("Infill is not supported by this
 model: ..."), unless the server falls back to the prefix alone (`--suffix-fallback
 prefix-only`; `warning` says so). Errors are llama.cpp's
@@ -134,6 +136,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             heal=at.heal,
             eol=at.eol,
             min_indent=get_int(body, "n_indent", 0, 0),
+            max_predict_ms=max(0, get_int(body, "t_max_predict_ms", 0)),  # llama.cpp: <= 0 is off
         )
         job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),
                                 reuse_prompt=get_bool(body, "cache_prompt", True)))
@@ -175,7 +178,8 @@ def final(state: ServerState, job: Job, at: CursorPrompt, o: Outcome, content: s
         "index": 0, "content": content, "tokens": [], "id_slot": 0, "stop": True,
         "model": state.settings.model_name, "tokens_predicted": n_pred, "tokens_evaluated": n_prompt,
         "generation_settings": {"n_predict": p.max_new_tokens, "temperature": p.temperature, "top_k": p.top_k,
-                                "top_p": p.top_p, "seed": job.seed, "stop": list(p.stop)},
+                                "top_p": p.top_p, "seed": job.seed, "stop": list(p.stop), "n_indent": p.min_indent,
+                                "t_max_predict_ms": p.max_predict_ms},
         "prompt": state.tokenizer.decode(at.ids), "has_new_line": "\n" in (content or o.text),
         "truncated": at.cut or at.extra_dropped, "stop_type": STOP_TYPE[o.finish_reason], "stopping_word": "",
         "tokens_cached": cached,
