@@ -17,13 +17,14 @@ is built as the server builds it (`polycoder.fim.cursor_ids`, SPM) and one greed
 is drawn, ended only by EOD, a FIM sentinel or --max-new-tokens.
 That raw text is then read as it is (`raw`), under the rules as they were until 2026-12-03
 (`before`: one line wherever code follows the cursor on its line; else until a line equal to
-the suffix's first line) and as they are (`now`: mid-line, less an end that repeats the
-rest of the line; at the start of a line of code, lines up to that code; in lines, a loop
-cut after its first copy). `SuffixStop.cut` on the finished text is where the streamed
+the suffix's first line), as they were then made (`lines`: mid-line, less an end that
+repeats the rest of the line; at the start of a line of code, lines up to that code; in
+lines, a line written three times cut after its first copy) and as they are (`now`: also a
+loop within a line cut after its first copy). `SuffixStop.cut` on the finished text is where the streamed
 completion would have ended: the rules only cut, and a greedy sample does not depend on
 where it is cut. Each reading is scored against the true middle (exact match and edit
-similarity, `eval infilling`'s), with a 95 % paired bootstrap of now minus before and the
-share of middles the change moved. Prints a table, writes JSON.
+similarity, `eval infilling`'s); `lines` minus `before` and `now` minus `lines` with a 95 %
+paired bootstrap and the share of middles each change moved. Prints a table, writes JSON.
 
     .venv/bin/python scripts/suffix_stop_effect.py --data RAW/heldout --max-files 40 --out stop_effect.json
 """
@@ -51,6 +52,8 @@ from polycoder.options import ModelOptions
 
 CLOSERS = re.compile(r"[)\]};,:]+\s*$")
 KINDS = ("closer", "mid-line", "line-start", "new-line")
+COMPARED = ("before", "lines")
+"""The readings whose next one is compared with them (raw is the model's text, no rule)."""
 
 
 def cursors(text: str, rng: random.Random) -> list[tuple[str, str, str, str]]:
@@ -93,7 +96,7 @@ def before(prefix: str, suffix: str, text: str) -> str:
     if suffix.split("\n", 1)[0].strip():
         return text.split("\n", 1)[0]
     rule = SuffixStop.of(prefix, suffix)
-    return read(rule and replace(rule, repeats=0), text)  # no loop rule then
+    return read(rule and replace(rule, repeats=0, copies=0), text)  # no loop rules then
 
 
 def read(rule: SuffixStop | None, text: str) -> str:
@@ -127,12 +130,14 @@ def main() -> None:
             raw[i] = c.text
     rows = []
     for (language, kind, prefix, middle, suffix), text in zip(tasks, raw):
-        read_as = {"raw": text, "before": before(prefix, suffix, text), "now": read(SuffixStop.of(prefix, suffix), text)}
+        rule = SuffixStop.of(prefix, suffix)
+        read_as = {"raw": text, "before": before(prefix, suffix, text),
+                   "lines": read(rule and replace(rule, copies=0), text), "now": read(rule, text)}
         rows.append({"language": language, "kind": kind, "middle": middle, "text": text, "read": read_as,
                      "scores": {k: [exact_match(v, middle), edit_similarity(v, middle)] for k, v in read_as.items()}})
     summary = {}
     print(f"{len(rows)} cursors, {args.max_new_tokens} new tokens at most; exact match / edit similarity, % "
-          "(now minus before: mean [95 %]; share of middles the change moved)")
+          "(a reading minus the one above it: mean [95 %]; share of middles it moved)")
     print("| cursor | n | reading | exact | edit sim | edit sim gain [95 %] | changed |")
     print("|---|---:|---|---:|---:|---|---:|")
     for kind in KINDS:
@@ -140,18 +145,18 @@ def main() -> None:
         if not mine:
             continue
         readings = list(mine[0]["scores"])
-        old, new = "before", "now"
         entry = {}
-        for reading in readings:
+        for old, reading in zip([None, *readings], readings):
             exact = 100 * statistics.fmean(r["scores"][reading][0] for r in mine)
             sim = 100 * statistics.fmean(r["scores"][reading][1] for r in mine)
             entry[reading] = {"exact": exact, "edit_similarity": sim}
             gain = changed = ""
-            if reading == new:
-                diff = [100 * (r["scores"][new][1] - r["scores"][old][1]) for r in mine]
+            if old in COMPARED:
+                diff = [100 * (r["scores"][reading][1] - r["scores"][old][1]) for r in mine]
                 lo, hi = paired_interval(diff, random.Random(0))
-                moved = sum(r["read"][new] != r["read"][old] for r in mine) / len(mine)
-                entry["gain"] = {"edit_similarity": statistics.fmean(diff), "interval": [lo, hi], "changed": moved}
+                moved = sum(r["read"][reading] != r["read"][old] for r in mine) / len(mine)
+                entry[reading]["gain"] = {"edit_similarity": statistics.fmean(diff), "interval": [lo, hi],
+                                          "changed": moved}
                 gain, changed = f"{statistics.fmean(diff):+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{100 * moved:.1f} %"
             print(f"| {kind} | {len(mine)} | {reading} | {exact:.2f} | {sim:.2f} | {gain} | {changed} |")
         summary[kind] = entry

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -36,7 +37,7 @@ from polycoder.fim import (  # noqa: E402
 )
 from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
 from polycoder.generation.penalties import OFF  # noqa: E402
-from polycoder.generation.suffix_stop import REPEATS, SuffixStop  # noqa: E402
+from polycoder.generation.suffix_stop import COPIES, REPEATS, SuffixStop  # noqa: E402
 from polycoder.generation.text import Sequence, under_indented  # noqa: E402
 from polycoder.serve.infill_api import NOT_SUPPORTED  # noqa: E402
 
@@ -215,6 +216,38 @@ def test_n_indent_ends_the_answer_before_a_line_indented_less(code_tokenizer):
                 break
         out += "" if s.done else s.finish("eod")
         assert s.text == kept and out == kept  # what was streamed is what was kept
+
+
+def test_a_loop_within_a_line_ends_the_completion_after_its_first_copy(code_tokenizer):
+    """A stretch of a line (2-40 characters) written COPIES (4) times in a row is a loop, in
+    every mode of the rule: the completion keeps the first copy, as soon as the last is
+    written; whitespace and one character repeated (indentation, `====` bars) are not loops;
+    streamed and whole give the same text."""
+    assert COPIES == 4
+    mid = SuffixStop.of("int f(", ")\n")
+    loop = "char *a, void *arg, void *arg, void *arg, void *arg, void"
+    assert mid.cut(loop, False) == len("char *a, void *arg")  # the loop ", void *arg" completes first
+    assert mid.cut("void *arg, void *arg, void *arg, void", False) is None  # three copies: code does that
+    assert mid.cut("x_1_1_1_1", False) == len("x_1") and mid.cut("a, b, c", False) is None
+    assert mid.cut("//" + "=" * 70, False) is None and mid.cut("x" + " " * 40 + "y", False) is None
+    assert mid.cut("req_req_req_req_", False, checked=len("req_req_req_req")) == len("req_")  # ends after `checked`
+    lines = SuffixStop.of("def f():\n    ", "\n\nprint(f())\n")
+    assert lines.cut("x = 1\n    y = g(a, a, a, a, a", False) == len("x = 1\n    y = g(a, ")  # multi-line too
+    assert lines.cut("x = 1\n    y = 2\n\nprint(f())\nab ab ab ab ", False) == len("x = 1\n    y = 2")  # ended before
+    assert replace(mid, copies=0).cut(loop, False) is None  # off
+    assert mid.held_back("f(a, a, a") == len("a, a") and mid.held_back("f(a, b") == 0  # "f(a, " is safe
+    tok = code_tokenizer.with_fim_tokens()
+    for rule, text in [(mid, loop + " *x)\n"), (lines, "x = 1\n    y = g(a, a, a, a, a, a)\n"),
+                       (mid, "0x00, 0x00, 0x00, 0x01, 0x02\n")]:
+        s = Sequence([0], SamplingParams(max_new_tokens=100, suffix_stop=rule), tok, None)
+        out = ""
+        for t in tok.encode(text):
+            out += s.push(t)
+            if s.done:
+                break
+        out += "" if s.done else s.finish("eod")
+        at = rule.cut(text, True)
+        assert out == s.text == (text if at is None else text[:at])  # streamed as it is read whole
 
 
 def test_t_max_predict_ms_ends_the_answer_at_a_line_break_once_the_time_is_up(code_tokenizer, server):

@@ -47,7 +47,7 @@ def test_before_reads_one_line_where_code_follows_the_cursor_and_up_to_the_ancho
 
 
 def test_the_script_runs_end_to_end(tmp_path, tiny_config, code_tokenizer):
-    """A tiny random FIM model over two languages' files: every cursor read three ways."""
+    """A tiny random FIM model over two languages' files: every cursor read four ways."""
     model = tmp_path / "model"
     save_checkpoint(build_model(tiny_config, seed=3), code_tokenizer.with_fim_tokens(), model)
     for language, name, text in [("Python", "a.py", SOURCE), ("C", "b.c", "int f(int a) {\n    return g(a);\n}\n" * 8)]:
@@ -59,6 +59,7 @@ def test_the_script_runs_end_to_end(tmp_path, tiny_config, code_tokenizer):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
-    assert result["rows"] and all(set(r["read"]) == {"raw", "before", "now"} for r in result["rows"])
-    assert all(r["read"]["now"] == r["text"][: len(r["read"]["now"])] for r in result["rows"])  # rules only cut
+    assert result["rows"] and all(set(r["read"]) == {"raw", "before", "lines", "now"} for r in result["rows"])
+    for r in result["rows"]:  # rules only cut
+        assert all(r["text"].startswith(r["read"][k]) for k in ("before", "lines", "now"))
     assert set(result["summary"]) <= set(effect.KINDS) and "| cursor |" in run.stdout

@@ -132,10 +132,10 @@ class Sequence:
         if (token == self._eod and self.params.stop_at_eod) or token in self._stop_ids:
             return self._finish("eod")
         self.token_ids.append(token)
-        start = max(0, len(self.text) - self._max_stop + 1)
+        start, checked = max(0, len(self.text) - self._max_stop + 1), len(self.text)
         piece = self._healed(self._decoder.push([token]))
         self.text += piece
-        if self._cut_at_stop(start):
+        if self._cut_at_stop(start, checked):
             return self._take(len(self.text))
         if len(self.token_ids) >= self.params.max_new_tokens or not room_left or self._out_of_time(piece):
             return self._finish("length")
@@ -159,11 +159,11 @@ class Sequence:
         return Completion(self.output, list(self.token_ids), self.finish_reason or "length", len(self.prompt_ids))
 
     def _finish(self, reason: FinishReason) -> str:
-        start = max(0, len(self.text) - self._max_stop + 1)
+        start, checked = max(0, len(self.text) - self._max_stop + 1), len(self.text)
         self.text += self._healed(self._decoder.flush())
         self._heal = self._healing = ""  # ended inside the whitespace: it was all the prompt's own
         self.finish_reason = reason
-        self._cut_at_stop(start, final=True)
+        self._cut_at_stop(start, checked, final=True)
         return self._take(len(self.text))
 
     @property
@@ -201,10 +201,12 @@ class Sequence:
             self._started = now
         return "\n" in piece and (now - self._started) * 1e3 > self.params.max_predict_ms
 
-    def _cut_at_stop(self, start: int, final: bool = False) -> bool:
+    def _cut_at_stop(self, start: int, checked: int, final: bool = False) -> bool:
+        """Cut the text at the first stop string (searched from `start`) or where the suffix's
+        rule ends it (`checked`: the length of the text it last judged), and finish."""
         hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
         if self._rule is not None:
-            at = self._rule.cut(self.text, final)
+            at = self._rule.cut(self.text, final, checked)
             if at is not None:
                 hits.append(at)
         if self.params.min_indent:
