@@ -180,7 +180,7 @@ def test_n_indent_ends_the_answer_before_a_line_indented_less(code_tokenizer):
         out += s.push(t)
         if s.done:
             break
-    assert s.finish_reason == "stop" and s.text == out == "if x:\n        y = 1\n    z = 2\n"
+    assert s.finish_reason == "length" and s.text == out == "if x:\n        y = 1\n    z = 2\n"  # llama.cpp: "limit"
 
 
 

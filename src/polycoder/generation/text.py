@@ -209,14 +209,13 @@ class Sequence:
             at = self._rule.cut(self.text, final, checked)
             if at is not None:
                 hits.append(at)
-        if self.params.min_indent:
-            at = under_indented(self.text, self.params.min_indent)
-            if at is not None:
-                hits.append(at)
-        if not hits:
+        indented = under_indented(self.text, self.params.min_indent) if self.params.min_indent else None
+        if not hits and indented is None:
             return False
-        self.text = self.text[: min(hits)]
-        self.finish_reason = "stop"
+        end = min([*hits, *([] if indented is None else [indented])])
+        self.text = self.text[:end]
+        # llama.cpp reports its n_indent stop as a limit (stop_type "limit"), not a stop word.
+        self.finish_reason = "stop" if end in hits else "length"
         return True
 
     def _held_back(self) -> int:

@@ -12,7 +12,7 @@ cache-warming call expects), `temperature` (0.8), `top_k` (40), `top_p` (0.95), 
 text with `"stop": false`, then a last one with `"stop": true` and the counts, as llama.cpp
 sends them, no `[DONE]`); `n_indent` (0: off; llama.vscode sends the cursor line's indentation):
 after the first line break, a line whose code is indented by fewer spaces or tabs ends the
-answer before that code, as llama.cpp ends it; `t_max_predict_ms` (0 or less: off;
+answer before that code, `stop_type` "limit", as llama.cpp ends it; `t_max_predict_ms` (0 or less: off;
 llama.vscode sends 1000): once that long has passed since the first generated token, the
 answer ends after the next token that writes a line break, `stop_type` "limit", as llama.cpp
 ends it; and `stop_at_suffix` (ours: the suffix's stop rule on or off).
