@@ -113,7 +113,7 @@ def test_suffix_stop_rule():
     assert glued.cut("\nprint(f())\n", False) == 0
 
 
-def test_at_the_start_of_a_line_of_code_whole_lines_go_in_above_it():
+def test_at_the_start_of_a_line_of_code_whole_lines_go_in_above_it(code_tokenizer):
     """The cursor before a line's code (only indentation before it): the completion may be
     lines, ended before the model writes that code, the line break and the indentation the
     code keeps included (the suffix is the code itself)."""
@@ -135,6 +135,13 @@ def test_at_the_start_of_a_line_of_code_whole_lines_go_in_above_it():
     assert word.held_back("return x") == len("turn x") and word.held_back("y = 1;\n") == 0
     column_0 = SuffixStop.of("x = 0\n", "    return x\n")  # the suffix holds the indentation
     assert column_0.line_start and column_0.cut("    y = 1\n    return x\n", False) == len("    y = 1\n")
+    # Ended by the model after a line break: the code after the cursor keeps its indentation.
+    assert rule.ended("y = 1\n") == "    " and rule.ended("y = 1") == "" and column_0.ended("    y = 1\n") == ""
+    tok = code_tokenizer.with_fim_tokens()
+    s = Sequence([0], SamplingParams(max_new_tokens=50, suffix_stop=rule), tok, None)
+    out = "".join(s.push(t) for t in tok.encode("y = 1\n")) + s.push(tok.eod_id)
+    assert s.finish_reason == "eod" and out == s.text == "y = 1\n    "
+    assert "def f():\n    " + out + "return x\n" == "def f():\n    y = 1\n    return x\n"
 
 
 @pytest.mark.parametrize("prefix,rest,line,kept", [

@@ -25,6 +25,8 @@ The rule (`SuffixStop.of(prefix, suffix)`; no rule when the suffix is blank):
 - otherwise (nothing but whitespace after the cursor on its line) the anchor is the
   suffix's first non-blank line, and the blank lines and newline before the generated copy
   of it go too (the suffix brings its own newline and blank lines);
+- at the start of a line of code, a completion that the model ends after a line break gets
+  the cursor's indentation after it (`ended`), as a cut before the code does;
 - in both, a line counts once it is complete (a newline follows, or the sample ended);
   the first generated line counts only when the prefix's last line is blank (indentation
   only), since it otherwise continues code before the cursor;
@@ -112,6 +114,13 @@ class SuffixStop:
         end, after_first_copy = loop
         earlier = self._cut_by_lines(text[:end], False)
         return after_first_copy if earlier is None else earlier
+
+    def ended(self, text: str) -> str:
+        """What a completion that the model ended itself (the end of the document) gets at its
+        end: at the start of a line of code, after a last line break, the cursor's indentation,
+        which the code after the cursor had and would otherwise lose (`x = 1\\n` above
+        `    y = 2` leaves `y = 2` at the line's start)."""
+        return self.indent if self.line_start and text.endswith("\n") else ""
 
     def _cut_by_lines(self, text: str, final: bool) -> int | None:
         """`cut` without the loop within a line."""

@@ -164,6 +164,8 @@ class Sequence:
         self._heal = self._healing = ""  # ended inside the whitespace: it was all the prompt's own
         self.finish_reason = reason
         self._cut_at_stop(start, checked, final=True)
+        if self.finish_reason == "eod" and self._rule is not None:
+            self.text += self._rule.ended(self.text)
         return self._take(len(self.text))
 
     @property
