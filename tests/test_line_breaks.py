@@ -44,7 +44,7 @@ def test_the_line_break_at_the_cursor_is_that_of_the_cursors_line():
     assert lf_around_cursor(crlf(PREFIX), crlf(SUFFIX)) == (PREFIX, SUFFIX, CRLF)
 
 
-def stream(code_tokenizer, text: str, params: SamplingParams, pieces_of_one_token: bool = True) -> tuple[str, Sequence]:
+def stream(code_tokenizer, text: str, params: SamplingParams) -> tuple[str, Sequence]:
     """The pieces a Sequence emits for the model writing `text`, one token at a time."""
     seq = Sequence([0], params, code_tokenizer, None)
     out = ""

@@ -215,14 +215,19 @@ def test_n_indent_ends_the_answer_before_a_line_indented_less(code_tokenizer):
     tok = code_tokenizer.with_fim_tokens()
     for text, kept in [("a = b\n    a = b\n    a = b\n    a = b\n", "a = b"),
                        ("a = b\n    a = b\n    c = d\n", "a = b\n    a = b\n    c = d\n")]:
-        s = Sequence([0], SamplingParams(max_new_tokens=100, suffix_stop=rule), tok, None)
-        out = ""
-        for t in tok.encode(text):
-            out += s.push(t)
-            if s.done:
-                break
-        out += "" if s.done else s.finish("eod")
+        out, s = streamed(tok, rule, text)
         assert s.text == kept and out == kept  # what was streamed is what was kept
+
+
+def streamed(tok, rule: SuffixStop, text: str) -> tuple[str, Sequence]:
+    """What a Sequence under `rule` streams while the model writes `text`, ended by EOD."""
+    s = Sequence([0], SamplingParams(max_new_tokens=100, suffix_stop=rule), tok, None)
+    out = ""
+    for t in tok.encode(text):
+        out += s.push(t)
+        if s.done:
+            break
+    return out + ("" if s.done else s.finish("eod")), s
 
 
 def test_a_loop_within_a_line_ends_the_completion_after_its_first_copy(code_tokenizer):
@@ -246,13 +251,7 @@ def test_a_loop_within_a_line_ends_the_completion_after_its_first_copy(code_toke
     tok = code_tokenizer.with_fim_tokens()
     for rule, text in [(mid, loop + " *x)\n"), (lines, "x = 1\n    y = g(a, a, a, a, a, a)\n"),
                        (mid, "0x00, 0x00, 0x00, 0x01, 0x02\n")]:
-        s = Sequence([0], SamplingParams(max_new_tokens=100, suffix_stop=rule), tok, None)
-        out = ""
-        for t in tok.encode(text):
-            out += s.push(t)
-            if s.done:
-                break
-        out += "" if s.done else s.finish("eod")
+        out, s = streamed(tok, rule, text)
         at = rule.cut(text, True)
         assert out == s.text == (text if at is None else text[:at])  # streamed as it is read whole
 
