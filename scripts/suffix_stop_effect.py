@@ -100,8 +100,7 @@ def before(prefix: str, suffix: str, text: str) -> str:
 
 
 def read(rule: SuffixStop | None, text: str) -> str:
-    at = rule.cut(text, True) if rule is not None else None
-    return text if at is None else text[:at]
+    return text if rule is None else rule.kept(text)
 
 
 def main() -> None:

@@ -335,9 +335,8 @@ def _served(task: Task, text: str) -> str:
     from polycoder.generation.suffix_stop import SuffixStop  # the package imports torch; --help must not
 
     read = as_read(task)  # the rules read the model's text, with LF (`polycoder.line_breaks`)
-    rule, text_lf = SuffixStop.of(read.prefix, read.suffix), to_lf(text)
-    at = rule.cut(text_lf, True) if rule is not None else None
-    return text if at is None else written(text_lf[:at], cursor_line_break(task.prefix, task.suffix))
+    rule = SuffixStop.of(read.prefix, read.suffix)
+    return text if rule is None else written(rule.kept(to_lf(text)), cursor_line_break(task.prefix, task.suffix))
 
 
 def _task_sets(tasks: list[str] | None, data: Path | None) -> list[str]:

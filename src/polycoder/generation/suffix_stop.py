@@ -115,6 +115,12 @@ class SuffixStop:
         earlier = self._cut_by_lines(text[:end], False)
         return after_first_copy if earlier is None else earlier
 
+    def kept(self, text: str) -> str:
+        """What this rule keeps of a finished completion `text` (read after the fact, as the
+        evaluation and scripts read saved samples; streaming cuts at the same place)."""
+        at = self.cut(text, True)
+        return text if at is None else text[:at]
+
     def ended(self, text: str) -> str:
         """What a completion that the model ended itself (the end of the document) gets at its
         end: at the start of a line of code, after a last line break, the cursor's indentation,
