@@ -131,8 +131,8 @@ def subset(tasks: list[Task], max_tasks: int) -> list[Task]:
 
 def as_read(task: Task) -> Task:
     """The task as the model reads it at the cursor: CRLF as LF (`polycoder.line_breaks`)."""
-    if "\r" not in task.prefix + task.middle + task.suffix:
-        return task
+    if not any("\r" in part for part in (task.prefix, task.middle, task.suffix)):
+        return task  # no copy of the code: most tasks
     return replace(task, prefix=to_lf(task.prefix), middle=to_lf(task.middle), suffix=to_lf(task.suffix))
 
 

@@ -38,9 +38,8 @@ The rule (`SuffixStop.of(prefix, suffix)`; no rule when the suffix is blank):
   times in a row (`void *arg, void *arg, ...`, `req_req_req_...`) ends the completion after
   its first copy, as soon as the last copy is written. The stretch must hold something other
   than whitespace and more than one character (indentation and `=====` bars are not loops).
-  A small model writes such a line until the token limit; the true line rarely has one (3 of
-  3,587 held-out lines), and cutting it brings mid-line middles closer
-  (docs/at_cursor_stop_rules.md).
+  A small model writes such a line until the token limit; a true middle rarely has one, and
+  cutting it brings mid-line middles closer (docs/at_cursor_stop_rules.md, with the counts).
 
 Text that a later token could still cut (trailing whitespace, a last line that could grow
 into the anchor, the copies of a repeated line after the first) is held back from a stream
