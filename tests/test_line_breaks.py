@@ -126,6 +126,13 @@ def test_every_route_answers_a_crlf_document_as_its_lf_twin(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     c = client.completions.create(model="tiny", prompt=crlf(PREFIX), suffix=crlf(SUFFIX), max_tokens=N, temperature=0)
     assert c.choices[0].text == want
+    # Its logprobs' tokens are written as the text is, their offsets follow them.
+    lp = client.completions.create(model="tiny", prompt=crlf(PREFIX), suffix=crlf(SUFFIX), max_tokens=N, temperature=0,
+                                   logprobs=2).choices[0].logprobs
+    joined = "".join(lp.tokens)
+    assert want in joined and joined == written(joined, CRLF)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(k == written(k, CRLF) for alts in lp.top_logprobs for k in alts)
     parts = ollama.Client(host=server.url).generate(model="tiny", prompt=crlf(PREFIX), suffix=crlf(SUFFIX), stream=True,
                                                    options={"temperature": 0, "num_predict": N})
     assert "".join(p.response for p in parts) == want

@@ -117,6 +117,7 @@ class Sequence:
         self._tokenizer = tokenizer
         self._heal = params.heal  # what the output must still begin with, to be dropped
         self._healing = ""  # output so far while it may still be that whitespace
+        self.healed = ""  # the output's start left out as the prompt's own whitespace
         self._started: float | None = None  # when the first token came (`max_predict_ms`)
 
     @property
@@ -161,7 +162,9 @@ class Sequence:
     def _finish(self, reason: FinishReason) -> str:
         start, checked = max(0, len(self.text) - self._max_stop + 1), len(self.text)
         self.text += self._healed(self._decoder.flush())
-        self._heal = self._healing = ""  # ended inside the whitespace: it was all the prompt's own
+        if self._heal:  # ended inside the whitespace: it was all the prompt's own
+            self.healed = self._healing
+        self._heal = self._healing = ""
         self.finish_reason = reason
         self._cut_at_stop(start, checked, final=True)
         if self.finish_reason == "eod" and self._rule is not None:
@@ -191,7 +194,10 @@ class Sequence:
             return ""  # may still be the whitespace: hold it
         out, heal = self._healing, self._heal
         self._heal = self._healing = ""
-        return out[len(heal):] if out.startswith(heal) else out
+        if not out.startswith(heal):
+            return out
+        self.healed = heal
+        return out[len(heal):]
 
     def _out_of_time(self, piece: str) -> bool:
         """llama.cpp's `t_max_predict_ms`: past `SamplingParams.max_predict_ms` since the first

@@ -386,8 +386,10 @@ class EngineLoop:
         if s.finish_reason == "error":  # this request failed in the engine; the others go on
             job._fail(f"this request failed in the engine ({s.error})")
             return
-        # Tokens past a stop string are not part of the answer (its text was cut before them).
-        tokens = trim_tokens(self.tokenizer, s.token_ids, s.text) if s.finish_reason == "stop" else list(s.token_ids)
+        # Tokens past a stop string are not part of the answer (its text was cut before them);
+        # the first ones may have written the prompt's own whitespace back (healing).
+        tokens = (trim_tokens(self.tokenizer, s.token_ids, s.healed + s.text) if s.finish_reason == "stop"
+                  else list(s.token_ids))
         if self.metrics is not None:
             self.metrics.generated_tokens.inc(len(s.token_ids))
         scores = None

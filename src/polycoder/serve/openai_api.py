@@ -17,6 +17,9 @@ completion has written so far, as OpenAI defines them (`polycoder.generation.pen
 the server's `--stop-at-suffix`) switches the suffix's stop rule per request). A model
 without FIM tokens refuses a suffix with a 400 naming the fix, unless the server falls
 back to the prefix alone (`--suffix-fallback prefix-only`: the `warning` field says so).
+With `logprobs` at a cursor, the tokens are written with the document's line breaks, as the
+text is, and the first may restore whitespace the prompt ended with, which the text leaves
+out (token healing: `polycoder.generation.text`).
 
 Refused with a 400 that says why: `best_of` other than n, `logit_bias`, and `logprobs`
 together with `stream`. `finish_reason` is "stop"
@@ -40,6 +43,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder.generation import SamplingParams, resolve_seed
+from polycoder.line_breaks import written
 from polycoder.serve.at_cursor import SUFFIX_IGNORED, can_infill, check_text, cursor_prompt, falls_back
 from polycoder.serve.common import (
     APIError,
@@ -93,15 +97,20 @@ def sampling_from_body(body: dict, max_tokens_default: int, n_limit: int) -> Sam
     )
 
 
-def logprobs_object(state: ServerState, scores: TokenScores, offset: int = 0) -> dict:
-    """OpenAI's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+def logprobs_object(state: ServerState, scores: TokenScores, eol: str | None = None) -> dict:
+    """OpenAI's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset. At a cursor in a
+    document with CRLF (`eol`), the tokens' line breaks are written as the text's are."""
     tok = state.tokenizer
-    texts = [tok.decode([t]) for t in scores.token_ids]
-    offsets, pos = [], offset
+
+    def text(i: int) -> str:
+        return written(tok.decode([i]), eol) if eol else tok.decode([i])
+
+    texts = [text(t) for t in scores.token_ids]
+    offsets, pos = [], 0
     for t in texts:
         offsets.append(pos)
         pos += len(t)
-    top = [None if alts is None else {tok.decode([i]): lp for i, lp in alts} for alts in scores.top]
+    top = [None if alts is None else {text(i): lp for i, lp in alts} for alts in scores.top]
     return {"tokens": texts, "token_logprobs": scores.token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -235,7 +244,7 @@ def router(served: ServedModels, auth) -> APIRouter:
             prefix = echoes[i // params.num_samples]
             lp = None
             if o.scores is not None:
-                lp = logprobs_object(state, o.scores)
+                lp = logprobs_object(state, o.scores, params.eol)
             choices.append({"index": i, "text": prefix + o.text, "logprobs": lp,
                             "finish_reason": FINISH[o.finish_reason]})
         extra = {"warning": warning} if warning else {}
