@@ -34,12 +34,13 @@ from polycoder.fim import (  # noqa: E402
     back_off,
     encode_around_cursor,
     fit,
+    read_template,
 )
 from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
 from polycoder.generation.penalties import OFF  # noqa: E402
 from polycoder.generation.suffix_stop import COPIES, REPEATS, SuffixStop  # noqa: E402
 from polycoder.generation.text import Sequence, under_indented  # noqa: E402
-from polycoder.serve.infill_api import NOT_SUPPORTED  # noqa: E402
+from polycoder.serve.llamacpp_api import NOT_SUPPORTED  # noqa: E402
 
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -638,8 +639,8 @@ def test_openai_usage_reports_cached_tokens(server):
     ("/v1/completions", {"prompt": ["a", "b"], "suffix": "c"}, "suffix"),
     ("/v1/completions", {"prompt": "a", "suffix": "b", "echo": True}, "echo"),
     ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": ["b"]}, "suffix"),
-    # an editor's own FIM template is not cut at its start (where its prefix sentinel is)
-    ("/api/generate", {"model": "tiny", "prompt": "<fim_prefix>" + "x = 1\n" * 300 + "<fim_suffix>\n<fim_middle>",
+    # sentinels that spell no cursor are not cut at the start (where a sentinel may be)
+    ("/api/generate", {"model": "tiny", "prompt": "<fim_prefix>" + "x = 1\n" * 300 + "<fim_middle>",
                        "options": {"num_predict": 8}}, "suffix"),
     ("/api/generate", {"model": "tiny", "prompt": "a", "suffix": "b", "options": {"stop_at_suffix": "yes"}},
      "stop_at_suffix"),
@@ -758,24 +759,92 @@ def test_the_command_line_fills_the_middle_as_the_server_does(server, local, fim
     assert fell_back.returncode == 0 and fell_back.stdout == want and "suffix was ignored" in fell_back.stderr
 
 
-def test_an_editors_own_fim_template_is_read_as_sentinels(server, local, code_tokenizer):
-    """Continue (a template for a raw Ollama prompt) and Tabby (its HTTP completion backends)
-    spell StarCoder's sentinels out in the prompt: they become the sentinel tokens, each part
-    encoded on its own as in training, and the middle ends at a sentinel or the end of the
-    document; on both APIs the answer is the local model's for those ids."""
+def test_an_editors_own_fim_template_is_read_as_its_cursor():
+    assert read_template(f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>") == (PREFIX, SUFFIX, "")
+    assert read_template(f"<fim_suffix>{SUFFIX}<fim_prefix>{PREFIX}<fim_middle>re") == (PREFIX, SUFFIX, "re")
+    # StarCoder's SPM spelling: the text after <fim_middle> is the code before the cursor
+    assert read_template(f"<fim_prefix><fim_suffix>{SUFFIX}<fim_middle>{PREFIX}") == (PREFIX, SUFFIX, "")
+    for text in ("def f():", f"x<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",  # text before the first
+                 f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}", f"<fim_prefix>{PREFIX}<fim_middle><fim_suffix>{SUFFIX}",
+                 "<fim_prefix>a<fim_suffix>b<fim_middle>c<fim_prefix>", "<fim_prefix>a<fim_suffix>b<fim_middle><fim_pad>"):
+        assert read_template(text) is None, text
+
+
+def test_an_editors_own_fim_template_gets_the_suffix_routes_answer(server, local, code_tokenizer):
+    """Continue (a template for a raw Ollama prompt) and Tabby (its HTTP completion backends:
+    openai/completion, ollama/completion, llama.cpp/completion) spell StarCoder's sentinels out
+    in the prompt: the server reads the cursor back out of it and builds the prompt as for a
+    `suffix`, so on every route the answer is the suffix route's (its layout, healing, stop
+    rule). Sentinels in a prompt that is no cursor template stay the sentinel tokens."""
     model, tok = local
-    fim = tok.fim
     templated = f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>"
-    ids = arrange(fim, tok.encode(PREFIX), [], tok.encode(SUFFIX), "psm")
-    assert tok.encode_with_sentinels(templated) == ids
-    params = SamplingParams(max_new_tokens=N, stop_ids=(fim.prefix, fim.middle, fim.suffix, fim.pad))
-    want = generate(model, tok, [ids], params)[0][0]
+    want = expected(local)
     r = post(server, {"prompt": templated, "max_tokens": N, "temperature": 0}).json()
-    assert r["choices"][0]["text"] == want.text and r["usage"]["prompt_tokens"] == len(ids)
+    assert r["choices"][0]["text"] == want.text and r["usage"]["prompt_tokens"] == len(expected_ids(local))
     o = post(server, {"model": "tiny", "prompt": templated, "raw": True, "stream": False,
                       "options": {"temperature": 0, "num_predict": N}}, "/api/generate").json()
-    assert o["response"] == want.text and o["prompt_eval_count"] == len(ids)
+    assert o["response"] == want.text and o["prompt_eval_count"] == len(expected_ids(local))
+    c = post(server, {"prompt": templated, "n_predict": N, "temperature": 0}, "/completion").json()
+    assert c["content"] == want.text and c["tokens_evaluated"] == len(expected_ids(local))
+    # a template longer than the context is cut as the suffix route cuts the code around the cursor
+    long_prefix = "x = 1\n" * 300 + PREFIX
+    suffixed = post(server, {"prompt": long_prefix, "suffix": SUFFIX, "max_tokens": N, "temperature": 0})
+    cut = post(server, {"prompt": f"<fim_prefix>{long_prefix}<fim_suffix>{SUFFIX}<fim_middle>", "max_tokens": N,
+                        "temperature": 0})
+    assert cut.status_code == 200 and "X-Polycoder-Truncated" in cut.headers
+    assert cut.json()["choices"][0]["text"] == suffixed.json()["choices"][0]["text"]
+    # sentinels that spell no cursor: the tokens, as written, the middle ending at a sentinel
+    odd = f"<fim_prefix>{PREFIX}<fim_middle>"
+    ids = [tok.fim.prefix, *tok.encode(PREFIX), tok.fim.middle]
+    assert tok.encode_with_sentinels(odd) == ids
+    params = SamplingParams(max_new_tokens=N, stop_ids=tok.fim.all)
+    r = post(server, {"prompt": odd, "max_tokens": N, "temperature": 0}).json()
+    assert r["choices"][0]["text"] == generate(model, tok, [ids], params)[0][0].text
     # a prompt without sentinels, or a tokenizer without them, is text as before
     assert tok.encode_with_sentinels("a <fim_ b") == tok.encode("a <fim_ b")
     assert tok.encode_with_sentinels("<|endoftext|>") == tok.encode("<|endoftext|>")
     assert code_tokenizer.encode_with_sentinels(templated) == code_tokenizer.encode(templated)
+
+
+def test_tabby_llama_cpp_completion_backend(server, local):
+    """Tabby's `llama.cpp/completion` backend: POST /completion with its body (seed, the
+    templated prompt, n_predict, temperature, stream, penalty_last_n, presence_penalty), read
+    as Server-Sent Events of `content` until `stop`, as its client reads them."""
+    body = {"seed": 0, "prompt": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>", "n_predict": N,
+            "temperature": 0.0, "stream": True, "penalty_last_n": 0, "presence_penalty": 0.0}
+    with httpx.stream("POST", server.url + "/completion", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["stop"] for e in events] == [False] * (len(events) - 1) + [True]
+    assert "".join(e["content"] for e in events) == expected(local).text
+    assert events[-1]["stop_type"] in ("eos", "limit", "word")
+
+
+def test_llama_cpp_completion_of_a_plain_prompt(server, local):
+    """/completion without a cursor: text, ids or both (llama.cpp's mixed form) give the local
+    model's greedy answer for those ids; a prompt too long for the context loses its start
+    (`truncated`); several prompts, or a prompt of another type, get a 400 in llama.cpp's form."""
+    model, tok = local
+    text = "def mul(a, b):\n    return"
+    ids = tok.encode(text)
+
+    def want(prompt_ids, n=N):
+        return generate(model, tok, [prompt_ids], SamplingParams(max_new_tokens=n))[0][0].text
+
+    head = tok.encode("def mul(a, b):")
+    mixed_ids = head + tok.encode("\n    return")
+    for prompt, prompt_ids in ((text, ids), (ids, ids), ([*head, "\n    return"], mixed_ids)):
+        r = post(server, {"prompt": prompt, "n_predict": N, "temperature": 0}, "/completion")
+        assert r.status_code == 200 and r.json()["content"] == want(prompt_ids), prompt
+        assert r.json()["tokens_evaluated"] == len(prompt_ids) and r.json()["truncated"] is False
+    context = httpx.get(server.url + "/health", timeout=10).json()["context"]
+    long = ids * (context // len(ids) + 2)
+    r = post(server, {"prompt": long, "n_predict": N, "temperature": 0}, "/completion")
+    kept = fit(long, [], context - N)[0]
+    assert r.status_code == 200 and r.json()["truncated"] is True and r.json()["tokens_evaluated"] == len(kept)
+    assert r.json()["content"] == want(kept)
+    for prompt, words in ((["a", "b"], "one prompt a request"), ([[1, 2], [3]], "one prompt a request"),
+                          ({"x": 1}, "must be a string"), ([1.5], "must be a string"), ([10 ** 9], "out of the vocabulary")):
+        r = post(server, {"prompt": prompt, "n_predict": N}, "/completion")
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (prompt, r.text)
+    still_serves(server)

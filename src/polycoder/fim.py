@@ -75,6 +75,33 @@ def arrange(fim: FimIds, prefix: Sequence[int], middle: Sequence[int], suffix: S
     raise ValueError(f"FIM order must be one of {', '.join(ORDERS)}, got {order!r}")
 
 
+def read_template(text: str) -> tuple[str, str, str] | None:
+    """(prefix, suffix, middle) of a prompt that spells out a cursor in StarCoder's sentinels,
+    as editors that template fill-in-the-middle themselves write it (Tabby's `prompt_template`,
+    Continue's raw Ollama prompts): `<fim_prefix>P<fim_suffix>S<fim_middle>M` (PSM) or
+    `<fim_suffix>S<fim_prefix>P<fim_middle>M`; M, text already written after the cursor, is
+    usually empty. StarCoder's SPM spelling, `<fim_prefix><fim_suffix>S<fim_middle>P`, is
+    the first with P empty and reads as prefix P. None for any other text: no sentinel, one
+    twice, `<fim_pad>`, or text before the first sentinel."""
+    if not text.startswith((FIM_PREFIX, FIM_SUFFIX)) or FIM_PAD in text:
+        return None
+    if any(text.count(s) != 1 for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)):
+        return None
+    at = {s: text.index(s) for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
+    if at[FIM_MIDDLE] < max(at[FIM_PREFIX], at[FIM_SUFFIX]):
+        return None
+
+    def after(s: str, until: int) -> str:
+        return text[at[s] + len(s):until]
+
+    middle = after(FIM_MIDDLE, len(text))
+    if at[FIM_PREFIX] == 0:  # PSM
+        prefix, suffix = after(FIM_PREFIX, at[FIM_SUFFIX]), after(FIM_SUFFIX, at[FIM_MIDDLE])
+    else:
+        suffix, prefix = after(FIM_SUFFIX, at[FIM_PREFIX]), after(FIM_PREFIX, at[FIM_MIDDLE])
+    return (middle, suffix, "") if not prefix else (prefix, suffix, middle)
+
+
 def back_off(text: str) -> tuple[str, str]:
     """(`text` less its trailing whitespace, that whitespace): the text before a cursor ends
     where a token the model knows how to follow ends; the whitespace is the model's to write."""

@@ -14,7 +14,7 @@ each row's adapter at run time, as vLLM does, would save the memory and the cont
     GET  /metrics           Prometheus text format
     GET  /v1/models         POST /v1/completions          (OpenAI, see openai_api)
     POST /api/generate      GET /api/tags  POST /api/show  GET /api/version  (Ollama, see ollama_api)
-    POST /infill            llama.cpp's fill-in-the-middle route (llama.vscode, llama.vim; see infill_api)
+    POST /infill            POST /completion  (llama.cpp's: llama.vscode, llama.vim, Tabby; see llamacpp_api)
 
 At the cursor: `suffix` on /v1/completions and /api/generate, and /infill, fill in the
 middle on a model with FIM tokens (`polycoder finetune --fim`); the prompt is laid out by
@@ -109,7 +109,7 @@ class RequestContext:
 
 def _route(path: str) -> str:
     """Metric label of a path (known routes only, so labels stay few)."""
-    known = ("/v1/completions", "/v1/models", "/infill", "/api/generate", "/api/tags", "/api/show", "/api/version",
+    known = ("/v1/completions", "/v1/models", "/infill", "/completion", "/api/generate", "/api/tags", "/api/show", "/api/version",
              "/api/ps", "/health", "/metrics", "/", "/playground/editor.js", "/playground/highlight")
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
@@ -135,7 +135,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
 
     Limit: the models share one metrics registry, so the queue-depth and active-row gauges
     show whichever engine stepped last; the counters and histograms add up all of them."""
-    from polycoder.serve import infill_api, ollama_api, openai_api, playground
+    from polycoder.serve import llamacpp_api, ollama_api, openai_api, playground
     from polycoder.serve.common import APIError, ServedModels, ServerSettings
 
     settings = settings or ServerSettings()
@@ -174,7 +174,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     def render(request: Request, e: APIError) -> JSONResponse:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
-        if request.url.path == "/infill":  # llama.cpp's error object
+        if request.url.path in ("/infill", "/completion"):  # llama.cpp's error object
             return JSONResponse({"error": {"code": e.status, "message": e.message, "type": e.kind}},
                                 status_code=e.status, headers=e.headers)
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},
@@ -216,7 +216,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     app.include_router(playground.router(state, auth))
     app.include_router(openai_api.router(served, auth))
     app.include_router(ollama_api.router(served, auth))
-    app.include_router(infill_api.router(served, auth))
+    app.include_router(llamacpp_api.router(served, auth))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],

@@ -46,6 +46,13 @@ Stops: the sentinels end a sample as `<|endoftext|>` does (a model emits EOD aft
 middle, as trained; a sentinel means it went astray), and by default the suffix's rule
 (`polycoder.generation.suffix_stop`) ends it where the code after the cursor begins.
 
+Editors that template fill-in-the-middle themselves (Tabby's `prompt_template`, Continue's
+raw Ollama prompts) spell the cursor out in StarCoder's sentinels in a plain prompt,
+`<fim_prefix>P<fim_suffix>S<fim_middle>`. On every route such a prompt is read back into
+the code before and after the cursor (`templated_cursor`, `polycoder.fim.read_template`)
+and built here like a `suffix`: the same cursor gets the same answer however it is sent,
+and a templated prompt is cut to fit, read with LF, healed and stopped as editors need.
+
 A model without FIM tokens cannot use a suffix: each route refuses it as its API does,
 unless the server runs with `--suffix-fallback prefix-only`, which completes the prefix
 alone and says so (a response header, the response's `warning` and the log).
@@ -57,7 +64,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from polycoder.fim import arrange, back_off, fit_around_cursor
+from polycoder.fim import arrange, back_off, fit_around_cursor, read_template
 from polycoder.generation.suffix_stop import SuffixStop
 from polycoder.line_breaks import cursor_line_break, to_lf
 from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits
@@ -96,6 +103,13 @@ class CursorPrompt:
 
 def can_infill(state: ServerState) -> bool:
     return state.tokenizer.fim is not None
+
+
+def templated_cursor(state: ServerState, prompt) -> tuple[str, str, str] | None:
+    """(prefix, suffix, middle) of a text prompt that spells a cursor out in the FIM sentinels
+    (an editor's own template: `polycoder.fim.read_template`), where this model can fill in
+    the middle; else None (the prompt is text, sentinels included: `encode_with_sentinels`)."""
+    return read_template(prompt) if isinstance(prompt, str) and can_infill(state) else None
 
 
 def falls_back(state: ServerState) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import Request
 
 from polycoder.errors import PolycoderError
-from polycoder.fim import ORDERS
+from polycoder.fim import ORDERS, encode_around_cursor, fit
 from polycoder.generation.penalties import Penalties
 from polycoder.generation.sampling import MAX_TOP_K
 from polycoder.model import GPTNeoX
@@ -298,6 +298,8 @@ def get_seed(body: dict) -> int | None:
     return get_int(body, "seed", None, -(2**63), 2**64 - 1)
 
 
+PROMPT_CUT = "the prompt did not fit the context: its start was left out"
+"""Why a prompt was cut (`cut_prompt_ids`): the X-Polycoder-Truncated header's words."""
 OFF_LOOP_CHARS = 8192
 """Prompts longer than this are tokenized in a worker thread, not on the event loop."""
 
@@ -332,6 +334,36 @@ async def prompt_ids(state: ServerState, prompt: str | list[int], max_tokens: in
         ids = [state.tokenizer.eod_id]  # an empty prompt starts a new document
     check_fits(state, ids, max_tokens)
     return ids
+
+
+async def cut_prompt_ids(state: ServerState, prompt: str, context: list[int], num_predict: int,
+                         limit_name: str) -> tuple[list[int], bool]:
+    """The ids of `context` + `prompt` (Ollama's `context`, or llama.cpp's prompt given as
+    ids), their start left out where they do not fit with num_predict new tokens (which the
+    API calls `limit_name`; a quarter of the context where num_predict < 0), as Ollama and
+    llama.cpp cut a long prompt; and whether anything was left out. The prompt is tokenized
+    only as far back as can reach the prompt (`encode_around_cursor`); the cut moves in
+    steps (`fit`), so a client that resends its growing text still finds it in the prompt
+    cache."""
+    C = state.context
+    if num_predict >= C:
+        raise APIError(400, f"{limit_name} {num_predict} leaves no room for a prompt: this server's context is {C} "
+                       f"tokens (prompt + {limit_name}); lower {limit_name}", param=limit_name,
+                       code="context_length_exceeded")
+    room = C - (num_predict if num_predict >= 0 else C // 4)
+    tok = state.tokenizer
+    args = (tok.encode_with_sentinels, prompt, "", room, tok.max_token_bytes)  # an editor's template spells them out
+    encoded, _, cut_text = (await asyncio.to_thread(encode_around_cursor, *args) if len(prompt) > OFF_LOOP_CHARS
+                            else encode_around_cursor(*args))
+    ids = list(context) + encoded or [tok.eod_id]  # an empty prompt starts a new document
+    if len(ids) + max(num_predict, 1) <= C and not cut_text:
+        return ids, False
+    if sentinel_stops(state, [encoded]):
+        raise APIError(400, f"this server's context is {C} tokens, and this prompt spells out fill-in-the-middle "
+                       f"sentinels, so it is not cut to fit: send the code before the cursor as `prompt` and the "
+                       "code after it as `suffix`, which the server cuts to fit", param="prompt",
+                       code="context_length_exceeded")
+    return fit(ids, [], room)[0], True
 
 
 def sentinel_stops(state: ServerState, prompts: list[list[int]]) -> tuple[int, ...]:

@@ -19,9 +19,11 @@ A prompt longer than the context is cut, as Ollama cuts it: its start is left ou
 `context`, theirs first), so that `num_predict` tokens fit after it, or a quarter of the
 context where num_predict is -1 or -2; the cut moves in steps (`polycoder.fim.fit`), so a
 client that resends its growing text still finds it in the prompt cache. The log and the
-X-Polycoder-Truncated header say so. A prompt that spells out FIM sentinels (an editor's
-own template) is not cut, since its start holds the prefix's sentinel: it gets a 400 that
-says to send the code after the cursor as `suffix`, which is cut to fit.
+X-Polycoder-Truncated header say so. A prompt that spells a cursor out in the FIM sentinels
+(an editor's own template, as Tabby's Ollama backend and Continue with a raw template send
+it) is that cursor, built as with `suffix` and cut the same way (`polycoder.serve.at_cursor`);
+any other prompt with sentinels is not cut, since its start may hold one: it gets a 400
+that says to send the code after the cursor as `suffix`, which is cut to fit.
 
 `suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
 `polycoder.serve.at_cursor` says); `options.stop_at_suffix` switches the suffix's stop
@@ -40,7 +42,6 @@ are refused with a 400. Errors are Ollama's `{"error": "message"}` with the HTTP
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -52,16 +53,24 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder import __version__ as polycoder_version
-from polycoder.fim import encode_around_cursor, fit
 from polycoder.generation import SamplingParams, resolve_seed
-from polycoder.serve.at_cursor import CUT_HEADER, SUFFIX_IGNORED, can_infill, check_text, cursor_prompt, falls_back
+from polycoder.serve.at_cursor import (
+    CUT_HEADER,
+    SUFFIX_IGNORED,
+    can_infill,
+    check_text,
+    cursor_prompt,
+    falls_back,
+    templated_cursor,
+)
 from polycoder.serve.common import (
-    OFF_LOOP_CHARS,
+    PROMPT_CUT,
     APIError,
     ServedModels,
     ServerState,
     check_fits,
     check_ids,
+    cut_prompt_ids,
     get_bool,
     get_float,
     get_int,
@@ -77,7 +86,6 @@ from polycoder.serve.openai_api import FINISH, collect, job_events, submit
 
 OLLAMA_VERSION = "0.6.0"
 """The Ollama API version this server speaks (clients check it for features)."""
-PROMPT_CUT = "the prompt did not fit the context: its start was left out"
 log = logging.getLogger("polycoder.serve")
 
 
@@ -158,13 +166,15 @@ def router(served: ServedModels, auth) -> APIRouter:
         check_ids(state, context, "context")
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
         at, cut = None, False
-        if suffix:
-            at = await cursor_prompt(state, prompt, suffix, max(num_predict, 0), before=context, request_id=rid,
-                                     limit_name="num_predict",
+        template = None if suffix else templated_cursor(state, prompt)  # an editor's own FIM template: its cursor
+        if suffix or template:
+            code_before, code_after, middle = template or (prompt, suffix, "")
+            at = await cursor_prompt(state, code_before, code_after, max(num_predict, 0), middle=middle, before=context,
+                                     request_id=rid, limit_name="num_predict",
                                      stop_at_suffix=get_bool(options, "stop_at_suffix", state.settings.stop_at_suffix))
             ids = at.ids
         else:
-            ids, cut = await cut_prompt_ids(state, prompt, context, num_predict)
+            ids, cut = await cut_prompt_ids(state, prompt, context, num_predict, "num_predict")
             if cut:
                 log.info("[%s] the prompt was cut to fit the context: its last %d tokens kept", rid, len(ids))
         if num_predict < 0:  # -1 / -2: until the end of the document or a full context
@@ -203,33 +213,6 @@ def router(served: ServedModels, auth) -> APIRouter:
         return JSONResponse({**final(outcome), "response": text}, headers=headers)
 
     return api
-
-
-async def cut_prompt_ids(state: ServerState, prompt: str, context: list[int],
-                         num_predict: int) -> tuple[list[int], bool]:
-    """The ids of `context` + `prompt`, their start left out where they do not fit with
-    num_predict new tokens (a quarter of the context where num_predict < 0); and whether
-    anything was left out. The prompt is tokenized only as far back as can reach the prompt
-    (`encode_around_cursor`)."""
-    C = state.context
-    if num_predict >= C:
-        raise APIError(400, f"num_predict {num_predict} leaves no room for a prompt: this server's context is {C} "
-                       "tokens (prompt + num_predict); lower num_predict", param="num_predict",
-                       code="context_length_exceeded")
-    room = C - (num_predict if num_predict >= 0 else C // 4)
-    tok = state.tokenizer
-    args = (tok.encode_with_sentinels, prompt, "", room, tok.max_token_bytes)  # an editor's template spells them out
-    encoded, _, cut_text = (await asyncio.to_thread(encode_around_cursor, *args) if len(prompt) > OFF_LOOP_CHARS
-                            else encode_around_cursor(*args))
-    ids = list(context) + encoded or [tok.eod_id]  # an empty prompt starts a new document
-    if len(ids) + max(num_predict, 1) <= C and not cut_text:
-        return ids, False
-    if sentinel_stops(state, [encoded]):
-        raise APIError(400, f"this server's context is {C} tokens, and this prompt spells out fill-in-the-middle "
-                       f"sentinels, so it is not cut to fit: send the code before the cursor as `prompt` and the "
-                       "code after it as `suffix`, which the server cuts to fit", param="prompt",
-                       code="context_length_exceeded")
-    return fit(ids, [], room)[0], True
 
 
 async def ndjson(job: Job, name: str, final) -> AsyncIterator[str]:

@@ -14,7 +14,9 @@ completion has written so far, as OpenAI defines them (`polycoder.generation.pen
 
 `suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
 `polycoder.serve.at_cursor` says: one text prompt, no `echo`; `stop_at_suffix` (default
-the server's `--stop-at-suffix`) switches the suffix's stop rule per request). A model
+the server's `--stop-at-suffix`) switches the suffix's stop rule per request). A single text
+prompt that spells a cursor out in the FIM sentinels (Tabby's `prompt_template`) is that
+cursor, as if sent with `suffix`. A model
 without FIM tokens refuses a suffix with a 400 naming the fix, unless the server falls
 back to the prefix alone (`--suffix-fallback prefix-only`: the `warning` field says so).
 With `logprobs` at a cursor, the tokens are written with the document's line breaks, as the
@@ -44,7 +46,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.line_breaks import written
-from polycoder.serve.at_cursor import SUFFIX_IGNORED, can_infill, check_text, cursor_prompt, falls_back
+from polycoder.serve.at_cursor import (
+    SUFFIX_IGNORED,
+    can_infill,
+    check_text,
+    cursor_prompt,
+    falls_back,
+    templated_cursor,
+)
 from polycoder.serve.common import (
     APIError,
     ServedModels,
@@ -208,11 +217,14 @@ def router(served: ServedModels, auth) -> APIRouter:
                            param="prompt")
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
         headers, warning = {}, None
-        if suffix:
-            if len(prompts) != 1 or not isinstance(prompts[0], str) or echo:
-                raise APIError(400, "suffix needs one text prompt (the code before the cursor) and no echo",
-                               param="suffix")
-            at = await cursor_prompt(state, prompts[0], suffix, params.max_new_tokens, request_id=rid,
+        if suffix and (len(prompts) != 1 or not isinstance(prompts[0], str) or echo):
+            raise APIError(400, "suffix needs one text prompt (the code before the cursor) and no echo",
+                           param="suffix")
+        # An editor's own FIM template in the prompt is the cursor it spells out.
+        template = templated_cursor(state, prompts[0]) if len(prompts) == 1 and not (suffix or echo) else None
+        if suffix or template:
+            code_before, code_after, middle = template or (prompts[0], suffix, "")
+            at = await cursor_prompt(state, code_before, code_after, params.max_new_tokens, middle=middle, request_id=rid,
                                      stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
             params = replace(params, stop_ids=at.stop_ids, suffix_stop=at.suffix_stop, heal=at.heal,
                              eol=at.eol)

@@ -1,9 +1,16 @@
-"""llama.cpp's `POST /infill`: the at-cursor route of llama.vscode, llama.vim and Tabby.
+"""llama.cpp's server routes that editors use: `POST /infill` (llama.vscode, llama.vim) and
+`POST /completion` (Tabby's `llama.cpp/completion` backend, and any llama.cpp client).
 
-Follows llama.cpp's server (tools/server/README.md, "POST /infill" and "POST /completion"):
-`input_prefix` and `input_suffix` (both required, either may be empty), `input_extra` (a
+Follows llama.cpp's server (tools/server/README.md, "POST /infill" and "POST /completion").
+/infill: `input_prefix` and `input_suffix` (both required, either may be empty), `input_extra` (a
 list of `{"filename": string, "text": string}` chunks of other files; filename optional),
-`prompt` (text after the prefix: the start of the middle), `n_predict` (default -1: until
+`prompt` (text after the prefix: the start of the middle). /completion: `prompt`, a string,
+a list of token ids, or a list mixing ids and strings (one prompt a request: a list of
+prompts is refused with a 400); a text prompt that spells a cursor out in the FIM
+sentinels, as Tabby's `prompt_template` writes it (`<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`),
+is that cursor and is built as /infill builds it (`polycoder.serve.at_cursor`); any other
+prompt too long for the context loses its start, as llama.cpp cuts it (`truncated`).
+Both: `n_predict` (default -1: until
 the end of the document or a full context; 0 answers at once, as llama.vscode's
 cache-warming call expects), `temperature` (0.8), `top_k` (40), `top_p` (0.95), `seed`
 (-1: random), `repeat_penalty` (1: off), `repeat_last_n` (64), `presence_penalty` and
@@ -15,28 +22,30 @@ after the first line break, a line whose code is indented by fewer spaces or tab
 answer before that code, `stop_type` "limit", as llama.cpp ends it; `t_max_predict_ms` (0 or less: off;
 llama.vscode sends 1000): once that long has passed since the first generated token, the
 answer ends after the next token that writes a line break, `stop_type` "limit", as llama.cpp
-ends it; and `stop_at_suffix` (ours: the suffix's stop rule on or off).
+ends it; and `stop_at_suffix` (ours: the suffix's stop rule on or off, at a cursor).
 The answer is llama.cpp's: `content`, `stop`, `stop_type` ("eos", "limit" or "word"),
 `tokens_predicted`, `tokens_evaluated` (the prompt's tokens), `tokens_cached` (those the
 server's prompt cache supplied, `serve --prompt-cache-mb`), `truncated` (the prefix's start,
-the suffix's end or some `input_extra` did not fit the context and was left out), `timings`
+the suffix's end, the prompt's start or some `input_extra` did not fit the context and was left out), `timings`
 (milliseconds and rates; `prompt_n` counts the prompt tokens that ran through the model, as
 llama.cpp's does) and the rest of its fields. `cache_prompt`
 (default true, as llama.cpp's) false computes the whole prompt for that request, reusing
-nothing (the prompt is still kept for the requests after it). The prompt is built as
+nothing (the prompt is still kept for the requests after it). /infill's prompt is built as
 `polycoder.serve.at_cursor` says (extra chunks as documents before the FIM prompt).
 
 Accepted and ignored, as llama.cpp ignores what it does not know: `samplers`, `min_p`,
-`t_max_prompt_ms`, `id_slot`, `n_cmpl`, `lora` and other fields.
-A model without FIM tokens answers llama.cpp's 501 ("Infill is not supported by this
+`t_max_prompt_ms`, `id_slot`, `n_cmpl`, `lora`, `n_probs` and other fields.
+A model without FIM tokens answers /infill with llama.cpp's 501 ("Infill is not supported by this
 model: ..."), unless the server falls back to the prefix alone (`--suffix-fallback
-prefix-only`; `warning` says so). Errors are llama.cpp's
+prefix-only`; `warning` says so); its /completion reads a templated prompt as text. Errors are llama.cpp's
 `{"error": {"code": status, "message": ..., "type": ...}}`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +55,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.serve.at_cursor import (
+    CUT_HEADER,
     MAX_EXTRA_CHUNKS,
     SUFFIX_IGNORED,
     CursorPrompt,
@@ -53,11 +63,16 @@ from polycoder.serve.at_cursor import (
     check_text,
     cursor_prompt,
     falls_back,
+    templated_cursor,
 )
 from polycoder.serve.common import (
+    OFF_LOOP_CHARS,
+    PROMPT_CUT,
     APIError,
     ServedModels,
     ServerState,
+    check_ids,
+    cut_prompt_ids,
     get_bool,
     get_float,
     get_int,
@@ -66,9 +81,12 @@ from polycoder.serve.common import (
     get_stop,
     get_top_k,
     read_json,
+    sentinel_stops,
 )
 from polycoder.serve.engine_loop import Job, Outcome
 from polycoder.serve.openai_api import collect, job_events, submit
+
+log = logging.getLogger("polycoder.serve")
 
 STOP_TYPE = {"eod": "eos", "length": "limit", "stop": "word"}
 NOT_SUPPORTED = ("Infill is not supported by this model: prefix token is missing. suffix token is missing. "
@@ -97,6 +115,23 @@ def parse_extra(value) -> list[str]:
     return texts
 
 
+def parse_prompt(value) -> str | list[str | int]:
+    """/completion's `prompt`: a string, or one list of token ids and strings (llama.cpp's
+    mixed form); several prompts (a list of strings or of lists) are refused."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        if any(isinstance(x, list) for x in value) or (value and all(isinstance(x, str) for x in value)):
+            raise APIError(400, "one prompt a request: send each prompt as a request of its own", param="prompt")
+        if all(isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in value):
+            return value
+    raise APIError(400, '"prompt" must be a string, or a list of token ids and strings', param="prompt")
+
+
 def router(served: ServedModels, auth) -> APIRouter:
     api = APIRouter(dependencies=[Depends(auth)])
 
@@ -115,38 +150,84 @@ def router(served: ServedModels, auth) -> APIRouter:
         middle = check_text(body.get("prompt"), "prompt")
         extra = parse_extra(body.get("input_extra"))
         n_predict = get_int(body, "n_predict", -1, -1)
-        seed = get_seed(body)
-        stream = get_bool(body, "stream", False)
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
         at = await cursor_prompt(state, prefix, suffix, max(n_predict, 0), middle=middle, extra=extra, request_id=rid,
                                  limit_name="n_predict",
                                  stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
-        if n_predict < 0:  # until the end of the document or a full context
-            n_predict = max(1, state.context - len(at.ids))
-        params = SamplingParams(
-            max_new_tokens=n_predict,
-            temperature=get_float(body, "temperature", 0.8, 0.0, 100.0),
-            top_k=get_top_k(body, 40),
-            top_p=get_float(body, "top_p", 0.95, 0.0, 1.0, lo_open=True),
-            stop=get_stop(body),
-            seed=None if seed == -1 else seed,
-            penalties=get_penalties(body, count_prompt=True),
-            stop_ids=at.stop_ids,
-            suffix_stop=at.suffix_stop,
-            heal=at.heal,
-            eol=at.eol,
-            min_indent=get_int(body, "n_indent", 0, 0),
-            max_predict_ms=max(0, get_int(body, "t_max_predict_ms", 0)),  # llama.cpp: <= 0 is off
-        )
-        job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),
-                                reuse_prompt=get_bool(body, "cache_prompt", True)))
-        if stream:
-            return StreamingResponse(events(state, job, at, t0), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **at.headers})
-        text, outcome = await collect(request, job)
-        return JSONResponse(final(state, job, at, outcome, text, t0), headers=at.headers)
+        return await answer(request, state, body, at, n_predict, rid, t0)
+
+    @api.post("/completion")
+    async def completion(request: Request):
+        t0 = time.perf_counter()
+        body = await read_json(request, served.default)
+        state = served.pick(body.get("model"), "openai")
+        prompt = parse_prompt(body.get("prompt"))
+        n_predict = get_int(body, "n_predict", -1, -1)
+        rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
+        template = templated_cursor(state, prompt)  # Tabby's prompt_template: the cursor it spells out
+        if template:
+            prefix, suffix, middle = template
+            at = await cursor_prompt(state, prefix, suffix, max(n_predict, 0), middle=middle, request_id=rid,
+                                     limit_name="n_predict",
+                                     stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
+        else:
+            at = await plain_prompt(state, prompt, n_predict, rid)
+        return await answer(request, state, body, at, n_predict, rid, t0)
 
     return api
+
+
+async def plain_prompt(state: ServerState, prompt: str | list[str | int], n_predict: int, rid: str) -> CursorPrompt:
+    """/completion's prompt that spells no cursor: its ids (sentinels spelt out in text are
+    the sentinels), the start left out where it does not fit, ending at a sentinel where
+    it holds one (an editor's own template)."""
+    text, ids = prompt, []
+    if isinstance(prompt, list):  # ids and strings, in order
+        text = ""
+
+        def encode() -> list[int]:
+            return [t for part in prompt
+                    for t in (state.tokenizer.encode_with_sentinels(part) if isinstance(part, str) else [part])]
+
+        long = sum(len(part) for part in prompt if isinstance(part, str)) > OFF_LOOP_CHARS
+        ids = await asyncio.to_thread(encode) if long else encode()
+        check_ids(state, ids, "prompt")
+    ids, cut = await cut_prompt_ids(state, text, ids, n_predict, "n_predict")
+    if cut:
+        log.info("[%s] the prompt was cut to fit the context: its last %d tokens kept", rid, len(ids))
+    return CursorPrompt(ids, stop_ids=sentinel_stops(state, [ids]), cut=cut,
+                        headers={CUT_HEADER: PROMPT_CUT} if cut else {})
+
+
+async def answer(request: Request, state: ServerState, body: dict, at: CursorPrompt, n_predict: int, rid: str,
+                 t0: float):
+    """Generate for `at` with the body's sampling fields, answered as llama.cpp answers
+    (streamed or whole)."""
+    if n_predict < 0:  # until the end of the document or a full context
+        n_predict = max(1, state.context - len(at.ids))
+    seed = get_seed(body)
+    params = SamplingParams(
+        max_new_tokens=n_predict,
+        temperature=get_float(body, "temperature", 0.8, 0.0, 100.0),
+        top_k=get_top_k(body, 40),
+        top_p=get_float(body, "top_p", 0.95, 0.0, 1.0, lo_open=True),
+        stop=get_stop(body),
+        seed=None if seed == -1 else seed,
+        penalties=get_penalties(body, count_prompt=True),
+        stop_ids=at.stop_ids,
+        suffix_stop=at.suffix_stop,
+        heal=at.heal,
+        eol=at.eol,
+        min_indent=get_int(body, "n_indent", 0, 0),
+        max_predict_ms=max(0, get_int(body, "t_max_predict_ms", 0)),  # llama.cpp: <= 0 is off
+    )
+    job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),
+                            reuse_prompt=get_bool(body, "cache_prompt", True)))
+    if get_bool(body, "stream", False):
+        return StreamingResponse(events(state, job, at, t0), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **at.headers})
+    text, outcome = await collect(request, job)
+    return JSONResponse(final(state, job, at, outcome, text, t0), headers=at.headers)
 
 
 async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float) -> AsyncIterator[str]:
