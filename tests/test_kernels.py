@@ -38,8 +38,9 @@ from polycoder.quantize import quantize
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.status()}")
 
-SHAPES = [(1, 8, 16), (1, 5, 3), (3, 7, 40), (4, 12, 770), (8, 33, 64), (2, 2304, 768), (5, 40, 3072),
-          (6, 9, 300), (7, 13, 1000), (8, 5, 20), (8, 768, 3072), (12, 11, 48), (8, 5, 3072), (6, 7, 2000)]
+SHAPES = [(1, 8, 16), (1, 5, 3), (1, 1, 16), (3, 2, 40), (8, 3, 300), (3, 7, 40), (4, 12, 770), (8, 33, 64),
+          (2, 2304, 768), (5, 40, 3072), (6, 9, 300), (7, 13, 1000), (8, 5, 20), (8, 768, 3072), (12, 11, 48),
+          (8, 5, 3072), (6, 7, 2000)]
 
 
 U = 2.0 ** -24  # fp32's unit roundoff
@@ -72,8 +73,6 @@ def _exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_linear_fp32_bf16_int8_equal_pytorch(M, N, K):
-    if N < 4:
-        pytest.skip("kernel needs 4 output rows")
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
     assert ((kernels.linear(x, w, b).double() - _exact(x, w, b)).abs() <= _bound(x, w, b)).all()
@@ -127,7 +126,7 @@ def test_not_used_for_gradients_or_many_rows():
         assert kernels.usable(torch.randn(1, 16), w)
         assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 16), w)
         assert not kernels.usable(torch.randn(1, 16), w.detach().t().contiguous().t())  # layout
-        assert not kernels.usable(torch.randn(1, 16), w[:3])  # fewer than 4 output rows
+        assert kernels.usable(torch.randn(1, 16), w[:1])  # one output row is a product too
 
 
 def _decode_logits(model, x, prompt_len: int, native: bool):

@@ -212,7 +212,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype in _KINDS
-        and weight.dim() == 2 and weight.shape[0] >= 4
+        and weight.dim() == 2 and weight.shape[0] >= 1
         and x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and weight.is_contiguous()

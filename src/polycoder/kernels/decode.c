@@ -269,14 +269,14 @@ DEFINE_RANGE(range_f32, block_f32, float, float, 16)
 DEFINE_RANGE(range_bf16, block_bf16, float, uint16_t, 16)
 DEFINE_RANGE(range_i8, block_i8, int16_t, int8_t, I8_CHUNK)
 
-/* y = act(x W^T * scale + bias). x: [M, K] fp32 or bf16; W: [N, K] of `kind` (N >= 4); scale:
+/* y = act(x W^T * scale + bias). x: [M, K] fp32 or bf16; W: [N, K] of `kind`; scale:
  * [N] fp32 or NULL; bias: [N] fp32/bf16 or NULL; y: [M, N] fp32 or bf16; all contiguous.
  * Returns 0, or -1 for a bad argument, -2 when out of memory. */
 static int linear_impl(const void *x, int x_bf16, const void *w, int kind, const float *scale,
                        const void *bias, int bias_bf16, void *y, int y_bf16, int act,
                        long M, long N, long K, int threads) {
     if (act < 0 || act > 2) return -1;
-    if (kind < W_F32 || kind > W_I8 || N < 4 || M < 1 || K < 1) return -1;
+    if (kind < W_F32 || kind > W_I8 || N < 1 || M < 1 || K < 1) return -1;
     /* The activations in the form the weight kind's inner loop wants, converted once. */
     void *buf = NULL;
     const void *xa = x;

@@ -24,7 +24,7 @@
 int pc_available(void);
 
 /* y = act(x W^T * scale + bias) for a few rows (a decode step). x [M, K] fp32 or bf16
- * (x_bf16); w [N, K] of `kind` (0 fp32, 1 bf16, 2 int8), N >= 4; scale [N] fp32 or NULL
+ * (x_bf16); w [N, K] of `kind` (0 fp32, 1 bf16, 2 int8); scale [N] fp32 or NULL
  * (int8 weights need it); bias [N] fp32 or bf16 (bias_bf16) or NULL; y [M, N] fp32 or
  * bf16 (y_bf16); act 0 none, 1 GELU (erf), 2 GELU (tanh form), applied before the
  * rounding to y's dtype. 1 <= M <= 64. Returns 0, -1 (bad argument), -2 (out of memory). */
