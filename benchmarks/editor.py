@@ -18,9 +18,12 @@ editor re-asks while the user types. Each request sends what an editor sends:
   typing. (llama.vscode's moves down a line when a typed newline moves the cursor in a long
   file, which changes the prompt's start and costs a full recompute in either order: not
   modelled here);
-- `/infill` (llama.vscode's shape: input_prefix, input_suffix, n_predict, cache_prompt) and/or
-  `/v1/completions` with `suffix` (Continue's / OpenAI's), `--routes`, each on a server of its
-  own (an empty prompt cache); streamed, greedy.
+- `/infill` (llama.vscode's shape: input_prefix, input_suffix, n_predict, cache_prompt),
+  `/v1/completions` with `suffix` (Continue's / OpenAI's), and Tabby's two templating backends,
+  `/completion` (`llama.cpp/completion`) and `/api/generate` (`ollama/completion`), each
+  sending `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>` as its prompt (`--routes`:
+  infill, completions, tabby, tabby-ollama), each on a server of its own (an empty prompt
+  cache); streamed, greedy.
 
 Each request is read until its first event (a piece of text, or the end when the suffix's
 stop rule ends it at once): that is its time to first token (TTFT, over HTTP, from send).
@@ -86,7 +89,11 @@ from polycoder.tokenizer import Tokenizer  # noqa: E402
 
 EXTENSIONS = {".c", ".h", ".cs", ".cpp", ".cc", ".hpp", ".go", ".java", ".js", ".php", ".py", ".rb", ".rs", ".scala",
               ".ts"}
-ROUTES = {"infill": "/infill", "completions": "/v1/completions + suffix"}
+ROUTES = {"infill": "/infill", "completions": "/v1/completions + suffix",
+          "tabby": "/completion, Tabby's template", "tabby-ollama": "/api/generate, Tabby's template"}
+PATHS = {"infill": "/infill", "completions": "/v1/completions", "tabby": "/completion", "tabby-ollama": "/api/generate"}
+TEMPLATE = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+"""Tabby's `prompt_template` for a StarCoder-style model (its llama.cpp and Ollama backends)."""
 LINES_BEFORE, LINES_AFTER = 256, 64
 """llama.vscode's defaults (n_prefix, n_suffix): lines sent before and after the cursor."""
 
@@ -154,24 +161,42 @@ def counts(client: httpx.Client, url: str) -> tuple[float, float]:
 
 
 def body(route: str, prefix: str, suffix: str, max_tokens: int) -> dict:
+    """The request an editor sends on `route` (Tabby's two as its backends build them, less `model`:
+    the server's one)."""
     if route == "infill":
         return {"input_prefix": prefix, "input_suffix": suffix, "n_predict": max_tokens, "temperature": 0,
                 "stream": True, "cache_prompt": True}
+    templated = TEMPLATE.format(prefix=prefix, suffix=suffix)
+    if route == "tabby":
+        return {"seed": 0, "prompt": templated, "n_predict": max_tokens, "temperature": 0, "stream": True,
+                "penalty_last_n": 0, "presence_penalty": 0}
+    if route == "tabby-ollama":
+        return {"prompt": templated, "template": "{{ .Prompt }}", "stream": True,
+                "options": {"num_predict": max_tokens, "seed": 0, "repeat_last_n": 0, "temperature": 0}}
     return {"prompt": prefix, "suffix": suffix, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
+def sse_events(lines):
+    """Server-Sent Events' data lines (OpenAI's and llama.cpp's streams)."""
+    return (line for line in lines if line.startswith("data:") and line.strip() != "data: [DONE]")
+
+
+def ndjson_events(lines):
+    """Ollama's stream: a JSON object a line."""
+    return (line for line in lines if line.strip())
 
 
 def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str, max_tokens: int,
             dwell: float) -> float:
     """One streamed request: seconds to its first event; then read for `dwell` seconds and
     close the connection (the editor's abort when the user types on)."""
-    path = "/infill" if route == "infill" else "/v1/completions"
+    path = PATHS[route]
+    events = ndjson_events if route == "tabby-ollama" else sse_events
     t0 = time.perf_counter()
     ttft = None
     with client.stream("POST", url + path, json=body(route, prefix, suffix, max_tokens), timeout=600) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
+        for _ in events(r.iter_lines()):
             if ttft is None:
                 ttft = time.perf_counter() - t0
             if time.perf_counter() - t0 - ttft >= dwell:
@@ -253,7 +278,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=3, help="keystrokes between requests (K)")
     ap.add_argument("--max-tokens", type=int, default=16, help="n_predict / max_tokens of each request")
     ap.add_argument("--dwell", type=float, default=0.1, help="seconds a request streams after its first token")
-    ap.add_argument("--routes", nargs="+", choices=["infill", "completions"], default=["infill"],
+    ap.add_argument("--routes", nargs="+", choices=list(ROUTES), default=["infill"],
                     help="/infill (llama.vscode's shape) and/or /v1/completions with suffix (Continue's / OpenAI's)")
     ap.add_argument("--window", choices=["client", "server"], default="client",
                     help="client: the window cut to the context before sending; server: llama.vscode's 256 and 64 "
