@@ -820,6 +820,21 @@ def test_tabby_llama_cpp_completion_backend(server, local):
     assert events[-1]["stop_type"] in ("eos", "limit", "word")
 
 
+def test_continue_llama_cpp_provider_request(server, local):
+    """Continue's `llama.cpp` provider for autocomplete: POST /completion with its StarCoder
+    template, its stops and sampling fields (min_p and mirostat, which we ignore), streamed,
+    reading `content` of each event."""
+    stop = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>", "\n\n\n"]
+    body = {"prompt": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>", "stream": True, "n_predict": N,
+            "stop": stop, "top_k": 40, "top_p": 0.95, "temperature": 0, "min_p": 0.05, "mirostat": 0,
+            "frequency_penalty": 0, "presence_penalty": 0}
+    with httpx.stream("POST", server.url + "/completion", json=body, timeout=60,
+                      headers={"Authorization": "Bearer undefined"}) as r:  # Continue's header without a key
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["content"] for e in events) == expected(local, stop=stop).text
+
+
 def test_llama_cpp_completion_of_a_plain_prompt(server, local):
     """/completion without a cursor: text, ids or both (llama.cpp's mixed form) give the local
     model's greedy answer for those ids; a prompt too long for the context loses its start
