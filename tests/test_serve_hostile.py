@@ -121,6 +121,9 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server):
     r = post(server, {"model": "tiny", "prompt": "y" * 90_000, "stream": False, "options": {"num_predict": 2}},
              "/api/generate")
     assert r.status_code == 200 and r.json()["prompt_eval_count"] <= 254
+    # and so does llama.cpp's /completion, as llama.cpp does
+    r = post(server, {"prompt": "y" * 90_000, "n_predict": 2}, "/completion")
+    assert r.status_code == 200 and r.json()["truncated"] is True and r.json()["tokens_evaluated"] <= 254
     still_serves(server)
 
 
@@ -133,8 +136,8 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server):
     (b'{"prompt": "x", "seed": ' + b"1" * 4500 + b"}", ["not valid JSON"]),
     (b'\xff\xfe{"prompt": "x"}', ["not valid"]),
 ])
-def test_malformed_json_is_a_400_on_both_apis(server, raw, words):
-    for path in ("/v1/completions", "/api/generate"):
+def test_malformed_json_is_a_400_on_every_api(server, raw, words):
+    for path in ("/v1/completions", "/api/generate", "/completion", "/infill"):
         r = httpx.post(server.url + path, content=raw, timeout=60, headers={"Content-Type": "application/json"})
         m = error_message(r, 400)
         for w in words:
