@@ -24,6 +24,7 @@ from polycoder.errors import PolycoderError  # noqa: E402
 from polycoder.eval.humaneval import load_problems  # noqa: E402
 from polycoder.eval.infilling import infilling  # noqa: E402
 from polycoder.eval.infilling_report import model_gain, suffix_gain  # noqa: E402
+from polycoder.eval.infilling_sources import fill_template  # noqa: E402
 from polycoder.eval.infilling_tasks import (  # noqa: E402
     HUMANEVAL_SETS,
     MODES,
@@ -433,6 +434,20 @@ def test_openai_requests_carry_the_suffix(tmp_path, recorder, problems):
     assert [r["samples"] for r in s["runs"]] == [4, 4] and s["runs"][0]["mode"] == "fim"
 
 
+def test_a_template_spells_the_cursor_out_in_the_prompt(tmp_path, recorder, problems):
+    url, seen, _ = recorder
+    template = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    infilling(out=tmp_path, endpoint=url + "/v1", endpoint_template=template, tasks=["single-line"], max_tasks=2,
+              max_new_tokens=20, mode="fim")
+    tasks = subset(humaneval_tasks(problems, "single-line"), 2)
+    assert sorted(b["prompt"] for _, b in seen) == sorted(f"<fim_prefix>{t.prefix}<fim_suffix>{t.suffix}<fim_middle>"
+                                                          for t in tasks)
+    assert all("suffix" not in b and b["stop"] == ["\n"] for _, b in seen)
+    assert fill_template("{prefix}|{suffix}", "a {suffix} b", "{prefix}") == "a {suffix} b|{prefix}"  # one pass
+    with pytest.raises(PolycoderError, match="both {prefix} and {suffix}"):
+        infilling(out=tmp_path, endpoint=url, endpoint_template="<fim_prefix>{prefix}<fim_middle>")
+
+
 def test_ollama_requests_carry_the_suffix_and_refusals_are_recorded(tmp_path, recorder, problems):
     url, seen, state = recorder
     args = dict(endpoint=url, endpoint_api="ollama", endpoint_model="fim-model", tasks=["single-line"], max_tasks=2,
@@ -469,6 +484,8 @@ def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
     try:
         infilling(out=tmp_path / "openai", endpoint=server.url + "/v1", **args)
         infilling(out=tmp_path / "ollama", endpoint=server.url, endpoint_api="ollama", endpoint_model="tiny", **args)
+        infilling(out=tmp_path / "template", endpoint=server.url + "/v1", mode="fim",
+                  endpoint_template="<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>", **args)
     finally:
         server.stop()
     infilling(out=tmp_path / "local", model=[str(fim_tiny)], **args)
@@ -481,3 +498,5 @@ def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
     fim = {key: text for key, text in answers("local").items() if key[1] == "fim"}
     assert {key: text for key, text in answers("openai").items() if key[1] == "fim"} == fim
     assert answers("openai") == answers("ollama")
+    # the cursor spelt out in a template (--endpoint-template): our server reads it as the cursor
+    assert answers("template") == fim

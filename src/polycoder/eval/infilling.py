@@ -16,8 +16,9 @@ tasks and how answers are read: `polycoder.eval.infilling_tasks`):
   alone (the left-to-right baseline). A model whose tokenizer has no FIM sentinels is asked
   prefix-only, and the report says so. Against an endpoint, FIM mode sends the suffix
   (OpenAI `/v1/completions` {prompt, suffix}; Ollama `/api/generate` {prompt, suffix}) and
-  the server lays out the prompt; a server that refuses it has those samples recorded as
-  refused (failed), and the run goes on.
+  the server lays out the prompt, or with `--endpoint-template` the prompt spells the cursor
+  out in the model's sentinels (for servers without `suffix`); a server that refuses it has
+  those samples recorded as refused (failed), and the run goes on.
 
 For a local model, line tasks are also scored by likelihood: the loss of the removed line
 after each mode's prompt (`polycoder.eval.infilling_sources.score_middles`), a finer view of what the suffix adds than one
@@ -196,6 +197,7 @@ def infilling(
     endpoint: str | None = None,
     endpoint_model: str | None = None,
     endpoint_api: Api = "openai",
+    endpoint_template: str | None = None,
     samples: Path | None = None,
     tasks: list[str] | None = None,
     mode: Mode = "both",
@@ -228,6 +230,10 @@ def infilling(
         endpoint: a server to sample from (OpenAI-compatible, or Ollama with --endpoint-api ollama).
         endpoint_model: the `model` field sent to the endpoint (Ollama: the model's name).
         endpoint_api: the endpoint's API: openai (/v1/completions) or ollama (/api/generate).
+        endpoint_template: FIM mode sends the cursor spelt out in this template as the prompt, no
+            suffix, as editors that template it themselves do (Tabby), for servers without `suffix`
+            (vLLM, llama-cpp-python): {prefix} and {suffix} mark the code, e.g.
+            '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'.
         samples: score these completions (JSONL: task_id, completion; model, mode optional) instead of sampling.
         tasks: task sets, comma-separated or repeated: single-line, multi-line, random-span, lines
             (default: single-line, multi-line, and lines when --data is given).
@@ -262,6 +268,10 @@ def infilling(
         raise PolycoderError("--samples FILE scores given completions: give it without --model and --endpoint")
     if num_samples < 1 or concurrency < 1 or lines_per_file < 1 or max_tasks < 0:
         raise PolycoderError("--num-samples, --concurrency and --lines-per-file must be >= 1, --max-tasks >= 0")
+    if endpoint_template is not None and (endpoint is None or "{prefix}" not in endpoint_template
+                                          or "{suffix}" not in endpoint_template):
+        raise PolycoderError("--endpoint-template needs --endpoint and both {prefix} and {suffix} in the template, "
+                             "e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'")
     if order not in ORDERS:
         raise PolycoderError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
     problems = load_problems(problems_file) if set(sets) & set(HUMANEVAL_SETS) else {}
@@ -287,7 +297,7 @@ def infilling(
 
         models = [model] if isinstance(model, str) else list(model or [])
         sources = make_sources(models, endpoint, endpoint_model, endpoint_api, model_options or ModelOptions(), settings,
-                                order, max_rows, concurrency)
+                                order, max_rows, concurrency, endpoint_template)
         out.mkdir(parents=True, exist_ok=True)
         stored = _read_jsonl(out / "samples.jsonl")
         stored_losses = _read_jsonl(out / "middle_loss.jsonl")

@@ -9,6 +9,7 @@ the prompt itself. This module imports torch: the verb imports it when it runs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -135,13 +136,24 @@ def score_middles(loaded: LoadOnce, order: str, pairs: list[tuple[Task, str]]) -
     return losses
 
 
+def fill_template(template: str, prefix: str, suffix: str) -> str:
+    """`template` with its {prefix} and {suffix} replaced by the code (in one pass: braces in
+    the code stay as they are)."""
+    return re.sub(r"\{(prefix|suffix)\}", lambda m: prefix if m.group(1) == "prefix" else suffix, template)
+
+
 @contextmanager
-def _endpoint_sampler(endpoint: str, endpoint_model: str | None, api: Api, settings: dict, concurrency: int):
+def _endpoint_sampler(endpoint: str, endpoint_model: str | None, api: Api, settings: dict, concurrency: int,
+                      template: str | None = None):
     client = Endpoint(endpoint, model=endpoint_model, api=api)
 
     def one(pair: tuple[Task, str], seed: int) -> list[tuple[str, str]]:
         task, mode = pair
         try:
+            if mode == "fim" and template is not None:  # the cursor spelt out, as a templating editor sends it
+                return client.complete(fill_template(template, task.prefix, task.suffix), settings["num_samples"],
+                                       settings["temperature"], settings["top_p"], settings["max_new_tokens"],
+                                       ("\n",) if one_line(task) else (), seed=seed)
             if mode == "fim":  # at the cursor: the server leaves the whitespace to the model, as we do
                 return client.complete(task.prefix, settings["num_samples"], settings["temperature"], settings["top_p"],
                                        settings["max_new_tokens"], ("\n",) if one_line(task) else (), seed=seed,
@@ -173,7 +185,8 @@ def fim_capable(options: ModelOptions) -> bool:
 
 
 def make_sources(models: list[str | None], endpoint: str | None, endpoint_model: str | None, api: Api,
-             options: ModelOptions, settings: dict, order: str, max_rows: int, concurrency: int) -> list[Source]:
+             options: ModelOptions, settings: dict, order: str, max_rows: int, concurrency: int,
+             template: str | None = None) -> list[Source]:
     """The models to sample from, each identified before any is sampled; none means the bundled model."""
     if not models and endpoint is None:
         models = [None]
@@ -194,8 +207,9 @@ def make_sources(models: list[str | None], endpoint: str | None, endpoint_model:
             identity = endpoint_identity(endpoint, endpoint_model, client.served_models())
         finally:
             client.close()
-        key = digest({"model": identity, "api": api, **settings})
-        sources.append(Source(labels[-1], f"{endpoint} ({api}{f', model {endpoint_model}' if endpoint_model else ''}; "
-                                          f"key {key})", key, True,
-                              partial(_endpoint_sampler, endpoint, endpoint_model, api, settings, concurrency)))
+        key = digest({"model": identity, "api": api, **settings, **({"template": template} if template else {})})
+        how = f"{api}{f', model {endpoint_model}' if endpoint_model else ''}{f', template {template!r}' if template else ''}"
+        sources.append(Source(labels[-1], f"{endpoint} ({how}; key {key})", key, True,
+                              partial(_endpoint_sampler, endpoint, endpoint_model, api, settings, concurrency,
+                                      template)))
     return sources
