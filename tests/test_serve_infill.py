@@ -428,6 +428,12 @@ def test_greedy_answer_is_the_same_on_every_route(server, local):
     i = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
     assert i.status_code == 200 and i.json()["content"] == want.text and i.json()["stop"] is True
     assert i.json()["tokens_evaluated"] == c.usage.prompt_tokens
+    # the cursor at the end of the document: an empty suffix is a cursor there on OpenAI's route too
+    at_end = expected(local, suffix="")
+    c = client.completions.create(model="tiny", prompt=PREFIX, suffix="", max_tokens=N, temperature=0)
+    i = post(server, {"input_prefix": PREFIX, "input_suffix": "", "n_predict": N, "temperature": 0}, "/infill")
+    assert c.choices[0].text == i.json()["content"] == at_end.text
+    assert c.usage.prompt_tokens == len(expected_ids(local, suffix=""))
 
 
 def test_repeat_penalty_at_the_cursor_is_the_same_on_llama_cpps_and_ollamas_routes(server, local):
@@ -695,7 +701,7 @@ def test_a_model_without_fim_tokens_refuses_a_suffix(plain_server):
     show = httpx.post(plain_server.url + "/api/show", json={"model": "tiny"}, timeout=30).json()
     assert show["template"] == "{{ .Prompt }}" and show["capabilities"] == ["completion"]
     empty = post(plain_server, {"prompt": "a", "suffix": "", "max_tokens": 2, "temperature": 0})
-    assert empty.status_code == 200  # an empty suffix is no suffix
+    assert empty.status_code == 200  # without FIM tokens, an empty suffix is no suffix
     still_serves(plain_server)
 
 

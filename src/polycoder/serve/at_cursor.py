@@ -11,8 +11,10 @@ the same completion on every route:
 with P, S and M (text after the prefix: llama.cpp's `prompt`) each tokenized on its own,
 as in training (`polycoder.fim`), and the order the server's `--fim-order` (SPM by
 default: the prefix last, so a prompt cache keeps all the rest while the user types).
-An empty `suffix` on /v1/completions and /api/generate is no suffix (a plain completion,
-as Ollama does); /infill always builds the FIM prompt, whatever `input_suffix` holds.
+/infill always builds the FIM prompt, whatever `input_suffix` holds, and so does
+/v1/completions for a `suffix` that is there but empty (the cursor at the end of the
+document, which editors send as ""); an empty `suffix` on /api/generate is no suffix (a
+plain completion, as Ollama reads it: the `ollama` package sends "" with every request).
 
 What does not fit: editors send as much code around the cursor as their settings say
 (llama.vscode 256 lines before it and 64 after), whatever the model's context. As

@@ -13,7 +13,8 @@ server's prompt cache supplied, as OpenAI reports its own caching). `top_k` is a
 completion has written so far, as OpenAI defines them (`polycoder.generation.penalties`).
 
 `suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
-`polycoder.serve.at_cursor` says: one text prompt, no `echo`; `stop_at_suffix` (default
+`polycoder.serve.at_cursor` says: one text prompt, no `echo`; an empty suffix is the end of
+the document, where a FIM model gets the same prompt as /infill with an empty `input_suffix`; `stop_at_suffix` (default
 the server's `--stop-at-suffix`) switches the suffix's stop rule per request). A single text
 prompt that spells a cursor out in the FIM sentinels (Tabby's `prompt_template`) is that
 cursor, as if sent with `suffix`. A model
@@ -220,9 +221,13 @@ def router(served: ServedModels, auth) -> APIRouter:
         if suffix and (len(prompts) != 1 or not isinstance(prompts[0], str) or echo):
             raise APIError(400, "suffix needs one text prompt (the code before the cursor) and no echo",
                            param="suffix")
-        # An editor's own FIM template in the prompt is the cursor it spells out.
-        template = templated_cursor(state, prompts[0]) if len(prompts) == 1 and not (suffix or echo) else None
-        if suffix or template:
+        one_text = len(prompts) == 1 and isinstance(prompts[0], str) and not echo
+        # An empty suffix is a cursor at the end of the document, as an editor sends it there
+        # (/infill builds the same prompt for an empty input_suffix); an editor's own FIM
+        # template in the prompt is the cursor it spells out.
+        at_end = body.get("suffix") == "" and one_text and can_infill(state)
+        template = templated_cursor(state, prompts[0]) if one_text and not suffix else None
+        if suffix or at_end or template:
             code_before, code_after, middle = template or (prompts[0], suffix, "")
             at = await cursor_prompt(state, code_before, code_after, params.max_new_tokens, middle=middle, request_id=rid,
                                      stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
