@@ -770,6 +770,12 @@ def test_an_editors_own_fim_template_is_read_as_its_cursor():
     assert read_template(f"<fim_suffix>{SUFFIX}<fim_prefix>{PREFIX}<fim_middle>re") == (PREFIX, SUFFIX, "re")
     # StarCoder's SPM spelling: the text after <fim_middle> is the code before the cursor
     assert read_template(f"<fim_prefix><fim_suffix>{SUFFIX}<fim_middle>{PREFIX}") == (PREFIX, SUFFIX, "")
+    # templates written for other models' sentinels (an editor's configuration carried over)
+    assert read_template(f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>") == (PREFIX, SUFFIX, "")
+    assert read_template(f"<PRE> {PREFIX} <SUF>{SUFFIX} <MID>") == (PREFIX, SUFFIX, "")
+    assert read_template(f"<\uff5cfim\u2581begin\uff5c>{PREFIX}<\uff5cfim\u2581hole\uff5c>{SUFFIX}"
+                         f"<\uff5cfim\u2581end\uff5c>") == (PREFIX, SUFFIX, "")
+    assert read_template("<PRE> <p>text</p> <PRE> <SUF>x <MID>") is None  # a marker twice: no cursor
     for text in ("def f():", f"x<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",  # text before the first
                  f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}", f"<fim_prefix>{PREFIX}<fim_middle><fim_suffix>{SUFFIX}",
                  "<fim_prefix>a<fim_suffix>b<fim_middle>c<fim_prefix>", "<fim_prefix>a<fim_suffix>b<fim_middle><fim_pad>"):
@@ -792,6 +798,9 @@ def test_an_editors_own_fim_template_gets_the_suffix_routes_answer(server, local
     assert o["response"] == want.text and o["prompt_eval_count"] == len(expected_ids(local))
     c = post(server, {"prompt": templated, "n_predict": N, "temperature": 0}, "/completion").json()
     assert c["content"] == want.text and c["tokens_evaluated"] == len(expected_ids(local))
+    qwen = post(server, {"prompt": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>", "n_predict": N,
+                         "temperature": 0}, "/completion").json()
+    assert qwen["content"] == want.text  # a template for another model's sentinels: the same cursor
     # a template longer than the context is cut as the suffix route cuts the code around the cursor
     long_prefix = "x = 1\n" * 300 + PREFIX
     suffixed = post(server, {"prompt": long_prefix, "suffix": SUFFIX, "max_tokens": N, "temperature": 0})

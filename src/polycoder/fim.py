@@ -75,30 +75,50 @@ def arrange(fim: FimIds, prefix: Sequence[int], middle: Sequence[int], suffix: S
     raise ValueError(f"FIM order must be one of {', '.join(ORDERS)}, got {order!r}")
 
 
+TEMPLATE_MARKERS = (
+    (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE),  # StarCoder's: ours
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder's, CodeGemma's
+    ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"),  # DeepSeek-Coder's
+    ("<PRE> ", " <SUF>", " <MID>"),  # Code Llama's, spaces included
+)
+"""The (prefix, suffix, middle) markers of the FIM templates editors ship, which `read_template`
+reads: a template written for another model (a Tabby or Continue configuration carried over)
+still spells out a cursor."""
+
+
 def read_template(text: str) -> tuple[str, str, str] | None:
-    """(prefix, suffix, middle) of a prompt that spells out a cursor in StarCoder's sentinels,
-    as editors that template fill-in-the-middle themselves write it (Tabby's `prompt_template`,
+    """(prefix, suffix, middle) of a prompt that spells out a cursor in FIM sentinels, as
+    editors that template fill-in-the-middle themselves write it (Tabby's `prompt_template`,
     Continue's raw Ollama prompts): `<fim_prefix>P<fim_suffix>S<fim_middle>M` (PSM) or
-    `<fim_suffix>S<fim_prefix>P<fim_middle>M`; M, text already written after the cursor, is
-    usually empty. StarCoder's SPM spelling, `<fim_prefix><fim_suffix>S<fim_middle>P`, is
-    the first with P empty and reads as prefix P. None for any other text: no sentinel, one
-    twice, `<fim_pad>`, or text before the first sentinel."""
-    if not text.startswith((FIM_PREFIX, FIM_SUFFIX)) or FIM_PAD in text:
+    `<fim_suffix>S<fim_prefix>P<fim_middle>M`, in StarCoder's sentinels or another family's
+    (`TEMPLATE_MARKERS`); M, text already written after the cursor, is usually empty.
+    StarCoder's SPM spelling, `<fim_prefix><fim_suffix>S<fim_middle>P`, is the first with P
+    empty and reads as prefix P. None for any other text: no marker, one twice, `<fim_pad>`,
+    or text before the first marker."""
+    if FIM_PAD in text:
         return None
-    if any(text.count(s) != 1 for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)):
+    for markers in TEMPLATE_MARKERS:
+        if text.startswith(markers[:2]):
+            return _read(text, *markers)
+    return None
+
+
+def _read(text: str, pre: str, suf: str, mid: str) -> tuple[str, str, str] | None:
+    """`read_template` for one family of markers."""
+    if any(text.count(s) != 1 for s in (pre, suf, mid)):
         return None
-    at = {s: text.index(s) for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
-    if at[FIM_MIDDLE] < max(at[FIM_PREFIX], at[FIM_SUFFIX]):
+    at = {s: text.index(s) for s in (pre, suf, mid)}
+    if at[mid] < max(at[pre], at[suf]):
         return None
 
     def after(s: str, until: int) -> str:
         return text[at[s] + len(s):until]
 
-    middle = after(FIM_MIDDLE, len(text))
-    if at[FIM_PREFIX] == 0:  # PSM
-        prefix, suffix = after(FIM_PREFIX, at[FIM_SUFFIX]), after(FIM_SUFFIX, at[FIM_MIDDLE])
+    middle = after(mid, len(text))
+    if at[pre] == 0:  # PSM
+        prefix, suffix = after(pre, at[suf]), after(suf, at[mid])
     else:
-        suffix, prefix = after(FIM_SUFFIX, at[FIM_PREFIX]), after(FIM_PREFIX, at[FIM_MIDDLE])
+        suffix, prefix = after(suf, at[pre]), after(pre, at[mid])
     return (middle, suffix, "") if not prefix else (prefix, suffix, middle)
 
 

@@ -50,7 +50,8 @@ middle, as trained; a sentinel means it went astray), and by default the suffix'
 
 Editors that template fill-in-the-middle themselves (Tabby's `prompt_template`, Continue's
 raw Ollama prompts) spell the cursor out in StarCoder's sentinels in a plain prompt,
-`<fim_prefix>P<fim_suffix>S<fim_middle>`. On every route such a prompt is read back into
+`<fim_prefix>P<fim_suffix>S<fim_middle>` (or another model family's sentinels, from a
+configuration carried over). On every route such a prompt is read back into
 the code before and after the cursor (`templated_cursor`, `polycoder.fim.read_template`)
 and built here like a `suffix`: the same cursor gets the same answer however it is sent,
 and a templated prompt is cut to fit, read with LF, healed and stopped as editors need.
