@@ -863,8 +863,9 @@ def test_llama_cpp_completion_of_a_plain_prompt(server, local):
 
     head = tok.encode("def mul(a, b):")
     mixed_ids = head + tok.encode("\n    return")
-    for prompt, prompt_ids in ((text, ids), (ids, ids), ([*head, "\n    return"], mixed_ids)):
-        r = post(server, {"prompt": prompt, "n_predict": N, "temperature": 0}, "/completion")
+    for (prompt, prompt_ids), path in zip(((text, ids), (ids, ids), ([*head, "\n    return"], mixed_ids)),
+                                          ("/completion", "/completions", "/completion")):  # llama.cpp's alias too
+        r = post(server, {"prompt": prompt, "n_predict": N, "temperature": 0}, path)
         assert r.status_code == 200 and r.json()["content"] == want(prompt_ids), prompt
         assert r.json()["tokens_evaluated"] == len(prompt_ids) and r.json()["truncated"] is False
     context = httpx.get(server.url + "/health", timeout=10).json()["context"]

@@ -109,8 +109,9 @@ class RequestContext:
 
 def _route(path: str) -> str:
     """Metric label of a path (known routes only, so labels stay few)."""
-    known = ("/v1/completions", "/v1/models", "/infill", "/completion", "/api/generate", "/api/tags", "/api/show", "/api/version",
-             "/api/ps", "/health", "/metrics", "/", "/playground/editor.js", "/playground/highlight")
+    known = ("/v1/completions", "/v1/models", "/infill", "/completion", "/completions", "/api/generate", "/api/tags",
+             "/api/show", "/api/version", "/api/ps", "/health", "/metrics", "/", "/playground/editor.js",
+             "/playground/highlight")
     return path if path in known else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
 
@@ -174,7 +175,7 @@ def create_app(model, tokenizer, settings=None, model_path: str = "", more: list
     def render(request: Request, e: APIError) -> JSONResponse:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
-        if request.url.path in ("/infill", "/completion"):  # llama.cpp's error object
+        if request.url.path in ("/infill", "/completion", "/completions"):  # llama.cpp's error object
             return JSONResponse({"error": {"code": e.status, "message": e.message, "type": e.kind}},
                                 status_code=e.status, headers=e.headers)
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},

@@ -1,5 +1,6 @@
 """llama.cpp's server routes that editors use: `POST /infill` (llama.vscode, llama.vim) and
-`POST /completion` (Tabby's `llama.cpp/completion` backend, and any llama.cpp client).
+`POST /completion` (and its alias `/completions`, as llama.cpp's: Tabby's `llama.cpp/completion`
+backend, Continue's `llama.cpp` provider, any llama.cpp client).
 
 Follows llama.cpp's server (tools/server/README.md, "POST /infill" and "POST /completion").
 /infill: `input_prefix` and `input_suffix` (both required, either may be empty), `input_extra` (a
@@ -157,6 +158,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         return await answer(request, state, body, at, n_predict, rid, t0)
 
     @api.post("/completion")
+    @api.post("/completions")  # llama.cpp's alias of the same route
     async def completion(request: Request):
         t0 = time.perf_counter()
         body = await read_json(request, served.default)
