@@ -702,6 +702,14 @@ def test_a_model_without_fim_tokens_refuses_a_suffix(plain_server):
     assert show["template"] == "{{ .Prompt }}" and show["capabilities"] == ["completion"]
     empty = post(plain_server, {"prompt": "a", "suffix": "", "max_tokens": 2, "temperature": 0})
     assert empty.status_code == 200  # without FIM tokens, an empty suffix is no suffix
+    # a template that spells out a cursor is refused as a suffix is, on every route (not completed as text)
+    templated = "<fim_prefix>a<fim_suffix>b<fim_middle>"
+    r = post(plain_server, {"prompt": templated, "max_tokens": 2})
+    assert r.status_code == 400 and "polycoder finetune --fim" in r.json()["error"]["message"]
+    r = post(plain_server, {"model": "tiny", "prompt": templated, "stream": False}, "/api/generate")
+    assert (r.status_code, r.json()) == (400, {"error": "tiny:latest does not support insert"})
+    r = post(plain_server, {"prompt": templated}, "/completion")
+    assert r.status_code == 501 and r.json()["error"]["message"] == NOT_SUPPORTED
     still_serves(plain_server)
 
 
@@ -721,6 +729,10 @@ def test_prefix_only_fallback_says_the_suffix_was_ignored(tiny_folder):
         assert c.json()["choices"][0]["text"] == want[0][0].text and "suffix was ignored" in c.json()["warning"]
         i = post(s, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": N, "temperature": 0}, "/infill")
         assert i.json()["content"] == want[0][0].text and "suffix was ignored" in i.json()["warning"]
+        # a templated cursor falls back the same way
+        t = post(s, {"prompt": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>", "n_predict": N,
+                     "temperature": 0}, "/completion")
+        assert t.json()["content"] == want[0][0].text and "suffix was ignored" in t.json()["warning"]
         assert "suffix was ignored" in s.logs()
         long = "".join(f"x{i} = {i}\n" for i in range(400)) + "y = "  # far more than the 256-token context
         kept, heal = back_off(long)

@@ -108,11 +108,16 @@ def can_infill(state: ServerState) -> bool:
     return state.tokenizer.fim is not None
 
 
-def templated_cursor(state: ServerState, prompt) -> tuple[str, str, str] | None:
-    """(prefix, suffix, middle) of a text prompt that spells a cursor out in the FIM sentinels
-    (an editor's own template: `polycoder.fim.read_template`), where this model can fill in
-    the middle; else None (the prompt is text, sentinels included: `encode_with_sentinels`)."""
-    return read_template(prompt) if isinstance(prompt, str) and can_infill(state) else None
+def templated_cursor(state: ServerState, prompt, refusal: APIError) -> tuple[str, str, str] | None:
+    """(prefix, suffix, middle) of a text prompt that spells a cursor out in FIM sentinels (an
+    editor's own template: `polycoder.fim.read_template`), else None (the prompt is text,
+    sentinels included: `encode_with_sentinels`). A model without FIM tokens raises the
+    route's `refusal`, as for a suffix, unless the server falls back to the prefix alone: an
+    editor configured with a template would otherwise get completions of the template's text."""
+    parts = read_template(prompt) if isinstance(prompt, str) else None
+    if parts is not None and not (can_infill(state) or falls_back(state)):
+        raise refusal
+    return parts
 
 
 def falls_back(state: ServerState) -> bool:

@@ -37,8 +37,8 @@ nothing (the prompt is still kept for the requests after it). /infill's prompt i
 Accepted and ignored, as llama.cpp ignores what it does not know: `samplers`, `min_p`,
 `t_max_prompt_ms`, `id_slot`, `n_cmpl`, `lora`, `n_probs` and other fields.
 A model without FIM tokens answers /infill with llama.cpp's 501 ("Infill is not supported by this
-model: ..."), unless the server falls back to the prefix alone (`--suffix-fallback
-prefix-only`; `warning` says so); its /completion reads a templated prompt as text. Errors are llama.cpp's
+model: ..."), and so does /completion for a prompt that spells out a cursor, unless the
+server falls back to the prefix alone (`--suffix-fallback prefix-only`; `warning` says so). Errors are llama.cpp's
 `{"error": {"code": status, "message": ..., "type": ...}}`.
 """
 
@@ -166,7 +166,8 @@ def router(served: ServedModels, auth) -> APIRouter:
         prompt = parse_prompt(body.get("prompt"))
         n_predict = get_int(body, "n_predict", -1, -1)
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
-        template = templated_cursor(state, prompt)  # Tabby's prompt_template: the cursor it spells out
+        # Tabby's prompt_template: the cursor it spells out (llama.cpp's 501 on a model without FIM tokens)
+        template = templated_cursor(state, prompt, APIError(501, NOT_SUPPORTED, kind="not_supported_error"))
         if template:
             prefix, suffix, middle = template
             at = await cursor_prompt(state, prefix, suffix, max(n_predict, 0), middle=middle, request_id=rid,

@@ -28,7 +28,7 @@ that says to send the code after the cursor as `suffix`, which is cut to fit.
 `suffix` asks for the code between `prompt` and it (fill-in-the-middle, built as
 `polycoder.serve.at_cursor` says); `options.stop_at_suffix` switches the suffix's stop
 rule per request. A model without FIM tokens answers Ollama's own 400, "<model> does not
-support insert", unless the server falls back to the prefix alone (`--suffix-fallback
+support insert", to a suffix or a templated cursor, unless the server falls back to the prefix alone (`--suffix-fallback
 prefix-only`; the final object's `warning` says so). `/api/show` gives a FIM model a
 template that names `.Suffix` and the "insert" capability: Continue's Ollama provider
 looks for `.Suffix` in the template to decide that a model can fill in the middle.
@@ -143,10 +143,12 @@ def router(served: ServedModels, auth) -> APIRouter:
         if not isinstance(prompt, str):
             raise APIError(400, "prompt must be a string", param="prompt")
         suffix = check_text(body.get("suffix"), "suffix")
+        model = body.get("model") or state.settings.model_name
+        # Ollama's words, for clients that look for them
+        no_insert = APIError(400, f"{model if ':' in model else model + ':latest'} does not support insert",
+                             param="suffix")
         if suffix and not (can_infill(state) or falls_back(state)):
-            model = body.get("model") or state.settings.model_name
-            raise APIError(400, f"{model if ':' in model else model + ':latest'} does not support insert",
-                           param="suffix")  # Ollama's words, for clients that look for them
+            raise no_insert
         for name in ("images", "format"):
             if body.get(name):
                 raise APIError(400, f"{name} is not supported by PolyCoder (a left-to-right code model); leave it out",
@@ -166,7 +168,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         check_ids(state, context, "context")
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
         at, cut = None, False
-        template = None if suffix else templated_cursor(state, prompt)  # an editor's own FIM template: its cursor
+        template = None if suffix else templated_cursor(state, prompt, no_insert)  # an editor's own FIM template
         if suffix or template:
             code_before, code_after, middle = template or (prompt, suffix, "")
             at = await cursor_prompt(state, code_before, code_after, max(num_predict, 0), middle=middle, before=context,

@@ -107,6 +107,13 @@ def sampling_from_body(body: dict, max_tokens_default: int, n_limit: int) -> Sam
     )
 
 
+def no_fim(what: str, param: str) -> APIError:
+    """The refusal of fill-in-the-middle on a model without FIM tokens (`what` asked for it)."""
+    return APIError(400, f"{what} (fill-in-the-middle) needs a model trained for it, and this one has no FIM "
+                    "tokens: fine-tune one with `polycoder finetune --fim`, or start the server with "
+                    "--suffix-fallback prefix-only to complete the prompt alone", param=param, code="fim_not_supported")
+
+
 def logprobs_object(state: ServerState, scores: TokenScores, eol: str | None = None) -> dict:
     """OpenAI's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset. At a cursor in a
     document with CRLF (`eol`), the tokens' line breaks are written as the text's are."""
@@ -193,10 +200,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         state = served.pick(body.get("model"), "openai")
         suffix = check_text(body.get("suffix"), "suffix")
         if suffix and not (can_infill(state) or falls_back(state)):
-            raise APIError(400, "suffix (fill-in-the-middle) needs a model trained for it, and this one has no FIM "
-                           "tokens: fine-tune one with `polycoder finetune --fim`, or start the server with "
-                           "--suffix-fallback prefix-only to complete the prompt alone", param="suffix",
-                           code="fim_not_supported")
+            raise no_fim("suffix", "suffix")
         if body.get("logit_bias"):
             raise APIError(400, "logit_bias is not supported; leave it out", param="logit_bias")
         params = sampling_from_body(body, 16, state.settings.max_n)
@@ -226,7 +230,9 @@ def router(served: ServedModels, auth) -> APIRouter:
         # (/infill builds the same prompt for an empty input_suffix); an editor's own FIM
         # template in the prompt is the cursor it spells out.
         at_end = body.get("suffix") == "" and one_text and can_infill(state)
-        template = templated_cursor(state, prompts[0]) if one_text and not suffix else None
+        template = (templated_cursor(state, prompts[0], no_fim("a prompt that spells out a cursor in FIM sentinels",
+                                                              "prompt"))
+                    if one_text and not suffix else None)
         if suffix or at_end or template:
             code_before, code_after, middle = template or (prompts[0], suffix, "")
             at = await cursor_prompt(state, code_before, code_after, params.max_new_tokens, middle=middle, request_id=rid,
