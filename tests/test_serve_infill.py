@@ -516,6 +516,30 @@ def test_llama_vscode_infill_request(server, local):
     assert deep["content"] == expected(local, extra=[c["text"] for c in chunks], middle="re", n=40, min_indent=12).text
 
 
+def test_llama_vim_infill_request(server, local):
+    """llama.vim's body: `response_fields` picks the answer's fields, each under its path
+    ("timings/prompt_n", which llama.vim reads for its status line); its ring-buffer call asks
+    for [""] and gets an empty object."""
+    fields = ["content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms",
+              "timings/prompt_per_second", "timings/predicted_n", "timings/predicted_ms",
+              "timings/predicted_per_token_ms", "timings/predicted_per_second", "truncated", "tokens_cached"]
+    chunks = [{"text": "import math\n", "time": [1700000000, 0], "filename": "util.py"}]
+    body = {"input_prefix": "def add(a, b):\n", "input_suffix": "\n\nprint(add(1, 2))\n", "input_extra": chunks,
+            "prompt": "    ", "n_predict": N, "n_indent": 4, "top_k": 40, "top_p": 0.99, "stream": False,
+            "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "t_max_prompt_ms": 500,
+            "t_max_predict_ms": 1500, "response_fields": fields, "temperature": 0}
+    r = post(server, body, "/infill")
+    assert r.status_code == 200 and set(r.json()) == set(fields)
+    whole = post(server, {k: v for k, v in body.items() if k != "response_fields"}, "/infill").json()
+    assert r.json()["content"] == whole["content"] and r.json()["timings/prompt_n"] >= 0
+    ring = post(server, {"input_prefix": "", "input_suffix": "", "input_extra": chunks, "prompt": "", "n_predict": 0,
+                         "temperature": 0.0, "stream": False, "samplers": [], "cache_prompt": True,
+                         "t_max_prompt_ms": 1, "t_max_predict_ms": 1, "response_fields": [""]}, "/infill")
+    assert ring.status_code == 200 and ring.json() == {}
+    bad = post(server, {**body, "response_fields": "content"}, "/infill")
+    assert bad.status_code == 400 and "response_fields" in bad.json()["error"]["message"]
+
+
 def test_extra_context_that_does_not_fit_is_cut_from_the_front(server, local):
     huge = [{"text": f"x{i} = {i}\n" * 40} for i in range(200)]  # far more than a 256-token context
     r = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": huge, "n_predict": 4,

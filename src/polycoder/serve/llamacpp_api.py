@@ -34,6 +34,8 @@ llama.cpp's does) and the rest of its fields. `cache_prompt`
 nothing (the prompt is still kept for the requests after it). /infill's prompt is built as
 `polycoder.serve.at_cursor` says (extra chunks as documents before the FIM prompt).
 
+`response_fields` (llama.vim's): the answer holds only those fields, each path's value under
+the path itself ("timings/prompt_n"), as llama.cpp sends them.
 Accepted and ignored, as llama.cpp ignores what it does not know: `samplers`, `min_p`,
 `t_max_prompt_ms`, `id_slot`, `n_cmpl`, `lora`, `n_probs` and other fields.
 A model without FIM tokens answers /infill with llama.cpp's 501 ("Infill is not supported by this
@@ -224,16 +226,45 @@ async def answer(request: Request, state: ServerState, body: dict, at: CursorPro
         min_indent=get_int(body, "n_indent", 0, 0),
         max_predict_ms=max(0, get_int(body, "t_max_predict_ms", 0)),  # llama.cpp: <= 0 is off
     )
+    fields = parse_fields(body.get("response_fields"))
     job = submit(state, Job(rid, [at.ids], params, resolve_seed(params.seed),
                             reuse_prompt=get_bool(body, "cache_prompt", True)))
     if get_bool(body, "stream", False):
-        return StreamingResponse(events(state, job, at, t0), media_type="text/event-stream",
+        return StreamingResponse(events(state, job, at, t0, fields), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **at.headers})
     text, outcome = await collect(request, job)
-    return JSONResponse(final(state, job, at, outcome, text, t0), headers=at.headers)
+    return JSONResponse(only(fields, final(state, job, at, outcome, text, t0)), headers=at.headers)
 
 
-async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float) -> AsyncIterator[str]:
+def parse_fields(value) -> list[str]:
+    """`response_fields`: the paths of the answer's fields to send ("timings/prompt_n"), or all."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise APIError(400, '"response_fields" must be a list of field paths such as "timings/prompt_n"',
+                       param="response_fields")
+    return value
+
+
+def only(fields: list[str], answer: dict) -> dict:
+    """llama.cpp's `response_fields`: each path's value under the path itself ("timings/prompt_n":
+    3, as llama.vim reads it), paths that lead nowhere left out; no fields: the whole answer."""
+    if not fields:
+        return answer
+    picked = {}
+    for path in fields:
+        value = answer
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            picked[path] = value
+    return picked
+
+
+async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float,
+                 fields: list[str] = ()) -> AsyncIterator[str]:
     """llama.cpp's stream: `data: {...}` a piece, the last with `"stop": true`."""
     try:
         try:
@@ -243,7 +274,7 @@ async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float) -> A
                              "tokens_evaluated": len(at.ids)}
                     yield f"data: {json.dumps(piece)}\n\n"
                 else:
-                    yield f"data: {json.dumps(final(state, job, at, item[1], '', t0))}\n\n"
+                    yield f"data: {json.dumps(only(list(fields), final(state, job, at, item[1], '', t0)))}\n\n"
         except APIError as e:  # the status line is sent already: report in the stream, as llama.cpp does
             yield f"error: {json.dumps({'code': e.status, 'message': e.message, 'type': e.kind})}\n\n"
     finally:
