@@ -29,6 +29,7 @@ from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
 from polycoder.fim import (  # noqa: E402
     CUT_BLOCK_CHARS,
     SUFFIX_SHARE,
+    Cursor,
     around_cursor,
     arrange,
     back_off,
@@ -802,18 +803,23 @@ def test_the_command_line_fills_the_middle_as_the_server_does(server, local, fim
 
 
 def test_an_editors_own_fim_template_is_read_as_its_cursor():
-    assert read_template(f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>") == (PREFIX, SUFFIX, "")
-    assert read_template(f"<fim_suffix>{SUFFIX}<fim_prefix>{PREFIX}<fim_middle>re") == (PREFIX, SUFFIX, "re")
+    assert read_template(f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>") == Cursor(PREFIX, SUFFIX)
+    assert read_template(f"<fim_suffix>{SUFFIX}<fim_prefix>{PREFIX}<fim_middle>re") == Cursor(PREFIX, SUFFIX, "re")
     # StarCoder's SPM spelling: the text after <fim_middle> is the code before the cursor
-    assert read_template(f"<fim_prefix><fim_suffix>{SUFFIX}<fim_middle>{PREFIX}") == (PREFIX, SUFFIX, "")
+    assert read_template(f"<fim_prefix><fim_suffix>{SUFFIX}<fim_middle>{PREFIX}") == Cursor(PREFIX, SUFFIX)
     # templates written for other models' sentinels (an editor's configuration carried over)
-    assert read_template(f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>") == (PREFIX, SUFFIX, "")
-    assert read_template(f"<PRE> {PREFIX} <SUF>{SUFFIX} <MID>") == (PREFIX, SUFFIX, "")
+    assert read_template(f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>") == Cursor(PREFIX, SUFFIX)
+    assert read_template(f"<PRE> {PREFIX} <SUF>{SUFFIX} <MID>") == Cursor(PREFIX, SUFFIX)
     assert read_template(f"<\uff5cfim\u2581begin\uff5c>{PREFIX}<\uff5cfim\u2581hole\uff5c>{SUFFIX}"
-                         f"<\uff5cfim\u2581end\uff5c>") == (PREFIX, SUFFIX, "")
-    assert read_template("<PRE> <p>text</p> <PRE> <SUF>x <MID>") is None  # a marker twice: no cursor
-    for text in ("def f():", f"x<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",  # text before the first
-                 f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}", f"<fim_prefix>{PREFIX}<fim_middle><fim_suffix>{SUFFIX}",
+                         f"<\uff5cfim\u2581end\uff5c>") == Cursor(PREFIX, SUFFIX)
+    # text before a template that ends the prompt is context (llama.vscode's OpenAI mode puts
+    # other files there); before one that does not, the prompt is a file holding a template string
+    context = "Context:\n\nimport math\n"
+    assert read_template(f"{context}<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>") == Cursor(
+        PREFIX, SUFFIX, "", context)
+    assert read_template('T = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"\nprint(T') is None
+    for text in ("def f():", f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}", "<PRE> <p>text</p> <PRE> <SUF>x <MID>",
+                 f"<fim_prefix>{PREFIX}<fim_middle><fim_suffix>{SUFFIX}",
                  "<fim_prefix>a<fim_suffix>b<fim_middle>c<fim_prefix>", "<fim_prefix>a<fim_suffix>b<fim_middle><fim_pad>"):
         assert read_template(text) is None, text
 
@@ -837,6 +843,13 @@ def test_an_editors_own_fim_template_gets_the_suffix_routes_answer(server, local
     qwen = post(server, {"prompt": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>", "n_predict": N,
                          "temperature": 0}, "/completion").json()
     assert qwen["content"] == want.text  # a template for another model's sentinels: the same cursor
+    # llama.vscode's OpenAI mode: its chunks as text before the template, read as extra context
+    context = "Context:\n\nimport math\n"
+    vscode = post(server, {"prompt": f"{context}<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>",
+                           "max_tokens": N, "temperature": 0}).json()
+    i = post(server, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": [{"text": context}], "n_predict": N,
+                      "temperature": 0}, "/infill").json()
+    assert vscode["choices"][0]["text"] == i["content"] == expected(local, extra=[context]).text
     # a template longer than the context is cut as the suffix route cuts the code around the cursor
     long_prefix = "x = 1\n" * 300 + PREFIX
     suffixed = post(server, {"prompt": long_prefix, "suffix": SUFFIX, "max_tokens": N, "temperature": 0})

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 FIM_PREFIX = "<fim_prefix>"
 FIM_MIDDLE = "<fim_middle>"
@@ -86,24 +87,36 @@ reads: a template written for another model (a Tabby or Continue configuration c
 still spells out a cursor."""
 
 
-def read_template(text: str) -> tuple[str, str, str] | None:
-    """(prefix, suffix, middle) of a prompt that spells out a cursor in FIM sentinels, as
-    editors that template fill-in-the-middle themselves write it (Tabby's `prompt_template`,
-    Continue's raw Ollama prompts): `<fim_prefix>P<fim_suffix>S<fim_middle>M` (PSM) or
+class Cursor(NamedTuple):
+    """A cursor spelt out in a templated prompt (`read_template`)."""
+
+    prefix: str
+    suffix: str
+    middle: str = ""
+    """Text already written after the cursor (llama.cpp's `prompt`), usually empty."""
+    context: str = ""
+    """Text before the template (other files' code an editor put there), for extra context."""
+
+
+def read_template(text: str) -> Cursor | None:
+    """The cursor in a prompt that spells it out in FIM sentinels, as editors that template
+    fill-in-the-middle themselves write it (Tabby's `prompt_template`, Continue's raw Ollama
+    prompts, llama.vscode's OpenAI mode): `<fim_prefix>P<fim_suffix>S<fim_middle>M` (PSM) or
     `<fim_suffix>S<fim_prefix>P<fim_middle>M`, in StarCoder's sentinels or another family's
-    (`TEMPLATE_MARKERS`); M, text already written after the cursor, is usually empty.
-    StarCoder's SPM spelling, `<fim_prefix><fim_suffix>S<fim_middle>P`, is the first with P
-    empty and reads as prefix P. None for any other text: no marker, one twice, `<fim_pad>`,
-    or text before the first marker."""
+    (`TEMPLATE_MARKERS`). StarCoder's SPM spelling, `<fim_prefix><fim_suffix>S<fim_middle>P`,
+    is the first with P empty and reads as prefix P. Text before the first marker is context
+    (llama.vscode puts other files' code there) where the prompt ends at the middle marker;
+    otherwise the prompt is not a template (a file that merely holds one template string).
+    None for any other text: no marker, one twice, or `<fim_pad>`."""
     if FIM_PAD in text:
         return None
-    for markers in TEMPLATE_MARKERS:
-        if text.startswith(markers[:2]):
-            return _read(text, *markers)
+    for pre, suf, mid in TEMPLATE_MARKERS:
+        if pre in text and suf in text and mid in text:
+            return _read(text, pre, suf, mid)
     return None
 
 
-def _read(text: str, pre: str, suf: str, mid: str) -> tuple[str, str, str] | None:
+def _read(text: str, pre: str, suf: str, mid: str) -> Cursor | None:
     """`read_template` for one family of markers."""
     if any(text.count(s) != 1 for s in (pre, suf, mid)):
         return None
@@ -114,12 +127,14 @@ def _read(text: str, pre: str, suf: str, mid: str) -> tuple[str, str, str] | Non
     def after(s: str, until: int) -> str:
         return text[at[s] + len(s):until]
 
-    middle = after(mid, len(text))
-    if at[pre] == 0:  # PSM
+    context, middle = text[: min(at[pre], at[suf])], after(mid, len(text))
+    if context and middle:
+        return None
+    if at[pre] < at[suf]:  # PSM
         prefix, suffix = after(pre, at[suf]), after(suf, at[mid])
     else:
         suffix, prefix = after(suf, at[pre]), after(pre, at[mid])
-    return (middle, suffix, "") if not prefix else (prefix, suffix, middle)
+    return Cursor(middle, suffix, "", context) if not prefix else Cursor(prefix, suffix, middle, context)
 
 
 def back_off(text: str) -> tuple[str, str]:

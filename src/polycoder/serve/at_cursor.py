@@ -51,7 +51,8 @@ middle, as trained; a sentinel means it went astray), and by default the suffix'
 Editors that template fill-in-the-middle themselves (Tabby's `prompt_template`, Continue's
 raw Ollama prompts) spell the cursor out in StarCoder's sentinels in a plain prompt,
 `<fim_prefix>P<fim_suffix>S<fim_middle>` (or another model family's sentinels, from a
-configuration carried over). On every route such a prompt is read back into
+configuration carried over; text before a template that ends the prompt is extra context,
+where llama.vscode's OpenAI mode puts other files). On every route such a prompt is read back into
 the code before and after the cursor (`templated_cursor`, `polycoder.fim.read_template`)
 and built here like a `suffix`: the same cursor gets the same answer however it is sent,
 and a templated prompt is cut to fit, read with LF, healed and stopped as editors need.
@@ -67,7 +68,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from polycoder.fim import arrange, back_off, fit_around_cursor, read_template
+from polycoder.fim import Cursor, arrange, back_off, fit_around_cursor, read_template
 from polycoder.generation.suffix_stop import SuffixStop
 from polycoder.line_breaks import cursor_line_break, to_lf
 from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits
@@ -108,9 +109,9 @@ def can_infill(state: ServerState) -> bool:
     return state.tokenizer.fim is not None
 
 
-def templated_cursor(state: ServerState, prompt, refusal: APIError) -> tuple[str, str, str] | None:
-    """(prefix, suffix, middle) of a text prompt that spells a cursor out in FIM sentinels (an
-    editor's own template: `polycoder.fim.read_template`), else None (the prompt is text,
+def templated_cursor(state: ServerState, prompt, refusal: APIError) -> Cursor | None:
+    """The cursor a text prompt spells out in FIM sentinels (an editor's own template:
+    `polycoder.fim.read_template`; text before it goes in as extra context), else None (the prompt is text,
     sentinels included: `encode_with_sentinels`). A model without FIM tokens raises the
     route's `refusal`, as for a suffix, unless the server falls back to the prefix alone: an
     editor configured with a template would otherwise get completions of the template's text."""

@@ -171,8 +171,8 @@ def router(served: ServedModels, auth) -> APIRouter:
         # Tabby's prompt_template: the cursor it spells out (llama.cpp's 501 on a model without FIM tokens)
         template = templated_cursor(state, prompt, APIError(501, NOT_SUPPORTED, kind="not_supported_error"))
         if template:
-            prefix, suffix, middle = template
-            at = await cursor_prompt(state, prefix, suffix, max(n_predict, 0), middle=middle, request_id=rid,
+            at = await cursor_prompt(state, template.prefix, template.suffix, max(n_predict, 0), middle=template.middle,
+                                     extra=[template.context] if template.context else [], request_id=rid,
                                      limit_name="n_predict",
                                      stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
         else:

@@ -53,6 +53,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from polycoder import __version__ as polycoder_version
+from polycoder.fim import Cursor
 from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.serve.at_cursor import (
     CUT_HEADER,
@@ -170,8 +171,9 @@ def router(served: ServedModels, auth) -> APIRouter:
         at, cut = None, False
         template = None if suffix else templated_cursor(state, prompt, no_insert)  # an editor's own FIM template
         if suffix or template:
-            code_before, code_after, middle = template or (prompt, suffix, "")
-            at = await cursor_prompt(state, code_before, code_after, max(num_predict, 0), middle=middle, before=context,
+            cursor = template or Cursor(prompt, suffix)
+            at = await cursor_prompt(state, cursor.prefix, cursor.suffix, max(num_predict, 0), middle=cursor.middle,
+                                     extra=[cursor.context] if cursor.context else [], before=context,
                                      request_id=rid, limit_name="num_predict",
                                      stop_at_suffix=get_bool(options, "stop_at_suffix", state.settings.stop_at_suffix))
             ids = at.ids

@@ -45,6 +45,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from polycoder.fim import Cursor
 from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.line_breaks import written
 from polycoder.serve.at_cursor import (
@@ -234,8 +235,9 @@ def router(served: ServedModels, auth) -> APIRouter:
                                                               "prompt"))
                     if one_text and not suffix else None)
         if suffix or at_end or template:
-            code_before, code_after, middle = template or (prompts[0], suffix, "")
-            at = await cursor_prompt(state, code_before, code_after, params.max_new_tokens, middle=middle, request_id=rid,
+            cursor = template or Cursor(prompts[0], suffix)
+            at = await cursor_prompt(state, cursor.prefix, cursor.suffix, params.max_new_tokens, middle=cursor.middle,
+                                     extra=[cursor.context] if cursor.context else [], request_id=rid,
                                      stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
             params = replace(params, stop_ids=at.stop_ids, suffix_stop=at.suffix_stop, heal=at.heal,
                              eol=at.eol)
