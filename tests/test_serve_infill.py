@@ -884,6 +884,20 @@ def test_tabby_llama_cpp_completion_backend(server, local):
     assert events[-1]["stop_type"] in ("eos", "limit", "word")
 
 
+def test_tabby_ollama_completion_backend(server, local):
+    """Tabby's `ollama/completion` backend: /api/tags to find the model, then a streamed
+    /api/generate with its templated prompt, `template: "{{ .Prompt }}"` and its options."""
+    tags = httpx.get(server.url + "/api/tags", timeout=30).json()
+    assert any(m["name"] == "tiny:latest" for m in tags["models"])
+    body = {"model": "tiny:latest", "prompt": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",
+            "template": "{{ .Prompt }}", "options": {"num_ctx": 1536, "num_predict": N, "seed": 0, "repeat_last_n": 0,
+                                                     "temperature": 0}}
+    with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        parts = [json.loads(line) for line in r.iter_lines() if line]
+    assert parts[-1]["done"] is True and "".join(p["response"] for p in parts) == expected(local).text
+
+
 def test_continue_llama_cpp_provider_request(server, local):
     """Continue's `llama.cpp` provider for autocomplete: POST /completion with its StarCoder
     template, its stops and sampling fields (min_p and mirostat, which we ignore), streamed,
