@@ -136,6 +136,14 @@ def test_every_route_answers_a_crlf_document_as_its_lf_twin(server):
     parts = ollama.Client(host=server.url).generate(model="tiny", prompt=crlf(PREFIX), suffix=crlf(SUFFIX), stream=True,
                                                    options={"temperature": 0, "num_predict": N})
     assert "".join(p.response for p in parts) == want
+    # A plain prompt (llama.cpp's /completion without a cursor) is written as the model writes
+    # it: a CRLF stop string stays CRLF, where at a cursor it is read as LF.
+    plain = httpx.post(server.url + "/completion", json={"prompt": PREFIX, "n_predict": N, "temperature": 0},
+                       timeout=120).json()["content"]
+    assert LF in plain and CRLF not in plain
+    kept = httpx.post(server.url + "/completion", json={"prompt": PREFIX, "n_predict": N, "temperature": 0,
+                                                        "stop": [CRLF]}, timeout=120).json()["content"]
+    assert kept == plain
     # The command line, the same: the completion with CRLF, and --echo the whole file as it was.
     cli = subprocess.run([sys.executable, "-m", "polycoder", "generate", "--prompt", crlf(PREFIX), "--suffix",
                           crlf(SUFFIX), "--max-new-tokens", str(N), "--echo"], capture_output=True, timeout=300)

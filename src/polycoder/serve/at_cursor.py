@@ -100,8 +100,9 @@ class CursorPrompt:
     """Some extra context did not fit the context and was left out."""
     heal: str = ""
     """The whitespace left out of the prompt's end, for `SamplingParams.heal`."""
-    eol: str = "\n"
-    """The document's line break at the cursor, for `SamplingParams.eol`."""
+    eol: str | None = "\n"
+    """The document's line break at the cursor, for `SamplingParams.eol` (None: a plain prompt,
+    its text written as the model writes it)."""
     headers: dict[str, str] = field(default_factory=dict)
 
 

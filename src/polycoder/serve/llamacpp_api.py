@@ -200,7 +200,7 @@ async def plain_prompt(state: ServerState, prompt: str | list[str | int], n_pred
     ids, cut = await cut_prompt_ids(state, text, ids, n_predict, "n_predict")
     if cut:
         log.info("[%s] the prompt was cut to fit the context: its last %d tokens kept", rid, len(ids))
-    return CursorPrompt(ids, stop_ids=sentinel_stops(state, [ids]), cut=cut,
+    return CursorPrompt(ids, stop_ids=sentinel_stops(state, [ids]), cut=cut, eol=None,
                         headers={CUT_HEADER: PROMPT_CUT} if cut else {})
 
 
