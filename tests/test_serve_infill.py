@@ -759,6 +759,9 @@ def test_prefix_only_fallback_says_the_suffix_was_ignored(tiny_folder):
                      "temperature": 0}, "/completion")
         assert t.json()["content"] == want[0][0].text and "suffix was ignored" in t.json()["warning"]
         assert "suffix was ignored" in s.logs()
+        # the start says where editors connect, and that this model cannot fill in the middle
+        assert f"llama.cpp {s.url}/infill and /completion" in s.logs() and "docs/editors.md" in s.logs()
+        assert "no fill-in-the-middle tokens" in s.logs() and "completed from the prefix alone" in s.logs()
         long = "".join(f"x{i} = {i}\n" for i in range(400)) + "y = "  # far more than the 256-token context
         kept, heal = back_off(long)
         ids, _ = fit(tok.encode(kept), [], 256 - N)

@@ -319,6 +319,13 @@ def serve(
     app = create_app(net, tok, settings, model_path=path, more=more, draft_model=draft, prompt_cache_mb=prompt_cache_mb)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    log.info("editors: OpenAI %s/v1, Ollama %s, llama.cpp %s/infill and /completion, model %r "
+             "(configurations: docs/editors.md)", base, base, base, settings.model_name)
+    if tok.fim is None:
+        log.warning("%s has no fill-in-the-middle tokens: completions at the cursor (suffix, /infill) are %s",
+                    settings.model_name, "completed from the prefix alone" if suffix_fallback == "prefix-only" else
+                    "refused; fine-tune one with `polycoder finetune --fim`, or pass --suffix-fallback prefix-only")
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
