@@ -127,16 +127,19 @@ def falls_back(state: ServerState) -> bool:
     return not can_infill(state) and state.settings.suffix_fallback == "prefix-only"
 
 
-async def cursor_prompt(state: ServerState, prefix: str, suffix: str, max_tokens: int, *, middle: str = "",
-                        extra: list[str] = (), before: list[int] = (), stop_at_suffix: bool = True,
-                        request_id: str = "", limit_name: str = "max_tokens") -> CursorPrompt:
-    """The prompt ids for a cursor between `prefix` and `suffix`, `before` ids (Ollama's
+async def cursor_prompt(state: ServerState, cursor: Cursor, max_tokens: int, *, extra: list[str] = (),
+                        before: list[int] = (), stop_at_suffix: bool = True, request_id: str = "",
+                        limit_name: str = "max_tokens") -> CursorPrompt:
+    """The prompt ids for `cursor` (its prefix, suffix and middle; its context, text an editor
+    put before a template, goes in first among the `extra` chunks), `before` ids (Ollama's
     `context`) first. The code around the cursor is cut to fit the context with max_tokens
     (which the API calls `limit_name`), away from the cursor, as llama.cpp's /infill and
     Ollama cut it: an editor sends as much as its settings say, whatever the model's
     context. A 400 only when max_tokens, `before` and `middle` leave no room at all. The
     caller has checked that the model can infill or that the server falls back (`can_infill`,
     `falls_back`)."""
+    prefix, suffix, middle = cursor.prefix, cursor.suffix, cursor.middle
+    extra = [cursor.context, *extra] if cursor.context else extra
     eol = cursor_line_break(prefix + middle, suffix)
     prefix, middle, suffix, extra = to_lf(prefix), to_lf(middle), to_lf(suffix), [to_lf(text) for text in extra]
     rule = SuffixStop.of(prefix + middle, suffix) if stop_at_suffix else None

@@ -56,6 +56,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from polycoder.fim import Cursor
 from polycoder.generation import SamplingParams, resolve_seed
 from polycoder.serve.at_cursor import (
     CUT_HEADER,
@@ -154,7 +155,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         extra = parse_extra(body.get("input_extra"))
         n_predict = get_int(body, "n_predict", -1, -1)
         rid = request.scope.get("request_id") or uuid.uuid4().hex[:16]
-        at = await cursor_prompt(state, prefix, suffix, max(n_predict, 0), middle=middle, extra=extra, request_id=rid,
+        at = await cursor_prompt(state, Cursor(prefix, suffix, middle), max(n_predict, 0), extra=extra, request_id=rid,
                                  limit_name="n_predict",
                                  stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
         return await answer(request, state, body, at, n_predict, rid, t0)
@@ -171,9 +172,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         # Tabby's prompt_template: the cursor it spells out (llama.cpp's 501 on a model without FIM tokens)
         template = templated_cursor(state, prompt, APIError(501, NOT_SUPPORTED, kind="not_supported_error"))
         if template:
-            at = await cursor_prompt(state, template.prefix, template.suffix, max(n_predict, 0), middle=template.middle,
-                                     extra=[template.context] if template.context else [], request_id=rid,
-                                     limit_name="n_predict",
+            at = await cursor_prompt(state, template, max(n_predict, 0), request_id=rid, limit_name="n_predict",
                                      stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
         else:
             at = await plain_prompt(state, prompt, n_predict, rid)
@@ -263,8 +262,7 @@ def only(fields: list[str], answer: dict) -> dict:
     return picked
 
 
-async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float,
-                 fields: list[str] = ()) -> AsyncIterator[str]:
+async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float, fields: list[str]) -> AsyncIterator[str]:
     """llama.cpp's stream: `data: {...}` a piece, the last with `"stop": true`."""
     try:
         try:
@@ -274,7 +272,7 @@ async def events(state: ServerState, job: Job, at: CursorPrompt, t0: float,
                              "tokens_evaluated": len(at.ids)}
                     yield f"data: {json.dumps(piece)}\n\n"
                 else:
-                    yield f"data: {json.dumps(only(list(fields), final(state, job, at, item[1], '', t0)))}\n\n"
+                    yield f"data: {json.dumps(only(fields, final(state, job, at, item[1], '', t0)))}\n\n"
         except APIError as e:  # the status line is sent already: report in the stream, as llama.cpp does
             yield f"error: {json.dumps({'code': e.status, 'message': e.message, 'type': e.kind})}\n\n"
     finally:

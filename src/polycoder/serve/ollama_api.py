@@ -171,9 +171,7 @@ def router(served: ServedModels, auth) -> APIRouter:
         at, cut = None, False
         template = None if suffix else templated_cursor(state, prompt, no_insert)  # an editor's own FIM template
         if suffix or template:
-            cursor = template or Cursor(prompt, suffix)
-            at = await cursor_prompt(state, cursor.prefix, cursor.suffix, max(num_predict, 0), middle=cursor.middle,
-                                     extra=[cursor.context] if cursor.context else [], before=context,
+            at = await cursor_prompt(state, template or Cursor(prompt, suffix), max(num_predict, 0), before=context,
                                      request_id=rid, limit_name="num_predict",
                                      stop_at_suffix=get_bool(options, "stop_at_suffix", state.settings.stop_at_suffix))
             ids = at.ids

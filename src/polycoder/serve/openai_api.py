@@ -235,9 +235,7 @@ def router(served: ServedModels, auth) -> APIRouter:
                                                               "prompt"))
                     if one_text and not suffix else None)
         if suffix or at_end or template:
-            cursor = template or Cursor(prompts[0], suffix)
-            at = await cursor_prompt(state, cursor.prefix, cursor.suffix, params.max_new_tokens, middle=cursor.middle,
-                                     extra=[cursor.context] if cursor.context else [], request_id=rid,
+            at = await cursor_prompt(state, template or Cursor(prompts[0], suffix), params.max_new_tokens, request_id=rid,
                                      stop_at_suffix=get_bool(body, "stop_at_suffix", state.settings.stop_at_suffix))
             params = replace(params, stop_ids=at.stop_ids, suffix_stop=at.suffix_stop, heal=at.heal,
                              eol=at.eol)
