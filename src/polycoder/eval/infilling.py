@@ -15,10 +15,11 @@ tasks and how answers are read: `polycoder.eval.infilling_tasks`):
   generation ends at the end of document or a FIM sentinel), and `prefix-only`, the prefix
   alone (the left-to-right baseline). A model whose tokenizer has no FIM sentinels is asked
   prefix-only, and the report says so. Against an endpoint, FIM mode sends the suffix
-  (OpenAI `/v1/completions` {prompt, suffix}; Ollama `/api/generate` {prompt, suffix}) and
-  the server lays out the prompt, or with `--endpoint-template` the prompt spells the cursor
-  out in the model's sentinels (for servers without `suffix`); a server that refuses it has
-  those samples recorded as refused (failed), and the run goes on.
+  (OpenAI `/v1/completions` {prompt, suffix}; Ollama `/api/generate` {prompt, suffix};
+  llama.cpp's `/infill` {input_prefix, input_suffix}) and the server lays out the prompt, or
+  with `--endpoint-template` the prompt spells the cursor out in the model's sentinels (for
+  servers without `suffix`); a server that refuses it has those samples recorded as refused
+  (failed), and the run goes on.
 
 For a local model, line tasks are also scored by likelihood: the loss of the removed line
 after each mode's prompt (`polycoder.eval.infilling_sources.score_middles`), a finer view of what the suffix adds than one
@@ -227,9 +228,11 @@ def infilling(
         out: output folder (samples.jsonl, results.jsonl, infilling.json, infilling.md, infilling.png).
         model: local models (folders, presets or hub ids), several side by side; none and no
             endpoint means the bundled model.
-        endpoint: a server to sample from (OpenAI-compatible, or Ollama with --endpoint-api ollama).
+        endpoint: a server to sample from (OpenAI-compatible, Ollama with --endpoint-api ollama, or
+            llama.cpp's /infill with --endpoint-api llamacpp).
         endpoint_model: the `model` field sent to the endpoint (Ollama: the model's name).
-        endpoint_api: the endpoint's API: openai (/v1/completions) or ollama (/api/generate).
+        endpoint_api: the endpoint's API: openai (/v1/completions), ollama (/api/generate) or llamacpp
+            (llama.cpp's /infill, as llama.vscode sends the cursor, and /completion).
         endpoint_template: FIM mode sends the cursor spelt out in this template as the prompt, no
             suffix, as editors that template it themselves do (Tabby), for servers without `suffix`
             (vLLM, llama-cpp-python): {prefix} and {suffix} mark the code, e.g.
