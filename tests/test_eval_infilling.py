@@ -504,6 +504,7 @@ def test_llamacpp_requests_send_the_cursor_as_infill(tmp_path, recorder, problem
     assert run["samples"] == 4 and run["refused"] == 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
     assert {r["completion"] for r in rows if r["mode"] == "fim"} == {"    pass\n"}  # the first line: "more" cut
+    assert "FIM prompts laid out by the server" in (tmp_path / "a" / "infilling.md").read_text()
     state["refuse_suffix"] = True
     r = infilling(out=tmp_path / "b", **args)
     assert next(x for x in r["runs"] if x["mode"] == "fim")["refused"] == 4

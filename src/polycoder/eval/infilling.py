@@ -288,6 +288,7 @@ def infilling(
     modes = list(MODES) if mode == "both" else [mode]
     notes: list[str] = []
     losses: dict[tuple[str, str, str], float] = {}  # (model, task, mode) -> the loss of the removed middle
+    laid_out_here = False  # whether any FIM prompt was built here (a local model), in `order`
     if samples is not None:
         drawn = read_given(Path(samples), by_id)
         described = {s["model"]: f"completions of {samples}" for s in drawn}
@@ -301,6 +302,7 @@ def infilling(
         models = [model] if isinstance(model, str) else list(model or [])
         sources = make_sources(models, endpoint, endpoint_model, endpoint_api, model_options or ModelOptions(), settings,
                                 order, max_rows, concurrency, endpoint_template)
+        laid_out_here = any(src.score_middles is not None for src in sources)
         out.mkdir(parents=True, exist_ok=True)
         stored = _read_jsonl(out / "samples.jsonl")
         stored_losses = _read_jsonl(out / "middle_loss.jsonl")
@@ -331,7 +333,8 @@ def infilling(
         if (r["model"], r["task_id"], r["mode"]) in losses:
             r["middle_loss"] = losses[(r["model"], r["task_id"], r["mode"])]
     summary = summarize(rows)
-    summary.update(models=described, notes=notes, order=order, tasks=dict(Counter(t.task_set for t in all_tasks)),
+    summary.update(models=described, notes=notes, order=order if laid_out_here else None, endpoint=endpoint,
+                   tasks=dict(Counter(t.task_set for t in all_tasks)),
                    settings=dict(num_samples=num_samples, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, seed=seed, max_tasks=max_tasks,
                                  lines_per_file=lines_per_file, stop_at_suffix=stop_at_suffix),

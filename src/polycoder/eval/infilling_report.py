@@ -243,8 +243,12 @@ def write_report(summary: dict, out: Path) -> None:
         [f"{refused} samples were refused by the server and count as failed."] if refused else [])
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["How it was asked and read: FIM prompts in "
-              f"{str(summary.get('order', '-')).upper()} order (each part tokenized on its own); single-line and "
+    order = summary.get("order")
+    lines += ["How it was asked and read: "
+              + (f"FIM prompts in {order.upper()} order (each part tokenized on its own"
+                 + ("; an endpoint's laid out by its server)" if summary.get("endpoint") else ")") if order else
+                 "FIM prompts laid out by the server (or given with --samples)")
+              + "; single-line and "
               "line tasks answer with the first line written; FIM multi-line and random-span answers end at the "
               "end of document or a FIM sentinel"
               + (", or where our server's at-cursor stop rules end them (--stop-at-suffix)"
