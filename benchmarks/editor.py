@@ -51,10 +51,22 @@ Models (temporary folders; the weights are untrained for the sentinels, fine for
 `--url` measures a server that already runs (as it is configured: one row a route; the routes
 share its prompt cache, so the second replays sessions the first left cached: give one).
 
+`--llama-server PATH` (`make llama-cpp` puts one in .venv/bin) adds llama.cpp's own server on
+the same weights (our GGUF export, f32, as ours serves fp32) for the /infill route: started
+as `llama-server -m MODEL.gguf -c CONTEXT -np 1 -t 2 --metrics`, once as it comes and once with
+each `--cache-reuse N` of `--llama-cache-reuse` (default 256, what llama.vscode's README tells its
+users to add): llama.cpp then moves cached chunks of at least N tokens that the new prompt
+holds further on (the suffix, in PSM) to their new place instead of recomputing them. llama.cpp
+lays /infill out in PSM; its `--spm-infill` (`--llama-spm`: a row with it) is
+`<fim_suffix>S<fim_prefix>P<fim_middle>`, not StarCoder's SPM that our models learnt
+(`<fim_prefix><fim_suffix>S<fim_middle>P`): a row for timing only. Its prefill and cached
+tokens come from its own /metrics (`llamacpp:prompt_tokens_total`,
+`llamacpp:prompt_tokens_cached_total`).
+
 Usage:
     .venv/bin/python benchmarks/editor.py [--models tiny 160m] [--data RAW/heldout] [--sessions 3]
         [--chars 18] [--every 3] [--routes infill completions] [--window client|server] [--window-160m 768]
-        [--url URL]
+        [--url URL] [--llama-server .venv/bin/llama-server [--llama-cache-reuse 256 16] [--llama-spm]]
         [--note TEXT] [--json out/benchmarks/editor.json]
 
 The default run (both models, 3 sessions of 18 characters) takes about 3 minutes on 2 cores;
@@ -69,6 +81,7 @@ import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,7 +91,7 @@ from pathlib import Path
 import httpx
 from machine import cpu_line
 from report import publish
-from server import start_server
+from server import start_llama_server, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -155,8 +168,10 @@ def counter(metrics: str, name: str) -> float:
 
 
 def counts(client: httpx.Client, url: str) -> tuple[float, float]:
-    """(prompt tokens prefilled, prompt tokens reused from the cache) so far."""
+    """(prompt tokens prefilled, prompt tokens reused from the cache) so far: ours, or llama.cpp's."""
     text = client.get(url + "/metrics").text
+    if "llamacpp:prompt_tokens_total" in text:
+        return counter(text, "llamacpp:prompt_tokens"), counter(text, "llamacpp:prompt_tokens_cached")
     return counter(text, "polycoder_prefill_tokens"), counter(text, "polycoder_prefill_reused_tokens")
 
 
@@ -259,6 +274,14 @@ def fim_tiny(folder: Path) -> Path:
     return folder
 
 
+def export_gguf(serve_args: list[str], out: Path) -> Path:
+    """The served model (the same `--model`, `--random-init`, `--tokenizer`) as an f32 GGUF file.
+    Random weights differ from the server's draw: the shape is what times a request."""
+    subprocess.run([sys.executable, "-m", "polycoder", "export", "gguf", *serve_args, "--outtype", "f32",
+                    "--out", str(out), "--no-check"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
 def command_line() -> list[str]:
     """This run's options, but --note's text (printed below the table)."""
     argv = sys.argv[1:]
@@ -286,6 +309,13 @@ def main() -> None:
     ap.add_argument("--window-160m", type=int, default=768,
                     help="prompt tokens of the 160M shape's window (its context is 2048; the full one is slow here)")
     ap.add_argument("--url", help="measure this running server instead (as configured; tokenizer: --tokenizer)")
+    ap.add_argument("--llama-server", type=Path, default=None,
+                    help="llama.cpp's llama-server binary: add its /infill on the same weights (GGUF f32)")
+    ap.add_argument("--llama-cache-reuse", type=int, nargs="+", default=[256],
+                    help="with --llama-server: a row for each of these --cache-reuse values too")
+    ap.add_argument("--llama-spm", action="store_true",
+                    help="with --llama-server: a row with its --spm-infill too (<fim_suffix>S<fim_prefix>P<fim_middle>: "
+                         "for timing, a layout our models were not trained on)")
     ap.add_argument("--context", type=int, default=512, help="with --url: the server's context")
     ap.add_argument("--tokenizer", type=Path, default=BUNDLED_DIR, help="with --url: the server's tokenizer folder")
     ap.add_argument("--seed", type=int, default=0)
@@ -319,15 +349,28 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
     for label, context, window, serve_args, tok in runs:
         rng = random.Random(args.seed)
         sessions = [session(f, tok, window if args.window == "client" else None, args.chars, rng) for f in files]
-        configs = [("given", None, None)] if serve_args is None else [("on", "spm", None), ("on", "psm", None),
-                                                                      ("off", "spm", "0")]
-        for (cache, order, cache_mb), route in itertools.product(configs, args.routes):
+        # (prompt cache, FIM order, the server's extra options)
+        configs = [("given", None, [])] if serve_args is None else [
+            ("on", "spm", ["--fim-order", "spm"]), ("on", "psm", ["--fim-order", "psm"]),
+            ("off", "spm", ["--fim-order", "spm", "--prompt-cache-mb", "0"])]
+        cases = list(itertools.product(configs, args.routes))
+        gguf = None
+        if args.llama_server and serve_args is not None:
+            gguf = export_gguf(serve_args, tmp / f"{len(rows)}.gguf")
+            cases += [(("llama-server: its slot's", "psm", []), "infill")]
+            cases += [((f"llama-server: its slot's, --cache-reuse {n}", "psm", ["--cache-reuse", str(n)]), "infill")
+                      for n in args.llama_cache_reuse]
+            if args.llama_spm:
+                cases += [(("llama-server: its slot's", "llama.cpp's SPM", ["--spm-infill"]), "infill")]
+        for (cache, order, options), route in cases:
             proc = None
             url = args.url
-            if serve_args is not None:  # a fresh server a route: each starts with an empty prompt cache
-                extra = ["--fim-order", order] + (["--prompt-cache-mb", cache_mb] if cache_mb else [])
+            if cache.startswith("llama-server"):  # llama.cpp's own server, as llama.vscode's users run it
+                proc, url = start_llama_server(str(args.llama_server), str(gguf), "-c", str(context), "-np", "1",
+                                               "-t", "2", "--metrics", *options)
+            elif serve_args is not None:  # a fresh server a route: each starts with an empty prompt cache
                 proc, url = start_server(*serve_args, "--max-context", str(context), "--max-batch-size", "4",
-                                         "--log-level", "warning", *extra)
+                                         "--log-level", "warning", *options)
             try:
                 res = replay(url, sessions, route, args.every, args.max_tokens, args.dwell)
             finally:
@@ -347,7 +390,8 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
     lines = [f"CPU: {cpu_line()}; {os.cpu_count()} logical CPUs; load average before: "
              f"{', '.join(f'{x:.2f}' for x in load)}, after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
              "code path: the server's default backend, fp32, native "
-             f"kernels {kernels.status()}",
+             f"kernels {kernels.status()}" + ("; llama.cpp: llama-server (`make llama-cpp`), f32 GGUF of the same "
+                                              "model, -np 1 -t 2" if args.llama_server else ""),
              f"{len(files)} sessions over {source} ({', '.join(names)}); {args.chars} characters "
              f"typed a session, a request every {args.every} keystrokes ({n_req} after the session's first); "
              f"n_predict {args.max_tokens}, "
