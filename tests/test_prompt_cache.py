@@ -80,6 +80,64 @@ def test_keystrokes_reuse_the_prompt_and_give_the_cold_tokens(model, backend):
     assert cold.prompt_cache is None and cold.stats["reused"] == 0
 
 
+def test_typing_grows_one_entry_in_place(model):
+    """A keystroke's prompt rewrites the entry of the one before where they differ, in the room
+    the entry was made with: the same storage, no new bytes; a prompt past that room gets a
+    new, larger entry in its place."""
+    net, tok = model
+    warm = engine_for(model, PLAIN)
+    pool = warm.prompt_cache
+    run(warm, tok.encode(BUFFER), max_new=1)
+    (entry,) = pool.entries.values()
+    storage, nbytes = entry.kv.data_ptr(), pool.nbytes
+    assert entry.kv.size(3) >= len(entry.ids) + 16  # room to grow
+    for typed in KEYSTROKES:
+        ids = tok.encode(BUFFER + typed)
+        run(warm, ids, max_new=1)
+        (entry,) = pool.entries.values()
+        assert list(entry.ids) == ids and entry.kv.data_ptr() == storage and pool.nbytes == nbytes
+    # what it holds is what a cold prefill of the last prompt writes
+    cold = engine_for(model, PLAIN, mb=0)
+    cold.prefill(ids, 0)
+    with torch.no_grad():
+        for layer, (k, v) in enumerate(zip(cold.cache.k, cold.cache.v)):
+            torch.testing.assert_close(entry.kv[0, layer, :, : len(ids)], k[0, :, : len(ids)], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(entry.kv[1, layer, :, : len(ids)], v[0, :, : len(ids)], rtol=1e-4, atol=1e-5)
+    longer = ids + tok.encode("\n" + "        x = 1\n" * 12)
+    run(warm, longer, max_new=1)
+    (entry,) = pool.entries.values()
+    assert list(entry.ids) == longer and entry.kv.size(3) >= len(longer) and pool.nbytes > nbytes
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels off or not built")
+def test_a_short_rest_runs_in_one_native_call_as_the_prefill_computes_it(model):
+    """The native decode step's `extend`: the few tokens after a cached prefix through every
+    block in one call, into any cache row, with the logits a layer-by-layer prefill gives
+    (fp32: sums in another order, ~1e-5 relative); more positions than the kernels take are
+    left to the prefill (None)."""
+    from polycoder.backend.decode import prefill
+    from polycoder.generation.engine import CacheRows
+
+    net, tok = model
+    ids = tok.encode(BUFFER)
+    plain = engine_for(model, PLAIN, mb=0)
+    native = engine_for(model, Backend(native_kernels=True), mb=0)  # last: its step sets the weights' layout
+    for rest in (1, 3, kernels.MAX_ROWS):
+        start, row = len(ids) - rest, 2
+        with torch.inference_mode():
+            for e in (native, plain):
+                prefill(net, torch.tensor([ids[:start]]), CacheRows(e.cache, row, row + 1), e.prefill_ops)
+            got = native.decode_step.extend(torch.tensor([ids[start:]]), torch.arange(start, len(ids))[None], row)
+            want = prefill(net, torch.tensor([ids[start:]]), CacheRows(plain.cache, row, row + 1), plain.prefill_ops,
+                           start=start)
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+        for a, b in zip(native.cache.k, plain.cache.k):  # the keys were written where the prefill writes them
+            torch.testing.assert_close(a[row, :, : len(ids)], b[row, :, : len(ids)], rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        too_many = kernels.MAX_ROWS + 1
+        assert native.decode_step.extend(torch.tensor([ids[:too_many]]), torch.arange(too_many)[None], 0) is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_shared_prefix_is_reused_in_part(model, backend):
     net, tok = model

@@ -71,6 +71,39 @@ def test_greedy_output_is_identical_and_drafts_are_taken(model, k):
     assert engine.stats["accepted"] > 0 and engine.stats["forwards"] < len(tokens)
 
 
+@pytest.mark.parametrize("k", [0, 4])
+def test_a_step_hands_its_tokens_out_once_they_are_final(model, k):
+    """`step(emit=...)`: without drafts, each token goes out before the step's forward pass;
+    with drafts, after their check, with the accepted tokens' text. Either way once, as the
+    step returns them."""
+    net, tok = model
+    engine = Engine(net, tok, max_rows=2, max_len=net.config.block_size, speculate=k)
+    passes = []  # the step's forward passes (decode; verify with drafts)
+
+    def counting(name: str, call):
+        def counted(*a, **kw):
+            passes.append(name)
+            return call(*a, **kw)
+        return counted
+
+    engine.decode, engine._verify = counting("decode", engine.decode), counting("verify", engine._verify)
+    params = SamplingParams(max_new_tokens=40)
+    engine.add([Sequence(tok.encode(PROMPTS[1]), params, tok, sample_generator(0, 0, 0))])
+    texts, early, handed = [], [], []
+    while engine.rows:
+        before = len(passes)
+        handed.clear()
+        returned = engine.step(emit=lambda events, n=before: handed.append(([e.text for e in events], len(passes) == n)))
+        assert len(handed) == 1 and handed[0][0] == [e.text for e in returned]
+        early.append(handed[0][1])
+        texts += handed[0][0]
+    assert "".join(texts) == "".join(c.text for c in generate(net, tok, [PROMPTS[1]], params)[0])
+    if k == 0:
+        assert all(early)  # every step: out before the forward pass
+    else:
+        assert "verify" in passes and not all(early)  # drafts checked first
+
+
 def test_streamed_text_is_identical(model):
     net, tok = model
     params = SamplingParams(max_new_tokens=30, stop=("\n\n",))

@@ -69,19 +69,41 @@ class NativeDecode:
         row b's positions share cache row b (the kernel writes every key before any row
         attends); else the model's cached forward with the few-row products."""
         B, T = x.shape
-        model, cache = self.model, self.cache
-        if (B * T <= kernels.MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
+        y = self._positions(x.reshape(B * T, 1), pos.reshape(-1), torch.arange(B).repeat_interleave(T))
+        if y is None:
+            return self.fallback_few_rows.verify(x, pos)
+        model = self.model
+        logits = FEW_ROW_OPS.linear(model.embed_out, model.gpt_neox.final_layer_norm(y)).float()  # [B*T, V]
+        return logits.view(B, T, -1)
+
+    def extend(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor | None:
+        """The end of one prompt, x [1, T] at positions pos [1, T], into cache row `row` in one
+        native call (its earlier positions already there: the prompt cache's), as `verify` runs
+        a row's drafts: the next-token logits of the last position [1, V] (fp32), the output
+        head run for it alone; None where the kernels cannot take it (more than
+        `kernels.MAX_ROWS` positions, ...), for the caller's prefill to run it."""
+        T = x.size(1)
+        y = self._positions(x.reshape(T, 1), pos.reshape(-1), torch.full((T,), row, dtype=torch.long))
+        if y is None:
+            return None
+        model = self.model
+        return FEW_ROW_OPS.linear(model.embed_out, model.gpt_neox.final_layer_norm(y[-1:])).float()
+
+    def _positions(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Tokens x [N, 1] at positions pos [N] of cache rows `rows` [N] through every block in
+        one native call (every key written before any position attends): the last hidden
+        states [N, C], or None where the kernels cannot take them."""
+        N = x.size(0)
+        cache = self.cache
+        if not (N <= kernels.MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and cache.max_len <= kernels.MAX_CACHE_LEN and kernels.available()):
-            trunk = model.gpt_neox
-            h = trunk.embed_in(x.reshape(B * T, 1))  # [B*T, 1, C]
-            stack = self._stack_plan(h.dtype)
-            if (stack is not None and cache.k[0].dtype == h.dtype
-                    and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
-                rows = torch.arange(B).repeat_interleave(T)  # [B*T]: each position's cache row
-                y = stack.run(h.view(B * T, -1), cache.k, cache.v, pos.reshape(-1), rows)  # [B*T, C]
-                logits = FEW_ROW_OPS.linear(model.embed_out, trunk.final_layer_norm(y)).float()  # [B*T, V]
-                return logits.view(B, T, -1)
-        return self.fallback_few_rows.verify(x, pos)
+            return None
+        h = self.model.gpt_neox.embed_in(x)  # [N, 1, C]
+        stack = self._stack_plan(h.dtype)
+        if (stack is None or cache.k[0].dtype != h.dtype
+                or not all(t.is_contiguous() for t in cache.k) or not all(t.is_contiguous() for t in cache.v)):
+            return None
+        return stack.run(h.view(N, -1), cache.k, cache.v, pos, rows)  # [N, C]
 
     def _stack_plan(self, dtype: torch.dtype):
         layers = self.model.gpt_neox.layers

@@ -21,6 +21,7 @@ names, shapes and values).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,7 @@ class Engine:
         if T >= self.max_len:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
         logits, reused = prefill_reusing(self.model, ids, self.cache, row, self.prefill_ops, self.prompt_cache,
-                                         reuse)
+                                         reuse, extend=getattr(self.decode_step, "extend", None))
         self.stats["prefilled"] += T - reused
         self.stats["reused"] += reused
         self.cache.repeat_row(row, copies, T)  # the other samples copy the prefill
@@ -153,8 +154,12 @@ class Engine:
         return self.stats["prefilled"] - before
 
     @torch.inference_mode()
-    def step(self) -> list[Event]:
-        """Sample a token for every row, retire finished rows, run one decode step."""
+    def step(self, emit: Callable[[list[Event]], None] | None = None) -> list[Event]:
+        """Sample a token for every row, retire finished rows, run one decode step. `emit`, if
+        given, is handed the events as soon as they are final: before the decode step when no
+        row speculates (a server streams each token a forward pass sooner: the first token
+        of a request does not wait for the second's computation), after the drafts' check
+        otherwise."""
         if not self.rows:
             return []
         rows = self.rows
@@ -185,12 +190,19 @@ class Engine:
         drafts = self._drafts()
         self.stats["forwards"] += bool(self.rows)
         if any(drafts):
-            self._verify(drafts, events)
-        elif self.rows:
-            # Active rows are always 0..B-1: the step reads rows [:B] of the cache.
-            self.logits = self._mask(self.decode([s.token_ids[-1] for s in self.rows], [s.length - 1 for s in self.rows]))
+            self._verify(drafts, events)  # adds the accepted drafts' text to the events
         else:
-            self.logits = None
+            if emit is not None:  # the events are final: out before the decode step
+                emit(list(events.values()))
+                emit = None
+            if self.rows:
+                # Active rows are always 0..B-1: the step reads rows [:B] of the cache.
+                self.logits = self._mask(self.decode([s.token_ids[-1] for s in self.rows],
+                                                     [s.length - 1 for s in self.rows]))
+            else:
+                self.logits = None
+        if emit is not None:
+            emit(list(events.values()))
         return list(events.values())
 
     # ---- speculative decoding ----------------------------------------------------------------

@@ -12,9 +12,13 @@ block-aligned match would recompute up to a block of them (16 tokens: often more
 keystroke itself); a prefix is found by comparing the prompt with every entry (vectorised,
 microseconds for tens of entries of 2,048 tokens). The price is memory: an entry is a whole
 contiguous copy, so prompts that share a long prefix but end differently each hold it. The
-editor's usual chain costs one entry: a stored prompt drops the entries it covers but for
+editor's usual chain costs one entry: a stored prompt replaces the entries it covers but for
 their last `SUPERSEDED_TAIL` tokens (typing also changes the last token or two: "pr" then
-"print"; what such an entry held beyond the new one is a few tokens to recompute).
+"print"; what such an entry held beyond the new one is a few tokens to recompute). It
+replaces one of them in place, writing only the positions where the two differ, when that
+entry has room (entries are made with `HEADROOM` to grow): a keystroke's store copies a few
+tokens' keys and values, not the whole prompt's (tens of MB for a 2,048-token PolyCoder-160M
+prompt).
 
 Where a row's KV lives: every decode step the engine can pick (PyTorch's, the native
 kernels', the CUDA-graph one) reads and writes the one `KVCache` of the engine, tensors
@@ -44,6 +48,10 @@ from polycoder.model import CacheRows, GPTNeoX, KVCache
 
 SUPERSEDED_TAIL = 8
 """A stored prompt replaces entries that it shares all but at most this many last tokens with."""
+HEADROOM = 8
+"""An entry is made with room for 1/HEADROOM more tokens than its prompt's (at least
+`MIN_HEADROOM`), where the pool has it: the room typing grows it in place."""
+MIN_HEADROOM = 16
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray, limit: int) -> int:
@@ -60,7 +68,7 @@ class Entry:
     ids: np.ndarray
     """Its tokens (int64 [T])."""
     kv: torch.Tensor
-    """Keys and values of positions 0..T-1: [2, layers, heads, T, head_size]."""
+    """Keys and values, positions 0..T-1 those of `ids`: [2, layers, heads, capacity >= T, head_size]."""
 
     @property
     def nbytes(self) -> int:
@@ -111,25 +119,42 @@ class PromptCache:
 
     def store(self, ids: list[int], cache: KVCache, row: int) -> None:
         """Positions 0..len(ids)-1 of `row` of `cache` as the entry of prompt `ids`. Entries
-        it covers but for at most their last `SUPERSEDED_TAIL` tokens are dropped."""
+        it covers but for at most their last `SUPERSEDED_TAIL` tokens are replaced: the one
+        sharing the most with it is rewritten in place where the two differ, if it has room."""
         T = len(ids)
         H, hs = cache.k[0].shape[1], cache.k[0].shape[3]
-        size = 2 * len(cache.k) * H * T * hs * cache.k[0].element_size()
-        if T == 0 or size > self.max_bytes:
+        per_token = 2 * len(cache.k) * H * hs * cache.k[0].element_size()
+        if T == 0 or T * per_token > self.max_bytes:
             return
         a = np.asarray(ids, dtype=np.int64)
-        for key in [k for k, e in self.entries.items() if 0 < shared_prefix(e.ids, a, T) >= len(e.ids) - SUPERSEDED_TAIL]:
-            self._drop(key)
-        while self.nbytes + size > self.max_bytes:
+        covered = sorted(((shared, key) for key, e in self.entries.items()
+                          if 0 < (shared := shared_prefix(e.ids, a, T)) >= len(e.ids) - SUPERSEDED_TAIL), reverse=True)
+        grown = next(((shared, key) for shared, key in covered if self.entries[key].kv.size(3) >= T), None)
+        for _, key in covered:
+            if grown is None or key != grown[1]:
+                self._drop(key)
+        if grown is not None:
+            shared, key = grown
+            self._copy(cache, row, self.entries[key].kv, shared, T)
+            self.entries[key].ids = a
+            self.entries.move_to_end(key)
+            return
+        capacity = min(T + max(MIN_HEADROOM, T // HEADROOM), self.max_bytes // per_token)
+        while self.nbytes + capacity * per_token > self.max_bytes:
             self._drop(next(iter(self.entries)))
             self.stats["evictions"] += 1
-        kv = torch.empty((2, len(cache.k), H, T, hs), dtype=cache.k[0].dtype, device=cache.k[0].device)
-        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
-            kv[0, layer] = k[row, :, :T]
-            kv[1, layer] = v[row, :, :T]
+        kv = torch.empty((2, len(cache.k), H, capacity, hs), dtype=cache.k[0].dtype, device=cache.k[0].device)
+        self._copy(cache, row, kv, 0, T)
         self.entries[self._next] = Entry(a, kv)
         self._next += 1
-        self.nbytes += size
+        self.nbytes += capacity * per_token
+
+    @staticmethod
+    def _copy(cache: KVCache, row: int, kv: torch.Tensor, start: int, end: int) -> None:
+        """Positions start..end-1 of `row` of `cache` into an entry's `kv`, every layer."""
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            kv[0, layer, :, start:end] = k[row, :, start:end]
+            kv[1, layer, :, start:end] = v[row, :, start:end]
 
     def clear(self) -> None:
         self.entries.clear()
@@ -147,11 +172,14 @@ def kv_bytes_per_token(model: GPTNeoX) -> int:
 
 
 def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, ops,
-                    pool: PromptCache | None, reuse: bool = True) -> tuple[torch.Tensor, int]:
+                    pool: PromptCache | None, reuse: bool = True, extend=None) -> tuple[torch.Tensor, int]:
     """Prompt `ids` into `row` of `cache` (positions 0..T-1): the longest prefix `pool` holds
     copied in (unless `reuse` is False: llama.cpp's `cache_prompt: false`, every token run),
-    the rest run through the model with `ops` (the backend's prefill operations); the prompt
-    then stored in the pool either way, for the prompts after it.
+    the rest run through the model with `ops` (the backend's prefill operations), or by
+    `extend(x, pos, row)` where the decode step offers it and takes the rest (the native
+    kernels' one call for a few positions: a keystroke's rest, as a decode step costs,
+    instead of a layer-by-layer pass); the prompt then stored in the pool either way, for
+    the prompts after it.
     Returns the next-token logits [1, V] and the number of tokens reused (at most T - 1:
     the last token always runs, for its logits)."""
     T = len(ids)
@@ -167,7 +195,11 @@ def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, op
         pool.stats["reused"] += start
         pool.stats["computed"] += T - start
     x = torch.tensor([ids[start:]], device=device)  # [1, T - start]
-    logits = prefill(model, x, CacheRows(cache, row, row + 1), ops, start=start)
+    logits = None
+    if extend is not None:
+        logits = extend(x, torch.arange(start, T, device=device)[None], row)
+    if logits is None:
+        logits = prefill(model, x, CacheRows(cache, row, row + 1), ops, start=start)
     if pool is not None:
         pool.store(ids, cache, row)
     return logits, start

@@ -6,8 +6,8 @@ more prompts, n samples each) and read its events from an `asyncio.Queue`; the t
 loops:
 
     drop cancelled rows -> admit waiting prompts while rows are free (up to a budget of
-    prompt tokens a step) -> score (logprobs) -> engine.step() -> hand each row's new text
-    to its job's queue
+    prompt tokens a step) -> score (logprobs) -> engine.step(), which hands each row's new
+    text to its job's queue as soon as it is sampled, before the step's forward pass
 
 so requests join and leave the running batch at every decode step.
 
@@ -304,11 +304,14 @@ class EngineLoop:
         if not engine.rows:
             return
         t0 = time.perf_counter()
-        events = engine.step()
+        events = engine.step(emit=self._hand_out)  # each token out before the next forward pass
         self.steps += 1
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_rows.observe(len(events))
+
+    def _hand_out(self, events: list) -> None:
+        """Each row's new text to its request; finished rows' answers completed."""
         for e in events:
             choice: Choice = e.sequence.tag
             job = choice.job
