@@ -414,7 +414,7 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
                      f"| {r['ttft_p95_s']:.3f} | {r['prefill_tokens_median']:.0f} | {r['cached_tokens_median']:.0f} "
                      f"| {r['first_request_ttft_s']:.3f} | {r['first_request_prefill']:.0f} |")
     publish({"cpu": cpu_line(), "kernels": kernels.status(), "argv": command_line(), "source": source,
-             "files": [str(f) for f in files],
+             "files": [str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in files],
              "chars": args.chars, "every": args.every, "routes": args.routes, "max_tokens": args.max_tokens,
              "window": args.window,
              "dwell_s": args.dwell, "note": args.note, "rows": rows},
