@@ -51,22 +51,24 @@ Models (temporary folders; the weights are untrained for the sentinels, fine for
 `--url` measures a server that already runs (as it is configured: one row a route; the routes
 share its prompt cache, so the second replays sessions the first left cached: give one).
 
-`--llama-server PATH` (`make llama-cpp` puts one in .venv/bin) adds llama.cpp's own server on
-the same weights (our GGUF export, f32, as ours serves fp32) for the /infill route: started
-as `llama-server -m MODEL.gguf -c CONTEXT -np 1 -t 2 --metrics`, once as it comes and once with
-each `--cache-reuse N` of `--llama-cache-reuse` (default 256, what llama.vscode's README tells its
-users to add): llama.cpp then moves cached chunks of at least N tokens that the new prompt
-holds further on (the suffix, in PSM) to their new place instead of recomputing them. llama.cpp
-lays /infill out in PSM; its `--spm-infill` (`--llama-spm`: a row with it) is
-`<fim_suffix>S<fim_prefix>P<fim_middle>`, not StarCoder's SPM that our models learnt
-(`<fim_prefix><fim_suffix>S<fim_middle>P`): a row for timing only. Its prefill and cached
-tokens come from its own /metrics (`llamacpp:prompt_tokens_total`,
+`--precision fp32|bf16|int8` sets the weights of every server (ours: `--dtype bfloat16`,
+`--quantize int8`). `--llama-server PATH` (`make llama-cpp` puts one in .venv/bin) adds
+llama.cpp's own server on the same weights (our GGUF export: f32, f16 or q8_0) for the /infill
+route: started as `llama-server -m MODEL.gguf -c CONTEXT -np 1 -t 2 --metrics`, once as it
+comes and once with each `--cache-reuse N` of `--llama-cache-reuse` (default 256, what
+llama.vscode's README tells its users to add): llama.cpp then moves cached chunks of at least N
+tokens that the new prompt holds further on (the suffix, in PSM) to their new place instead of
+recomputing them. llama.cpp lays /infill out in PSM; its `--spm-infill` (`--llama-spm`: a row
+with it) is `<fim_suffix>S<fim_prefix>P<fim_middle>`, not StarCoder's SPM that our models
+learnt (`<fim_prefix><fim_suffix>S<fim_middle>P`): a row for timing only. Its prefill and
+cached tokens come from its own /metrics (`llamacpp:prompt_tokens_total`,
 `llamacpp:prompt_tokens_cached_total`).
 
 Usage:
     .venv/bin/python benchmarks/editor.py [--models tiny 160m] [--data RAW/heldout] [--sessions 3]
         [--chars 18] [--every 3] [--routes infill completions] [--window client|server] [--window-160m 768]
-        [--url URL] [--llama-server .venv/bin/llama-server [--llama-cache-reuse 256 16] [--llama-spm]]
+        [--precision fp32|bf16|int8] [--url URL]
+        [--llama-server .venv/bin/llama-server [--llama-cache-reuse 256 16] [--llama-spm]]
         [--note TEXT] [--json out/benchmarks/editor.json]
 
 The default run (both models, 3 sessions of 18 characters) takes about 3 minutes on 2 cores;
@@ -107,6 +109,9 @@ ROUTES = {"infill": "/infill", "completions": "/v1/completions + suffix",
 PATHS = {"infill": "/infill", "completions": "/v1/completions", "tabby": "/completion", "tabby-ollama": "/api/generate"}
 TEMPLATE = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
 """Tabby's `prompt_template` for a StarCoder-style model (its llama.cpp and Ollama backends)."""
+PRECISIONS = {"fp32": ([], "f32"), "bf16": (["--dtype", "bfloat16"], "f16"), "int8": (["--quantize", "int8"], "q8_0")}
+"""Each --precision: our server's options and the GGUF type llama.cpp gets (f16: its half
+precision for bf16 weights, whose values f16 holds but for the exponent range; q8_0: its int8)."""
 LINES_BEFORE, LINES_AFTER = 256, 64
 """llama.vscode's defaults (n_prefix, n_suffix): lines sent before and after the cursor."""
 
@@ -274,10 +279,10 @@ def fim_tiny(folder: Path) -> Path:
     return folder
 
 
-def export_gguf(serve_args: list[str], out: Path) -> Path:
-    """The served model (the same `--model`, `--random-init`, `--tokenizer`) as an f32 GGUF file.
-    Random weights differ from the server's draw: the shape is what times a request."""
-    subprocess.run([sys.executable, "-m", "polycoder", "export", "gguf", *serve_args, "--outtype", "f32",
+def export_gguf(serve_args: list[str], outtype: str, out: Path) -> Path:
+    """The served model (the same `--model`, `--random-init`, `--tokenizer`) as a GGUF file of
+    `outtype`. Random weights differ from the server's draw: the shape is what times a request."""
+    subprocess.run([sys.executable, "-m", "polycoder", "export", "gguf", *serve_args, "--outtype", outtype,
                     "--out", str(out), "--no-check"], check=True, stdout=subprocess.DEVNULL)
     return out
 
@@ -309,6 +314,9 @@ def main() -> None:
     ap.add_argument("--window-160m", type=int, default=768,
                     help="prompt tokens of the 160M shape's window (its context is 2048; the full one is slow here)")
     ap.add_argument("--url", help="measure this running server instead (as configured; tokenizer: --tokenizer)")
+    ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                    help="the weights on both servers: fp32; bf16 (llama.cpp: f16); int8 (--quantize int8; "
+                         "llama.cpp: q8_0)")
     ap.add_argument("--llama-server", type=Path, default=None,
                     help="llama.cpp's llama-server binary: add its /infill on the same weights (GGUF f32)")
     ap.add_argument("--llama-cache-reuse", type=int, nargs="+", default=[256],
@@ -356,7 +364,7 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
         cases = list(itertools.product(configs, args.routes))
         gguf = None
         if args.llama_server and serve_args is not None:
-            gguf = export_gguf(serve_args, tmp / f"{len(rows)}.gguf")
+            gguf = export_gguf(serve_args, PRECISIONS[args.precision][1], tmp / f"{len(rows)}.gguf")
             cases += [(("llama-server: its slot's", "psm", []), "infill")]
             cases += [((f"llama-server: its slot's, --cache-reuse {n}", "psm", ["--cache-reuse", str(n)]), "infill")
                       for n in args.llama_cache_reuse]
@@ -369,8 +377,8 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
                 proc, url = start_llama_server(str(args.llama_server), str(gguf), "-c", str(context), "-np", "1",
                                                "-t", "2", "--metrics", *options)
             elif serve_args is not None:  # a fresh server a route: each starts with an empty prompt cache
-                proc, url = start_server(*serve_args, "--max-context", str(context), "--max-batch-size", "4",
-                                         "--log-level", "warning", *options)
+                proc, url = start_server(*serve_args, *PRECISIONS[args.precision][0], "--max-context", str(context),
+                                         "--max-batch-size", "4", "--log-level", "warning", *options)
             try:
                 res = replay(url, sessions, route, args.every, args.max_tokens, args.dwell)
             finally:
@@ -389,9 +397,10 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
     names = rows[0]["sessions"] if rows else []
     lines = [f"CPU: {cpu_line()}; {os.cpu_count()} logical CPUs; load average before: "
              f"{', '.join(f'{x:.2f}' for x in load)}, after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-             "code path: the server's default backend, fp32, native "
-             f"kernels {kernels.status()}" + ("; llama.cpp: llama-server (`make llama-cpp`), f32 GGUF of the same "
-                                              "model, -np 1 -t 2" if args.llama_server else ""),
+             f"code path: the server's default backend, {args.precision}, native "
+             f"kernels {kernels.status()}" + (f"; llama.cpp: llama-server (`make llama-cpp`), "
+                                              f"{PRECISIONS[args.precision][1]} GGUF of the same model, -np 1 -t 2"
+                                              if args.llama_server else ""),
              f"{len(files)} sessions over {source} ({', '.join(names)}); {args.chars} characters "
              f"typed a session, a request every {args.every} keystrokes ({n_req} after the session's first); "
              f"n_predict {args.max_tokens}, "
@@ -415,6 +424,7 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
                      f"| {r['first_request_ttft_s']:.3f} | {r['first_request_prefill']:.0f} |")
     publish({"cpu": cpu_line(), "kernels": kernels.status(), "argv": command_line(), "source": source,
              "files": [str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in files],
+             "precision": args.precision,
              "chars": args.chars, "every": args.every, "routes": args.routes, "max_tokens": args.max_tokens,
              "window": args.window,
              "dwell_s": args.dwell, "note": args.note, "rows": rows},
