@@ -80,6 +80,32 @@ def test_keystrokes_reuse_the_prompt_and_give_the_cold_tokens(model, backend):
     assert cold.prompt_cache is None and cold.stats["reused"] == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_keystroke_in_the_row_its_last_one_left_copies_nothing(model, backend):
+    """The row a request leaves still holds its prompt's keys and values; the next keystroke's
+    prompt, which lands there, keeps them and copies nothing from the pool (but where the
+    static-shape step's padding writes into free rows). Once another prompt took the row,
+    the pool supplies the prefix again."""
+    net, tok = model
+    cold, warm = engine_for(model, backend, mb=0), engine_for(model, backend)
+    loads, load = [], warm.prompt_cache.load
+
+    def recorded(key, cache, row, length, begin=0):
+        loads.append((begin, length))
+        load(key, cache, row, length, begin)
+
+    warm.prompt_cache.load = recorded
+    run(warm, tok.encode(BUFFER))
+    for typed in KEYSTROKES:
+        ids = tok.encode(BUFFER + typed)
+        assert run(warm, ids) == run(cold, ids)
+    assert len(loads) == len(KEYSTROKES) if backend == "static" else loads == []
+    run(warm, tok.encode("x = 1\n" * 5))
+    ids = tok.encode(BUFFER + KEYSTROKES[-1] + "\n")
+    assert run(warm, ids) == run(cold, ids)
+    assert loads[-1][0] == 0 and loads[-1][1] > len(ids) // 2
+
+
 def test_typing_grows_one_entry_in_place(model):
     """A keystroke's prompt rewrites the entry of the one before where they differ, in the room
     the entry was made with: the same storage, no new bytes; a prompt past that room gets a

@@ -32,6 +32,9 @@ from polycoder.model import GPTNeoX, KVCache
 class StaticDecode:
     """The decode step at static (bucketed) shapes; CUDA graphs when `graphs`."""
 
+    writes_free_rows = True
+    """Its padding rows write into cache rows the engine is not using (see the module)."""
+
     def __init__(self, model: GPTNeoX, cache: KVCache, graphs: bool, kv_block: int = 256):
         self.model, self.cache, self.use_graphs, self.kv_block = model, cache, graphs, kv_block
         self.graphs: dict[tuple[int, int], tuple] = {}

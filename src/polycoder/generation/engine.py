@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from polycoder.backend import Backend, choose
@@ -99,6 +100,11 @@ class Engine:
         self.drafter = (DraftModel(draft_model, tokenizer, max_rows, max_len, self.backend,
                                    PromptCache(draft_bytes) if draft_bytes else None) if draft_model else None)
         self.stats = {"forwards": 0, "drafted": 0, "accepted": 0, "prefilled": 0, "reused": 0}
+        # The prompt whose keys and values each cache row holds at its first positions (decode
+        # steps write only later ones), for the prompt cache to skip copying what is there;
+        # not kept where the decode step writes into free rows (static shapes' padding).
+        self.held: list[np.ndarray | None] | None = (
+            None if getattr(self.decode_step, "writes_free_rows", False) else [None] * max_rows)
 
     @property
     def free_rows(self) -> int:
@@ -118,10 +124,13 @@ class Engine:
         if T >= self.max_len:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
         logits, reused = prefill_reusing(self.model, ids, self.cache, row, self.prefill_ops, self.prompt_cache,
-                                         reuse, extend=getattr(self.decode_step, "extend", None))
+                                         reuse, extend=getattr(self.decode_step, "extend", None),
+                                         held=self.held[row] if self.held is not None else None)
         self.stats["prefilled"] += T - reused
         self.stats["reused"] += reused
         self.cache.repeat_row(row, copies, T)  # the other samples copy the prefill
+        if self.held is not None:
+            self.held[row : row + copies] = [np.asarray(ids, dtype=np.int64)] * copies
         return logits.float()
 
     @torch.inference_mode()
@@ -316,6 +325,8 @@ class Engine:
         movers = [i for i in keep if i >= new_b]
         for dst, src in zip(holes, movers):
             self.cache.copy_rows([src], [dst], self.rows[src].length)
+            if self.held is not None:
+                self.held[dst] = self.held[src]
             if self.drafter is not None:
                 self.drafter.move(src, dst)
         order = list(range(new_b))

@@ -20,6 +20,12 @@ entry has room (entries are made with `HEADROOM` to grow): a keystroke's store c
 tokens' keys and values, not the whole prompt's (tens of MB for a 2,048-token PolyCoder-160M
 prompt).
 
+A row keeps what it held after its request leaves, and an editor's next keystroke (one
+request at a time) lands in the same row: the engine says which prompt each row holds
+(`Engine.held`), and `prefill_reusing` copies from the pool only what the row lacks, nothing
+for a keystroke. A short rest of the prompt runs in the decode step's native call where it
+offers one (`NativeDecode.extend`).
+
 Where a row's KV lives: every decode step the engine can pick (PyTorch's, the native
 kernels', the CUDA-graph one) reads and writes the one `KVCache` of the engine, tensors
 [rows, heads, max_len, head_size] a layer, so a copy into those tensors serves them all
@@ -110,12 +116,12 @@ class PromptCache:
             self.entries.move_to_end(best)
         return best, best_len
 
-    def load(self, key: int, cache: KVCache, row: int, length: int) -> None:
-        """Positions 0..length-1 of entry `key` into `row` of `cache`, every layer."""
+    def load(self, key: int, cache: KVCache, row: int, length: int, begin: int = 0) -> None:
+        """Positions begin..length-1 of entry `key` into `row` of `cache`, every layer."""
         kv = self.entries[key].kv
         for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
-            k[row, :, :length] = kv[0, layer, :, :length]
-            v[row, :, :length] = kv[1, layer, :, :length]
+            k[row, :, begin:length] = kv[0, layer, :, begin:length]
+            v[row, :, begin:length] = kv[1, layer, :, begin:length]
 
     def store(self, ids: list[int], cache: KVCache, row: int) -> None:
         """Positions 0..len(ids)-1 of `row` of `cache` as the entry of prompt `ids`. Entries
@@ -172,9 +178,13 @@ def kv_bytes_per_token(model: GPTNeoX) -> int:
 
 
 def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, ops,
-                    pool: PromptCache | None, reuse: bool = True, extend=None) -> tuple[torch.Tensor, int]:
+                    pool: PromptCache | None, reuse: bool = True, extend=None,
+                    held: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
     """Prompt `ids` into `row` of `cache` (positions 0..T-1): the longest prefix `pool` holds
-    copied in (unless `reuse` is False: llama.cpp's `cache_prompt: false`, every token run),
+    copied in, less what the row itself still holds (`held`: the tokens whose keys and values
+    are at its first positions, the last prompt prefilled there: an editor's next keystroke
+    lands in the row its last one left) (unless `reuse` is False: llama.cpp's
+    `cache_prompt: false`, every token run),
     the rest run through the model with `ops` (the backend's prefill operations), or by
     `extend(x, pos, row)` where the decode step offers it and takes the rest (the native
     kernels' one call for a few positions: a keystroke's rest, as a decode step costs,
@@ -188,9 +198,11 @@ def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, op
     if pool is not None and not reuse:
         pool.stats["computed"] += T  # no lookup: neither a hit nor a miss
     elif pool is not None:
+        kept = shared_prefix(held, np.asarray(ids, dtype=np.int64), T - 1) if held is not None else 0
         key, start = pool.lookup(ids, limit=T - 1)
-        if key is not None:
-            pool.load(key, cache, row, start)
+        if key is not None and start > kept:
+            pool.load(key, cache, row, start, begin=kept)
+        start = max(start, kept)
         pool.stats["hits" if start else "misses"] += 1
         pool.stats["reused"] += start
         pool.stats["computed"] += T - start
