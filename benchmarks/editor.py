@@ -281,7 +281,8 @@ def fim_tiny(folder: Path) -> Path:
 
 def export_gguf(serve_args: list[str], outtype: str, out: Path) -> Path:
     """The served model (the same `--model`, `--random-init`, `--tokenizer`) as a GGUF file of
-    `outtype`. Random weights differ from the server's draw: the shape is what times a request."""
+    `outtype`. Random weights are the server's own draw (both seed 0), each side rounding them
+    to its precision."""
     subprocess.run([sys.executable, "-m", "polycoder", "export", "gguf", *serve_args, "--outtype", outtype,
                     "--out", str(out), "--no-check"], check=True, stdout=subprocess.DEVNULL)
     return out
@@ -318,7 +319,7 @@ def main() -> None:
                     help="the weights on both servers: fp32; bf16 (llama.cpp: f16); int8 (--quantize int8; "
                          "llama.cpp: q8_0)")
     ap.add_argument("--llama-server", type=Path, default=None,
-                    help="llama.cpp's llama-server binary: add its /infill on the same weights (GGUF f32)")
+                    help="llama.cpp's llama-server binary: add its /infill on the same weights (our GGUF export)")
     ap.add_argument("--llama-cache-reuse", type=int, nargs="+", default=[256],
                     help="with --llama-server: a row for each of these --cache-reuse values too")
     ap.add_argument("--llama-spm", action="store_true",

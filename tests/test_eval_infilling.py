@@ -451,6 +451,7 @@ def test_a_template_spells_the_cursor_out_in_the_prompt(tmp_path, recorder, prob
     assert sorted(b["prompt"] for _, b in seen) == sorted(f"<fim_prefix>{t.prefix}<fim_suffix>{t.suffix}<fim_middle>"
                                                           for t in tasks)
     assert all("suffix" not in b and b["stop"] == ["\n"] for _, b in seen)
+    assert "FIM prompts spelt out in the template --endpoint-template gives" in (tmp_path / "infilling.md").read_text()
     assert fill_template("{prefix}|{suffix}", "a {suffix} b", "{prefix}") == "a {suffix} b|{prefix}"  # one pass
     with pytest.raises(PolycoderError, match="both {prefix} and {suffix}"):
         infilling(out=tmp_path, endpoint=url, endpoint_template="<fim_prefix>{prefix}<fim_middle>")

@@ -106,7 +106,7 @@ def _infill(url: str, prefix: str, suffix: str, n_predict: int) -> dict:
 def test_llama_server_infills_our_export_as_our_server_does(servers):
     model, tok, theirs, ours = servers
     for prefix, suffix in CURSORS:
-        a, b = _infill(theirs.url, prefix, suffix, 24), _infill(ours.url, prefix, suffix, 24)
+        a, b = _infill(theirs.url, prefix, suffix, 64), _infill(ours.url, prefix, suffix, 64)
         # llama.cpp laid the cursor out as we do: prefix id, prefix, suffix id, suffix, middle id
         prompt = arrange(tok.fim, tok.encode(prefix), [], tok.encode(suffix), "psm")
         assert a["tokens_evaluated"] == b["tokens_evaluated"] == len(prompt)

@@ -106,6 +106,55 @@ def test_a_keystroke_in_the_row_its_last_one_left_copies_nothing(model, backend)
     assert loads[-1][0] == 0 and loads[-1][1] > len(ids) // 2
 
 
+@pytest.mark.parametrize("speculate", [0, 4])
+@pytest.mark.parametrize("backend", [NATIVE, pytest.param(PLAIN, id="plain")])
+def test_rows_moved_copied_and_speculated_keep_what_they_hold(model, backend, speculate):
+    """What the engine says a row holds follows the row: two requests at once, the first to
+    finish leaving its row to the other (moved into it), n samples (copied rows), drafts
+    checked in the rows; every later prompt, landing in a row that holds a prefix of it,
+    gives the cold tokens."""
+    net, tok = model
+    cold = engine_for(model, backend, mb=0, speculate=speculate)
+    warm = engine_for(model, backend, speculate=speculate)
+    short, long = tok.encode("import os\n"), tok.encode(BUFFER)
+    p = SamplingParams(max_new_tokens=2, stop_at_eod=False)
+    warm.add([Sequence(list(short), p, tok, sample_generator(7, 0, 0))])  # row 0
+    run_long = [Sequence(list(long), SamplingParams(max_new_tokens=12, stop_at_eod=False), tok,
+                         sample_generator(7, 0, 0))]
+    warm.add(run_long)  # row 1, moved into row 0 once the short one finishes
+    while warm.rows:
+        warm.step()
+    assert [list(h) if h is not None else None for h in warm.held[:2]] == [long, long]
+    for typed, n in zip(KEYSTROKES, (1, 2, 3, 1)):
+        ids = tok.encode(BUFFER + typed)
+        assert run(warm, ids, n=n) == run(cold, ids, n=n), (typed, n)
+        assert all(list(h) == ids for h in warm.held[:n])
+    ids = tok.encode(BUFFER + KEYSTROKES[1])  # a deleting keystroke: shorter than what the rows hold
+    assert run(warm, ids, n=2) == run(cold, ids, n=2)
+
+
+def test_a_failed_prefill_leaves_its_row_trusted_for_nothing(model):
+    """A prefill that fails half way (here: after the pool's copy, in the model) has written
+    parts of two prompts into its row: the row is trusted for neither, and the next prompt
+    there is built from the pool or from scratch, giving the cold tokens."""
+    net, tok = model
+    cold, warm = engine_for(model, PLAIN, mb=0), engine_for(model, PLAIN)
+    run(warm, tok.encode(BUFFER))
+    run(warm, tok.encode("x = 1\n" * 5))  # row 0 holds this; the pool holds both
+    real = warm.model.forward
+
+    def failing(*a, **kw):
+        raise RuntimeError("out of memory")
+
+    warm.model.forward = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        warm.add([Sequence(tok.encode(BUFFER + "#"), SamplingParams(max_new_tokens=1), tok, None)])
+    warm.model.forward = real
+    assert warm.held[0] is None
+    ids = tok.encode("x = 1\n" * 5 + "y")
+    assert run(warm, ids) == run(cold, ids)
+
+
 def test_typing_grows_one_entry_in_place(model):
     """A keystroke's prompt rewrites the entry of the one before where they differ, in the room
     the entry was made with: the same storage, no new bytes; a prompt past that room gets a
@@ -129,10 +178,16 @@ def test_typing_grows_one_entry_in_place(model):
         for layer, (k, v) in enumerate(zip(cold.cache.k, cold.cache.v)):
             torch.testing.assert_close(entry.kv[0, layer, :, : len(ids)], k[0, :, : len(ids)], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(entry.kv[1, layer, :, : len(ids)], v[0, :, : len(ids)], rtol=1e-4, atol=1e-5)
+    shorter = tok.encode(BUFFER + KEYSTROKES[-1][:-1])  # a deleting keystroke: the entry is cut back, in place
+    run(warm, shorter, max_new=1)
+    (entry,) = pool.entries.values()
+    assert list(entry.ids) == shorter and entry.kv.data_ptr() == storage and pool.nbytes == nbytes
     longer = ids + tok.encode("\n" + "        x = 1\n" * 12)
     run(warm, longer, max_new=1)
     (entry,) = pool.entries.values()
     assert list(entry.ids) == longer and entry.kv.size(3) >= len(longer) and pool.nbytes > nbytes
+    assert pool.nbytes == sum(e.nbytes for e in pool.entries.values()) <= pool.max_bytes
+    assert entry.kv.size(3) <= warm.max_len  # never more room than the engine's cache has
 
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels off or not built")

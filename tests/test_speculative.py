@@ -87,17 +87,21 @@ def test_a_step_hands_its_tokens_out_once_they_are_final(model, k):
         return counted
 
     engine.decode, engine._verify = counting("decode", engine.decode), counting("verify", engine._verify)
-    params = SamplingParams(max_new_tokens=40)
+    params, short = SamplingParams(max_new_tokens=40), SamplingParams(max_new_tokens=7)
     engine.add([Sequence(tok.encode(PROMPTS[1]), params, tok, sample_generator(0, 0, 0))])
-    texts, early, handed = [], [], []
+    engine.add([Sequence(tok.encode(PROMPTS[2]), short, tok, sample_generator(0, 0, 0))])  # ends first
+    texts, early, handed = {}, [], []
     while engine.rows:
         before = len(passes)
         handed.clear()
-        returned = engine.step(emit=lambda events, n=before: handed.append(([e.text for e in events], len(passes) == n)))
-        assert len(handed) == 1 and handed[0][0] == [e.text for e in returned]
+        returned = engine.step(emit=lambda events, n=before: handed.append((list(events), len(passes) == n)))
+        assert len(handed) == 1 and [(e.sequence, e.text) for e in handed[0][0]] == [(e.sequence, e.text)
+                                                                                    for e in returned]
         early.append(handed[0][1])
-        texts += handed[0][0]
-    assert "".join(texts) == "".join(c.text for c in generate(net, tok, [PROMPTS[1]], params)[0])
+        for e in returned:
+            texts[id(e.sequence)] = texts.get(id(e.sequence), "") + e.text
+    want = [generate(net, tok, [PROMPTS[1]], params)[0][0].text, generate(net, tok, [PROMPTS[2]], short)[0][0].text]
+    assert sorted(texts.values()) == sorted(want)
     if k == 0:
         assert all(early)  # every step: out before the forward pass
     else:

@@ -40,6 +40,9 @@ class StaticDecode:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None  # one memory pool shared by every captured graph
 
+    def extend(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> None:
+        return None  # the prefill's pass, eagerly
+
     def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The speculative check, eagerly (its shapes vary with every check): it writes only
         the rows and positions it verifies, so the captured graphs' buffers stay valid."""

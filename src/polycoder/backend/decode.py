@@ -36,9 +36,20 @@ from polycoder.ops import Ops
 
 
 class DecodeStep(Protocol):
+    writes_free_rows: bool
+    """Whether a step also writes into cache rows past the B it computes (padding), so that a
+    free row does not keep what it held."""
+
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Next-token logits [B, V] (fp32) of tokens x [B, 1] at positions pos [B, 1],
-        written into cache rows 0..B-1, attending to positions 0..kv_len-1."""
+        written into cache rows 0..B-1 (and padding rows past them where `writes_free_rows`),
+        attending to positions 0..kv_len-1."""
+        ...
+
+    def extend(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor | None:
+        """The next-token logits [1, V] (fp32) of the end of one prompt, x [1, T] at positions
+        pos [1, T] of cache row `row` (its earlier positions already there), where this step
+        runs such a few positions in about one step's time; None leaves them to the prefill."""
         ...
 
     def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -75,6 +86,8 @@ class EagerDecode:
     docstring (`ops`: the model's operations for these steps, default its own). The weight
     layout is the caller's: `Backend.decode_step` applies `decode_layout` first."""
 
+    writes_free_rows = False
+
     def __init__(self, model: GPTNeoX, cache: KVCache, ops: Ops | None = None):
         self.model, self.cache, self.ops = model, cache, ops
 
@@ -84,6 +97,9 @@ class EagerDecode:
 
     def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return cached_forward(self.model, x, pos, self.cache, self.ops)
+
+    def extend(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> None:
+        return None  # the prefill's own pass is this step's
 
 
 class CompiledDecode:
@@ -98,6 +114,7 @@ class CompiledDecode:
     (benchmarks/decode.py --compile)."""
 
     _compiled = None  # one compiled function for the process: its guards tell models apart
+    writes_free_rows = False
 
     def __init__(self, model: GPTNeoX, cache: KVCache):
         self.model, self.cache = model, cache
@@ -109,6 +126,9 @@ class CompiledDecode:
 
     def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return cached_forward(self.model, x, pos, self.cache)  # eager: T varies with every check
+
+    def extend(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> None:
+        return None  # prefill shapes vary with every prompt: not compiled
 
 
 def decode_layout(model: nn.Module) -> nn.Module:

@@ -37,6 +37,8 @@ def _fused_activation(act: nn.Module) -> str | None:
 class NativeDecode:
     """All blocks of a decode step in one native call; see the module."""
 
+    writes_free_rows = False
+
     def __init__(self, model: GPTNeoX, cache: KVCache):
         self.model, self.cache = model, cache
         standard_layout(model)

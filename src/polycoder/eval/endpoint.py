@@ -82,7 +82,7 @@ _LLAMACPP_FINISH = {"limit": "length", "eos": "stop", "word": "stop", "none": "s
 
 @dataclass
 class Endpoint:
-    """An OpenAI-compatible completions endpoint, or an Ollama server."""
+    """An OpenAI-compatible completions endpoint, an Ollama server, or llama.cpp's own server."""
 
     url: str
     """Base URL, e.g. http://127.0.0.1:8000 or http://127.0.0.1:8000/v1 (Ollama: http://127.0.0.1:11434)."""

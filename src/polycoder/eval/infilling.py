@@ -334,6 +334,7 @@ def infilling(
             r["middle_loss"] = losses[(r["model"], r["task_id"], r["mode"])]
     summary = summarize(rows)
     summary.update(models=described, notes=notes, order=order if laid_out_here else None, endpoint=endpoint,
+                   endpoint_template=endpoint_template,
                    tasks=dict(Counter(t.task_set for t in all_tasks)),
                    settings=dict(num_samples=num_samples, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, seed=seed, max_tasks=max_tasks,

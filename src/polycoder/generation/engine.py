@@ -103,8 +103,7 @@ class Engine:
         # The prompt whose keys and values each cache row holds at its first positions (decode
         # steps write only later ones), for the prompt cache to skip copying what is there;
         # not kept where the decode step writes into free rows (static shapes' padding).
-        self.held: list[np.ndarray | None] | None = (
-            None if getattr(self.decode_step, "writes_free_rows", False) else [None] * max_rows)
+        self.held: list[np.ndarray | None] | None = None if self.decode_step.writes_free_rows else [None] * max_rows
 
     @property
     def free_rows(self) -> int:
@@ -123,9 +122,12 @@ class Engine:
             raise PolycoderError("an empty prompt has nothing to continue: send at least one token")
         if T >= self.max_len:
             raise PolycoderError(f"prompt of {T} tokens does not fit the engine's {self.max_len}-token cache")
+        held = None
+        if self.held is not None:
+            # Until this prefill succeeds, the rows hold parts of two prompts: trusted for neither.
+            held, self.held[row : row + copies] = self.held[row], [None] * copies
         logits, reused = prefill_reusing(self.model, ids, self.cache, row, self.prefill_ops, self.prompt_cache,
-                                         reuse, extend=getattr(self.decode_step, "extend", None),
-                                         held=self.held[row] if self.held is not None else None)
+                                         reuse, extend=self.decode_step.extend, held=held)
         self.stats["prefilled"] += T - reused
         self.stats["reused"] += reused
         self.cache.repeat_row(row, copies, T)  # the other samples copy the prefill

@@ -44,6 +44,7 @@ run, so a near-tie can go the other way.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,8 +57,10 @@ SUPERSEDED_TAIL = 8
 """A stored prompt replaces entries that it shares all but at most this many last tokens with."""
 HEADROOM = 8
 """An entry is made with room for 1/HEADROOM more tokens than its prompt's (at least
-`MIN_HEADROOM`), where the pool has it: the room typing grows it in place."""
+`MIN_HEADROOM`), within the engine's cache length and the pool's free bytes (room is never
+made by evicting): the room typing grows it in place."""
 MIN_HEADROOM = 16
+"""The least room an entry is made with, in tokens (a short prompt's eighth is a keystroke or two)."""
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray, limit: int) -> int:
@@ -85,8 +88,9 @@ class PromptCache:
     """Prompts' KV in a pool of at most `max_bytes`, least recently used evicted first.
 
     `stats` counts lookups that reused tokens (`hits`) and those that did not (`misses`), the
-    prompt tokens run through the model (`computed`) and copied from the pool (`reused`),
-    and the entries evicted to make room (`evictions`).
+    prompt tokens run through the model (`computed`) and not run (`reused`: copied from the
+    pool, or kept where the row held them), and the entries evicted to make room
+    (`evictions`).
     """
 
     def __init__(self, max_bytes: int):
@@ -145,7 +149,8 @@ class PromptCache:
             self.entries[key].ids = a
             self.entries.move_to_end(key)
             return
-        capacity = min(T + max(MIN_HEADROOM, T // HEADROOM), self.max_bytes // per_token)
+        room = min(T + max(MIN_HEADROOM, T // HEADROOM), cache.k[0].size(2))
+        capacity = max(T, min(room, (self.max_bytes - self.nbytes) // per_token))
         while self.nbytes + capacity * per_token > self.max_bytes:
             self._drop(next(iter(self.entries)))
             self.stats["evictions"] += 1
@@ -178,18 +183,20 @@ def kv_bytes_per_token(model: GPTNeoX) -> int:
 
 
 def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, ops,
-                    pool: PromptCache | None, reuse: bool = True, extend=None,
+                    pool: PromptCache | None, reuse: bool = True,
+                    extend: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor | None] | None = None,
                     held: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
-    """Prompt `ids` into `row` of `cache` (positions 0..T-1): the longest prefix `pool` holds
-    copied in, less what the row itself still holds (`held`: the tokens whose keys and values
-    are at its first positions, the last prompt prefilled there: an editor's next keystroke
-    lands in the row its last one left) (unless `reuse` is False: llama.cpp's
-    `cache_prompt: false`, every token run),
-    the rest run through the model with `ops` (the backend's prefill operations), or by
-    `extend(x, pos, row)` where the decode step offers it and takes the rest (the native
-    kernels' one call for a few positions: a keystroke's rest, as a decode step costs,
-    instead of a layer-by-layer pass); the prompt then stored in the pool either way, for
-    the prompts after it.
+    """Prompt `ids` into `row` of `cache` (positions 0..T-1), reusing what it can.
+
+    The longest prefix `pool` holds is copied in, less what the row still holds: `held`, the
+    tokens whose keys and values are at its first positions (the last prompt prefilled
+    there; an editor's next keystroke lands in the row its last one left). With `reuse`
+    False (llama.cpp's `cache_prompt: false`) every token runs. The rest runs through
+    `extend(x, pos, row)` where the decode step has one for so few positions (the native
+    kernels' one call: a keystroke's rest in about a decode step's time), else through the
+    model with `ops` (the backend's prefill operations). The prompt is then stored in the
+    pool either way, for the prompts after it.
+
     Returns the next-token logits [1, V] and the number of tokens reused (at most T - 1:
     the last token always runs, for its logits)."""
     T = len(ids)

@@ -7,7 +7,8 @@ loops:
 
     drop cancelled rows -> admit waiting prompts while rows are free (up to a budget of
     prompt tokens a step) -> score (logprobs) -> engine.step(), which hands each row's new
-    text to its job's queue as soon as it is sampled, before the step's forward pass
+    text to its job's queue as soon as it is final: before the step's forward pass, or
+    after the drafts' check when rows speculate
 
 so requests join and leave the running batch at every decode step.
 
