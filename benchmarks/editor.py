@@ -63,12 +63,16 @@ with it) is `<fim_suffix>S<fim_prefix>P<fim_middle>`, not StarCoder's SPM that o
 learnt (`<fim_prefix><fim_suffix>S<fim_middle>P`): a row for timing only. Its prefill and
 cached tokens come from its own /metrics (`llamacpp:prompt_tokens_total`,
 `llamacpp:prompt_tokens_cached_total`).
+`--llama-batch N` starts it with `-b N -ub N` (llama.vscode's README runs it with 1024: its
+/infill keeps 3/4 of a batch of prefix and 1/4 of suffix, so its default batch, 2,048,
+sends a full 2,048-token context past its limit). A request a server refuses (a 4xx) is
+counted in the table, not timed.
 
 Usage:
     .venv/bin/python benchmarks/editor.py [--models tiny 160m] [--data RAW/heldout] [--sessions 3]
         [--chars 18] [--every 3] [--routes infill completions] [--window client|server] [--window-160m 768]
         [--precision fp32|bf16|int8] [--url URL]
-        [--llama-server .venv/bin/llama-server [--llama-cache-reuse 256 16] [--llama-spm]]
+        [--llama-server .venv/bin/llama-server [--llama-cache-reuse 256 16] [--llama-batch 1024] [--llama-spm]]
         [--note TEXT] [--json out/benchmarks/editor.json]
 
 The default run (both models, 3 sessions of 18 characters) takes about 3 minutes on 2 cores;
@@ -207,14 +211,18 @@ def ndjson_events(lines):
 
 
 def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str, max_tokens: int,
-            dwell: float) -> float:
+            dwell: float) -> float | None:
     """One streamed request: seconds to its first event; then read for `dwell` seconds and
-    close the connection (the editor's abort when the user types on)."""
+    close the connection (the editor's abort when the user types on). None: the server
+    refused it (a 4xx: llama.cpp's answer to a prompt longer than its context)."""
     path = PATHS[route]
     events = ndjson_events if route == "tabby-ollama" else sse_events
     t0 = time.perf_counter()
     ttft = None
     with client.stream("POST", url + path, json=body(route, prefix, suffix, max_tokens), timeout=600) as r:
+        if 400 <= r.status_code < 500:
+            r.read()
+            return None
         r.raise_for_status()
         for _ in events(r.iter_lines()):
             if ttft is None:
@@ -228,7 +236,8 @@ def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str
 
 def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens: int, dwell: float) -> dict:
     """Every session's requests, one at a time: TTFT, prefill and cached tokens of each."""
-    out = {"ttft_s": [], "prefill": [], "cached": [], "first_ttft_s": [], "first_prefill": [], "first_cached": []}
+    out = {"ttft_s": [], "prefill": [], "cached": [], "first_ttft_s": [], "first_prefill": [], "first_cached": [],
+           "refused": 0}
     with httpx.Client() as client:
         request(client, url, route, "def warm_up():\n    ", "\n", 1, 0)
         time.sleep(0.1)
@@ -236,6 +245,9 @@ def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens
             for k in range(0, len(s.typed) + 1, every):
                 before = counts(client, url)
                 ttft = request(client, url, route, s.before + s.typed[:k], s.after, max_tokens, dwell)
+                if ttft is None:
+                    out["refused"] += 1
+                    continue
                 time.sleep(0.1)  # the engine thread exports its counts after the step that answered
                 after = counts(client, url)
                 prefill, cached = after[0] - before[0], after[1] - before[1]
@@ -254,16 +266,20 @@ def summary(label: str, context: int, cache: str, order: str | None, route: str,
             sessions: list[Session]) -> dict:
     """One row of the table: a model, a server configuration and a route."""
     ttft = sorted(res["ttft_s"])
+
+    def median(xs: list) -> float:
+        return statistics.median(xs) if xs else float("nan")  # nan: every such request was refused
+
     return {"model": label, "context": context, "prompt_cache": cache, "fim_order": order or "as served",
-            "route": route, "requests": len(ttft), "ttft_p50_s": statistics.median(ttft),
-            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
-            "prefill_tokens_median": statistics.median(res["prefill"]),
-            "prefill_tokens_mean": statistics.fmean(res["prefill"]),
-            "cached_tokens_median": statistics.median(res["cached"]),
-            "first_request_ttft_s": statistics.median(res["first_ttft_s"]),
-            "first_request_prefill": statistics.median(res["first_prefill"]),
+            "route": route, "requests": len(ttft), "refused": res["refused"], "ttft_p50_s": median(ttft),
+            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))] if ttft else float("nan"),
+            "prefill_tokens_median": median(res["prefill"]),
+            "prefill_tokens_mean": statistics.fmean(res["prefill"]) if res["prefill"] else float("nan"),
+            "cached_tokens_median": median(res["cached"]),
+            "first_request_ttft_s": median(res["first_ttft_s"]),
+            "first_request_prefill": median(res["first_prefill"]),
             "prompt_tokens": [len(tok.encode(s.before)) + len(tok.encode(s.after)) for s in sessions],
-            "served_prompt_tokens": [a + b for a, b in zip(res["first_prefill"], res["first_cached"])],
+            "served_prompt_tokens": [a + b for a, b in zip(res["first_prefill"], res["first_cached"])] or [float("nan")],
             "sessions": [s.name for s in sessions], "raw": res}
 
 
@@ -322,6 +338,9 @@ def main() -> None:
                     help="llama.cpp's llama-server binary: add its /infill on the same weights (our GGUF export)")
     ap.add_argument("--llama-cache-reuse", type=int, nargs="+", default=[256],
                     help="with --llama-server: a row for each of these --cache-reuse values too")
+    ap.add_argument("--llama-batch", type=int, default=None,
+                    help="with --llama-server: its -b and -ub (llama.vscode's README runs it with 1024; /infill "
+                         "keeps 3/4 of a batch of prefix and 1/4 of suffix); default llama.cpp's own")
     ap.add_argument("--llama-spm", action="store_true",
                     help="with --llama-server: a row with its --spm-infill too (<fim_suffix>S<fim_prefix>P<fim_middle>: "
                          "for timing, a layout our models were not trained on)")
@@ -375,8 +394,9 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
             proc = None
             url = args.url
             if cache.startswith("llama-server"):  # llama.cpp's own server, as llama.vscode's users run it
+                batch = ["-b", str(args.llama_batch), "-ub", str(args.llama_batch)] if args.llama_batch else []
                 proc, url = start_llama_server(str(args.llama_server), str(gguf), "-c", str(context), "-np", "1",
-                                               "-t", "2", "--metrics", *options)
+                                               "-t", "2", "--metrics", *batch, *options)
             elif serve_args is not None:  # a fresh server a route: each starts with an empty prompt cache
                 proc, url = start_server(*serve_args, *PRECISIONS[args.precision][0], "--max-context", str(context),
                                          "--max-batch-size", "4", "--log-level", "warning", *options)
@@ -413,14 +433,14 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
                 "llama.vscode's 256 and 64 lines sent as they are, cut by the server (window tokens: as sent; "
                 "served: the first request's prefill and cached tokens)"), "",
              "| model | context | prompt cache | FIM order | route | window prompt tokens (median) "
-             "| served prompt tokens (median) | requests | TTFT p50 s "
+             "| served prompt tokens (median) | requests answered | refused | TTFT p50 s "
              "| TTFT p95 s | prefill tokens a request (median) | cached tokens a request (median) "
              "| first request TTFT s | first request prefill |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 15]
     for r in rows:
         lines.append(f"| {r['model']} | {r['context']} | {r['prompt_cache']} | {r['fim_order']} | {ROUTES[r['route']]} "
                      f"| {statistics.median(r['prompt_tokens']):.0f} | {statistics.median(r['served_prompt_tokens']):.0f} "
-                     f"| {r['requests']} | {r['ttft_p50_s']:.3f} "
+                     f"| {r['requests']} | {r['refused']} | {r['ttft_p50_s']:.3f} "
                      f"| {r['ttft_p95_s']:.3f} | {r['prefill_tokens_median']:.0f} | {r['cached_tokens_median']:.0f} "
                      f"| {r['first_request_ttft_s']:.3f} | {r['first_request_prefill']:.0f} |")
     publish({"cpu": cpu_line(), "kernels": kernels.status(), "argv": command_line(), "source": source,

@@ -336,20 +336,25 @@ def test_fit_cuts_away_from_the_cursor(n_prefix, n_suffix, room):
     if n_prefix + n_suffix <= room:
         assert (p, s) == (prefix, suffix)
     else:
-        assert len(s) == min(n_suffix, max(int(room * SUFFIX_SHARE), room - n_prefix))  # the suffix's share
-        assert len(p) + len(s) > room - max(8, room // 32)  # the prefix's step wastes less than one step
+        step = max(8, room // 32)
+        assert len(s) == min(n_suffix, max(int(room * SUFFIX_SHARE), max(0, room - n_prefix) // step * step))
+        assert len(p) + len(s) > room - 2 * step  # each cut's step wastes less than one step
 
 
 def test_typing_leaves_a_cut_prefix_where_it_was():
-    """Tokens typed at the cursor one by one: the prefix's kept start moves in steps, so a
-    prompt cache holds the kept prefix but for its typed end for many keystrokes."""
-    room, starts = 200, []
-    for typed in range(100):
-        prefix = list(range(500 + typed))
-        p, _ = fit(prefix, list(range(1000, 1100)), room)
-        starts.append(p[0])
+    """Tokens typed at the cursor one by one: the prefix's kept start moves in steps, and so
+    does the end of a suffix cut to what a shorter prefix leaves (in SPM the whole prefix
+    follows it), so a prompt cache holds all but the typed end for many keystrokes."""
+    room, starts, ends = 200, [], []
     step = max(8, room // 32)
+    for typed in range(100):
+        p, _ = fit(list(range(500 + typed)), list(range(1000, 1100)), room)
+        starts.append(p[0])
+        _, s = fit(list(range(20 + typed)), list(range(1000, 1300)), room)  # the suffix gets what the prefix leaves
+        ends.append(len(s))
     assert len(set(starts)) <= -(-100 // step) + 1 and starts == sorted(starts)
+    assert len(set(ends)) <= -(-100 // step) + 1 and ends == sorted(ends, reverse=True)
+    assert min(ends) >= int(room * SUFFIX_SHARE)
     text = "x = 1\n" * 5000
     cuts = {len(text + "y" * k) - len(around_cursor(text + "y" * k, "", room, 16)[0]) for k in range(200)}
     assert len(cuts) == 1 and cuts.pop() % CUT_BLOCK_CHARS == 0

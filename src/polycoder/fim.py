@@ -199,17 +199,20 @@ def fit(prefix: Sequence[int], suffix: Sequence[int], room: int) -> tuple[list[i
     """The prefix's and suffix's ids cut to `room` tokens in all, away from the cursor: the
     prefix loses its start, the suffix its end, as editors and llama.cpp's /infill cut them.
 
-    The suffix keeps what the prefix leaves, and at least SUFFIX_SHARE of the room. The
-    prefix loses a multiple of `room // 32` tokens (8 at least): as the user types, the
-    prefix grows at its end while its start stays where it was for many keystrokes, so a
-    prompt cache still holds all but the last tokens (a cut moving by one token a keystroke
-    would shift every token after it, and recompute them all)."""
+    The suffix keeps what the prefix leaves, and at least SUFFIX_SHARE of the room. Both
+    cuts move in steps of `room // 32` tokens (8 at least): the prefix loses a multiple of
+    it, and the suffix keeps one (what the prefix leaves, rounded down). As the user types,
+    the prefix grows at its end while its start, and the suffix's kept end, stay where they
+    were for many keystrokes, so a prompt cache still holds all but the last tokens in
+    either order (a cut moving by one token a keystroke would shift every token after it,
+    and recompute them all: in SPM the whole prefix comes after the suffix's end)."""
     prefix, suffix, room = list(prefix), list(suffix), max(0, room)
     if len(prefix) + len(suffix) <= room:
         return prefix, suffix
-    keep_suffix = min(len(suffix), max(int(room * SUFFIX_SHARE), room - len(prefix)))
     quantum = max(8, room // 32)
-    drop = -(-(len(prefix) - (room - keep_suffix)) // quantum) * quantum
+    left = max(0, room - len(prefix)) // quantum * quantum  # what the prefix leaves, in steps
+    keep_suffix = min(len(suffix), max(int(room * SUFFIX_SHARE), left))
+    drop = max(0, -(-(len(prefix) - (room - keep_suffix)) // quantum) * quantum)
     return prefix[drop:], suffix[:keep_suffix]
 
 
