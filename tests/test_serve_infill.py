@@ -639,6 +639,23 @@ def test_infill_reports_tokens_cached_and_honours_cache_prompt_false(server):
     assert last["timings"]["prompt_n"] == 1
 
 
+def test_typing_above_a_long_suffix_keeps_the_cache(server):
+    """A window larger than the context with the cursor near its top (llama.vscode sends 64
+    lines after the cursor): the suffix is cut to what the prefix leaves, in steps, so the
+    keystrokes reuse all but their typed tail; in SPM the whole prefix follows the suffix's
+    cut end, and a cut moving with each typed token recomputed it every time."""
+    prefix = "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(6)) + "\n\ndef weighted(values):\n    "
+    suffix = "".join(f"    total += values[{i}] * {i}\n" for i in range(200))
+    ran = []
+    for typed in ["t", "to", "tot", "tota", "total", "total ", "total =", "total = 0"]:
+        r = post(server, {"input_prefix": prefix + typed, "input_suffix": suffix, "n_predict": 1, "temperature": 0},
+                 "/infill").json()
+        assert r["truncated"] is True and r["tokens_evaluated"] > 200
+        ran.append(r["timings"]["prompt_n"])
+    # at most one keystroke crosses a step of the cut; the others run their typed tail only
+    assert sum(n > 4 for n in ran[1:]) <= 1, ran
+
+
 def test_openai_usage_reports_cached_tokens(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
