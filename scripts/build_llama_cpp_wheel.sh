@@ -18,17 +18,7 @@
 #                                   20+ minutes compiling; `make llama-cpp` builds it)
 #        CMAKE_BUILD_PARALLEL_LEVEL (default: all cores)
 set -euo pipefail
-
-VENV=${1:-.venv}
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-CACHE=${POLYCODER_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/polycoder/wheels}
-PY="$VENV/bin/python"
-
-if [[ "${POLYCODER_SKIP_LLAMA_CPP:-0}" == 1 ]]; then
-    echo "llama-cpp-python: skipped (POLYCODER_SKIP_LLAMA_CPP=1); llama.cpp tests will skip"
-    exit 0
-fi
-[[ -x "$PY" ]] || { echo "no Python at $PY; run make setup first" >&2; exit 2; }
+source "$(dirname "$0")/llama_cpp_cache.sh"
 
 if "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$VERSION')" 2>/dev/null; then
     echo "llama-cpp-python $VERSION already installed in $VENV"
@@ -36,9 +26,7 @@ if "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_
 fi
 
 pytag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-# The wheel is compiled for this CPU (GGML_NATIVE): key it by the CPU's flags as well.
-cpukey=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
-dir="$CACHE/llama-cpp-python-$VERSION-$pytag-$cpukey"
+dir="$CACHE/llama-cpp-python-$VERSION-$pytag-$CPUKEY"
 mkdir -p "$dir"
 
 if [[ "${POLYCODER_LLAMA_CPP_CACHED_ONLY:-0}" == 1 ]] && ! ls "$dir"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then

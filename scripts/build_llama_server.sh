@@ -20,20 +20,9 @@
 #                                   build (what `make test` does; `make llama-cpp` builds it)
 #        CMAKE_BUILD_PARALLEL_LEVEL (default: all cores)
 set -euo pipefail
+source "$(dirname "$0")/llama_cpp_cache.sh"
 
-VENV=${1:-.venv}
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-CACHE=${POLYCODER_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/polycoder/wheels}
-PY="$VENV/bin/python"
-
-if [[ "${POLYCODER_SKIP_LLAMA_CPP:-0}" == 1 ]]; then
-    echo "llama-server: skipped (POLYCODER_SKIP_LLAMA_CPP=1); tests against it will skip"
-    exit 0
-fi
-[[ -x "$PY" ]] || { echo "no Python at $PY; run make setup first" >&2; exit 2; }
-
-cpukey=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
-dir="$CACHE/llama-server-$VERSION-$cpukey"
+dir="$CACHE/llama-server-$VERSION-$CPUKEY"
 mkdir -p "$dir"
 
 if [[ "${POLYCODER_LLAMA_CPP_CACHED_ONLY:-0}" == 1 && ! -x "$dir/llama-server" ]]; then

@@ -13,9 +13,7 @@ that end in code (whitespace at the cursor is healed by ours and not by llama.cp
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +26,7 @@ from polycoder.fim import arrange
 from polycoder.locate import BUNDLED_DIR
 
 fastapi = pytest.importorskip("fastapi")
-from serve_server import Server, free_port  # noqa: E402
+from serve_server import LlamaServer, Server  # noqa: E402
 
 LLAMA_SERVER = Path(os.environ.get("POLYCODER_LLAMA_SERVER", Path(sys.executable).parent / "llama-server"))
 pytestmark = pytest.mark.skipif(not os.access(LLAMA_SERVER, os.X_OK),
@@ -46,46 +44,13 @@ CURSORS = [
 ]
 
 
-class LlamaServer:
-    """`llama-server` on 127.0.0.1 with one slot; `url` once /health answers."""
-
-    def __init__(self, gguf: Path, log: Path):
-        self.url = f"http://127.0.0.1:{(port := free_port())}"
-        self._log = open(log, "wb")
-        self.log = log
-        self.proc = subprocess.Popen([str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                      "-c", "512", "-b", "512", "-np", "1", "-t", "2", "--no-webui"],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"llama-server did not come up in 60 s: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llama-server")
     model, tok = load_model(BUNDLED_DIR, dtype="float32", device="cpu")
     write_gguf(model, tok, tmp / "tiny-f32.gguf", "f32", progress=False)
-    theirs = LlamaServer(tmp / "tiny-f32.gguf", tmp / "llama-server.log")
+    theirs = LlamaServer(LLAMA_SERVER, tmp / "tiny-f32.gguf", "-c", "512", "-b", "512", "-np", "1", "-t", "2",
+                         log=tmp / "llama-server.log")
     try:
         ours = Server(BUNDLED_DIR, "--dtype", "float32", "--fim-order", "psm", "--no-stop-at-suffix")
     except Exception:

@@ -63,7 +63,7 @@ class NativeDecode:
             if (stack is not None and cache.k[0].dtype == h.dtype
                     and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
                 y = stack.run(h.view(B, -1), cache.k, cache.v, pos[:, 0])  # [B, C]
-                return FEW_ROW_OPS.linear(model.embed_out, trunk.final_layer_norm(y)).float()  # [B, V]
+                return self._head(y)  # [B, V]
         return (self.fallback_few_rows if B <= kernels.MAX_ROWS else self.fallback)(x, pos, kv_len)
 
     def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -74,9 +74,7 @@ class NativeDecode:
         y = self._positions(x.reshape(B * T, 1), pos.reshape(-1), torch.arange(B).repeat_interleave(T))
         if y is None:
             return self.fallback_few_rows.verify(x, pos)
-        model = self.model
-        logits = FEW_ROW_OPS.linear(model.embed_out, model.gpt_neox.final_layer_norm(y)).float()  # [B*T, V]
-        return logits.view(B, T, -1)
+        return self._head(y).view(B, T, -1)
 
     def extend(self, x: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor | None:
         """The end of one prompt, x [1, T] at positions pos [1, T], into cache row `row` in one
@@ -86,10 +84,11 @@ class NativeDecode:
         `kernels.MAX_ROWS` positions, ...), for the caller's prefill to run it."""
         T = x.size(1)
         y = self._positions(x.reshape(T, 1), pos.reshape(-1), torch.full((T,), row, dtype=torch.long))
-        if y is None:
-            return None
-        model = self.model
-        return FEW_ROW_OPS.linear(model.embed_out, model.gpt_neox.final_layer_norm(y[-1:])).float()
+        return None if y is None else self._head(y[-1:])
+
+    def _head(self, y: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [N, C] -> next-token logits [N, V] (fp32)."""
+        return FEW_ROW_OPS.linear(self.model.embed_out, self.model.gpt_neox.final_layer_norm(y)).float()
 
     def _positions(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """Tokens x [N, 1] at positions pos [N] of cache rows `rows` [N] through every block in

@@ -211,27 +211,33 @@ class Endpoint:
         if self.api == "llamacpp":
             return [self._llamacpp(prompt, suffix, temperature, top_p, max_tokens, stop,
                                    None if seed is None else seed + j) for j in range(n)]
-        context = self.context_length()
-        if context:  # the prompt takes at least one token
-            max_tokens = max(1, min(max_tokens, context - 1))
         body = {"prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
-                "max_tokens": max_tokens, "stop": list(stop)[:4] if stop else None}
+                "max_tokens": self._within_context(max_tokens), "stop": list(stop)[:4] if stop else None}
         if suffix is not None:
             body["suffix"] = suffix
         if seed is not None:
             body["seed"] = seed
-        while True:
-            try:
-                data = self._post(body)
-                break
-            except Refused as e:
-                if not e.context_too_small or body["max_tokens"] <= 1:
-                    raise
-                body["max_tokens"] //= 2
+        data = self._post_fitting(body, "max_tokens")
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if len(choices) != n:
             raise PolycoderError(f"{self._completions} returned {len(choices)} choices, asked for {n}")
         return [(cut_at_stop(c["text"], stop), c.get("finish_reason") or "") for c in choices]
+
+    def _within_context(self, max_tokens: int) -> int:
+        """`max_tokens` lowered to what the server's context leaves a prompt of one token."""
+        context = self.context_length()
+        return max(1, min(max_tokens, context - 1)) if context else max_tokens
+
+    def _post_fitting(self, body: dict, field: str, url: str | None = None) -> dict:
+        """`_post(body)`, halving `body[field]` (the tokens to generate) while the server answers
+        that the prompt and that many tokens exceed its context."""
+        while True:
+            try:
+                return self._post(body, url)
+            except Refused as e:
+                if not e.context_too_small or body[field] <= 1:
+                    raise
+                body[field] //= 2
 
     def _ollama(self, prompt: str, suffix: str | None, temperature: float, top_p: float, max_tokens: int,
                 stop: tuple[str, ...], seed: int | None) -> tuple[str, str]:
@@ -252,25 +258,15 @@ class Endpoint:
     def _llamacpp(self, prompt: str, suffix: str | None, temperature: float, top_p: float, max_tokens: int,
                   stop: tuple[str, ...], seed: int | None) -> tuple[str, str]:
         """One sample from llama.cpp's /infill (with a suffix) or /completion (not streamed)."""
-        context = self.context_length()
-        if context:
-            max_tokens = max(1, min(max_tokens, context - 1))
-        body = {"n_predict": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0,
-                "stop": list(stop), "cache_prompt": True}
+        body = {"n_predict": self._within_context(max_tokens), "temperature": temperature, "top_p": top_p,
+                "top_k": 0, "min_p": 0.0, "stop": list(stop), "cache_prompt": True}
         if seed is not None:
             body["seed"] = seed
         if suffix is None:
             body["prompt"], url = prompt, self._completions
         else:  # as llama.vscode sends the cursor: the text before it and after it
             body["input_prefix"], body["input_suffix"], url = prompt, suffix, self._infill
-        while True:
-            try:
-                data = self._post(body, url)
-                break
-            except Refused as e:
-                if not e.context_too_small or body["n_predict"] <= 1:
-                    raise
-                body["n_predict"] //= 2
+        data = self._post_fitting(body, "n_predict", url)
         reason = _LLAMACPP_FINISH.get(str(data.get("stop_type")), str(data.get("stop_type") or ""))
         return cut_at_stop(str(data.get("content", "")), stop), reason
 

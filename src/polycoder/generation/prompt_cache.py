@@ -127,7 +127,7 @@ class PromptCache:
             k[row, :, begin:length] = kv[0, layer, :, begin:length]
             v[row, :, begin:length] = kv[1, layer, :, begin:length]
 
-    def store(self, ids: list[int], cache: KVCache, row: int) -> None:
+    def store(self, ids: list[int] | np.ndarray, cache: KVCache, row: int) -> None:
         """Positions 0..len(ids)-1 of `row` of `cache` as the entry of prompt `ids`. Entries
         it covers but for at most their last `SUPERSEDED_TAIL` tokens are replaced: the one
         sharing the most with it is rewritten in place where the two differ, if it has room."""
@@ -202,11 +202,12 @@ def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, op
     T = len(ids)
     device = cache.k[0].device
     start = 0
+    a = np.asarray(ids, dtype=np.int64)  # once, for the row's, the pool's and the store's comparisons
     if pool is not None and not reuse:
         pool.stats["computed"] += T  # no lookup: neither a hit nor a miss
     elif pool is not None:
-        kept = shared_prefix(held, np.asarray(ids, dtype=np.int64), T - 1) if held is not None else 0
-        key, start = pool.lookup(ids, limit=T - 1)
+        kept = shared_prefix(held, a, T - 1) if held is not None else 0
+        key, start = pool.lookup(a, limit=T - 1)
         if key is not None and start > kept:
             pool.load(key, cache, row, start, begin=kept)
         start = max(start, kept)
@@ -220,5 +221,5 @@ def prefill_reusing(model: GPTNeoX, ids: list[int], cache: KVCache, row: int, op
     if logits is None:
         logits = prefill(model, x, CacheRows(cache, row, row + 1), ops, start=start)
     if pool is not None:
-        pool.store(ids, cache, row)
+        pool.store(a, cache, row)
     return logits, start
