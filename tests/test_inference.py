@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import REPO
 from transformers import AutoModelForCausalLM
 
+from polycoder import quantize
 from polycoder.backend import physical_cores
 from polycoder.backend.decode import decode_layout, decode_one_token, single_row_bf16_kernels
 from polycoder.checkpoint import build_model, load_model
@@ -44,6 +45,24 @@ def test_int8_linear_equals_its_dequantized_weights():
     assert (q(x) - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
     # per-channel absmax: every weight within half a step of the original
     assert ((deq - lin.weight).abs() <= q.weight_scale.float()[:, None] * 0.51 + 1e-3).all()
+
+
+def test_int8_linears_two_products_equal_the_dequantized_weights():
+    """A prefill's rows go through the bf16-widened weights where bf16 products are native,
+    through torch's int8 kernel elsewhere; both are checked here whatever this CPU does.
+    Each rounds the activations to bf16 (the reference does too) and its [M, out] result to
+    bf16 (at most 2^-9 of each value), the int8 kernel also the scales (2^-9 more); fp32
+    accumulation over K = 128 terms stays under 2^-16 of sum |x| |w|."""
+    lin = _linear()
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(quantize.DEQUANTIZE_FROM_ROWS + 8, 128).to(torch.bfloat16)
+    magnitude = F.linear(x.float().abs(), (q.weight.float() * q.scale32[:, None]).abs())
+    for product, scale in [(q.widened_product, q.scale32), (q.packed_product, q.weight_scale.to(torch.bfloat16).float())]:
+        ref = F.linear(x.float(), q.weight.float() * scale[:, None])
+        err = (product(x).float() - ref).abs()
+        assert (err <= 2.0 ** -8 * ref.abs() + 2.0 ** -16 * magnitude).all(), product.__name__
+    chosen = q.widened_product if quantize.bf16_products_native() else q.packed_product
+    assert torch.equal(q(x.float()), (chosen(x).float() + lin.bias).float())
 
 
 def test_int4_linear_equals_its_dequantized_weights():

@@ -7,9 +7,14 @@
   the product runs in `torch._weight_int8pack_mm`, which reads the int8 weights directly
   (a quarter of fp32's bytes); that kernel is fast with bf16 activations and much slower
   with fp32 ones, so activations are rounded to bf16 for the product and the result is
-  returned in the model's dtype. Elsewhere the weights are dequantized per call (correct,
-  not fast). A decode step of a few rows reads the int8 weights in the native kernels
-  instead (`polycoder.backend.native_decode`).
+  returned in the model's dtype. It streams the weights well but multiplies slowly: on a
+  CPU that multiplies bf16 natively (AVX512-BF16 or AMX), a product of `DEQUANTIZE_FROM_ROWS`
+  rows or more (a prompt's prefill) widens the int8 weights to bf16 (exactly: every int8 is
+  a bf16) and runs oneDNN's bf16 product, scaling the result in fp32 after; where bf16 is
+  not native that product is slower than the int8 kernel, which keeps those CPUs' prefills
+  (figures: docs/benchmarks/README.md). Elsewhere than the CPU the weights are dequantized
+  per call (correct, not fast). A decode step of a few rows reads the int8 weights in the
+  native kernels instead (`polycoder.backend.native_decode`).
 - `quantize(model, "int4")`: 4-bit weights in groups of `group_size` input channels with a
   scale and offset a group (asymmetric), through `torch._weight_int4pack_mm_for_cpu`
   (CPU only). A memory option: half of int8's weight memory, but decoding is slower than
@@ -25,13 +30,33 @@ is not saved back to a checkpoint.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polycoder import cpu
 from polycoder.errors import PolycoderError
 
 QUANTIZE_MODES = ("int8", "int4")
+
+# From this many rows on, widening the weights to bf16 costs less than the int8 kernel's
+# slower products saves, where bf16 products are native (measured crossover 16-32 rows on
+# the PolyCoder-160M shapes, Zen 4: docs/benchmarks/README.md).
+DEQUANTIZE_FROM_ROWS = 32
+
+
+@functools.cache
+def bf16_products_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices at bf16's rate (AVX512-BF16 or AMX-BF16,
+    through oneDNN); without them oneDNN widens bf16 to fp32 and runs slower than fp32. A
+    ONEDNN_MAX_CPU_ISA below those levels (oneDNN's own setting) counts as their absence."""
+    flags = cpu.flags().split()
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    allowed = limit in ("ALL", "DEFAULT") or any(level in limit for level in ("BF16", "AMX", "FP16", "AVX10"))
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and allowed and torch.backends.mkldnn.is_available()
 
 
 class Int8Linear(nn.Module):
@@ -60,11 +85,22 @@ class Int8Linear(nn.Module):
             m.bias.copy_(linear.bias)
         return m
 
+    def packed_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, in] (bf16) times the int8 weights through torch's int8 kernel, in bf16."""
+        return torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(torch.bfloat16))
+
+    def widened_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, in] (bf16) times the weights widened to bf16 (exact), scaled in fp32 after."""
+        return F.linear(x2, self.weight.to(torch.bfloat16)).float() * self.scale32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.device.type == "cpu":
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel's fast input type
-            y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(torch.bfloat16)).to(x.dtype)
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # both products' fast input type
+            if x2.size(0) >= DEQUANTIZE_FROM_ROWS and bf16_products_native():
+                y = self.widened_product(x2).to(x.dtype)
+            else:
+                y = self.packed_product(x2).to(x.dtype)
         else:
             y = F.linear(x.reshape(-1, self.in_features), self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         if self.bias is not None:
