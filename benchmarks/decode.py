@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch and llama.cpp threads (0: one a physical core). On a machine busy with other work, "
                          "1 can be much faster for torch: its OpenMP threads wait on peers that are not scheduled")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (slow to compile on CPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU only: refused on a CPU)")
     ap.add_argument("--quality-model", type=Path, default=None,
                     help="a trained model folder: measure perplexity cost of bf16/int8/int4")
     ap.add_argument("--quality-files", type=Path, default=Path(os.__file__).parent,

@@ -11,7 +11,7 @@ code running the model owns, made from one `Backend`:
 | fp32 training products through oneDNN (`onednn_fp32`; non-Intel CPUs) | `Backend.train_ops` | `onednn` |
 | output head fused with the cross-entropy (always in training) | `Backend.train_ops` | `fused_loss` |
 | decode step replayed as CUDA graphs (`cuda_graphs`; GPUs) | `Backend.decode_step` | `cuda_graphs` |
-| decode step under torch.compile (asked for, never chosen) | `Backend.decode_step` | `decode` |
+| decode step under torch.compile (asked for, never chosen; GPUs only) | `Backend.decode_step` | `decode` |
 | PyTorch's decode step, CPU-tuned (everything else) | `Backend.decode_step` | `decode` |
 
 The native CPU kernels for training: QKV split + rotary, bf16 attention backward, bf16 softmax of the loss.
@@ -25,6 +25,7 @@ building a `Backend` with the fields they want, never by replacing functions.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -76,10 +77,14 @@ class Backend:
                     static_shapes: bool | None = None) -> DecodeStep:
         """The decode step for `model` over `cache` (rows 0..B-1 of it at each call).
 
-        `compile`: torch.compile the step. `static_shapes`: the CUDA-graph step's padded,
-        bucketed shapes (default: on a GPU with `cuda_graphs`, unless compiling); True on the
-        CPU runs them eagerly (how they are tested without a GPU), and wins over `compile`."""
+        `compile`: torch.compile the step, on a GPU (on a CPU it is refused with a warning, and
+        the step below is used: `CPU_COMPILE_REFUSED`). `static_shapes`: the CUDA-graph step's
+        padded, bucketed shapes (default: on a GPU with `cuda_graphs`, unless compiling); True
+        on the CPU runs them eagerly (how they are tested without a GPU), and wins over `compile`."""
         on_gpu = cache.k[0].device.type == "cuda"
+        if compile and not on_gpu:
+            logging.getLogger("polycoder").warning(CPU_COMPILE_REFUSED)
+            compile = False
         if static_shapes is None:
             static_shapes = on_gpu and self.cuda_graphs and not compile
         if static_shapes:
@@ -93,6 +98,12 @@ class Backend:
     def _native_on(self, device: str | torch.device) -> bool:
         return self.native_kernels and torch.device(device).type == "cpu"
 
+
+CPU_COMPILE_REFUSED = (
+    "compile: the decode step is not compiled on a CPU, and runs as it does without --compile. torch.compile "
+    "miscompiled it on torch 2.13's CPU code (NaN logits with its AVX2 code, a corrupted heap with its AVX-512 "
+    "code, at PolyCoder's shapes); where it compiled, it decoded no faster than the native kernels.")
+"""Why `compile` is refused on a CPU (the warning `Backend.decode_step` logs)."""
 
 PLAIN = Backend()
 """No fast path: PyTorch only (the reference the others are tested against)."""

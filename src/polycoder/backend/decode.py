@@ -110,8 +110,13 @@ class CompiledDecode:
     rows and the cache length become symbolic when they first change (one recompile each).
     `dynamic=True`, which makes every size symbolic from the start (the weights' included),
     miscompiled on torch 2.13 with AVX-512 (NaN logits, or a corrupted heap, at some
-    vocabulary sizes with 2 rows). On a 2-core CPU compiling took minutes and did not pay
-    (benchmarks/decode.py --compile)."""
+    vocabulary sizes with 2 rows). On a CPU `Backend.decode_step` no longer builds this
+    step: with automatic dynamism too, and with static shapes, torch 2.13's CPU code gave
+    NaN logits (its AVX2 code, ATEN_CPU_CAPABILITY=avx2, what a CPU without AVX-512 gets,
+    at every vocabulary size tried, 8,320 and 50,304 included) or corrupted the heap (its
+    AVX-512 code, at some shapes; the keys' `scatter_` into the cache appeared to be involved),
+    with or without our kernels loaded. There it also took minutes to compile on 2 cores and
+    did not pay (benchmarks/decode.py --compile)."""
 
     _compiled = None  # one compiled function for the process: its guards tell models apart
     writes_free_rows = False

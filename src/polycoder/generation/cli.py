@@ -73,7 +73,7 @@ def cli_generate(
         stop_at_eod: stop at <|endoftext|> (the end of a document).
         model_options: the model and how to load it (--model, --dtype, ...).
         threads: CPU threads (0: one a physical core).
-        compile: torch.compile the decode step (minutes to compile on a CPU; pays only for long runs, if at all).
+        compile: torch.compile the decode step, on a GPU (refused on a CPU, with a warning saying why).
         speculate: guess up to N tokens a step from the prompt and the text so far (prompt lookup) and verify
             them in one forward pass: the same output (greedy, or sampled: the same sample for a seed), faster where
             the text repeats its context (0: off).

@@ -52,8 +52,8 @@ class Engine:
     """Continuous batching over one preallocated KV cache of `max_rows` rows.
 
     `backend`: the fast paths to use (default `polycoder.backend.choose` for the model's
-    device); `compile`: torch.compile the decode step (off by default: it did not pay on a
-    2-core CPU); `static_shapes`: the CUDA-graph step's padded shapes, run eagerly on the CPU
+    device); `compile`: torch.compile the decode step on a GPU (refused on a CPU, where torch
+    2.13 miscompiled it: `polycoder.backend.CPU_COMPILE_REFUSED`); `static_shapes`: the CUDA-graph step's padded shapes, run eagerly on the CPU
     when True (tests); `speculate`: draft tokens a row verifies a step (0: plain decoding),
     guessed by prompt lookup or, given a `draft_model` (same tokenizer), by that model;
     `prompt_cache_mb`: megabytes of recent prompts' keys and values kept for the next prompts
