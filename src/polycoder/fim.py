@@ -195,6 +195,13 @@ def encode_around_cursor(encode: Callable[[str], list[int]], prefix: str, suffix
     return prefix_ids, suffix_ids, len(near_prefix) < len(prefix) or len(near_suffix) < len(suffix)
 
 
+def cut_step(room: int) -> int:
+    """The step, in tokens, in which cuts to fit `room` tokens move (room // 32, 8 at least):
+    a cut that moves by one token a keystroke shifts every token after it, and a prompt cache
+    then recomputes them all."""
+    return max(8, room // 32)
+
+
 def fit(prefix: Sequence[int], suffix: Sequence[int], room: int) -> tuple[list[int], list[int]]:
     """The prefix's and suffix's ids cut to `room` tokens in all, away from the cursor: the
     prefix loses its start, the suffix its end, as editors and llama.cpp's /infill cut them.
@@ -209,7 +216,7 @@ def fit(prefix: Sequence[int], suffix: Sequence[int], room: int) -> tuple[list[i
     prefix, suffix, room = list(prefix), list(suffix), max(0, room)
     if len(prefix) + len(suffix) <= room:
         return prefix, suffix
-    quantum = max(8, room // 32)
+    quantum = cut_step(room)
     left = max(0, room - len(prefix)) // quantum * quantum  # what the prefix leaves, in steps
     keep_suffix = min(len(suffix), max(int(room * SUFFIX_SHARE), left))
     drop = max(0, -(-(len(prefix) - (room - keep_suffix)) // quantum) * quantum)

@@ -33,7 +33,11 @@ ended by `<|endoftext|>`; so each chunk goes in as a document of its own, `text 
 before the FIM prompt, which is what preceded a FIM sample in a packed training window.
 The chunks nearest the end of the list are kept when they do not all fit the context
 (llama.cpp keeps the end too); they are bounded from their length in characters before
-anything is tokenized, so a huge `input_extra` costs no more than what fits.
+anything is tokenized, so a huge `input_extra` costs no more than what fits. What they get
+is what the code around the cursor leaves, in steps (`fim.cut_step` of the context): the
+prefix grows as the user types, and a share that shrank with it token by token would move
+the start of the whole prompt at each keystroke (llama.vscode's ring of chunks is far more
+than a 2,048-token context holds).
 
 Token boundaries: the text just before the cursor (the prefix, or `prompt` where given)
 goes in without its trailing whitespace, which the model writes again and the output drops
@@ -68,7 +72,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from polycoder.fim import Cursor, arrange, back_off, fit_around_cursor, read_template
+from polycoder.fim import Cursor, arrange, back_off, cut_step, fit_around_cursor, read_template
 from polycoder.generation.suffix_stop import SuffixStop
 from polycoder.line_breaks import cursor_line_break, to_lf
 from polycoder.serve.common import OFF_LOOP_CHARS, APIError, ServerState, check_fits
@@ -205,9 +209,10 @@ async def _fit_around_cursor(state: ServerState, prefix: str, suffix: str,
 
 async def _extra_context(state: ServerState, chunks: list[str], budget: int) -> tuple[list[int], bool]:
     """Ids of the extra chunks as documents (`text <EOD>`), the last ones that fit `budget`
-    tokens; and whether any were left out or cut."""
+    tokens rounded down to a cut step; and whether any were left out or cut."""
     if not chunks:
         return [], False
+    budget = budget // cut_step(state.context) * cut_step(state.context)
     if budget <= 0:
         return [], True
     kept, least = [], 0
