@@ -54,8 +54,9 @@ class Engine:
     `backend`: the fast paths to use (default `polycoder.backend.choose` for the model's
     device); `compile`: torch.compile the decode step on a GPU (refused on a CPU, where torch
     2.13 miscompiled it: `polycoder.backend.CPU_COMPILE_REFUSED`); `static_shapes`: the
-    CUDA-graph step's padded shapes, run eagerly on the CPU when True (tests); `speculate`: draft tokens a row verifies a step (0: plain decoding),
-    guessed by prompt lookup or, given a `draft_model` (same tokenizer), by that model;
+    CUDA-graph step's padded shapes, run eagerly on the CPU when True (tests); `speculate`:
+    draft tokens a row verifies a step (0: plain decoding), guessed by prompt lookup or,
+    given a `draft_model` (same tokenizer), by that model;
     `prompt_cache_mb`: megabytes of recent prompts' keys and values kept for the next prompts
     that share a prefix with them (0: off; with a draft model its cache takes its share, by
     bytes a token, so that both hold the same prompts); `stats` counts the forward passes,
