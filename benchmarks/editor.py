@@ -18,6 +18,11 @@ editor re-asks while the user types. Each request sends what an editor sends:
   typing. (llama.vscode's moves down a line when a typed newline moves the cursor in a long
   file, which changes the prompt's start and costs a full recompute in either order: not
   modelled here);
+- `--extra-chunks N` (default 0): /infill also sends llama.vscode's ring of extra context,
+  `input_extra`: N chunks of 64 lines (its ring_n_chunks and ring_chunk_size are 16 and
+  64) from other files of the same pool, seeded, the same N while a session types (the ring
+  changes when the user yanks, saves or switches files, not as they type). Far more than a
+  2,048-token context holds: each server keeps what its own rules leave room for;
 - `/infill` (llama.vscode's shape: input_prefix, input_suffix, n_predict, cache_prompt),
   `/v1/completions` with `suffix` (Continue's / OpenAI's), and Tabby's two templating backends,
   `/completion` (`llama.cpp/completion`) and `/api/generate` (`ollama/completion`), each
@@ -118,6 +123,8 @@ PRECISIONS = {"fp32": ([], "f32"), "bf16": (["--dtype", "bfloat16"], "f16"), "in
 precision for bf16 weights, whose values f16 holds but for the exponent range; q8_0: its int8)."""
 LINES_BEFORE, LINES_AFTER = 256, 64
 """llama.vscode's defaults (n_prefix, n_suffix): lines sent before and after the cursor."""
+RING_CHUNK_LINES = 64
+"""llama.vscode's ring_chunk_size: lines a chunk of extra context."""
 
 
 @dataclass
@@ -129,11 +136,14 @@ class Session:
     before: str
     typed: str
     after: str
+    extra: list[dict]
+    """/infill's `input_extra`: llama.vscode's ring of chunks of other files (`--extra-chunks`)."""
 
 
-def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], str]:
+def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], list[Path], str]:
     """`count` seeded files, one language after another, from `data` (RAW/heldout/LANG/...),
-    else from this repository's src/ (and where they came from, in words)."""
+    else from this repository's src/; all the files they were picked from; and where they
+    came from, in words."""
     rng = random.Random(seed)
     if data is not None and data.is_dir():
         by_lang = {d.name: sorted(p for p in d.rglob("*") if p.suffix in EXTENSIONS and 2_000 < p.stat().st_size < 200_000)
@@ -141,16 +151,31 @@ def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], 
         langs = [lang for lang, files in by_lang.items() if files]
         rng.shuffle(langs)
         picked = [rng.choice(by_lang[langs[i % len(langs)]]) for i in range(count)]
-        return picked, f"held-out files from {data}"
+        return picked, [f for files in by_lang.values() for f in files], f"held-out files from {data}"
     files = sorted(p for p in (REPO / "src").rglob("*.py") if p.stat().st_size > 2_000)
     why = f"{data} not found" if data is not None else "no --data given"
-    return rng.sample(files, min(count, len(files))), f"this repository's src/ files ({why})"
+    return rng.sample(files, min(count, len(files))), files, f"this repository's src/ files ({why})"
 
 
-def session(path: Path, tok: Tokenizer, budget: int | None, chars: int, rng: random.Random) -> Session:
+def ring_chunks(pool: list[Path], editing: Path, count: int, rng: random.Random) -> list[dict]:
+    """llama.vscode's ring of extra context: `count` chunks of RING_CHUNK_LINES lines of files
+    in `pool` other than the one being edited, as `input_extra` items."""
+    others = [p for p in pool if p != editing]
+    chunks = []
+    for _ in range(count if others else 0):
+        path = rng.choice(others)
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        start = rng.randrange(max(1, len(lines) - RING_CHUNK_LINES))
+        chunks.append({"text": "".join(lines[start : start + RING_CHUNK_LINES]), "filename": path.name})
+    return chunks
+
+
+def session(path: Path, tok: Tokenizer, budget: int | None, chars: int, rng: random.Random,
+            extra: list[dict]) -> Session:
     """A seeded cursor in `path` (at a line's first non-blank character, with code on both
     sides), the next `chars` characters taken out, and the window that fits `budget` tokens
-    (None: the lines as llama.vscode sends them, for the server to cut)."""
+    (None: the lines as llama.vscode sends them, for the server to cut); `extra` goes with
+    every request on /infill."""
     text = path.read_text(errors="replace")
     lines = text.splitlines(keepends=True)
     candidates = [i for i in range(len(lines) // 4, 3 * len(lines) // 4) if lines[i].strip()] or [len(lines) // 2]
@@ -161,14 +186,14 @@ def session(path: Path, tok: Tokenizer, budget: int | None, chars: int, rng: ran
     above, head = lines[max(0, i - LINES_BEFORE) : i], lines[i][:col]
     rest = text[cursor + len(typed) :].splitlines(keepends=True)[: LINES_AFTER + 1]
     if budget is None:
-        return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest))
+        return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest), extra)
     prefix_budget = 3 * budget // 4 - len(tok.encode(typed)) - 2
     suffix_budget = budget - 3 * budget // 4 - 3  # the three sentinels
     while above and len(tok.encode("".join(above) + head)) > prefix_budget:
         above = above[max(1, len(above) // 16) :]  # drop the lines farthest from the cursor
     while rest and len(tok.encode("".join(rest))) > suffix_budget:
         rest = rest[: -max(1, len(rest) // 16)]
-    return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest))
+    return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest), extra)
 
 
 def counter(metrics: str, name: str) -> float:
@@ -184,12 +209,12 @@ def counts(client: httpx.Client, url: str) -> tuple[float, float]:
     return counter(text, "polycoder_prefill_tokens"), counter(text, "polycoder_prefill_reused_tokens")
 
 
-def body(route: str, prefix: str, suffix: str, max_tokens: int) -> dict:
+def body(route: str, prefix: str, suffix: str, max_tokens: int, extra: list[dict]) -> dict:
     """The request an editor sends on `route` (Tabby's two as its backends build them, less `model`:
-    the server's one)."""
+    the server's one); `extra` is llama.vscode's, on /infill only."""
     if route == "infill":
         return {"input_prefix": prefix, "input_suffix": suffix, "n_predict": max_tokens, "temperature": 0,
-                "stream": True, "cache_prompt": True}
+                "stream": True, "cache_prompt": True, **({"input_extra": extra} if extra else {})}
     templated = TEMPLATE.format(prefix=prefix, suffix=suffix)
     if route == "tabby":
         return {"seed": 0, "prompt": templated, "n_predict": max_tokens, "temperature": 0, "stream": True,
@@ -211,7 +236,7 @@ def ndjson_events(lines):
 
 
 def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str, max_tokens: int,
-            dwell: float) -> float | None:
+            dwell: float, extra: list[dict] = ()) -> float | None:
     """One streamed request: seconds to its first event; then read for `dwell` seconds and
     close the connection (the editor's abort when the user types on). None: the server
     refused it (a 4xx: llama.cpp's answer to a prompt longer than its context)."""
@@ -219,7 +244,7 @@ def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str
     events = ndjson_events if route == "tabby-ollama" else sse_events
     t0 = time.perf_counter()
     ttft = None
-    with client.stream("POST", url + path, json=body(route, prefix, suffix, max_tokens), timeout=600) as r:
+    with client.stream("POST", url + path, json=body(route, prefix, suffix, max_tokens, list(extra)), timeout=600) as r:
         if 400 <= r.status_code < 500:
             r.read()
             return None
@@ -244,7 +269,7 @@ def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens
         for s in sessions:
             for k in range(0, len(s.typed) + 1, every):
                 before = counts(client, url)
-                ttft = request(client, url, route, s.before + s.typed[:k], s.after, max_tokens, dwell)
+                ttft = request(client, url, route, s.before + s.typed[:k], s.after, max_tokens, dwell, s.extra)
                 if ttft is None:
                     out["refused"] += 1
                     continue
@@ -323,6 +348,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=3, help="keystrokes between requests (K)")
     ap.add_argument("--max-tokens", type=int, default=16, help="n_predict / max_tokens of each request")
     ap.add_argument("--dwell", type=float, default=0.1, help="seconds a request streams after its first token")
+    ap.add_argument("--extra-chunks", type=int, default=0,
+                    help="/infill sends llama.vscode's ring of extra context too: this many chunks of 64 lines of "
+                         "other files (its default ring_n_chunks is 16)")
     ap.add_argument("--routes", nargs="+", choices=list(ROUTES), default=["infill"],
                     help="/infill (llama.vscode's shape) and/or /v1/completions with suffix (Continue's / OpenAI's)")
     ap.add_argument("--window", choices=["client", "server"], default="client",
@@ -350,7 +378,8 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a line under the table (how loaded the machine was, ...)")
     ap.add_argument("--json", type=Path, default=None, help="write FILE.json and FILE.md")
     args = ap.parse_args()
-    files, source = source_files(args.data, args.sessions, args.seed)
+    files, pool, source = source_files(args.data, args.sessions, args.seed)
+    args.pool = pool
     print(f"sessions over {source}", flush=True)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="polycoder-editor-bench-") as tmp:
@@ -375,8 +404,9 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
                      ["--model", "polycoder-160m", "--random-init", "--tokenizer", str(tmp / "tok160m")], fim_tok))
     rows = []
     for label, context, window, serve_args, tok in runs:
-        rng = random.Random(args.seed)
-        sessions = [session(f, tok, window if args.window == "client" else None, args.chars, rng) for f in files]
+        rng, ring_rng = random.Random(args.seed), random.Random(args.seed + 1)
+        sessions = [session(f, tok, window if args.window == "client" else None, args.chars, rng,
+                            ring_chunks(args.pool, f, args.extra_chunks, ring_rng)) for f in files]
         # (prompt cache, FIM order, the server's extra options)
         configs = [("given", None, [])] if serve_args is None else [
             ("on", "spm", ["--fim-order", "spm"]), ("on", "psm", ["--fim-order", "psm"]),
@@ -424,6 +454,8 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
                                               if args.llama_server else ""),
              f"{len(files)} sessions over {source} ({', '.join(names)}); {args.chars} characters "
              f"typed a session, a request every {args.every} keystrokes ({n_req} after the session's first); "
+             + (f"/infill with {args.extra_chunks} chunks of {RING_CHUNK_LINES} lines of other files as input_extra; "
+                if args.extra_chunks else "") +
              f"n_predict {args.max_tokens}, "
              f"greedy, streamed, each aborted {args.dwell} s after its first token by the next",
              f"Run: benchmarks/editor.py {' '.join(command_line())}",
@@ -447,6 +479,7 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
              "files": [str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in files],
              "precision": args.precision,
              "chars": args.chars, "every": args.every, "routes": args.routes, "max_tokens": args.max_tokens,
+             "extra_chunks": args.extra_chunks,
              "window": args.window,
              "dwell_s": args.dwell, "note": args.note, "rows": rows},
             "\n".join(lines + (["", args.note] if args.note else [])) + "\n", args.json)
