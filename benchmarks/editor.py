@@ -15,9 +15,9 @@ editor re-asks while the user types. Each request sends what an editor sends:
   suffix (llama.cpp's ratio), less the room the typed characters need. `--window server`
   sends the 256 and 64 lines as they are, as llama.vscode does, and the server cuts them to
   its context (`polycoder.fim.fit`). The window is chosen once a session and kept while
-  typing. (llama.vscode's moves down a line when a typed newline moves the cursor in a long
-  file, which changes the prompt's start and costs a full recompute in either order: not
-  modelled here);
+  typing. `--window follow` is `server` with llama.vscode's window taken again at each
+  request: a typed newline moves it down a line, so in a long file the prefix's first line
+  leaves it (the suffix's lines, counted from the cursor, stay);
 - `--extra-chunks N` (default 0): /infill also sends llama.vscode's ring of extra context,
   `input_extra`: N chunks of 64 lines (its ring_n_chunks and ring_chunk_size are 16 and
   64) from other files of the same pool, seeded, the same N while a session types (the ring
@@ -138,6 +138,18 @@ class Session:
     after: str
     extra: list[dict]
     """/infill's `input_extra`: llama.vscode's ring of chunks of other files (`--extra-chunks`)."""
+    follow: bool = False
+    """`before` is the whole file before the cursor, and each request sends its last LINES_BEFORE
+    lines (with what was typed), as llama.vscode takes its window at each request."""
+
+    def prefix(self, typed: int) -> str:
+        """The prefix sent once `typed` characters are typed."""
+        text = self.before + self.typed[:typed]
+        if not self.follow:
+            return text
+        lines = text.splitlines(keepends=True)
+        whole = len(lines) - (0 if text.endswith(("\n", "\r")) else 1)  # lines before the cursor's
+        return "".join(lines[max(0, whole - LINES_BEFORE) :])
 
 
 def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], list[Path], str]:
@@ -171,11 +183,11 @@ def ring_chunks(pool: list[Path], editing: Path, count: int, rng: random.Random)
 
 
 def session(path: Path, tok: Tokenizer, budget: int | None, chars: int, rng: random.Random,
-            extra: list[dict]) -> Session:
+            extra: list[dict], follow: bool = False) -> Session:
     """A seeded cursor in `path` (at a line's first non-blank character, with code on both
     sides), the next `chars` characters taken out, and the window that fits `budget` tokens
-    (None: the lines as llama.vscode sends them, for the server to cut); `extra` goes with
-    every request on /infill."""
+    (None: the lines as llama.vscode sends them, for the server to cut; `follow`: taken
+    again at each request); `extra` goes with every request on /infill."""
     text = path.read_text(errors="replace")
     lines = text.splitlines(keepends=True)
     candidates = [i for i in range(len(lines) // 4, 3 * len(lines) // 4) if lines[i].strip()] or [len(lines) // 2]
@@ -185,6 +197,8 @@ def session(path: Path, tok: Tokenizer, budget: int | None, chars: int, rng: ran
     typed = text[cursor : cursor + chars]
     above, head = lines[max(0, i - LINES_BEFORE) : i], lines[i][:col]
     rest = text[cursor + len(typed) :].splitlines(keepends=True)[: LINES_AFTER + 1]
+    if follow:
+        return Session(f"{path.parent.name}/{path.name}", text[:cursor], typed, "".join(rest), extra, follow=True)
     if budget is None:
         return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest), extra)
     prefix_budget = 3 * budget // 4 - len(tok.encode(typed)) - 2
@@ -269,7 +283,7 @@ def replay(url: str, sessions: list[Session], route: str, every: int, max_tokens
         for s in sessions:
             for k in range(0, len(s.typed) + 1, every):
                 before = counts(client, url)
-                ttft = request(client, url, route, s.before + s.typed[:k], s.after, max_tokens, dwell, s.extra)
+                ttft = request(client, url, route, s.prefix(k), s.after, max_tokens, dwell, s.extra)
                 if ttft is None:
                     out["refused"] += 1
                     continue
@@ -303,7 +317,7 @@ def summary(label: str, context: int, cache: str, order: str | None, route: str,
             "cached_tokens_median": median(res["cached"]),
             "first_request_ttft_s": median(res["first_ttft_s"]),
             "first_request_prefill": median(res["first_prefill"]),
-            "prompt_tokens": [len(tok.encode(s.before)) + len(tok.encode(s.after)) for s in sessions],
+            "prompt_tokens": [len(tok.encode(s.prefix(0))) + len(tok.encode(s.after)) for s in sessions],
             "served_prompt_tokens": [a + b for a, b in zip(res["first_prefill"], res["first_cached"])] or [float("nan")],
             "sessions": [s.name for s in sessions], "raw": res}
 
@@ -353,9 +367,10 @@ def main() -> None:
                          "other files (its default ring_n_chunks is 16)")
     ap.add_argument("--routes", nargs="+", choices=list(ROUTES), default=["infill"],
                     help="/infill (llama.vscode's shape) and/or /v1/completions with suffix (Continue's / OpenAI's)")
-    ap.add_argument("--window", choices=["client", "server"], default="client",
+    ap.add_argument("--window", choices=["client", "server", "follow"], default="client",
                     help="client: the window cut to the context before sending; server: llama.vscode's 256 and 64 "
-                         "lines sent as they are, the server cuts them")
+                         "lines sent as they are, the server cuts them; follow: server, the window taken again at "
+                         "each request (a typed newline moves it down a line)")
     ap.add_argument("--window-160m", type=int, default=768,
                     help="prompt tokens of the 160M shape's window (its context is 2048; the full one is slow here)")
     ap.add_argument("--url", help="measure this running server instead (as configured; tokenizer: --tokenizer)")
@@ -406,7 +421,8 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
     for label, context, window, serve_args, tok in runs:
         rng, ring_rng = random.Random(args.seed), random.Random(args.seed + 1)
         sessions = [session(f, tok, window if args.window == "client" else None, args.chars, rng,
-                            ring_chunks(args.pool, f, args.extra_chunks, ring_rng)) for f in files]
+                            ring_chunks(args.pool, f, args.extra_chunks, ring_rng), follow=args.window == "follow")
+                    for f in files]
         # (prompt cache, FIM order, the server's extra options)
         configs = [("given", None, [])] if serve_args is None else [
             ("on", "spm", ["--fim-order", "spm"]), ("on", "psm", ["--fim-order", "psm"]),
@@ -462,8 +478,10 @@ def report(args: argparse.Namespace, files: list[Path], source: str, rows: list[
              "TTFT and prefill tokens are per typing request (the session's first request, cold, apart); "
              "prefill tokens from the server's /metrics deltas; "
              + ("the window cut to the context before sending" if args.window == "client" else
-                "llama.vscode's 256 and 64 lines sent as they are, cut by the server (window tokens: as sent; "
-                "served: the first request's prefill and cached tokens)"), "",
+                "llama.vscode's 256 and 64 lines sent as they are"
+                + (", taken again at each request" if args.window == "follow" else "")
+                + ", cut by the server (window tokens: as sent; served: the first request's prefill and cached tokens)"),
+             "",
              "| model | context | prompt cache | FIM order | route | window prompt tokens (median) "
              "| served prompt tokens (median) | requests answered | refused | TTFT p50 s "
              "| TTFT p95 s | prefill tokens a request (median) | cached tokens a request (median) "

@@ -207,8 +207,9 @@ def fit(prefix: Sequence[int], suffix: Sequence[int], room: int) -> tuple[list[i
     prefix loses its start, the suffix its end, as editors and llama.cpp's /infill cut them.
 
     The suffix keeps what the prefix leaves, and at least SUFFIX_SHARE of the room. Both
-    cuts move in steps of `room // 32` tokens (8 at least): the prefix loses a multiple of
-    it, and the suffix keeps one (what the prefix leaves, rounded down). As the user types,
+    cuts move in steps of `room // 32` tokens (8 at least): the prefix starts at an anchor of
+    its content about that often (`_prefix_cut`), and the suffix keeps a multiple of the
+    step (what the prefix leaves, rounded down). As the user types,
     the prefix grows at its end while its start, and the suffix's kept end, stay where they
     were for many keystrokes, so a prompt cache still holds all but the last tokens in
     either order (a cut moving by one token a keystroke would shift every token after it,
@@ -219,8 +220,35 @@ def fit(prefix: Sequence[int], suffix: Sequence[int], room: int) -> tuple[list[i
     quantum = cut_step(room)
     left = max(0, room - len(prefix)) // quantum * quantum  # what the prefix leaves, in steps
     keep_suffix = min(len(suffix), max(int(room * SUFFIX_SHARE), left))
-    drop = max(0, -(-(len(prefix) - (room - keep_suffix)) // quantum) * quantum)
-    return prefix[drop:], suffix[:keep_suffix]
+    least = len(prefix) - (room - keep_suffix)
+    return prefix[_prefix_cut(prefix, least, quantum):], suffix[:keep_suffix]
+
+
+ANCHOR_WIDTH = 3
+"""Tokens whose hash marks a cut point of a long prefix (`_prefix_cut`)."""
+
+
+def _prefix_cut(prefix: list[int], least: int, quantum: int) -> int:
+    """Where a prefix too long by `least` tokens starts: at the first anchor at or after
+    `least` within 4 steps, else `least` rounded up to a step.
+
+    An anchor is a position whose ANCHOR_WIDTH tokens before it hash to 0 modulo the step:
+    one every `quantum` tokens on average, found by the code's content, not by its distance
+    from where the editor's window starts. llama.vscode takes its window (256 lines) again
+    at each request, so a typed newline drops the window's first line: the cut then falls on
+    the same code as before, and the prompt cache keeps the prompt. (A cut counted from the
+    window's start moved with it, and the whole kept prefix was recomputed.) Typing moves
+    `least` forward a token at a time, and the cut stays on its anchor until `least` passes
+    it, once every `quantum` tokens on average, as a cut in steps did."""
+    if least <= 0:
+        return 0
+    for i in range(max(least, ANCHOR_WIDTH), min(len(prefix), least + 4 * quantum)):
+        h = 0x811C9DC5
+        for t in prefix[i - ANCHOR_WIDTH : i]:  # FNV-1a, a token id a step: the same on every run and machine
+            h = ((h ^ t) * 0x01000193) & 0xFFFFFFFF
+        if (h ^ (h >> 16)) % quantum == 0:
+            return i
+    return -(-least // quantum) * quantum
 
 
 def fit_around_cursor(encode: Callable[[str], list[int]], prefix: str, suffix: str, room: int,

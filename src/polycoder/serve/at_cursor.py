@@ -22,8 +22,9 @@ llama.cpp's /infill and Ollama do, the server cuts it away from the cursor rathe
 refusing it: the prefix loses its start, the suffix its end, the suffix keeping at least
 half of the room (`polycoder.fim.fit_around_cursor`; `eval infilling` and `polycoder
 generate --suffix` cut the same way, so the evaluation measures what editors get). The
-prefix's cut moves in steps, so that typing leaves it in place and the prompt cache keeps
-the prompt up to the cursor. A cut prompt is reported: `truncated` on /infill, the
+prefix's cut falls on anchors of its content about once a step, so that typing leaves it
+in place, and so does llama.vscode's window moving down a line after a typed newline: the
+prompt cache keeps the prompt up to the cursor. A cut prompt is reported: `truncated` on /infill, the
 X-Polycoder-Truncated header on every route, and the log.
 
 Extra context (llama.cpp's `input_extra`, chunks of other files): llama.cpp lays it out
