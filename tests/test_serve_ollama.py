@@ -133,7 +133,8 @@ def test_a_prompt_longer_than_the_context_is_cut_at_its_start(server, local):
     """As Ollama does (it truncates rather than refusing): the prompt's start is left out so
     that num_predict tokens fit, or a quarter of the context with num_predict -1; the answer
     is the local model's greedy continuation of the kept ids, and the header says so. The
-    cut moves in steps: a resent, longer prompt keeps the same start."""
+    cut stays put: a resent, longer prompt keeps the same start while that start still fits
+    (`fim.fit`: the cut moves to the next anchor of the content only when it must)."""
     model, tok = local
     prompt = "".join(f"x{i} = compute({i}, y{i})\n" for i in range(400))
     url = server.url + "/api/generate"
@@ -145,9 +146,18 @@ def test_a_prompt_longer_than_the_context_is_cut_at_its_start(server, local):
     got = r.json()
     assert got["response"] == want.text and got["prompt_eval_count"] == len(ids) > 200
     assert got["context"][: len(ids)] == ids
-    more = httpx.post(url, json={"model": "tiny", "prompt": prompt + "z = 1", "stream": False,
-                                 "options": {"temperature": 0, "num_predict": 8}}, timeout=60).json()
-    assert more["context"][:100] == ids[:100]
+    whole = encode_around_cursor(tok.encode, prompt, "", 256 - 8, tok.max_token_bytes)[0]
+    kept_start = []
+    for tail in ["z", "z = 1"]:
+        more = httpx.post(url, json={"model": "tiny", "prompt": prompt + tail, "stream": False,
+                                     "options": {"temperature": 0, "num_predict": 8}}, timeout=60).json()
+        longer = encode_around_cursor(tok.encode, prompt + tail, "", 256 - 8, tok.max_token_bytes)[0]
+        kept = fit(longer, [], 256 - 8)[0]
+        assert more["context"][: len(kept)] == kept
+        if len(ids) + len(longer) - len(whole) <= 256 - 8:  # the old start still fits: it stays
+            assert kept[:100] == ids[:100]
+            kept_start.append(tail)
+    assert kept_start  # "z" (one token) fits after this prompt's cut
     endless = httpx.post(url, json={"model": "tiny", "prompt": prompt, "stream": False,
                                     "options": {"temperature": 0, "num_predict": -1}}, timeout=60)
     assert endless.status_code == 200 and "X-Polycoder-Truncated" in endless.headers
