@@ -147,9 +147,8 @@ class Session:
         text = self.before + self.typed[:typed]
         if not self.follow:
             return text
-        lines = text.splitlines(keepends=True)
-        whole = len(lines) - (0 if text.endswith(("\n", "\r")) else 1)  # lines before the cursor's
-        return "".join(lines[max(0, whole - LINES_BEFORE) :])
+        lines = text.split("\n")  # as llama.vscode counts lines (splitlines also splits at form feeds)
+        return "\n".join(lines[max(0, len(lines) - 1 - LINES_BEFORE) :])  # the last is the cursor's
 
 
 def source_files(data: Path | None, count: int, seed: int) -> tuple[list[Path], list[Path], str]:
@@ -177,7 +176,7 @@ def ring_chunks(pool: list[Path], editing: Path, count: int, rng: random.Random)
     for _ in range(count if others else 0):
         path = rng.choice(others)
         lines = path.read_text(errors="replace").splitlines(keepends=True)
-        start = rng.randrange(max(1, len(lines) - RING_CHUNK_LINES))
+        start = rng.randrange(max(1, len(lines) - RING_CHUNK_LINES + 1))
         chunks.append({"text": "".join(lines[start : start + RING_CHUNK_LINES]), "filename": path.name})
     return chunks
 

@@ -2,7 +2,7 @@
 
 `polycoder.quantize.Int8Linear` multiplies a few rows through `torch._weight_int8pack_mm`
 (int8 weights read directly) and, on a CPU that multiplies bf16 natively, a product of
-`DEQUANTIZE_FROM_ROWS` rows or more through the weights widened to bf16 and oneDNN's bf16
+`WIDEN_FROM_ROWS` rows or more through the weights widened to bf16 and oneDNN's bf16
 product. This script times both, and the plain bf16 and fp32 products of the same weights
 for scale, on the four linears of a block of each model shape (the output head is left out:
 a prefill computes it for one row), summed over the four, for each row count. Calls
@@ -81,7 +81,7 @@ def main() -> None:
     lines = [f"# Int8 linear products by rows (cpu, {args.threads} threads, torch {torch.__version__}, "
              f"best of {args.repeats}, one block's four linears summed, ms)", "",
              f"CPU: {cpu_line()}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}; "
-             f"Int8Linear takes the widened product from {quantize.DEQUANTIZE_FROM_ROWS} rows: "
+             f"Int8Linear takes the widened product from {quantize.WIDEN_FROM_ROWS} rows: "
              f"{'yes' if routed else 'no, bf16 products are not native here'}", "",
              "| model | rows | " + " | ".join(PRODUCTS) + " | int8 kernel / widened |",
              "|---|---:|" + "---:|" * (len(PRODUCTS) + 1)]
@@ -89,7 +89,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['rows']} | " + " | ".join(f"{r['ms'][p]:.2f}" for p in PRODUCTS)
                      + f" | {r['int8_kernel_over_widened']:.2f}x |")
     results = {"cpu": cpu_description(), "threads": args.threads, "torch": torch.__version__,
-               "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "widened_from_rows": quantize.DEQUANTIZE_FROM_ROWS,
+               "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "widened_from_rows": quantize.WIDEN_FROM_ROWS,
                "widened_routed_here": routed, "rows": rows}
     publish(results, "\n".join(lines) + "\n", args.json)
 

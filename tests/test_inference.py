@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import REPO
 from transformers import AutoModelForCausalLM
 
-from polycoder import quantize
+from polycoder import backend, quantize
 from polycoder.backend import CPU_COMPILE_REFUSED, physical_cores
 from polycoder.backend.decode import decode_layout, decode_one_token, single_row_bf16_kernels
 from polycoder.checkpoint import build_model, load_model
@@ -50,12 +50,13 @@ def test_int8_linear_equals_its_dequantized_weights():
 def test_int8_linears_two_products_equal_the_dequantized_weights():
     """A prefill's rows go through the bf16-widened weights where bf16 products are native,
     through torch's int8 kernel elsewhere; both are checked here whatever this CPU does.
-    Each rounds the activations to bf16 (the reference does too) and its [M, out] result to
-    bf16 (at most 2^-9 of each value), the int8 kernel also the scales (2^-9 more); fp32
-    accumulation over K = 128 terms stays under 2^-16 of sum |x| |w|."""
+    Each rounds the activations to bf16 and its [M, out] result to bf16 (at most 2^-9 of
+    each value; the references round the activations, and the int8 kernel's its scales, as
+    the products do); fp32 accumulation over K = 128 terms stays under 2^-16 of sum |x| |w|.
+    Fewer rows than WIDEN_FROM_ROWS always take the int8 kernel."""
     lin = _linear()
     q = Int8Linear.from_linear(lin)
-    x = torch.randn(quantize.DEQUANTIZE_FROM_ROWS + 8, 128).to(torch.bfloat16)
+    x = torch.randn(quantize.WIDEN_FROM_ROWS + 8, 128).to(torch.bfloat16)
     magnitude = F.linear(x.float().abs(), (q.weight.float() * q.scale32[:, None]).abs())
     for product, scale in [(q.widened_product, q.scale32), (q.packed_product, q.weight_scale.to(torch.bfloat16).float())]:
         ref = F.linear(x.float(), q.weight.float() * scale[:, None])
@@ -63,6 +64,8 @@ def test_int8_linears_two_products_equal_the_dequantized_weights():
         assert (err <= 2.0 ** -8 * ref.abs() + 2.0 ** -16 * magnitude).all(), product.__name__
     chosen = q.widened_product if quantize.bf16_products_native() else q.packed_product
     assert torch.equal(q(x.float()), (chosen(x).float() + lin.bias).float())
+    few = x[: quantize.WIDEN_FROM_ROWS - 1]
+    assert torch.equal(q(few.float()), (q.packed_product(few).float() + lin.bias).float())
 
 
 def test_int4_linear_equals_its_dequantized_weights():
@@ -169,6 +172,7 @@ def test_compile_on_a_cpu_is_refused_with_a_warning(tiny_folder, caplog):
     p = SamplingParams(max_new_tokens=12, stop_at_eod=False)
     prompts = [tok.encode("def f(x):\n"), tok.encode("#include <stdio.h>")]
     out = {}
+    backend._warn_once.cache_clear()  # an earlier test may have asked for compile already
     for compiled in (False, True):
         with caplog.at_level("WARNING", logger="polycoder"):
             engine = Engine(model, tok, max_rows=2, max_len=64, compile=compiled)
@@ -180,6 +184,9 @@ def test_compile_on_a_cpu_is_refused_with_a_warning(tiny_folder, caplog):
             engine.step()
         out[compiled] = [s.token_ids for s in seqs]
     assert out[True] == out[False]
+    # logged once a process, however many engines ask (generate() builds one a call)
+    with caplog.at_level("WARNING", logger="polycoder"):
+        Engine(model, tok, max_rows=2, max_len=64, compile=True)
     assert [r.message for r in caplog.records] == [CPU_COMPILE_REFUSED]
 
 

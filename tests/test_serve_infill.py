@@ -38,6 +38,7 @@ from polycoder.fim import (  # noqa: E402
     fit,
     read_template,
 )
+from polycoder.fim import _marked as fim_marked  # noqa: E402
 from polycoder.generation import Penalties, SamplingParams, generate  # noqa: E402
 from polycoder.generation.penalties import OFF  # noqa: E402
 from polycoder.generation.suffix_stop import COPIES, REPEATS, SuffixStop  # noqa: E402
@@ -359,6 +360,13 @@ def test_typing_leaves_a_cut_prefix_where_it_was():
     assert all(start >= need for start, need in zip(starts, least)) and starts == sorted(starts)
     assert all(now == before or before < need for before, now, need in zip(starts, starts[1:], least[1:]))
     assert len(set(starts)) <= 2 * -(-100 // step) + 1
+    # repeated code (a run of one token) marks every position of its period as a cut point:
+    # the cut still moves about once a step through it, not with every typed token
+    run = next(t for t in range(1, 8000) if fim_marked([t] * 4, 3, step))
+    code = list(range(3000, 3400)) + [run] * 120 + list(range(4000, 4050))
+    cuts = [len(code) + k - len(fit(code + list(range(9000, 9000 + k)), list(range(1000, 1100)), room)[0])
+            for k in range(160)]
+    assert sum(a != b for a, b in zip(cuts, cuts[1:])) <= 2 * -(-160 // step) + 1, cuts
     assert len(set(ends)) <= -(-100 // step) + 1 and ends == sorted(ends, reverse=True)
     assert min(ends) >= int(room * SUFFIX_SHARE)
     text = "x = 1\n" * 5000
@@ -683,9 +691,8 @@ def test_a_typed_newline_that_moves_the_window_keeps_the_cache(server):
     lines = "".join(f"value_{i} = compute({i}, factor={i % 7})\n" for i in range(600)) + "total = 1"
     ran = []
     for typed in ["", "\n", "\n\n", "\n\n\n"]:
-        window = (lines + typed).splitlines(keepends=True)
-        whole = len(window) - (0 if typed.endswith("\n") else 1)  # lines before the cursor's
-        r = post(server, {"input_prefix": "".join(window[max(0, whole - 256):]), "input_suffix": SUFFIX,
+        window = (lines + typed).split("\n")  # the last is the cursor's line
+        r = post(server, {"input_prefix": "\n".join(window[max(0, len(window) - 1 - 256):]), "input_suffix": SUFFIX,
                           "n_predict": 1, "temperature": 0}, "/infill").json()
         assert r["truncated"] is True
         ran.append(r["timings"]["prompt_n"])

@@ -157,7 +157,7 @@ def test_a_prompt_longer_than_the_context_is_cut_at_its_start(server, local):
         if len(ids) + len(longer) - len(whole) <= 256 - 8:  # the old start still fits: it stays
             assert kept[:100] == ids[:100]
             kept_start.append(tail)
-    assert kept_start  # "z" (one token) fits after this prompt's cut
+    assert kept_start  # this prompt's cut leaves a token spare, so "z" (one token) keeps the start
     endless = httpx.post(url, json={"model": "tiny", "prompt": prompt, "stream": False,
                                     "options": {"temperature": 0, "num_predict": -1}}, timeout=60)
     assert endless.status_code == 200 and "X-Polycoder-Truncated" in endless.headers

@@ -208,8 +208,9 @@ def fit(prefix: Sequence[int], suffix: Sequence[int], room: int) -> tuple[list[i
 
     The suffix keeps what the prefix leaves, and at least SUFFIX_SHARE of the room. Both
     cuts move in steps of `room // 32` tokens (8 at least): the prefix starts at an anchor of
-    its content about that often (`_prefix_cut`), and the suffix keeps a multiple of the
-    step (what the prefix leaves, rounded down). As the user types,
+    its content about that often (`_prefix_cut`; it may lose up to 4 steps more than it
+    must), and the suffix keeps a multiple of the step (what the prefix leaves, rounded
+    down). As the user types,
     the prefix grows at its end while its start, and the suffix's kept end, stay where they
     were for many keystrokes, so a prompt cache still holds all but the last tokens in
     either order (a cut moving by one token a keystroke would shift every token after it,
@@ -228,25 +229,40 @@ ANCHOR_WIDTH = 3
 """Tokens whose hash marks a cut point of a long prefix (`_prefix_cut`)."""
 
 
+def _marked(prefix: list[int], i: int, quantum: int) -> bool:
+    """Whether the ANCHOR_WIDTH ids before position i hash to 0 modulo `quantum`."""
+    if i < ANCHOR_WIDTH:
+        return False
+    h = 0x811C9DC5
+    for t in prefix[i - ANCHOR_WIDTH : i]:  # FNV-1a, a token id a step: the same on every run and machine
+        h = ((h ^ t) * 0x01000193) & 0xFFFFFFFF
+    return (h ^ (h >> 16)) % quantum == 0
+
+
 def _prefix_cut(prefix: list[int], least: int, quantum: int) -> int:
     """Where a prefix too long by `least` tokens starts: at the first anchor at or after
     `least` within 4 steps, else `least` rounded up to a step.
 
-    An anchor is a position whose ANCHOR_WIDTH tokens before it hash to 0 modulo the step:
-    one every `quantum` tokens on average, found by the code's content, not by its distance
-    from where the editor's window starts. llama.vscode takes its window (256 lines) again
-    at each request, so a typed newline drops the window's first line: the cut then falls on
-    the same code as before, and the prompt cache keeps the prompt. (A cut counted from the
-    window's start moved with it, and the whole kept prefix was recomputed.) Typing moves
-    `least` forward a token at a time, and the cut stays on its anchor until `least` passes
-    it, once every `quantum` tokens on average, as a cut in steps did."""
+    An anchor is a marked position (`_marked`: one every `quantum` tokens on average) with
+    no marked position in the half step before it, found by the code's content, not by its
+    distance from where the editor's window starts. llama.vscode takes its window (256
+    lines) again at each request, so a typed newline drops the window's first line: the cut
+    then falls on the same code as before, and the prompt cache keeps the prompt. (A cut
+    counted from the window's start moved with it, and the whole kept prefix was
+    recomputed.) Typing moves `least` forward a token at a time, and the cut stays on its
+    anchor until `least` passes it, about once a step. Repeated code (a run of one token,
+    a table) marks every position of its period; the half step without marks before an
+    anchor leaves one anchor at the start of such a stretch, so the cut does not follow
+    `least` through it token by token. The fallback, past 4 steps without an anchor, is
+    counted from the window's start, as before."""
     if least <= 0:
         return 0
-    for i in range(max(least, ANCHOR_WIDTH), min(len(prefix), least + 4 * quantum)):
-        h = 0x811C9DC5
-        for t in prefix[i - ANCHOR_WIDTH : i]:  # FNV-1a, a token id a step: the same on every run and machine
-            h = ((h ^ t) * 0x01000193) & 0xFFFFFFFF
-        if (h ^ (h >> 16)) % quantum == 0:
+    stop = min(len(prefix), least + 4 * quantum)
+    half = max(1, quantum // 2)
+    marks = [_marked(prefix, i, quantum) for i in range(max(0, least - half), stop)]
+    first = max(0, least - half)
+    for i in range(max(least, ANCHOR_WIDTH), stop):
+        if marks[i - first] and not any(marks[i - half - first : i - first]):
             return i
     return -(-least // quantum) * quantum
 

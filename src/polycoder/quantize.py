@@ -8,10 +8,11 @@
   (a quarter of fp32's bytes); that kernel is fast with bf16 activations and much slower
   with fp32 ones, so activations are rounded to bf16 for the product and the result is
   returned in the model's dtype. It streams the weights well but multiplies slowly: on a
-  CPU that multiplies bf16 natively (AVX512-BF16 or AMX), a product of `DEQUANTIZE_FROM_ROWS`
+  CPU that multiplies bf16 natively (AVX512-BF16 or AMX), a product of `WIDEN_FROM_ROWS`
   rows or more (a prompt's prefill) widens the int8 weights to bf16 (exactly: every int8 is
   a bf16) and runs oneDNN's bf16 product, scaling the result in fp32 after; where bf16 is
-  not native that product is slower than the int8 kernel, which keeps those CPUs' prefills
+  not native (x86 without those, and ARM, unmeasured) that product is slower than the int8
+  kernel, which keeps those CPUs' prefills
   (figures: docs/benchmarks/README.md). Elsewhere than the CPU the weights are dequantized
   per call (correct, not fast). A decode step of a few rows reads the int8 weights in the
   native kernels instead (`polycoder.backend.native_decode`).
@@ -45,16 +46,17 @@ QUANTIZE_MODES = ("int8", "int4")
 # From this many rows on, widening the weights to bf16 costs less than the int8 kernel's
 # slower products saves, where bf16 products are native (measured crossover 16-32 rows on
 # the PolyCoder-160M shapes, Zen 4: docs/benchmarks/README.md).
-DEQUANTIZE_FROM_ROWS = 32
+WIDEN_FROM_ROWS = 32
 
 
 @functools.cache
 def bf16_products_native() -> bool:
-    """Whether this CPU multiplies bf16 matrices at bf16's rate (AVX512-BF16 or AMX-BF16,
+    """Whether this x86 CPU multiplies bf16 matrices at bf16's rate (AVX512-BF16 or AMX-BF16,
     through oneDNN); without them oneDNN widens bf16 to fp32 and runs slower than fp32. A
-    ONEDNN_MAX_CPU_ISA below those levels (oneDNN's own setting) counts as their absence."""
+    ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) below those levels counts as
+    their absence. ARM CPUs with BF16 are not counted (unmeasured): they keep the int8 kernel."""
     flags = cpu.flags().split()
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     allowed = limit in ("ALL", "DEFAULT") or any(level in limit for level in ("BF16", "AMX", "FP16", "AVX10"))
     return ("avx512_bf16" in flags or "amx_bf16" in flags) and allowed and torch.backends.mkldnn.is_available()
 
@@ -97,7 +99,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         if x.device.type == "cpu":
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # both products' fast input type
-            if x2.size(0) >= DEQUANTIZE_FROM_ROWS and bf16_products_native():
+            if x2.size(0) >= WIDEN_FROM_ROWS and bf16_products_native():
                 y = self.widened_product(x2).to(x.dtype)
             else:
                 y = self.packed_product(x2).to(x.dtype)

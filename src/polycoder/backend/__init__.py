@@ -25,6 +25,7 @@ building a `Backend` with the fields they want, never by replacing functions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -82,8 +83,8 @@ class Backend:
         padded, bucketed shapes (default: on a GPU with `cuda_graphs`, unless compiling); True
         on the CPU runs them eagerly (how they are tested without a GPU), and wins over `compile`."""
         on_gpu = cache.k[0].device.type == "cuda"
-        if compile and not on_gpu:
-            logging.getLogger("polycoder").warning(CPU_COMPILE_REFUSED)
+        if compile and cache.k[0].device.type == "cpu":
+            _warn_once(CPU_COMPILE_REFUSED)
             compile = False
         if static_shapes is None:
             static_shapes = on_gpu and self.cuda_graphs and not compile
@@ -103,7 +104,12 @@ CPU_COMPILE_REFUSED = (
     "compile: the decode step is not compiled on a CPU, and runs as it does without --compile. torch.compile "
     "miscompiled it on torch 2.13's CPU code (NaN logits with its AVX2 code, a corrupted heap with its AVX-512 "
     "code, at PolyCoder's shapes); where it compiled, it decoded no faster than the native kernels.")
-"""Why `compile` is refused on a CPU (the warning `Backend.decode_step` logs)."""
+"""Why `compile` is refused on a CPU (the warning `Backend.decode_step` logs once a process)."""
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger("polycoder").warning(message)
 
 PLAIN = Backend()
 """No fast path: PyTorch only (the reference the others are tested against)."""
