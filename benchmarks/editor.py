@@ -196,17 +196,18 @@ def session(path: Path, tok: Tokenizer, budget: int | None, chars: int, rng: ran
     typed = text[cursor : cursor + chars]
     above, head = lines[max(0, i - LINES_BEFORE) : i], lines[i][:col]
     rest = text[cursor + len(typed) :].splitlines(keepends=True)[: LINES_AFTER + 1]
+    name = f"{path.parent.name}/{path.name}"
     if follow:
-        return Session(f"{path.parent.name}/{path.name}", text[:cursor], typed, "".join(rest), extra, follow=True)
+        return Session(name, text[:cursor], typed, "".join(rest), extra, follow=True)
     if budget is None:
-        return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest), extra)
+        return Session(name, "".join(above) + head, typed, "".join(rest), extra)
     prefix_budget = 3 * budget // 4 - len(tok.encode(typed)) - 2
     suffix_budget = budget - 3 * budget // 4 - 3  # the three sentinels
     while above and len(tok.encode("".join(above) + head)) > prefix_budget:
         above = above[max(1, len(above) // 16) :]  # drop the lines farthest from the cursor
     while rest and len(tok.encode("".join(rest))) > suffix_budget:
         rest = rest[: -max(1, len(rest) // 16)]
-    return Session(f"{path.parent.name}/{path.name}", "".join(above) + head, typed, "".join(rest), extra)
+    return Session(name, "".join(above) + head, typed, "".join(rest), extra)
 
 
 def counter(metrics: str, name: str) -> float:
@@ -249,7 +250,7 @@ def ndjson_events(lines):
 
 
 def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str, max_tokens: int,
-            dwell: float, extra: list[dict] = ()) -> float | None:
+            dwell: float, extra: list[dict] | None = None) -> float | None:
     """One streamed request: seconds to its first event; then read for `dwell` seconds and
     close the connection (the editor's abort when the user types on). None: the server
     refused it (a 4xx: llama.cpp's answer to a prompt longer than its context)."""
@@ -257,7 +258,7 @@ def request(client: httpx.Client, url: str, route: str, prefix: str, suffix: str
     events = ndjson_events if route == "tabby-ollama" else sse_events
     t0 = time.perf_counter()
     ttft = None
-    with client.stream("POST", url + path, json=body(route, prefix, suffix, max_tokens, list(extra)), timeout=600) as r:
+    with client.stream("POST", url + path, json=body(route, prefix, suffix, max_tokens, extra or []), timeout=600) as r:
         if 400 <= r.status_code < 500:
             r.read()
             return None
@@ -393,16 +394,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write FILE.json and FILE.md")
     args = ap.parse_args()
     files, pool, source = source_files(args.data, args.sessions, args.seed)
-    args.pool = pool
     print(f"sessions over {source}", flush=True)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="polycoder-editor-bench-") as tmp:
-        rows = measure(args, files, Path(tmp))
+        rows = measure(args, files, pool, Path(tmp))
     report(args, files, source, rows, load)
 
 
-def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict]:
-    """Every model and server configuration's row (servers started in turn, models built in `tmp`)."""
+def measure(args: argparse.Namespace, files: list[Path], pool: list[Path], tmp: Path) -> list[dict]:
+    """Every model and server configuration's row (servers started in turn, models built in `tmp`;
+    the ring's chunks from `pool`)."""
     runs = []  # (model label, context, window tokens, serve args or None, tokenizer)
     if args.url:
         runs.append(("the server at --url", args.context, args.context - args.max_tokens - 8, None,
@@ -420,25 +421,25 @@ def measure(args: argparse.Namespace, files: list[Path], tmp: Path) -> list[dict
     for label, context, window, serve_args, tok in runs:
         rng, ring_rng = random.Random(args.seed), random.Random(args.seed + 1)
         sessions = [session(f, tok, window if args.window == "client" else None, args.chars, rng,
-                            ring_chunks(args.pool, f, args.extra_chunks, ring_rng), follow=args.window == "follow")
+                            ring_chunks(pool, f, args.extra_chunks, ring_rng), follow=args.window == "follow")
                     for f in files]
-        # (prompt cache, FIM order, the server's extra options)
-        configs = [("given", None, [])] if serve_args is None else [
-            ("on", "spm", ["--fim-order", "spm"]), ("on", "psm", ["--fim-order", "psm"]),
-            ("off", "spm", ["--fim-order", "spm", "--prompt-cache-mb", "0"])]
+        # (which server, prompt cache, FIM order, the server's extra options)
+        configs = [("ours", "given", None, [])] if serve_args is None else [
+            ("ours", "on", "spm", ["--fim-order", "spm"]), ("ours", "on", "psm", ["--fim-order", "psm"]),
+            ("ours", "off", "spm", ["--fim-order", "spm", "--prompt-cache-mb", "0"])]
         cases = list(itertools.product(configs, args.routes))
         gguf = None
         if args.llama_server and serve_args is not None:
             gguf = export_gguf(serve_args, PRECISIONS[args.precision][1], tmp / f"{len(rows)}.gguf")
-            cases += [(("llama-server: its slot's", "psm", []), "infill")]
-            cases += [((f"llama-server: its slot's, --cache-reuse {n}", "psm", ["--cache-reuse", str(n)]), "infill")
-                      for n in args.llama_cache_reuse]
+            cases += [(("llama", "llama-server: its slot's", "psm", []), "infill")]
+            cases += [(("llama", f"llama-server: its slot's, --cache-reuse {n}", "psm", ["--cache-reuse", str(n)]),
+                       "infill") for n in args.llama_cache_reuse]
             if args.llama_spm:
-                cases += [(("llama-server: its slot's", "llama.cpp's SPM", ["--spm-infill"]), "infill")]
-        for (cache, order, options), route in cases:
+                cases += [(("llama", "llama-server: its slot's", "llama.cpp's SPM", ["--spm-infill"]), "infill")]
+        for (server, cache, order, options), route in cases:
             proc = None
             url = args.url
-            if cache.startswith("llama-server"):  # llama.cpp's own server, as llama.vscode's users run it
+            if server == "llama":  # llama.cpp's own server, as llama.vscode's users run it
                 batch = ["-b", str(args.llama_batch), "-ub", str(args.llama_batch)] if args.llama_batch else []
                 proc, url = start_llama_server(str(args.llama_server), str(gguf), "-c", str(context), "-np", "1",
                                                "-t", "2", "--metrics", *batch, *options)

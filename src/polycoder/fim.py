@@ -257,13 +257,13 @@ def _prefix_cut(prefix: list[int], least: int, quantum: int) -> int:
     counted from the window's start, as before."""
     if least <= 0:
         return 0
-    stop = min(len(prefix), least + 4 * quantum)
     half = max(1, quantum // 2)
-    marks = [_marked(prefix, i, quantum) for i in range(max(0, least - half), stop)]
-    first = max(0, least - half)
-    for i in range(max(least, ANCHOR_WIDTH), stop):
-        if marks[i - first] and not any(marks[i - half - first : i - first]):
-            return i
+    last_mark = -half - 1  # the last marked position seen: none yet
+    for i in range(max(0, least - half), min(len(prefix), least + 4 * quantum)):
+        if _marked(prefix, i, quantum):
+            if i >= least and i - last_mark > half:
+                return i
+            last_mark = i
     return -(-least // quantum) * quantum
 
 

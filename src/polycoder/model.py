@@ -72,6 +72,11 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def bytes_per_token(self) -> int:
+        """Bytes of keys and values one position takes in every layer."""
+        _, H, _, hs = self.k[0].shape
+        return 2 * len(self.k) * H * hs * self.k[0].element_size()
+
 
 class CacheRows:
     """A view of rows [start, stop) of a KV cache (shares its storage): a forward pass with it

@@ -82,8 +82,9 @@ class Backend:
         the step below is used: `CPU_COMPILE_REFUSED`). `static_shapes`: the CUDA-graph step's
         padded, bucketed shapes (default: on a GPU with `cuda_graphs`, unless compiling); True
         on the CPU runs them eagerly (how they are tested without a GPU), and wins over `compile`."""
-        on_gpu = cache.k[0].device.type == "cuda"
-        if compile and cache.k[0].device.type == "cpu":
+        device = cache.k[0].device.type
+        on_gpu = device == "cuda"
+        if compile and device == "cpu":
             _warn_once(CPU_COMPILE_REFUSED)
             compile = False
         if static_shapes is None:

@@ -115,8 +115,10 @@ class CompiledDecode:
     NaN logits (its AVX2 code, ATEN_CPU_CAPABILITY=avx2, what a CPU without AVX-512 gets,
     at every vocabulary size tried, 8,320 and 50,304 included) or corrupted the heap (its
     AVX-512 code, at some shapes; the keys' `scatter_` into the cache appeared to be involved),
-    with or without our kernels loaded. There it also took minutes to compile on 2 cores and
-    did not pay (benchmarks/decode.py --compile)."""
+    with or without our kernels loaded (found by `ATEN_CPU_CAPABILITY=avx2 pytest
+    tests/test_inference.py -k compiled` at 99fede3; the other shapes and the heap
+    corruption by ad hoc scripts, not kept). There it also took minutes to compile on 2
+    cores and did not pay (benchmarks/decode.py --compile)."""
 
     _compiled = None  # one compiled function for the process: its guards tell models apart
     writes_free_rows = False

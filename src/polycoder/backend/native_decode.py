@@ -53,18 +53,10 @@ class NativeDecode:
         self._stack: tuple | None = None  # (plan ids, StackPlan or None, plans kept alive)
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        B = x.size(0)
-        model, cache = self.model, self.cache
-        if (B <= kernels.MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and cache.max_len <= kernels.MAX_CACHE_LEN and kernels.available()):
-            trunk = model.gpt_neox
-            h = trunk.embed_in(x)  # [B, 1, C]
-            stack = self._stack_plan(h.dtype)
-            if (stack is not None and cache.k[0].dtype == h.dtype
-                    and all(t.is_contiguous() for t in cache.k) and all(t.is_contiguous() for t in cache.v)):
-                y = stack.run(h.view(B, -1), cache.k, cache.v, pos[:, 0])  # [B, C]
-                return self._head(y)  # [B, V]
-        return (self.fallback_few_rows if B <= kernels.MAX_ROWS else self.fallback)(x, pos, kv_len)
+        y = self._positions(x, pos[:, 0])  # row b in cache row b
+        if y is not None:
+            return self._head(y)  # [B, V]
+        return (self.fallback_few_rows if x.size(0) <= kernels.MAX_ROWS else self.fallback)(x, pos, kv_len)
 
     def verify(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """T positions of each of B rows in one native call where B * T rows fit the kernels:
@@ -90,10 +82,10 @@ class NativeDecode:
         """Last hidden states [N, C] -> next-token logits [N, V] (fp32)."""
         return FEW_ROW_OPS.linear(self.model.embed_out, self.model.gpt_neox.final_layer_norm(y)).float()
 
-    def _positions(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        """Tokens x [N, 1] at positions pos [N] of cache rows `rows` [N] through every block in
-        one native call (every key written before any position attends): the last hidden
-        states [N, C], or None where the kernels cannot take them."""
+    def _positions(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Tokens x [N, 1] at positions pos [N] of cache rows `rows` [N] (default 0..N-1) through
+        every block in one native call (every key written before any position attends): the
+        last hidden states [N, C], or None where the kernels cannot take them."""
         N = x.size(0)
         cache = self.cache
         if not (N <= kernels.MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()

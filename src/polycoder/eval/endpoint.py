@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from polycoder.errors import PolycoderError
 
@@ -74,7 +74,7 @@ def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
 
 
 Api = Literal["openai", "ollama", "llamacpp"]
-APIS = ("openai", "ollama", "llamacpp")
+APIS = get_args(Api)
 
 # llama.cpp's stop_type, as an OpenAI finish_reason
 _LLAMACPP_FINISH = {"limit": "length", "eos": "stop", "word": "stop", "none": "stop"}
@@ -205,12 +205,10 @@ class Endpoint:
         """`n` completions of `prompt`: (text cut at the stop strings, finish_reason); with a
         `suffix`, `n` middles between the two. While an OpenAI-compatible server answers that
         prompt + max_tokens exceed its context, max_tokens is halved."""
-        if self.api == "ollama":
-            return [self._ollama(prompt, suffix, temperature, top_p, max_tokens, stop,
-                                 None if seed is None else seed + j) for j in range(n)]
-        if self.api == "llamacpp":
-            return [self._llamacpp(prompt, suffix, temperature, top_p, max_tokens, stop,
-                                   None if seed is None else seed + j) for j in range(n)]
+        if self.api in ("ollama", "llamacpp"):  # one sample a request, seeds seed, seed + 1, ...
+            one = self._ollama if self.api == "ollama" else self._llamacpp
+            return [one(prompt, suffix, temperature, top_p, max_tokens, stop, None if seed is None else seed + j)
+                    for j in range(n)]
         body = {"prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
                 "max_tokens": self._within_context(max_tokens), "stop": list(stop)[:4] if stop else None}
         if suffix is not None:

@@ -244,11 +244,14 @@ def write_report(summary: dict, out: Path) -> None:
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     order = summary.get("order")
-    lines += ["How it was asked and read: "
-              + (f"FIM prompts in {order.upper()} order (each part tokenized on its own"
-                 + ("; an endpoint's laid out by its server)" if summary.get("endpoint") else ")") if order else
-                 "FIM prompts spelt out in the template --endpoint-template gives" if summary.get("endpoint_template")
-                 else "FIM prompts laid out by the server (or given with --samples)")
+    if order:
+        endpoint = "; an endpoint's laid out by its server" if summary.get("endpoint") else ""
+        layout = f"FIM prompts in {order.upper()} order (each part tokenized on its own{endpoint})"
+    elif summary.get("endpoint_template"):
+        layout = "FIM prompts spelt out in the template --endpoint-template gives"
+    else:
+        layout = "FIM prompts laid out by the server (or given with --samples)"
+    lines += ["How it was asked and read: " + layout
               + "; single-line and "
               "line tasks answer with the first line written; FIM multi-line and random-span answers end at the "
               "end of document or a FIM sentinel"

@@ -104,7 +104,8 @@ class Engine:
         # The prompt whose keys and values each cache row holds at its first positions (decode
         # steps write only later ones), for the prompt cache to skip copying what is there;
         # not kept where the decode step writes into free rows (static shapes' padding).
-        self.held: list[np.ndarray | None] | None = None if self.decode_step.writes_free_rows else [None] * max_rows
+        self.held: list[np.ndarray | None] | None = (
+            None if self.decode_step.writes_free_rows or self.prompt_cache is None else [None] * max_rows)
 
     @property
     def free_rows(self) -> int:
@@ -127,13 +128,14 @@ class Engine:
         if self.held is not None:
             # Until this prefill succeeds, the rows hold parts of two prompts: trusted for neither.
             held, self.held[row : row + copies] = self.held[row], [None] * copies
-        logits, reused = prefill_reusing(self.model, ids, self.cache, row, self.prefill_ops, self.prompt_cache,
+        a = np.asarray(ids, dtype=np.int64)  # once, for the row's, the pool's and the store's comparisons
+        logits, reused = prefill_reusing(self.model, a, self.cache, row, self.prefill_ops, self.prompt_cache,
                                          reuse, extend=self.decode_step.extend, held=held)
         self.stats["prefilled"] += T - reused
         self.stats["reused"] += reused
         self.cache.repeat_row(row, copies, T)  # the other samples copy the prefill
         if self.held is not None:
-            self.held[row : row + copies] = [np.asarray(ids, dtype=np.int64)] * copies
+            self.held[row : row + copies] = [a] * copies
         return logits.float()
 
     @torch.inference_mode()
@@ -203,19 +205,17 @@ class Engine:
         self.stats["forwards"] += bool(self.rows)
         if any(drafts):
             self._verify(drafts, events)  # adds the accepted drafts' text to the events
-        else:
-            if emit is not None:  # the events are final: out before the decode step
-                emit(list(events.values()))
-                emit = None
+        out = list(events.values())
+        if emit is not None:  # the events are final: out before the decode step
+            emit(out)
+        if not any(drafts):
             if self.rows:
                 # Active rows are always 0..B-1: the step reads rows [:B] of the cache.
                 self.logits = self._mask(self.decode([s.token_ids[-1] for s in self.rows],
                                                      [s.length - 1 for s in self.rows]))
             else:
                 self.logits = None
-        if emit is not None:
-            emit(list(events.values()))
-        return list(events.values())
+        return out
 
     # ---- speculative decoding ----------------------------------------------------------------
 

@@ -213,7 +213,8 @@ async def _extra_context(state: ServerState, chunks: list[str], budget: int) -> 
     tokens rounded down to a cut step; and whether any were left out or cut."""
     if not chunks:
         return [], False
-    budget = budget // cut_step(state.context) * cut_step(state.context)
+    step = cut_step(state.context)
+    budget = budget // step * step
     if budget <= 0:
         return [], True
     kept, least = [], 0
